@@ -1,0 +1,1 @@
+"""Data input/output: the shared manifest schema and audio loading."""

@@ -1,0 +1,76 @@
+"""Atomic file writing: a file either holds its complete content or is absent.
+
+Everything this project writes that a rerun trusts (manifests, converted
+weights, generated audio, checkpoints of generation) goes through these
+helpers, so that a run killed at any point never leaves a half-written file
+that looks complete.
+"""
+
+import contextlib
+import os
+import pathlib
+import tempfile
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside ``path``; rename it over ``path`` on success.
+
+    The temporary file lives in the same folder (same filesystem) so the final
+    ``os.replace`` is atomic.  On an exception the temporary file is removed
+    and ``path`` is left untouched.
+
+    Arguments
+    ---------
+    path : str or pathlib.Path
+        The final destination.
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> with atomic_path(d / "x.txt") as tmp:
+    ...     _ = pathlib.Path(tmp).write_text("hello")
+    >>> (d / "x.txt").read_text()
+    'hello'
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
+    )
+    os.close(fd)
+    try:
+        yield pathlib.Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path, text, encoding="utf-8"):
+    """Write ``text`` to ``path`` atomically.
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "a" / "b.txt"
+    >>> atomic_write_text(p, "ok")
+    >>> p.read_text()
+    'ok'
+    """
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding=encoding) as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path, data):
+    """Write ``data`` (bytes) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
