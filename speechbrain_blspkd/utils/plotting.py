@@ -1,0 +1,354 @@
+"""Diagnostic plots: CIF weights over time and training curves.
+
+matplotlib is imported lazily, and only its object-oriented API with the
+Agg canvas is used (never ``pyplot``), so importing this module is cheap and
+plotting never changes the caller's matplotlib backend or global state.
+Every PNG is written atomically.
+"""
+
+import json
+import logging
+import pathlib
+
+from speechbrain_blspkd.utils.atomic import atomic_path
+
+logger = logging.getLogger(__name__)
+
+_SPLITS = ("train", "valid", "test")
+
+
+def _new_figure(width, height):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_png(fig, path):
+    path = pathlib.Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def _to_float_list(values, what):
+    if hasattr(values, "detach"):
+        values = values.detach().float().cpu().reshape(-1).tolist()
+    elif hasattr(values, "tolist"):
+        values = values.tolist()
+    try:
+        return [float(v) for v in values]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what}: expected a 1-D sequence of numbers") from err
+
+
+def cif_fire_frames(alphas, threshold=1.0, tolerance=1e-4):
+    """Frames where CIF fires: token k fires when cumsum(alpha) >= (k+1) t.
+
+    A small ``tolerance`` absorbs float rounding (alphas scaled to sum to
+    exactly N may add up to N - 1e-7).
+
+    Arguments
+    ---------
+    alphas : torch.Tensor or sequence of float
+        (T,) CIF weights of one utterance.
+    threshold : float
+        The CIF firing threshold.
+    tolerance : float
+        Slack on each firing level.
+
+    Returns
+    -------
+    list of int
+        The frame index of each fired token, in order.
+
+    Example
+    -------
+    >>> cif_fire_frames([0.5, 0.6, 0.2, 0.9, 0.4])
+    [1, 3]
+    """
+    alphas = _to_float_list(alphas, "cif_fire_frames")
+    fires, total, level = [], 0.0, 1
+    for t, a in enumerate(alphas):
+        total += a
+        while total >= level * threshold - tolerance:
+            fires.append(t)
+            level += 1
+    return fires
+
+
+def plot_cif_weights(
+    alphas,
+    fire_frames,
+    token_strings,
+    path,
+    frame_rate=50,
+    threshold=1.0,
+    title=None,
+):
+    """PNG of the CIF weights of one utterance with the firing points.
+
+    Bars show alpha per frame, a line the cumulative sum (right axis), and a
+    vertical marker labelled with the transcript token stands at each frame
+    where a token fired.
+
+    Arguments
+    ---------
+    alphas : torch.Tensor or sequence of float
+        (T,) CIF weights (padding already removed).
+    fire_frames : sequence of int or None
+        Frame of each fired token; None computes them with
+        :func:`cif_fire_frames` from the cumulative sum.
+    token_strings : sequence of str
+        Transcript tokens, in order (labels of the markers).  Extra tokens
+        without a firing, or firings without a token ("?"), are noted in
+        the title.
+    path : str or pathlib.Path
+        Destination PNG.
+    frame_rate : float
+        Encoder frames per second (x axis in seconds).
+    threshold : float
+        CIF threshold (used when ``fire_frames`` is None).
+    title : str, optional
+        Figure title.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "cif.png"
+    >>> _ = plot_cif_weights([0.5, 0.6, 0.9, 0.0], None, ["hi", "yo"], out)
+    >>> out.read_bytes()[:8] == b"\\x89PNG\\r\\n\\x1a\\n"
+    True
+    """
+    alphas = _to_float_list(alphas, "plot_cif_weights (alphas)")
+    if not alphas:
+        raise ValueError("plot_cif_weights: alphas are empty")
+    if frame_rate <= 0:
+        raise ValueError(f"plot_cif_weights: bad frame_rate {frame_rate}")
+    if fire_frames is None:
+        fire_frames = cif_fire_frames(alphas, threshold)
+    fire_frames = [int(f) for f in _to_float_list(fire_frames, "fire_frames")]
+    tokens = [str(t) for t in token_strings]
+
+    times = [t / frame_rate for t in range(len(alphas))]
+    cumsum, total = [], 0.0
+    for a in alphas:
+        total += a
+        cumsum.append(total)
+
+    fig = _new_figure(max(6.0, min(24.0, len(alphas) / 12.0)), 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(times, alphas, width=1.0 / frame_rate, color="tab:blue", alpha=0.6)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("alpha")
+    ax2 = ax.twinx()
+    ax2.plot(times, cumsum, color="tab:gray", linewidth=1.0)
+    ax2.set_ylabel("cumulative alpha")
+    top = max(max(alphas), 1e-6)
+    for k, frame in enumerate(fire_frames):
+        x = frame / frame_rate
+        label = tokens[k] if k < len(tokens) else "?"
+        ax.axvline(x, color="tab:red", linewidth=0.8, linestyle="--")
+        ax.text(
+            x,
+            top * 1.02,
+            label,
+            rotation=60,
+            fontsize=7,
+            ha="left",
+            va="bottom",
+            color="tab:red",
+        )
+    ax.set_ylim(0, top * 1.35)
+    notes = [f"{len(fire_frames)} fired / {len(tokens)} tokens"]
+    notes.append(f"sum alpha {total:.2f}")
+    fig.suptitle(((title + " - ") if title else "") + ", ".join(notes))
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+def _parse_value(text):
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def parse_train_log(source):
+    """Parse SpeechBrain ``train_log.txt`` lines into dicts of numbers.
+
+    A line looks like ``epoch: 1, lr: 1.00e-03 - train loss: 1.23 -
+    valid loss: 1.10, valid wer: 12.30``: sections separated by " - ",
+    items by ", ", each item "key: value".  Values that are not numbers are
+    skipped, as are lines without any number.
+
+    Arguments
+    ---------
+    source : str, pathlib.Path or list of str
+        Path of the log, or its lines.
+
+    Returns
+    -------
+    list of dict
+        One dict per line, key -> float.
+
+    Example
+    -------
+    >>> parse_train_log(["epoch: 2, lr: 1.00e-03 - train loss: 1.5"])
+    [{'epoch': 2.0, 'lr': 0.001, 'train loss': 1.5}]
+    """
+    if isinstance(source, str | pathlib.Path):
+        lines = pathlib.Path(source).read_text(encoding="utf-8").splitlines()
+    else:
+        lines = list(source)
+    records = []
+    for line in lines:
+        record = {}
+        for section in line.strip().split(" - "):
+            for item in section.split(", "):
+                key, sep, value = item.rpartition(": ")
+                if not sep or not key.strip():
+                    continue
+                number = _parse_value(value.strip())
+                if number is not None:
+                    record[key.strip()] = number
+        if record:
+            records.append(record)
+    return records
+
+
+def load_stats(source):
+    """Load training statistics from a train_log.txt, a JSONL or dicts.
+
+    Arguments
+    ---------
+    source : str, pathlib.Path or list of dict
+        A SpeechBrain ``train_log.txt``, a JSONL file of step-level stats
+        (one JSON object per line, ending ``.jsonl``), or the dicts.
+
+    Returns
+    -------
+    list of dict
+        Numeric fields only.
+
+    Example
+    -------
+    >>> load_stats([{"step": 1, "loss": 2.0, "note": "x"}])
+    [{'step': 1.0, 'loss': 2.0}]
+    """
+    if isinstance(source, str | pathlib.Path):
+        path = pathlib.Path(source)
+        if path.suffix != ".jsonl":
+            return parse_train_log(path)
+        raw = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    raw.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(
+                        f"{path}:{lineno}: invalid JSON line ({err})"
+                    ) from err
+    else:
+        raw = list(source)
+    records = []
+    for i, row in enumerate(raw):
+        if not isinstance(row, dict):
+            raise ValueError(f"load_stats: item {i} is not a dict: {row!r}")
+        records.append(
+            {
+                str(k): float(v)
+                for k, v in row.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+        )
+    return records
+
+
+def _metric_name(key):
+    """'train loss' -> 'loss'; keys without a split prefix stay."""
+    first, _, rest = key.partition(" ")
+    return rest if first in _SPLITS and rest else key
+
+
+def plot_training_curves(source, path, x_key=None, title=None):
+    """PNG with one panel per metric against epoch (or step).
+
+    Train, valid and test values of the same metric ("train loss",
+    "valid loss") share a panel.  When an x field is used, rows without it
+    (e.g. SpeechBrain's "Epoch loaded: ..." test line) are left out.
+
+    Arguments
+    ---------
+    source : str, pathlib.Path or list of dict
+        See :func:`load_stats`.
+    path : str or pathlib.Path
+        Destination PNG.
+    x_key : str, optional
+        Field for the x axis; default "epoch", else "step", else the row
+        number.
+    title : str, optional
+        Figure title.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "curves.png"
+    >>> rows = [{"epoch": 1, "train loss": 2.0}, {"epoch": 2, "train loss": 1}]
+    >>> _ = plot_training_curves(rows, out)
+    >>> out.read_bytes()[:4] == b"\\x89PNG"
+    True
+    """
+    records = load_stats(source)
+    if not records:
+        raise ValueError(f"plot_training_curves: no statistics in {source!r}")
+    if x_key is None:
+        x_key = next(
+            (k for k in ("epoch", "step") if any(k in r for r in records)),
+            None,
+        )
+    panels = {}
+    for row in records:
+        for key in row:
+            if key != x_key:
+                panels.setdefault(_metric_name(key), [])
+                if key not in panels[_metric_name(key)]:
+                    panels[_metric_name(key)].append(key)
+    if not panels:
+        raise ValueError("plot_training_curves: no metric besides the x axis")
+
+    ncols = min(3, len(panels))
+    nrows = (len(panels) + ncols - 1) // ncols
+    fig = _new_figure(4.5 * ncols, 3.2 * nrows)
+    for i, (name, keys) in enumerate(panels.items()):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        for key in keys:
+            xs, ys = [], []
+            for j, row in enumerate(records):
+                if key in row and (x_key is None or x_key in row):
+                    xs.append(row[x_key] if x_key else j)
+                    ys.append(row[key])
+            ax.plot(xs, ys, marker="o" if len(xs) < 50 else None, label=key)
+        ax.set_title(name)
+        ax.set_xlabel(x_key or "row")
+        if len(keys) > 1 or keys[0] != name:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save_png(fig, path)
