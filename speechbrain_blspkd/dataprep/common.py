@@ -411,6 +411,29 @@ def require_key(obj, key, where, kind=None):
     return value
 
 
+def run_cli(prepare, *args, **kwargs):
+    """Call ``prepare`` for a command line; bad input exits with its message.
+
+    :class:`PrepareError` and :class:`ManifestError` become ``SystemExit``
+    with a one-line ``error: ...`` message instead of a traceback.
+
+    Example
+    -------
+    >>> def prepare():
+    ...     raise PrepareError("x.tsv line 3: empty path")
+    >>> run_cli(prepare)
+    Traceback (most recent call last):
+    ...
+    SystemExit: error: x.tsv line 3: empty path
+    """
+    from speechbrain_blspkd.dataio.manifest import ManifestError
+
+    try:
+        return prepare(*args, **kwargs)
+    except (PrepareError, ManifestError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def setup_cli_logging():
     """Log INFO messages to stderr when a script runs from the command line."""
     logging.basicConfig(

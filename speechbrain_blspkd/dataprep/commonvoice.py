@@ -1,0 +1,303 @@
+"""Common Voice manifests (any language).
+
+The layout of one language of a Common Voice release::
+
+    <data_folder>/train.tsv, dev.tsv, test.tsv, validated.tsv, other.tsv ...
+    <data_folder>/clips/<clip>.mp3
+
+Every ``.tsv`` file has a header line and tab-separated fields; the columns
+used are ``client_id`` (the speaker), ``path`` (the clip's file name in
+``clips/``) and ``sentence`` (the transcript).  One manifest per requested
+tsv goes to ``<save_folder>/<split>.csv`` with ``$data_root`` =
+``data_folder``, ``ID`` the clip's file name without extension, the original
+sentence (white space collapsed; ``lowercase=True`` lower-cases it) and the
+duration read from the clip's header with ``soundfile.info``.  MP3 decoding
+needs libsndfile >= 1.1 (soundfile 0.12+ wheels bundle it); other formats
+libsndfile reads (wav, flac, ogg) work as well.
+
+Rows whose sentence is empty are left out with a warning; anything else that
+is wrong (missing column, wrong field count, missing or unreadable clip,
+duplicate clip) stops preparation with an error naming the tsv file and line.
+
+The language defaults to the folder name (``de``, ``zh-CN`` -> ``zh``).
+
+Command line::
+
+    python -m speechbrain_blspkd.dataprep.commonvoice cv-corpus/de SAVE \\
+        --splits train dev test
+"""
+
+import argparse
+import logging
+import pathlib
+
+from speechbrain_blspkd.dataio.manifest import write_manifest
+from speechbrain_blspkd.dataprep.common import (
+    PrepareError,
+    audio_duration,
+    check_folder,
+    check_splits,
+    data_root_path,
+    forget_prepared,
+    is_prepared,
+    language_code,
+    mark_prepared,
+    normalise_space,
+    read_tsv,
+    run_cli,
+    setup_cli_logging,
+)
+
+logger = logging.getLogger(__name__)
+
+CORPUS = "commonvoice"
+DEFAULT_SPLITS = ("train", "dev", "test")
+TSV_COLUMNS = ("client_id", "path", "sentence")
+
+
+def prepare_commonvoice(
+    data_folder,
+    save_folder,
+    splits=DEFAULT_SPLITS,
+    skip_prep=False,
+    language=None,
+    lowercase=False,
+):
+    """Write ``<save_folder>/<split>.csv`` for each Common Voice ``<split>.tsv``.
+
+    Arguments
+    ---------
+    data_folder : str or pathlib.Path
+        One language of a release: holds the tsv files and ``clips/``.
+    save_folder : str or pathlib.Path
+        Where the manifests (and the options record) go.
+    splits : str or list of str
+        Names of tsv files without ``.tsv`` (``train``, ``validated`` ...).
+    skip_prep : bool
+        Do nothing at all (SpeechBrain convention).
+    language : str, optional
+        Language of the speech; default: the name of ``data_folder``.
+    lowercase : bool
+        Lower-case the sentences.
+
+    Returns
+    -------
+    dict
+        Split name -> manifest path (empty when ``skip_prep``).
+
+    Example
+    -------
+    >>> import tempfile, pathlib, numpy, soundfile
+    >>> data = pathlib.Path(tempfile.mkdtemp()) / "de"
+    >>> (data / "clips").mkdir(parents=True)
+    >>> soundfile.write(data / "clips" / "c1.wav",
+    ...     numpy.zeros(4000, dtype="float32"), 16000)
+    >>> _ = (data / "dev.tsv").write_text(
+    ...     "client_id\\tpath\\tsentence\\nspk1\\tc1.wav\\tGuten Tag.\\n")
+    >>> out = prepare_commonvoice(data, data / "save", splits=["dev"])
+    >>> from speechbrain_blspkd.dataio.manifest import read_manifest
+    >>> row = read_manifest(out["dev"])[0]
+    >>> row["ID"], row["wav"], row["duration"], row["transcript"], row["language"]
+    ('c1', '$data_root/clips/c1.wav', 0.25, 'Guten Tag.', 'de')
+    """
+    if skip_prep:
+        return {}
+    splits = check_splits(splits)
+    data_folder = check_folder(data_folder, "Common Voice data folder")
+    language = language_code(language or data_folder.resolve().name)
+    save_folder = pathlib.Path(save_folder)
+    manifests = {s: save_folder / f"{s}.csv" for s in splits}
+    options = {
+        "data_folder": str(data_folder.resolve()),
+        "splits": splits,
+        "language": language,
+        "lowercase": bool(lowercase),
+    }
+    if is_prepared(save_folder, CORPUS, options, manifests.values()):
+        logger.info(
+            "Common Voice manifests in %s exist with the same options; "
+            "skipping preparation",
+            save_folder,
+        )
+        return manifests
+    check_folder(data_folder / "clips", "Common Voice clips folder")
+    for split in splits:
+        if not (data_folder / f"{split}.tsv").is_file():
+            raise PrepareError(
+                f"{data_folder / (split + '.tsv')}: file not found "
+                f"(split {split!r})"
+            )
+    forget_prepared(save_folder, CORPUS)
+    save_folder.mkdir(parents=True, exist_ok=True)
+    for split in splits:
+        tsv = data_folder / f"{split}.tsv"
+        rows = clip_rows(data_folder, tsv, language, lowercase)
+        write_manifest(manifests[split], rows)
+        logger.info(
+            "%s: %d clips, %.1f h",
+            manifests[split],
+            len(rows),
+            sum(r["duration"] for r in rows) / 3600,
+        )
+    mark_prepared(save_folder, CORPUS, options)
+    return manifests
+
+
+def clip_path(data_folder, name, where):
+    """Resolve a tsv ``path`` field to the clip file in ``clips/``.
+
+    Older releases list clips without their ``.mp3`` extension; both forms
+    are accepted.
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> (d / "clips").mkdir()
+    >>> _ = (d / "clips" / "a.mp3").write_bytes(b"")
+    >>> clip_path(d, "a", "x.tsv line 2").name
+    'a.mp3'
+    """
+    name = name.strip()
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise PrepareError(f"{where}: invalid clip name {name!r}")
+    clip = pathlib.Path(data_folder) / "clips" / name
+    if not clip.is_file() and not clip.suffix:
+        alt = clip.with_name(name + ".mp3")
+        if alt.is_file():
+            return alt
+    if not clip.is_file():
+        raise PrepareError(f"{where}: audio {clip} not found")
+    return clip
+
+
+def clip_rows(data_folder, entries, language, lowercase=False, extra=None):
+    """Manifest rows for Common Voice clips listed by tsv lines.
+
+    Arguments
+    ---------
+    data_folder : pathlib.Path
+        The language folder (``$data_root``), holding ``clips/``.
+    entries : pathlib.Path or list of (str, dict)
+        A tsv file with ``client_id``, ``path`` and ``sentence`` columns, or
+        its lines already read: (``"<file> line <n>"``, fields) pairs.
+    language : str
+        Manifest language code.
+    lowercase : bool
+        Lower-case the sentences.
+    extra : callable, optional
+        ``extra(fields, where)`` returns more manifest columns for a line
+        (a dict), or ``None`` to leave the line out.
+
+    Returns
+    -------
+    list of dict
+        Sorted by ID.
+
+    Example
+    -------
+    >>> import tempfile, pathlib, numpy, soundfile
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> (d / "clips").mkdir()
+    >>> soundfile.write(d / "clips" / "a.wav", numpy.zeros(160), 16000)
+    >>> _ = (d / "t.tsv").write_text("client_id\\tpath\\tsentence\\n"
+    ...     "s\\ta.wav\\tHi\\n")
+    >>> clip_rows(d, d / "t.tsv", "en", lowercase=True)[0]["transcript"]
+    'hi'
+    """
+    if isinstance(entries, (str, pathlib.Path)):
+        entries = tsv_entries(entries, TSV_COLUMNS)
+    rows, seen, empty = [], {}, []
+    for where, fields in entries:
+        text = normalise_space(fields["sentence"])
+        if lowercase:
+            text = text.lower()
+        if not text:
+            empty.append(where)
+            continue
+        more = {} if extra is None else extra(fields, where)
+        if more is None:
+            continue
+        clip = clip_path(data_folder, fields["path"], where)
+        uid = clip.stem
+        if uid in seen:
+            raise PrepareError(
+                f"{where}: clip {clip.name} already listed ({seen[uid]})"
+            )
+        seen[uid] = where
+        row = {
+            "ID": uid,
+            "wav": data_root_path(clip, data_folder),
+            "duration": round(audio_duration(clip, where), 5),
+            "transcript": text,
+            "language": language,
+            "speaker": fields["client_id"].strip(),
+            **more,
+        }
+        rows.append(row)
+    if empty:
+        logger.warning(
+            "%d line(s) with an empty sentence left out (first: %s)",
+            len(empty),
+            empty[0],
+        )
+    rows.sort(key=lambda r: r["ID"])
+    return rows
+
+
+def tsv_entries(tsv, required=TSV_COLUMNS):
+    """Read a tsv file into (``"<file> line <n>"``, fields) pairs.
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "t.tsv"
+    >>> _ = p.write_text("client_id\\tpath\\tsentence\\ns\\ta.mp3\\tHi\\n")
+    >>> where, fields = tsv_entries(p)[0]
+    >>> where.endswith("t.tsv line 2"), fields["sentence"]
+    (True, 'Hi')
+    """
+    return [(f"{tsv} line {n}", f) for n, f in read_tsv(tsv, required)]
+
+
+def main(argv=None):
+    """Command line entry point (see the module docstring).
+
+    Example
+    -------
+    >>> main(["/no/such/de", "/tmp/save", "--splits", "dev"])
+    Traceback (most recent call last):
+    ...
+    SystemExit: error: Common Voice data folder /no/such/de does not exist or is not a folder
+    """
+    parser = argparse.ArgumentParser(
+        description="Write Common Voice manifests (one CSV per tsv file)."
+    )
+    parser.add_argument("data_folder", help="one language of a release")
+    parser.add_argument("save_folder", help="where the manifests go")
+    parser.add_argument(
+        "--splits",
+        nargs="+",
+        default=list(DEFAULT_SPLITS),
+        help="tsv files to read, without .tsv (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--language", help="language code (default: the folder's name)"
+    )
+    parser.add_argument(
+        "--lowercase", action="store_true", help="lower-case the sentences"
+    )
+    args = parser.parse_args(argv)
+    setup_cli_logging()
+    run_cli(
+        prepare_commonvoice,
+        args.data_folder,
+        args.save_folder,
+        splits=args.splits,
+        language=args.language,
+        lowercase=args.lowercase,
+    )
+
+
+if __name__ == "__main__":
+    main()

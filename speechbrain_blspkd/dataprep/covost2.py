@@ -1,0 +1,282 @@
+"""CoVoST 2 speech-translation manifests.
+
+CoVoST 2 translates Common Voice sentences, so the audio is a Common Voice
+release of the source language (``<data_folder>/clips/*.mp3``) and the
+translations come in tab-separated files, looked up in
+``translation_folder`` (default: ``data_folder``) in this order:
+
+1. ``covost_v2.<src>_<tgt>.<split>.tsv`` (what the official
+   ``get_covost_splits.py`` writes), one file per split;
+2. ``covost_v2.<src>_<tgt>.tsv`` (the released file), whose ``split`` column
+   picks the rows; ``train`` also takes the ``train_covost`` rows.
+
+The columns used are ``path``, ``translation`` and, when the file has them,
+``sentence`` and ``client_id``; when it has not (the released file), those
+two come from the Common Voice ``<data_folder>/validated.tsv`` by ``path``.
+
+One manifest per split goes to ``<save_folder>/<split>.csv`` (``$data_root``
+= ``data_folder``) with the ``translation`` column filled and ``language``
+the source language.  Lines with an empty sentence or translation are left
+out with a warning; anything malformed stops preparation with an error
+naming the file and line.
+
+Command line::
+
+    python -m speechbrain_blspkd.dataprep.covost2 cv-corpus/fr SAVE \\
+        --src fr --tgt en --splits dev test
+"""
+
+import argparse
+import logging
+import pathlib
+
+from speechbrain_blspkd.dataio.manifest import write_manifest
+from speechbrain_blspkd.dataprep.common import (
+    PrepareError,
+    check_folder,
+    check_splits,
+    forget_prepared,
+    is_prepared,
+    language_code,
+    mark_prepared,
+    normalise_space,
+    run_cli,
+    setup_cli_logging,
+)
+from speechbrain_blspkd.dataprep.commonvoice import clip_rows, tsv_entries
+
+logger = logging.getLogger(__name__)
+
+CORPUS = "covost2"
+DEFAULT_SPLITS = ("train", "dev", "test")
+
+
+def prepare_covost2(
+    data_folder,
+    save_folder,
+    src_lang,
+    tgt_lang,
+    splits=DEFAULT_SPLITS,
+    skip_prep=False,
+    translation_folder=None,
+    lowercase=False,
+):
+    """Write ``<save_folder>/<split>.csv`` with CoVoST 2 translations.
+
+    Arguments
+    ---------
+    data_folder : str or pathlib.Path
+        Common Voice folder of the source language (``clips/``,
+        ``validated.tsv``).
+    save_folder : str or pathlib.Path
+        Where the manifests (and the options record) go.
+    src_lang : str
+        CoVoST source language as in the file names (``fr``, ``zh-CN``).
+    tgt_lang : str
+        Target language as in the file names (``en``, ``de`` ...).
+    splits : str or list of str
+        ``train``, ``dev``, ``test``.
+    skip_prep : bool
+        Do nothing at all (SpeechBrain convention).
+    translation_folder : str or pathlib.Path, optional
+        Folder of the CoVoST tsv files (default: ``data_folder``).
+    lowercase : bool
+        Lower-case the source sentences (translations are kept as they are).
+
+    Returns
+    -------
+    dict
+        Split name -> manifest path (empty when ``skip_prep``).
+
+    Example
+    -------
+    >>> import tempfile, pathlib, numpy, soundfile
+    >>> data = pathlib.Path(tempfile.mkdtemp())
+    >>> (data / "clips").mkdir()
+    >>> soundfile.write(data / "clips" / "c1.wav",
+    ...     numpy.zeros(4000, dtype="float32"), 16000)
+    >>> _ = (data / "covost_v2.fr_en.tsv").write_text(
+    ...     "path\\tsentence\\ttranslation\\tclient_id\\tsplit\\n"
+    ...     "c1.wav\\tBonjour.\\tHello.\\tspk\\ttest\\n")
+    >>> out = prepare_covost2(data, data / "save", "fr", "en", ["test"])
+    >>> from speechbrain_blspkd.dataio.manifest import read_manifest
+    >>> row = read_manifest(out["test"])[0]
+    >>> row["transcript"], row["translation"], row["language"]
+    ('Bonjour.', 'Hello.', 'fr')
+    """
+    if skip_prep:
+        return {}
+    splits = check_splits(splits, DEFAULT_SPLITS)
+    data_folder = check_folder(data_folder, "Common Voice data folder")
+    tr_folder = check_folder(
+        translation_folder or data_folder, "CoVoST translation folder"
+    )
+    language = language_code(src_lang)
+    language_code(tgt_lang)
+    save_folder = pathlib.Path(save_folder)
+    manifests = {s: save_folder / f"{s}.csv" for s in splits}
+    options = {
+        "data_folder": str(data_folder.resolve()),
+        "translation_folder": str(tr_folder.resolve()),
+        "src_lang": src_lang,
+        "tgt_lang": tgt_lang,
+        "splits": splits,
+        "lowercase": bool(lowercase),
+    }
+    if is_prepared(save_folder, CORPUS, options, manifests.values()):
+        logger.info(
+            "CoVoST 2 manifests in %s exist with the same options; "
+            "skipping preparation",
+            save_folder,
+        )
+        return manifests
+    check_folder(data_folder / "clips", "Common Voice clips folder")
+    sources = {
+        s: _split_source(tr_folder, src_lang, tgt_lang, s) for s in splits
+    }
+    forget_prepared(save_folder, CORPUS)
+    save_folder.mkdir(parents=True, exist_ok=True)
+    cv_lines = None
+    for split in splits:
+        entries = _split_entries(*sources[split], split)
+        if entries and any(
+            "sentence" not in f or "client_id" not in f for _, f in entries
+        ):
+            if cv_lines is None:
+                cv_lines = _validated_lines(data_folder)
+            entries = _join_validated(entries, cv_lines, data_folder)
+        dropped = []
+
+        def translation(fields, where, dropped=dropped):
+            text = normalise_space(fields["translation"])
+            if not text:
+                dropped.append(where)
+                return None
+            return {"translation": text}
+
+        rows = clip_rows(data_folder, entries, language, lowercase, translation)
+        if dropped:
+            logger.warning(
+                "%d line(s) with an empty translation left out (first: %s)",
+                len(dropped),
+                dropped[0],
+            )
+        write_manifest(manifests[split], rows)
+        logger.info("%s: %d clips", manifests[split], len(rows))
+    mark_prepared(save_folder, CORPUS, options)
+    return manifests
+
+
+def _split_source(folder, src, tgt, split):
+    """(tsv path, whether it is the all-splits file) for one split."""
+    per_split = folder / f"covost_v2.{src}_{tgt}.{split}.tsv"
+    if per_split.is_file():
+        return per_split, False
+    combined = folder / f"covost_v2.{src}_{tgt}.tsv"
+    if combined.is_file():
+        return combined, True
+    raise PrepareError(
+        f"CoVoST 2 split {split!r}: neither {per_split} nor {combined} exists"
+    )
+
+
+def _split_entries(tsv, combined, split):
+    """Lines of ``tsv`` that belong to ``split``."""
+    required = ("path", "translation") + (("split",) if combined else ())
+    entries = tsv_entries(tsv, required)
+    if combined:
+        wanted = {split, f"{split}_covost"} if split == "train" else {split}
+        entries = [(w, f) for w, f in entries if f["split"].strip() in wanted]
+    if not entries:
+        raise PrepareError(f"{tsv}: no lines for split {split!r}")
+    return entries
+
+
+def _validated_lines(data_folder):
+    """Common Voice ``validated.tsv`` lines by clip name."""
+    tsv = data_folder / "validated.tsv"
+    if not tsv.is_file():
+        raise PrepareError(
+            f"{tsv}: file not found; it is needed for the sentence and "
+            "client_id columns the CoVoST file lacks"
+        )
+    return {
+        f["path"].strip(): (w, f)
+        for w, f in tsv_entries(tsv, ("client_id", "path", "sentence"))
+    }
+
+
+def _join_validated(entries, cv_lines, data_folder):
+    """Add sentence and client_id from Common Voice to CoVoST lines."""
+    joined = []
+    for where, fields in entries:
+        name = fields["path"].strip()
+        found = cv_lines.get(name) or cv_lines.get(name.removesuffix(".mp3"))
+        if found is None:
+            raise PrepareError(
+                f"{where}: clip {name!r} is not in "
+                f"{data_folder / 'validated.tsv'}"
+            )
+        cv = found[1]
+        joined.append(
+            (
+                where,
+                {
+                    **fields,
+                    "sentence": fields.get("sentence", cv["sentence"]),
+                    "client_id": fields.get("client_id", cv["client_id"]),
+                },
+            )
+        )
+    return joined
+
+
+def main(argv=None):
+    """Command line entry point (see the module docstring).
+
+    Example
+    -------
+    >>> main(["/no/such/fr", "/tmp/save", "--src", "fr", "--tgt", "en"])
+    Traceback (most recent call last):
+    ...
+    SystemExit: error: Common Voice data folder /no/such/fr does not exist or is not a folder
+    """
+    parser = argparse.ArgumentParser(
+        description="Write CoVoST 2 manifests (one CSV per split)."
+    )
+    parser.add_argument(
+        "data_folder", help="Common Voice source-language folder"
+    )
+    parser.add_argument("save_folder", help="where the manifests go")
+    parser.add_argument("--src", required=True, help="source language (fr)")
+    parser.add_argument("--tgt", required=True, help="target language (en)")
+    parser.add_argument(
+        "--splits",
+        nargs="+",
+        default=list(DEFAULT_SPLITS),
+        choices=DEFAULT_SPLITS,
+        help="splits to prepare (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--translation-folder",
+        help="folder of the covost_v2.*.tsv files (default: DATA)",
+    )
+    parser.add_argument(
+        "--lowercase", action="store_true", help="lower-case the sentences"
+    )
+    args = parser.parse_args(argv)
+    setup_cli_logging()
+    run_cli(
+        prepare_covost2,
+        args.data_folder,
+        args.save_folder,
+        args.src,
+        args.tgt,
+        splits=args.splits,
+        translation_folder=args.translation_folder,
+        lowercase=args.lowercase,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""LibriSpeech manifests.
+
+The corpus layout (as unpacked from openslr.org/12)::
+
+    <data_folder>/<split>/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac
+    <data_folder>/<split>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt
+
+Each ``trans.txt`` line is ``<utterance id> <TRANSCRIPT IN UPPER CASE>``.
+One manifest per split goes to ``<save_folder>/<split>.csv``; ``wav`` is
+``$data_root/<split>/...flac`` with ``$data_root`` = ``data_folder``,
+language ``en``, speaker the LibriSpeech speaker number.  Transcripts are
+lower-cased by default (``lowercase=False`` keeps the original capitals),
+which is how the LLMs this project distils read text best.
+
+Command line::
+
+    python -m speechbrain_blspkd.dataprep.librispeech DATA SAVE \\
+        --splits dev-clean test-clean
+"""
+
+import argparse
+import logging
+import pathlib
+import re
+
+from speechbrain_blspkd.dataio.manifest import write_manifest
+from speechbrain_blspkd.dataprep.common import (
+    PrepareError,
+    audio_duration,
+    check_folder,
+    check_splits,
+    data_root_path,
+    forget_prepared,
+    is_prepared,
+    mark_prepared,
+    normalise_space,
+    run_cli,
+    setup_cli_logging,
+)
+
+logger = logging.getLogger(__name__)
+
+CORPUS = "librispeech"
+SPLITS = (
+    "train-clean-100",
+    "train-clean-360",
+    "train-other-500",
+    "dev-clean",
+    "dev-other",
+    "test-clean",
+    "test-other",
+)
+DEFAULT_SPLITS = (
+    "train-clean-100",
+    "dev-clean",
+    "dev-other",
+    "test-clean",
+    "test-other",
+)
+_UTT_ID = re.compile(r"(\d+)-(\d+)-(\d+)")
+
+
+def prepare_librispeech(
+    data_folder,
+    save_folder,
+    splits=DEFAULT_SPLITS,
+    skip_prep=False,
+    lowercase=True,
+):
+    """Write ``<save_folder>/<split>.csv`` for each LibriSpeech split.
+
+    Arguments
+    ---------
+    data_folder : str or pathlib.Path
+        The ``LibriSpeech`` folder holding the split folders.
+    save_folder : str or pathlib.Path
+        Where the manifests (and the options record) go.
+    splits : str or list of str
+        Any of :data:`SPLITS`.
+    skip_prep : bool
+        Do nothing at all (SpeechBrain convention).
+    lowercase : bool
+        Lower-case the transcripts (LibriSpeech writes them in capitals).
+
+    Returns
+    -------
+    dict
+        Split name -> manifest path (empty when ``skip_prep``).
+
+    Raises
+    ------
+    PrepareError
+        For a missing split folder, a malformed ``trans.txt`` line or audio
+        that a transcript names but that is missing or unreadable (the
+        message names the ``trans.txt`` file and line).
+
+    Example
+    -------
+    >>> import tempfile, pathlib, numpy, soundfile
+    >>> data = pathlib.Path(tempfile.mkdtemp())
+    >>> chap = data / "dev-clean" / "84" / "121123"
+    >>> chap.mkdir(parents=True)
+    >>> soundfile.write(chap / "84-121123-0000.flac",
+    ...     numpy.zeros(8000, dtype="float32"), 16000)
+    >>> _ = (chap / "84-121123.trans.txt").write_text("84-121123-0000 GO ON\\n")
+    >>> out = prepare_librispeech(data, data / "save", splits=["dev-clean"])
+    >>> from speechbrain_blspkd.dataio.manifest import read_manifest
+    >>> row = read_manifest(out["dev-clean"])[0]
+    >>> row["ID"], row["wav"], row["duration"], row["transcript"]
+    ('84-121123-0000', '$data_root/dev-clean/84/121123/84-121123-0000.flac', 0.5, 'go on')
+    """
+    if skip_prep:
+        return {}
+    splits = check_splits(splits, SPLITS)
+    data_folder = check_folder(data_folder, "LibriSpeech data folder")
+    save_folder = pathlib.Path(save_folder)
+    manifests = {s: save_folder / f"{s}.csv" for s in splits}
+    options = {
+        "data_folder": str(data_folder.resolve()),
+        "splits": splits,
+        "lowercase": bool(lowercase),
+    }
+    if is_prepared(save_folder, CORPUS, options, manifests.values()):
+        logger.info(
+            "LibriSpeech manifests in %s exist with the same options; "
+            "skipping preparation",
+            save_folder,
+        )
+        return manifests
+    for split in splits:
+        check_folder(data_folder / split, f"LibriSpeech split {split!r}:")
+    forget_prepared(save_folder, CORPUS)
+    save_folder.mkdir(parents=True, exist_ok=True)
+    for split in splits:
+        rows = _split_rows(data_folder, split, lowercase)
+        write_manifest(manifests[split], rows)
+        logger.info(
+            "%s: %d utterances, %.1f h",
+            manifests[split],
+            len(rows),
+            sum(r["duration"] for r in rows) / 3600,
+        )
+    mark_prepared(save_folder, CORPUS, options)
+    return manifests
+
+
+def _split_rows(data_folder, split, lowercase):
+    """Rows of one split, sorted by utterance ID."""
+    split_dir = data_folder / split
+    trans_files = sorted(split_dir.glob("*/*/*.trans.txt"))
+    if not trans_files:
+        raise PrepareError(
+            f"{split_dir}: no <speaker>/<chapter>/*.trans.txt files found"
+        )
+    rows, seen = [], {}
+    for trans in trans_files:
+        for row, where in _trans_rows(trans, lowercase):
+            if row["ID"] in seen:
+                raise PrepareError(
+                    f"{where}: utterance {row['ID']} already listed at "
+                    f"{seen[row['ID']]}"
+                )
+            seen[row["ID"]] = where
+            row["wav"] = data_root_path(row.pop("path"), data_folder)
+            rows.append(row)
+    rows.sort(key=lambda r: r["ID"])
+    return rows
+
+
+def _trans_rows(trans, lowercase):
+    """Yield (row, 'file line N') for each line of one ``trans.txt`` file."""
+    chapter_dir = trans.parent
+    speaker, chapter = chapter_dir.parent.name, chapter_dir.name
+    expected = f"{speaker}-{chapter}.trans.txt"
+    if trans.name != expected:
+        raise PrepareError(
+            f"{trans}: a transcript file in {chapter_dir} must be named "
+            f"{expected}"
+        )
+    try:
+        lines = trans.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{trans}: not valid UTF-8 ({e.reason})") from None
+    for num, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{trans} line {num}"
+        parts = line.strip().split(maxsplit=1)
+        match = _UTT_ID.fullmatch(parts[0])
+        if not match or len(parts) < 2:
+            raise PrepareError(
+                f"{where}: expected '<speaker>-<chapter>-<utt> TRANSCRIPT', "
+                f"got {line.strip()[:80]!r}"
+            )
+        if match.group(1) != speaker or match.group(2) != chapter:
+            raise PrepareError(
+                f"{where}: utterance {parts[0]} does not belong to speaker "
+                f"{speaker} chapter {chapter}"
+            )
+        text = normalise_space(parts[1])
+        if lowercase:
+            text = text.lower()
+        audio = chapter_dir / f"{parts[0]}.flac"
+        if not audio.is_file():
+            raise PrepareError(f"{where}: audio {audio} not found")
+        row = {
+            "ID": parts[0],
+            "path": audio,
+            "duration": round(audio_duration(audio, where), 5),
+            "transcript": text,
+            "language": "en",
+            "speaker": speaker,
+        }
+        yield row, where
+
+
+def main(argv=None):
+    """Command line entry point (see the module docstring).
+
+    Example
+    -------
+    >>> main(["/no/such/folder", "/tmp/save", "--splits", "dev-clean"])
+    Traceback (most recent call last):
+    ...
+    SystemExit: error: LibriSpeech data folder /no/such/folder does not exist or is not a folder
+    """
+    parser = argparse.ArgumentParser(
+        description="Write LibriSpeech manifests (one CSV per split)."
+    )
+    parser.add_argument("data_folder", help="the LibriSpeech folder")
+    parser.add_argument("save_folder", help="where the manifests go")
+    parser.add_argument(
+        "--splits",
+        nargs="+",
+        default=list(DEFAULT_SPLITS),
+        choices=SPLITS,
+        help="splits to prepare (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--keep-case",
+        action="store_true",
+        help="keep the upper-case transcripts instead of lower-casing them",
+    )
+    args = parser.parse_args(argv)
+    setup_cli_logging()
+    run_cli(
+        prepare_librispeech,
+        args.data_folder,
+        args.save_folder,
+        splits=args.splits,
+        lowercase=not args.keep_case,
+    )
+
+
+if __name__ == "__main__":
+    main()
