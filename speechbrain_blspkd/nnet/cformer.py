@@ -1,0 +1,387 @@
+"""CFormer: a CIF adapter from speech-encoder frames to LLM-space tokens.
+
+The adapter (DESIGN 2.2) runs ``n_pre`` transformer layers over the encoder
+output, reads one weight per frame from the last channel of the
+(layer-normalised) result, integrates the other d - 1 channels into N tokens
+with continuous integrate-and-fire (:mod:`speechbrain_blspkd.nnet.cif`),
+projects them back to width d, runs ``n_post`` transformer layers over the
+tokens and projects them into the LLM embedding space.
+
+The weight channel sees no dropout: the pre layers are dropout-free by
+default (``pre_dropout=0``) and dropout is applied to the integrated channels
+only, so the alphas, hence the predicted token count, are the same in train
+and eval mode (DESIGN 2.9: with dropout on the weight path sum(alpha) was
+0.88 N in training and 0.08 N at inference).
+
+Authors
+ * speechbrain-blspkd contributors 2025
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from speechbrain_blspkd.nnet.cif import cif, scale_alphas
+
+__all__ = ["CFormer", "CFormerOutput", "relative_lengths_to_mask"]
+
+
+@dataclass
+class CFormerOutput:
+    """What :class:`CFormer` returns.
+
+    Arguments
+    ---------
+    tokens : torch.Tensor
+        (B, Nmax, output_size) tokens in the LLM embedding space (zero
+        beyond each row's count).
+    token_mask : torch.Tensor
+        (B, Nmax) bool, True for real tokens.
+    alphas : torch.Tensor
+        (B, T) unscaled weights, zero on padding (for the quantity loss).
+    frame_mask : torch.Tensor
+        (B, T) bool, True for real frames.
+    num_tokens : torch.Tensor
+        (B,) long: the target count when one was given, else the
+        predicted max(1, round(sum alpha)).
+    alpha_sum : torch.Tensor
+        (B,) sum of the unscaled alphas of each row.
+    """
+
+    tokens: torch.Tensor
+    token_mask: torch.Tensor
+    alphas: torch.Tensor
+    frame_mask: torch.Tensor
+    num_tokens: torch.Tensor
+    alpha_sum: torch.Tensor
+
+
+def relative_lengths_to_mask(lengths, max_len):
+    """Turns SpeechBrain relative lengths into a (B, T) bool frame mask.
+
+    Arguments
+    ---------
+    lengths : torch.Tensor
+        (B,) lengths relative to ``max_len``, in (0, 1].
+    max_len : int
+        Number of frames T.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, T) bool, True for the first round(length * T) frames (at least
+        one).
+
+    Example
+    -------
+    >>> relative_lengths_to_mask(torch.tensor([1.0, 0.5]), 4)
+    tensor([[ True,  True,  True,  True],
+            [ True,  True, False, False]])
+    """
+    lengths = torch.as_tensor(lengths)
+    if lengths.dim() != 1:
+        raise ValueError(
+            f"CFormer: `lengths` must be (B,), got {tuple(lengths.shape)}"
+        )
+    if bool(((lengths <= 0) | (lengths > 1 + 1e-6)).any()):
+        raise ValueError(
+            "CFormer: relative `lengths` must be in (0, 1], "
+            f"got {lengths.tolist()}"
+        )
+    frames = torch.round(lengths.double() * max_len).long().clamp(1, max_len)
+    positions = torch.arange(max_len, device=lengths.device)
+    return positions[None, :] < frames[:, None]
+
+
+def _encoder_layer(d_model, nhead, d_ffn, dropout, activation):
+    return nn.TransformerEncoderLayer(
+        d_model,
+        nhead,
+        dim_feedforward=d_ffn,
+        dropout=dropout,
+        activation=activation,
+        batch_first=True,
+        norm_first=True,
+    )
+
+
+class CFormer(nn.Module):
+    """CIF adapter: encoder frames (B, T, d) -> tokens (B, N, output_size).
+
+    Arguments
+    ---------
+    input_size : int
+        Width d of the encoder output (and of the pre layers); the last
+        channel is the weight predictor, the other d - 1 are integrated.
+    output_size : int
+        Width D of the LLM embeddings.
+    n_pre : int
+        Transformer layers over the frames.
+    n_post : int
+        Transformer layers over the tokens (width d).
+    nhead : int
+        Attention heads (must divide d).
+    d_ffn : int
+        Feed-forward width of the transformer layers.
+    dropout : float
+        Dropout of the post layers and of the integrated channels.
+    out_init_std : float or None
+        If given, the output projection starts with weights drawn from
+        N(0, out_init_std^2 / d) and zero bias, so that its outputs (of
+        layer-normalised inputs) have about the std of the LLM embeddings
+        (e.g. 0.136 for SmolLM2-135M; DESIGN 2.9). None: PyTorch default.
+    weight_norm : bool
+        Take the weight channel from the layer-normalised pre-layer output
+        (True, recommended) or from the raw residual stream (ablation).
+    pre_dropout : float
+        Dropout inside the pre layers. Anything above 0 reaches the weight
+        channel, so alphas differ between train and eval.
+    activation : str
+        Activation of the transformer feed-forward blocks ("gelu" matches
+        Whisper, see :meth:`init_pre_layers_from`).
+    threshold : float
+        CIF firing threshold.
+
+    Example
+    -------
+    >>> model = CFormer(16, 24, n_pre=1, n_post=1, nhead=2, d_ffn=32)
+    >>> hidden = torch.randn(2, 30, 16)
+    >>> out = model(hidden, lengths=torch.tensor([1.0, 0.6]),
+    ...             num_tokens=torch.tensor([5, 3]))
+    >>> out.tokens.shape, out.token_mask.sum(1).tolist()
+    (torch.Size([2, 5, 24]), [5, 3])
+    >>> out.alphas.shape, out.frame_mask.sum(1).tolist()
+    (torch.Size([2, 30]), [30, 18])
+    >>> _ = model.eval()
+    >>> out = model(hidden, lengths=torch.tensor([1.0, 0.6]))
+    >>> bool((out.num_tokens == out.alpha_sum.round().clamp(min=1)).all())
+    True
+    """
+
+    def __init__(
+        self,
+        input_size,
+        output_size,
+        n_pre=4,
+        n_post=4,
+        nhead=8,
+        d_ffn=2048,
+        dropout=0.1,
+        out_init_std=None,
+        weight_norm=True,
+        pre_dropout=0.0,
+        activation="gelu",
+        threshold=1.0,
+    ):
+        super().__init__()
+        if input_size < 2:
+            raise ValueError(
+                f"CFormer: `input_size` must be >= 2, got {input_size}"
+            )
+        if input_size % nhead != 0:
+            raise ValueError(
+                f"CFormer: `nhead` ({nhead}) must divide `input_size` "
+                f"({input_size})"
+            )
+        d = input_size
+        self.input_size = input_size
+        self.output_size = output_size
+        self.weight_norm = weight_norm
+        self.threshold = threshold
+        self.pre_layers = nn.ModuleList(
+            _encoder_layer(d, nhead, d_ffn, pre_dropout, activation)
+            for _ in range(n_pre)
+        )
+        self.norm = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(dropout)
+        self.token_proj = nn.Linear(d - 1, d)
+        self.post_layers = nn.ModuleList(
+            _encoder_layer(d, nhead, d_ffn, dropout, activation)
+            for _ in range(n_post)
+        )
+        self.post_norm = nn.LayerNorm(d)
+        self.out_proj = nn.Linear(d, output_size)
+        if out_init_std is not None:
+            nn.init.normal_(
+                self.out_proj.weight, 0.0, out_init_std / math.sqrt(d)
+            )
+            nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, hidden, lengths=None, num_tokens=None, mask=None):
+        """Integrates the frames of each utterance into tokens.
+
+        Arguments
+        ---------
+        hidden : torch.Tensor
+            (B, T, input_size) encoder output.
+        lengths : torch.Tensor or None
+            (B,) SpeechBrain relative lengths in (0, 1].
+        num_tokens : torch.Tensor or None
+            (B,) target counts (training); None predicts them.
+        mask : torch.Tensor or None
+            (B, T) bool frame mask, instead of ``lengths``.
+
+        Returns
+        -------
+        CFormerOutput
+        """
+        if hidden.dim() != 3 or hidden.shape[-1] != self.input_size:
+            raise ValueError(
+                f"CFormer: `hidden` must be (B, T, {self.input_size}), "
+                f"got {tuple(hidden.shape)}"
+            )
+        batch, time, _ = hidden.shape
+        frame_mask = self._frame_mask(hidden, lengths, mask)
+        padding = ~frame_mask
+
+        x = hidden
+        for layer in self.pre_layers:
+            x = layer(x, src_key_padding_mask=padding)
+        normed = self.norm(x)
+        weight_logit = normed[..., -1] if self.weight_norm else x[..., -1]
+        alphas = torch.sigmoid(weight_logit) * frame_mask.to(x.dtype)
+        alpha_sum = alphas.sum(dim=1)
+
+        if num_tokens is None:
+            num_tokens = alpha_sum.detach().round().clamp(min=1).long()
+        else:
+            num_tokens = torch.as_tensor(num_tokens, device=hidden.device)
+            if num_tokens.shape != (batch,):
+                raise ValueError(
+                    f"CFormer: `num_tokens` must be ({batch},), "
+                    f"got {tuple(num_tokens.shape)}"
+                )
+            if bool((num_tokens < 1).any()):
+                raise ValueError(
+                    "CFormer: every `num_tokens` must be >= 1, "
+                    f"got {num_tokens.tolist()}"
+                )
+            num_tokens = num_tokens.long()
+
+        integrated = self.dropout(normed[..., :-1])
+        integrated = integrated.masked_fill(padding[..., None], 0.0)
+        scaled = scale_alphas(alphas, num_tokens, self.threshold)
+        tokens, token_mask = cif(
+            integrated, scaled, num_tokens, threshold=self.threshold
+        )
+
+        y = self.token_proj(tokens)
+        for layer in self.post_layers:
+            y = layer(y, src_key_padding_mask=~token_mask)
+        y = self.out_proj(self.post_norm(y))
+        y = y * token_mask[..., None].to(y.dtype)
+        return CFormerOutput(
+            tokens=y,
+            token_mask=token_mask,
+            alphas=alphas,
+            frame_mask=frame_mask,
+            num_tokens=num_tokens,
+            alpha_sum=alpha_sum,
+        )
+
+    @staticmethod
+    def _frame_mask(hidden, lengths, mask):
+        batch, time, _ = hidden.shape
+        if mask is not None and lengths is not None:
+            raise ValueError("CFormer: give `lengths` or `mask`, not both")
+        if mask is not None:
+            if mask.shape != (batch, time):
+                raise ValueError(
+                    f"CFormer: `mask` must be ({batch}, {time}), "
+                    f"got {tuple(mask.shape)}"
+                )
+            mask = mask.to(device=hidden.device, dtype=torch.bool)
+            if not bool(mask.any(dim=1).all()):
+                raise ValueError("CFormer: every row of `mask` needs a frame")
+            return mask
+        if lengths is None:
+            return torch.ones(
+                batch, time, dtype=torch.bool, device=hidden.device
+            )
+        lengths = torch.as_tensor(lengths, device=hidden.device)
+        if lengths.shape != (batch,):
+            raise ValueError(
+                f"CFormer: `lengths` must be ({batch},), "
+                f"got {tuple(lengths.shape)}"
+            )
+        return relative_lengths_to_mask(lengths, time)
+
+    @torch.no_grad()
+    def init_pre_layers_from(self, layers):
+        """Copies pretrained transformer layers into the pre layers.
+
+        Accepts ``torch.nn.TransformerEncoderLayer`` modules or Hugging Face
+        Whisper encoder layers (``WhisperEncoderLayer``: pre-norm, GELU, no
+        key bias), e.g. the top layers of the speech encoder (DESIGN 2.9).
+        Shapes must match (width d, feed-forward width, and the layers must
+        use the same activation as this model).
+
+        Arguments
+        ---------
+        layers : sequence of torch.nn.Module
+            One layer per pre layer, in order.
+
+        Example
+        -------
+        >>> a = CFormer(8, 4, n_pre=1, n_post=0, nhead=2, d_ffn=16)
+        >>> b = CFormer(8, 4, n_pre=1, n_post=0, nhead=2, d_ffn=16)
+        >>> b.init_pre_layers_from(a.pre_layers)
+        >>> x = torch.randn(1, 5, 8)
+        >>> _ = a.eval(), b.eval()
+        >>> torch.allclose(a.pre_layers[0](x), b.pre_layers[0](x))
+        True
+        """
+        layers = list(layers)
+        if len(layers) != len(self.pre_layers):
+            raise ValueError(
+                f"CFormer.init_pre_layers_from: got {len(layers)} layers "
+                f"for {len(self.pre_layers)} pre layers"
+            )
+        for target, source in zip(self.pre_layers, layers):
+            if isinstance(source, nn.TransformerEncoderLayer):
+                target.load_state_dict(source.state_dict())
+            elif hasattr(source, "self_attn") and hasattr(source, "fc1"):
+                _copy_whisper_layer(target, source)
+            else:
+                raise TypeError(
+                    "CFormer.init_pre_layers_from: unsupported layer type "
+                    f"{type(source).__name__}"
+                )
+
+
+def _copy_whisper_layer(target, source):
+    """Copies a Hugging Face Whisper encoder layer into a PyTorch one."""
+    attn = source.self_attn
+    d = target.self_attn.embed_dim
+    if attn.q_proj.weight.shape != (d, d):
+        raise ValueError(
+            "CFormer.init_pre_layers_from: Whisper layer width "
+            f"{attn.q_proj.weight.shape[0]} != CFormer width {d}"
+        )
+    if source.fc1.weight.shape != target.linear1.weight.shape:
+        raise ValueError(
+            "CFormer.init_pre_layers_from: feed-forward shape "
+            f"{tuple(source.fc1.weight.shape)} != "
+            f"{tuple(target.linear1.weight.shape)}"
+        )
+
+    def bias(linear):
+        if linear.bias is None:
+            return linear.weight.new_zeros(linear.weight.shape[0])
+        return linear.bias
+
+    mha = target.self_attn
+    mha.in_proj_weight.copy_(
+        torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    )
+    mha.in_proj_bias.copy_(
+        torch.cat([bias(attn.q_proj), bias(attn.k_proj), bias(attn.v_proj)])
+    )
+    mha.out_proj.weight.copy_(attn.out_proj.weight)
+    mha.out_proj.bias.copy_(bias(attn.out_proj))
+    target.norm1.load_state_dict(source.self_attn_layer_norm.state_dict())
+    target.linear1.load_state_dict(source.fc1.state_dict())
+    target.linear2.load_state_dict(source.fc2.state_dict())
+    target.norm2.load_state_dict(source.final_layer_norm.state_dict())

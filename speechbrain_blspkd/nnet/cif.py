@@ -1,0 +1,297 @@
+"""Continuous integrate-and-fire (CIF) without a Python loop over time.
+
+CIF turns T encoder frames into N tokens: walking over the frames, it
+accumulates the per-frame weights alpha_t; whenever the accumulator reaches
+the threshold beta a token fires whose value is the alpha-weighted sum of the
+frames integrated since the previous fire. A frame that crosses the threshold
+is split (the part needed to reach beta closes the current token, the rest
+opens the next one) and a frame with alpha > beta fires several tokens. The
+token index is clamped at N - 1, so the last token takes whatever is left.
+
+The same result has a closed form. With c_t = sum_{s<=t} alpha_s / beta (a
+float64 cumulative sum), frame t covers the interval [c_{t-1}, c_t] and token
+k the interval [k, k + 1) ([N - 1, inf) for the last token); the weight of
+frame t in token k is beta times the length of their overlap. Each frame only
+overlaps the few tokens its interval touches, so :func:`cif` adds every
+weighted frame to its first token and then only the (frame, token) pairs of
+frames that cross a token boundary (about N per utterance), with two
+``index_add`` calls instead of a dense (B, N, T) matrix: memory and time are
+O(B (T + N) C).
+
+Authors
+ * speechbrain-blspkd contributors 2025
+"""
+
+import torch
+
+__all__ = ["cif", "fire_positions", "quantity_loss", "scale_alphas"]
+
+
+def _check_num_tokens(num_tokens, batch, device, name="num_tokens"):
+    """Returns ``num_tokens`` as a (B,) long tensor on ``device``."""
+    num_tokens = torch.as_tensor(num_tokens, device=device)
+    if num_tokens.dim() != 1 or num_tokens.shape[0] != batch:
+        raise ValueError(
+            f"cif: `{name}` must have shape ({batch},), "
+            f"got {tuple(num_tokens.shape)}"
+        )
+    if num_tokens.is_floating_point():
+        if not torch.equal(num_tokens, num_tokens.round()):
+            raise ValueError(f"cif: `{name}` must hold whole numbers")
+    return num_tokens.long()
+
+
+def _overlap(c_prev, c_next, token, last_token, threshold):
+    """Length of [c_prev, c_next] within [token, token + 1) (float64).
+
+    The last token (``token == last_token``) extends to infinity. The result
+    is multiplied by ``threshold`` (the token axis is in threshold units).
+    """
+    token_f = token.to(torch.float64)
+    lower = torch.maximum(c_prev, token_f)
+    upper = torch.where(
+        token == last_token, c_next, torch.minimum(c_next, token_f + 1.0)
+    )
+    return (upper - lower).clamp(min=0.0) * threshold
+
+
+def cif(hidden, alphas, num_tokens, threshold=1.0):
+    """Integrates frames into exactly ``num_tokens`` tokens per utterance.
+
+    Arguments
+    ---------
+    hidden : torch.Tensor
+        Frames to integrate, (B, T, C).
+    alphas : torch.Tensor
+        Non-negative per-frame weights, (B, T), already masked (zero on
+        padding) and usually scaled with :func:`scale_alphas` so that each
+        row sums to ``num_tokens * threshold``.
+    num_tokens : torch.Tensor
+        Number of tokens N of each utterance, (B,) integers >= 1.
+    threshold : float
+        Firing threshold beta (> 0).
+
+    Returns
+    -------
+    tokens : torch.Tensor
+        (B, max(N), C) in the dtype of ``hidden``; token k of row b is
+        sum_t W[b, k, t] * hidden[b, t] and rows k >= N_b are zero.
+    token_mask : torch.Tensor
+        (B, max(N)) bool, True for the N_b real tokens of row b.
+
+    Example
+    -------
+    >>> hidden = torch.tensor([[[1.0], [2.0], [3.0], [4.0]]])
+    >>> alphas = torch.tensor([[0.5, 0.75, 0.5, 0.25]])
+    >>> tokens, token_mask = cif(hidden, alphas, torch.tensor([2]))
+    >>> tokens.squeeze(-1)  # 0.5*1 + 0.5*2 and 0.25*2 + 0.5*3 + 0.25*4
+    tensor([[1.5000, 3.0000]])
+    >>> token_mask
+    tensor([[True, True]])
+    """
+    if hidden.dim() != 3:
+        raise ValueError(
+            f"cif: `hidden` must be (B, T, C), got {tuple(hidden.shape)}"
+        )
+    batch, time, channels = hidden.shape
+    if alphas.shape != (batch, time):
+        raise ValueError(
+            f"cif: `alphas` must be (B, T) = ({batch}, {time}), "
+            f"got {tuple(alphas.shape)}"
+        )
+    if not threshold > 0:
+        raise ValueError(f"cif: `threshold` must be > 0, got {threshold}")
+    device = hidden.device
+    num_tokens = _check_num_tokens(num_tokens, batch, device)
+    if batch == 0:
+        return hidden.new_zeros(0, 0, channels), torch.zeros(
+            0, 0, dtype=torch.bool, device=device
+        )
+    if bool((num_tokens < 1).any()):
+        raise ValueError(
+            f"cif: every `num_tokens` must be >= 1, got {num_tokens.tolist()}"
+        )
+    n_max = int(num_tokens.max())
+    token_mask = (
+        torch.arange(n_max, device=device)[None, :] < num_tokens[:, None]
+    )
+    if time == 0:
+        return hidden.new_zeros(batch, n_max, channels), token_mask
+
+    # Frame t covers [c_prev_t, c_t] on the token axis (unit = threshold).
+    # Both ends come from the same float64 cumsum, so adjacent frames share
+    # their boundary exactly and no weight is lost or counted twice.
+    scaled = alphas.to(torch.float64) / threshold
+    cum = torch.cumsum(scaled, dim=1)
+    if not bool(torch.isfinite(cum[:, -1]).all()):
+        raise ValueError("cif: `alphas` contain inf or NaN")
+    cum0 = torch.nn.functional.pad(cum, (1, 0))
+    c_prev, c_next = cum0[:, :-1], cum0[:, 1:]
+
+    # Tokens overlapped by each frame: first..last (clamped at N - 1).
+    last_token = (num_tokens - 1)[:, None].expand(batch, time).reshape(-1)
+    c_prev, c_next = c_prev.reshape(-1), c_next.reshape(-1)
+    first = torch.minimum(torch.floor(c_prev.detach()).long(), last_token)
+    last = torch.minimum(torch.ceil(c_next.detach()).long() - 1, last_token)
+    extra = (last - first).clamp(min=0)
+    row = torch.arange(batch, device=device).repeat_interleave(time)
+
+    # Every frame gives to its first token (no gather of the frames) ...
+    acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    frames = hidden.reshape(batch * time, channels).to(acc_dtype)
+    weight = _overlap(c_prev, c_next, first, last_token, threshold)
+    tokens = hidden.new_zeros(batch * n_max, channels, dtype=acc_dtype)
+    tokens = tokens.index_add(
+        0, row * n_max + first, frames * weight.to(acc_dtype)[:, None]
+    )
+
+    # ... and the frames that cross token boundaries (about N per row) give
+    # to the further tokens: one row per such (frame, token) pair.
+    frame = torch.repeat_interleave(
+        torch.arange(batch * time, device=device), extra
+    )
+    if frame.numel():
+        starts = torch.cumsum(extra, 0) - extra
+        offset = torch.arange(frame.shape[0], device=device) - starts[frame]
+        token = first[frame] + offset + 1
+        weight = _overlap(
+            c_prev[frame], c_next[frame], token, last_token[frame], threshold
+        )
+        tokens = tokens.index_add(
+            0,
+            row[frame] * n_max + token,
+            frames[frame] * weight.to(acc_dtype)[:, None],
+        )
+    tokens = tokens.reshape(batch, n_max, channels).to(hidden.dtype)
+    return tokens, token_mask
+
+
+def scale_alphas(alphas, num_tokens, threshold=1.0):
+    """Rescales each row of ``alphas`` to sum to ``num_tokens * threshold``.
+
+    A row whose weights sum to zero stays zero (no division by zero, no NaN
+    gradient).
+
+    Arguments
+    ---------
+    alphas : torch.Tensor
+        Masked non-negative weights, (B, T).
+    num_tokens : torch.Tensor
+        Target token counts, (B,).
+    threshold : float
+        Firing threshold of :func:`cif`.
+
+    Returns
+    -------
+    torch.Tensor
+        alphas * N * threshold / sum_t alphas, (B, T), dtype of ``alphas``.
+
+    Example
+    -------
+    >>> scale_alphas(torch.tensor([[0.5, 0.25, 0.25], [0.0, 0.0, 0.0]]),
+    ...              torch.tensor([4, 2]))
+    tensor([[2., 1., 1.],
+            [0., 0., 0.]])
+    """
+    if alphas.dim() != 2:
+        raise ValueError(
+            f"scale_alphas: `alphas` must be (B, T), got {tuple(alphas.shape)}"
+        )
+    num_tokens = _check_num_tokens(num_tokens, alphas.shape[0], alphas.device)
+    work = alphas.to(torch.promote_types(alphas.dtype, torch.float32))
+    total = work.sum(dim=1, keepdim=True)
+    positive = total > 0
+    safe_total = torch.where(positive, total, torch.ones_like(total))
+    target = num_tokens[:, None].to(work.dtype) * threshold
+    factor = torch.where(positive, target / safe_total, torch.zeros_like(total))
+    return (work * factor).to(alphas.dtype)
+
+
+def quantity_loss(alphas, mask, num_tokens):
+    """CIF quantity loss: mean over the batch of |sum_t alpha_t / N - 1|.
+
+    Arguments
+    ---------
+    alphas : torch.Tensor
+        Unscaled weights, (B, T).
+    mask : torch.Tensor or None
+        (B, T) bool or float mask of the real frames (None: all real).
+    num_tokens : torch.Tensor
+        Target token counts N, (B,) >= 1.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar loss (float32 or wider).
+
+    Example
+    -------
+    >>> alphas = torch.tensor([[0.5, 0.5, 0.9], [1.0, 1.0, 1.0]])
+    >>> mask = torch.tensor([[True, True, False], [True, True, True]])
+    >>> quantity_loss(alphas, mask, torch.tensor([2, 3]))  # (0.5 + 0) / 2
+    tensor(0.2500)
+    """
+    if alphas.dim() != 2:
+        raise ValueError(
+            f"quantity_loss: `alphas` must be (B, T), got {tuple(alphas.shape)}"
+        )
+    num_tokens = _check_num_tokens(num_tokens, alphas.shape[0], alphas.device)
+    if bool((num_tokens < 1).any()):
+        raise ValueError("quantity_loss: every `num_tokens` must be >= 1")
+    work = alphas.to(torch.promote_types(alphas.dtype, torch.float32))
+    if mask is not None:
+        if mask.shape != alphas.shape:
+            raise ValueError(
+                f"quantity_loss: `mask` shape {tuple(mask.shape)} differs "
+                f"from `alphas` shape {tuple(alphas.shape)}"
+            )
+        work = work * mask.to(work.dtype)
+    ratio = work.sum(dim=1) / num_tokens.to(work.dtype)
+    return (ratio - 1.0).abs().mean()
+
+
+def fire_positions(alphas, threshold=1.0, tolerance=1e-6):
+    """Frame index at which each token fires (for plots and diagnostics).
+
+    Token k fires at the first frame t where the running sum of alphas
+    reaches (k + 1) * threshold (within ``tolerance``, so that scaled alphas
+    summing to N up to round-off fire N tokens).
+
+    Arguments
+    ---------
+    alphas : torch.Tensor
+        Masked weights, (B, T).
+    threshold : float
+        Firing threshold.
+    tolerance : float
+        Slack on each crossing, in units of ``threshold``.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, K) long, K the largest number of fires in the batch; -1 where
+        a row fires fewer than K tokens.
+
+    Example
+    -------
+    >>> fire_positions(torch.tensor([[0.5, 0.75, 0.5, 0.25], [2., 0, 0, 0]]))
+    tensor([[1, 3],
+            [0, 0]])
+    """
+    if alphas.dim() != 2:
+        raise ValueError(
+            "fire_positions: `alphas` must be (B, T), "
+            f"got {tuple(alphas.shape)}"
+        )
+    cum = torch.cumsum(alphas.detach().to(torch.float64), dim=1) / threshold
+    if cum.shape[1] == 0:
+        return torch.zeros(
+            cum.shape[0], 0, dtype=torch.long, device=alphas.device
+        )
+    fired = torch.floor(cum[:, -1] + tolerance).long()
+    n_max = int(fired.max()) if fired.numel() else 0
+    levels = torch.arange(1, n_max + 1, device=alphas.device)
+    levels = levels.to(torch.float64)[None, :].expand(cum.shape[0], -1)
+    position = torch.searchsorted(cum.contiguous(), levels - tolerance)
+    valid = levels <= fired[:, None].to(torch.float64)
+    return torch.where(valid, position, torch.full_like(position, -1))

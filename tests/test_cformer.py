@@ -1,0 +1,209 @@
+"""Tests of the CFormer CIF adapter (tiny random models)."""
+
+import os
+
+import pytest
+import torch
+
+from speechbrain_blspkd.nnet.cformer import (
+    CFormer,
+    CFormerOutput,
+    relative_lengths_to_mask,
+)
+from speechbrain_blspkd.nnet.cif import quantity_loss
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+D_IN, D_OUT = 16, 12
+
+
+def tiny(**kwargs):
+    torch.manual_seed(0)
+    options = dict(n_pre=2, n_post=2, nhead=2, d_ffn=32)
+    options.update(kwargs)
+    return CFormer(D_IN, D_OUT, **options)
+
+
+def test_shapes_and_target_counts():
+    model = tiny()
+    hidden = torch.randn(3, 25, D_IN)
+    lengths = torch.tensor([1.0, 0.6, 0.2])
+    n = torch.tensor([7, 4, 1])
+    out = model(hidden, lengths=lengths, num_tokens=n)
+    assert isinstance(out, CFormerOutput)
+    assert out.tokens.shape == (3, 7, D_OUT)
+    assert out.token_mask.dtype == torch.bool
+    assert out.token_mask.sum(1).tolist() == [7, 4, 1]
+    assert out.num_tokens.tolist() == [7, 4, 1]
+    assert out.num_tokens.dtype == torch.long
+    assert out.frame_mask.sum(1).tolist() == [25, 15, 5]
+    assert out.alphas.shape == (3, 25)
+    assert torch.all(out.alphas[~out.frame_mask] == 0)
+    assert torch.all(out.alphas[out.frame_mask] > 0)
+    assert torch.all(out.alphas <= 1)
+    torch.testing.assert_close(out.alpha_sum, out.alphas.sum(1))
+    assert torch.all(out.tokens[~out.token_mask] == 0)
+    assert torch.isfinite(out.tokens).all()
+
+
+def test_mask_argument_equals_lengths():
+    model = tiny().eval()
+    hidden = torch.randn(2, 10, D_IN)
+    lengths = torch.tensor([1.0, 0.7])
+    mask = relative_lengths_to_mask(lengths, 10)
+    n = torch.tensor([3, 2])
+    a = model(hidden, lengths=lengths, num_tokens=n)
+    b = model(hidden, mask=mask, num_tokens=n)
+    torch.testing.assert_close(a.tokens, b.tokens)
+    with pytest.raises(ValueError, match="not both"):
+        model(hidden, lengths=lengths, mask=mask)
+    with pytest.raises(ValueError, match="num_tokens"):
+        model(hidden, num_tokens=torch.tensor([0, 2]))
+
+
+def test_predicted_count_is_rounded_alpha_sum():
+    model = tiny().eval()
+    hidden = torch.randn(4, 40, D_IN) * 2
+    lengths = torch.tensor([1.0, 0.5, 0.1, 0.025])
+    with torch.no_grad():
+        out = model(hidden, lengths=lengths)
+    expected = out.alpha_sum.round().clamp(min=1).long()
+    assert out.num_tokens.tolist() == expected.tolist()
+    assert out.token_mask.sum(1).tolist() == expected.tolist()
+    assert out.num_tokens[3] >= 1  # one frame: sum < 1 still gives a token
+
+
+def test_padding_invariance():
+    model = tiny().eval()
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 12, D_IN)
+    n = torch.tensor([4, 2])
+    lengths = torch.tensor([1.0, 0.5])
+    with torch.no_grad():
+        base = model(hidden, lengths=lengths, num_tokens=n)
+        padded_hidden = torch.cat([hidden, torch.randn(2, 8, D_IN)], dim=1)
+        padded = model(padded_hidden, lengths=lengths * 12 / 20, num_tokens=n)
+        alone = model(hidden[1:, :6], num_tokens=n[1:])
+    torch.testing.assert_close(padded.tokens, base.tokens, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(padded.alphas[:, :12], base.alphas)
+    torch.testing.assert_close(
+        alone.tokens, base.tokens[1:, :2], rtol=1e-4, atol=1e-5
+    )
+
+
+def test_dropout_does_not_touch_weight_channel():
+    model = tiny(dropout=0.5)
+    hidden = torch.randn(2, 20, D_IN)
+    n = torch.tensor([5, 3])
+    model.train()
+    train_a = model(hidden, num_tokens=n)
+    train_b = model(hidden, num_tokens=n)
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(hidden, num_tokens=n)
+    # Dropout is active (the tokens differ between two training passes) ...
+    assert not torch.allclose(train_a.tokens, train_b.tokens)
+    # ... but never reaches the alphas.
+    torch.testing.assert_close(train_a.alphas, evaluated.alphas)
+    torch.testing.assert_close(train_b.alphas, evaluated.alphas)
+
+
+def test_pre_dropout_reaches_weight_channel():
+    # The ablation switch really is one: pre-layer dropout changes alphas.
+    model = tiny(pre_dropout=0.5).train()
+    hidden = torch.randn(1, 20, D_IN)
+    a = model(hidden, num_tokens=torch.tensor([3])).alphas
+    b = model(hidden, num_tokens=torch.tensor([3])).alphas
+    assert not torch.allclose(a, b)
+
+
+def test_gradients_reach_every_parameter():
+    model = tiny().train()
+    hidden = torch.randn(2, 15, D_IN)
+    lengths = torch.tensor([1.0, 0.8])
+    n = torch.tensor([4, 3])
+    out = model(hidden, lengths=lengths, num_tokens=n)
+    loss = out.tokens.pow(2).mean() + quantity_loss(
+        out.alphas, out.frame_mask, n
+    )
+    loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        assert torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, name
+
+
+def test_quantity_loss_decreases_training_weight_channel_only():
+    model = tiny().train()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.norm.weight.requires_grad_(True)
+    model.norm.bias.requires_grad_(True)
+    optimizer = torch.optim.Adam([model.norm.weight, model.norm.bias], lr=0.3)
+    hidden = torch.randn(3, 30, D_IN)
+    n = torch.tensor([4, 6, 2])
+    losses = []
+    for _ in range(8):
+        out = model(hidden, num_tokens=n)
+        loss = quantity_loss(out.alphas, out.frame_mask, n)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_out_init_std_sets_output_scale():
+    model = tiny(out_init_std=0.136, n_post=0).eval()
+    with torch.no_grad():
+        out = model(torch.randn(4, 50, D_IN), num_tokens=torch.full((4,), 12))
+    std = float(out.tokens.std())
+    assert 0.136 * 0.6 < std < 0.136 * 1.4, std
+    assert torch.all(model.out_proj.bias == 0)
+
+
+def test_init_pre_layers_from_whisper():
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import (
+        WhisperEncoderLayer,
+    )
+
+    config = WhisperConfig(
+        d_model=D_IN,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+    )
+    torch.manual_seed(2)
+    whisper = [WhisperEncoderLayer(config).eval() for _ in range(2)]
+    for layer in whisper:  # non-trivial layer norms
+        for norm in (layer.self_attn_layer_norm, layer.final_layer_norm):
+            torch.nn.init.normal_(norm.weight, 1.0, 0.2)
+            torch.nn.init.normal_(norm.bias, 0.0, 0.2)
+    model = tiny().eval()
+    model.init_pre_layers_from(whisper)
+    x = torch.randn(2, 7, D_IN)
+    with torch.no_grad():
+        expected = x
+        for layer in whisper:
+            expected = layer(expected, attention_mask=None)
+            if isinstance(expected, tuple):
+                expected = expected[0]
+        got = x
+        for layer in model.pre_layers:
+            got = layer(got)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="layers"):
+        model.init_pre_layers_from(whisper[:1])
+
+
+def test_bfloat16_model():
+    model = tiny().to(torch.bfloat16).eval()
+    hidden = torch.randn(2, 20, D_IN, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = model(hidden, lengths=torch.tensor([1.0, 0.5]))
+    assert out.tokens.dtype == torch.bfloat16
+    assert torch.isfinite(out.tokens).all()
+    assert out.token_mask.sum(1).tolist() == out.num_tokens.tolist()
