@@ -1,0 +1,601 @@
+"""The BLSP-KD training loop: a speechbrain ``Brain`` and its data pipeline.
+
+Every recipe (``recipes/<Corpus>/blsp_kd/train.py``) is a thin script around
+this module: it prepares its corpus into the shared manifest schema and calls
+:func:`run_recipe`, which builds the datasets, trains in up to two stages and
+evaluates.  Keeping the loop here (not copied in each recipe) is what lets
+LibriSpeech, CommonVoice, GigaSpeech and the embedded SynthSpeech corpus
+share one implementation.
+
+Stages (each with its own epoch counter and loss weights in the YAML):
+
+* ``align`` (optional, DESIGN 2.9): no LLM pass; the CFormer outputs at the
+  N CIF positions are pulled towards the LLM embeddings of the transcript
+  tokens, plus the CIF quantity loss.  About ten times cheaper per step.
+* ``kd``: the BLSP-KD objective: teacher (same LLM, PLoRA off, transcript)
+  vs student (PLoRA on, speech) next-token distributions at the transcript
+  positions (``input_kl``) and at the continuation positions
+  (``response_kl``), optional ``response_ce``, the quantity loss ``cif`` and
+  optionally the alignment loss ``align``.
+
+Pure BLSP-KD (the paper's configuration) is ``align_epochs: 0`` with the
+``align`` weight 0.
+"""
+
+import logging
+import math
+import os
+
+import torch
+
+import speechbrain as sb
+from speechbrain_blspkd.dataio.audio import load_audio
+from speechbrain_blspkd.dataio.manifest import manifest_to_dataset
+from speechbrain_blspkd.losses import kd_kl
+from speechbrain_blspkd.nnet.cif import quantity_loss
+
+logger = logging.getLogger(__name__)
+
+
+def unwrap(module):
+    """The module inside a DDP / DataParallel wrapper (or itself)."""
+    return getattr(module, "module", module)
+
+
+class BLSPKDBrain(sb.Brain):
+    """Trains a :class:`~speechbrain_blspkd.models.speech_llm.SpeechLLMModel`.
+
+    The current stage (``"align"`` or ``"kd"``) is ``self.train_stage``; its
+    loss weights are ``hparams.<stage>_loss`` (a
+    :class:`~speechbrain_blspkd.losses.BLSPKDLoss`).
+    """
+
+    train_stage = "kd"
+
+    @property
+    def model(self):
+        """The (unwrapped) speech-LLM model."""
+        return unwrap(self.modules.model)
+
+    def init_optimizers(self):
+        """One optimiser over the trainable parameters only."""
+        if self.opt_class is None:
+            return
+        params = [p for p in self.modules.parameters() if p.requires_grad]
+        self.optimizer = self.opt_class(params)
+        self.optimizers_dict = {"opt_class": self.optimizer}
+        if self.checkpointer is not None:
+            self.checkpointer.add_recoverable("optimizer", self.optimizer)
+
+    # ------------------------------------------------------------------
+    def _speech_inputs(self, batch):
+        if "feats" in batch:
+            feats, feat_lens = batch.feats
+            return {"feats": feats, "feat_lens": feat_lens}
+        wavs, wav_lens = batch.sig
+        return {"wavs": wavs, "wav_lens": wav_lens}
+
+    def compute_forward(self, batch, stage):
+        """Adapter (and, in the KD stage, teacher and student LLM passes)."""
+        batch = batch.to(self.device)
+        loss = self.hparams.__dict__[f"{self.train_stage}_loss"]
+        llm_pass = any(
+            loss.active(t) for t in ("input_kl", "response_kl", "response_ce")
+        )
+        if stage != sb.Stage.TRAIN:
+            llm_pass = llm_pass or self.hparams.valid_kl
+        return self.modules.model(
+            transcripts=batch.transcript,
+            continuations=batch.continuation if llm_pass else None,
+            instructions=self.hparams.instruction,
+            add_eot=[not t for t in batch.truncated_flag],
+            run_teacher=llm_pass,
+            run_student=llm_pass,
+            **self._speech_inputs(batch),
+        )
+
+    def compute_objectives(self, predictions, batch, stage):
+        """Weighted BLSP-KD loss of the current stage."""
+        out = predictions
+        loss_fn = self.hparams.__dict__[f"{self.train_stage}_loss"]
+        temp = loss_fn.temperature
+        terms = {}
+        if "student_input_logits" in out:
+            terms["input_kl"] = lambda: kd_kl(
+                out["student_input_logits"],
+                out["teacher_input_logits"],
+                out["input_mask"],
+                temp,
+            )
+            terms["response_kl"] = lambda: kd_kl(
+                out["student_response_logits"],
+                out["teacher_response_logits"],
+                out["response_mask"],
+                temp,
+            )
+            terms["response_ce"] = lambda: _masked_ce(
+                out["student_response_logits"],
+                out["response_targets"],
+                out["response_mask"],
+            )
+        terms["cif"] = lambda: quantity_loss(
+            out["alphas"], out["frame_mask"], out["num_tokens"]
+        )
+        align = self.model.alignment_loss(
+            out["adapter"],
+            out["transcript_ids"],
+            temperature=self.hparams.align_temperature,
+        )
+        terms["align"] = align["loss"]
+        # Only the terms with a weight are evaluated.
+        active = {k: v for k, v in terms.items() if loss_fn.active(k)}
+        total, logged = loss_fn(**active)
+        if stage != sb.Stage.TRAIN:
+            self._accumulate_eval(out, terms, align)
+        self._last_terms = {k: float(v) for k, v in logged.items()}
+        self._last_terms["token_acc"] = float(align["accuracy"])
+        return total
+
+    # ------------------------------------------------------------------
+    def _accumulate_eval(self, out, terms, align):
+        stats = self._eval_stats
+        with torch.no_grad():
+            n = int(out["num_tokens"].numel())
+            stats["utts"] += n
+            pred = torch.clamp(out["alpha_sum"].round(), min=1)
+            stats["exact"] += int((pred == out["num_tokens"]).sum())
+            stats["abs_err"] += float((pred - out["num_tokens"]).abs().sum())
+            acc = self.model.token_accuracy(
+                out["adapter"], out["transcript_ids"]
+            )
+            stats["tok_correct"] += acc["correct"]
+            stats["tok_total"] += acc["total"]
+            if "student_input_logits" in out:
+                for key in ("input_kl", "response_kl"):
+                    stats[key] += float(terms[key]()) * n
+                stats["kl_utts"] += n
+
+    def on_stage_start(self, stage, epoch=None):
+        """Reset the evaluation accumulators."""
+        self._eval_stats = dict.fromkeys(
+            [
+                "utts",
+                "exact",
+                "abs_err",
+                "tok_correct",
+                "tok_total",
+                "input_kl",
+                "response_kl",
+                "kl_utts",
+            ],
+            0,
+        )
+
+    def eval_summary(self):
+        """The adapter metrics accumulated over the last valid/test pass."""
+        s = self._eval_stats
+        out = {
+            "exact_count_rate": s["exact"] / max(s["utts"], 1),
+            "count_abs_error": s["abs_err"] / max(s["utts"], 1),
+            "token_accuracy": s["tok_correct"] / max(s["tok_total"], 1),
+        }
+        if s["kl_utts"]:
+            out["input_kl"] = s["input_kl"] / s["kl_utts"]
+            out["response_kl"] = s["response_kl"] / s["kl_utts"]
+        return out
+
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        """Step-level log (JSONL) for the training curves."""
+        if not should_step or not sb.utils.distributed.if_main_process():
+            return
+        every = self.hparams.log_every_n_steps
+        if every and self.optimizer_step % every == 0:
+            row = {
+                "stage": self.train_stage,
+                "step": self.optimizer_step,
+                "loss": float(loss),
+                **getattr(self, "_last_terms", {}),
+            }
+            row["lr"] = self.optimizer.param_groups[0]["lr"]
+            _append_jsonl(self.hparams.step_log, row)
+
+    def on_fit_batch_start(self, batch, should_step):
+        """Warm-up / decay of the learning rate per optimiser step."""
+        if should_step:
+            self.hparams.__dict__[f"{self.train_stage}_scheduler"](
+                self.optimizer
+            )
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        """Log and checkpoint (keep the best by valid loss)."""
+        stats = {"loss": stage_loss}
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = stats
+            return
+        stats.update(self.eval_summary())
+        if stage == sb.Stage.VALID:
+            self.hparams.train_logger.log_stats(
+                stats_meta={"stage": self.train_stage, "epoch": epoch},
+                train_stats=self.train_stats,
+                valid_stats=stats,
+            )
+            self.checkpointer.save_and_keep_only(
+                meta={"loss": stage_loss, "stage": self.train_stage},
+                min_keys=["loss"],
+                num_to_keep=self.hparams.ckpt_keep,
+                name=f"{self.train_stage}-E{epoch}",
+            )
+        else:
+            self.test_stats = stats
+            self.hparams.train_logger.log_stats(
+                stats_meta={"Epoch loaded": self.hparams.kd_epochs.current},
+                test_stats=stats,
+            )
+
+
+def _masked_ce(logits, targets, mask):
+    from speechbrain_blspkd.losses import response_ce
+
+    return response_ce(logits, targets, mask)
+
+
+def _append_jsonl(path, row):
+    import json
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------
+# data
+def dataio_prepare(hparams, feature_cache=None):
+    """Train / valid / test datasets from the recipe's manifests.
+
+    Arguments
+    ---------
+    hparams : dict
+        Needs ``train_csv``, ``valid_csv``, ``test_csv``, ``data_root``,
+        ``sample_rate``, ``max_audio_seconds``, ``sorting``.
+    feature_cache : FeatureCache, optional
+        When given, items carry cached encoder features (``feats``) instead
+        of waveforms (``sig``).
+
+    Returns
+    -------
+    dict of DynamicItemDataset
+    """
+    datasets = {}
+    for split in ("train", "valid", "test"):
+        path = hparams[f"{split}_csv"]
+        ds = manifest_to_dataset(path, hparams["data_root"], ["id"])
+        if split == "train":
+            if hparams["sorting"] in ("ascending", "descending"):
+                ds = ds.filtered_sorted(
+                    sort_key="duration",
+                    reverse=hparams["sorting"] == "descending",
+                )
+        datasets[split] = ds
+    all_sets = list(datasets.values())
+    sr = hparams["sample_rate"]
+    max_s = hparams["max_audio_seconds"]
+
+    if feature_cache is None:
+
+        @sb.utils.data_pipeline.takes("wav")
+        @sb.utils.data_pipeline.provides("sig")
+        def audio_pipeline(wav):
+            return load_audio(wav, sample_rate=sr, max_seconds=max_s)
+
+        speech_key = "sig"
+    else:
+
+        @sb.utils.data_pipeline.takes("id")
+        @sb.utils.data_pipeline.provides("feats")
+        def audio_pipeline(uid):
+            feats = feature_cache.get(uid)
+            if feats is None:
+                raise KeyError(
+                    f"utterance {uid!r} is not in the feature cache "
+                    f"{feature_cache.folder}; rebuild it"
+                )
+            return feats
+
+        speech_key = "feats"
+
+    @sb.utils.data_pipeline.takes("truncated")
+    @sb.utils.data_pipeline.provides("truncated_flag")
+    def flag_pipeline(truncated):
+        return truncated == "1"
+
+    sb.dataio.dataset.add_dynamic_item(all_sets, audio_pipeline)
+    sb.dataio.dataset.add_dynamic_item(all_sets, flag_pipeline)
+    sb.dataio.dataset.set_output_keys(
+        all_sets,
+        ["id", speech_key, "transcript", "continuation", "truncated_flag"],
+    )
+    return datasets
+
+
+# ----------------------------------------------------------------------
+# lr schedule
+class WarmupCosine:
+    """Linear warm-up then cosine decay, stepped once per optimiser step.
+
+    Arguments
+    ---------
+    lr : float
+        Peak learning rate.
+    warmup_steps : int
+        Linear warm-up length.
+    total_steps : int
+        Steps until the end of the cosine (then held at ``min_ratio * lr``).
+    min_ratio : float
+        Final learning rate as a fraction of ``lr``.
+
+    Example
+    -------
+    >>> sched = WarmupCosine(1.0, warmup_steps=2, total_steps=4)
+    >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0)
+    >>> [round(sched(opt), 3) for _ in range(5)]
+    [0.5, 1.0, 0.5, 0.0, 0.0]
+    """
+
+    def __init__(self, lr, warmup_steps, total_steps, min_ratio=0.0):
+        self.lr = lr
+        self.warmup = max(0, int(warmup_steps))
+        self.total = max(1, int(total_steps))
+        self.min_ratio = min_ratio
+        self.n_steps = 0
+
+    def value(self, step):
+        """Learning rate at optimiser step ``step`` (1-based)."""
+        if self.warmup and step <= self.warmup:
+            return self.lr * step / self.warmup
+        span = max(1, self.total - self.warmup)
+        frac = min(1.0, (step - self.warmup) / span)
+        scale = self.min_ratio + (1 - self.min_ratio) * 0.5 * (
+            1 + math.cos(math.pi * frac)
+        )
+        return self.lr * scale
+
+    def __call__(self, optimizer):
+        self.n_steps += 1
+        lr = self.value(self.n_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    @sb.utils.checkpoints.mark_as_saver
+    def save(self, path):
+        """Save the step count."""
+        torch.save({"n_steps": self.n_steps}, path)
+
+    @sb.utils.checkpoints.mark_as_loader
+    def load(self, path, end_of_epoch=False):
+        """Restore the step count."""
+        self.n_steps = torch.load(path)["n_steps"]
+
+
+sb.utils.checkpoints.register_checkpoint_hooks(WarmupCosine)
+
+
+# ----------------------------------------------------------------------
+# the recipe driver
+def _encoder_fn(encoder, device):
+    """``wavs (list of 1-D) -> list of (frames, d)`` for the feature cache."""
+
+    @torch.no_grad()
+    def encode(wavs):
+        lens = torch.tensor([w.numel() for w in wavs])
+        batch = torch.zeros(len(wavs), int(lens.max()))
+        for i, w in enumerate(wavs):
+            batch[i, : w.numel()] = w
+        rel = (lens.float() / lens.max()).to(device)
+        feats, feat_lens = encoder(batch.to(device), rel)
+        frames = torch.round(feat_lens * feats.shape[1]).long().clamp(min=1)
+        return [f[: int(n)].float().cpu() for f, n in zip(feats, frames)]
+
+    return encode
+
+
+def prepare_features(hparams, encoder, device):
+    """Cache frozen-encoder features of every split (resumable, checked).
+
+    Returns
+    -------
+    FeatureCache or None
+        None when ``hparams["use_feature_cache"]`` is False or the encoder is
+        trainable (its features change during training).
+    """
+    from speechbrain_blspkd.dataprep.feature_cache import (
+        FeatureCache,
+        build_feature_cache,
+        encoder_checksum,
+    )
+
+    if not hparams["use_feature_cache"] or not encoder.freeze:
+        return None
+    checksum = encoder_checksum(
+        encoder, extra={"dynamic_length": encoder.dynamic_length}
+    )
+    folder = hparams["feature_cache_folder"]
+
+    def build():
+        for split in ("train", "valid", "test"):
+            build_feature_cache(
+                hparams[f"{split}_csv"],
+                folder,
+                _encoder_fn(encoder, device),
+                checksum,
+                batch_size=hparams["feature_batch_size"],
+                data_root=hparams["data_root"],
+                sample_rate=hparams["sample_rate"],
+                max_seconds=hparams["max_audio_seconds"],
+            )
+
+    sb.utils.distributed.run_on_main(build)
+    return FeatureCache(folder, checksum)
+
+
+def prepare_continuations(hparams):
+    """Teacher continuations for train and valid (resumable, sharded)."""
+    from speechbrain_blspkd.dataprep.continuations import (
+        generate_continuations,
+    )
+
+    for split in ("train", "valid", "test"):
+        src = hparams[f"{split}_manifest"]
+        dst = hparams[f"{split}_csv"]
+        if os.path.isfile(dst):
+            continue
+        generate_continuations(
+            src,
+            dst,
+            model_dir=hparams["llm_source"],
+            batch_size=hparams["continuation_batch_size"],
+            max_new_tokens=hparams["continuation_max_new_tokens"],
+            prompt_template=hparams["continuation_template"],
+            device=hparams["continuation_device"],
+            dtype=hparams["continuation_dtype"],
+        )
+
+
+def run_recipe(argv):
+    """``train.py hparams.yaml [--overrides]``: prepare, train, test, export.
+
+    Arguments
+    ---------
+    argv : list of str
+        Command-line arguments (``sys.argv[1:]``).
+    """
+    import json
+
+    from hyperpyyaml import load_hyperpyyaml
+
+    from speechbrain_blspkd.evaluation import evaluate_parity
+    from speechbrain_blspkd.utils.yaml_check import check_overrides
+
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    sb.utils.distributed.ddp_init_group(run_opts)
+    with open(hparams_file, encoding="utf-8") as fin:
+        text = fin.read()
+    check_overrides(text, overrides, hparams_file)
+    hparams = load_hyperpyyaml(text, overrides)
+    sb.create_experiment_directory(
+        experiment_directory=hparams["output_folder"],
+        hyperparams_to_save=hparams_file,
+        overrides=overrides,
+    )
+    # 1. corpus -> manifests (idempotent)
+    sb.utils.distributed.run_on_main(hparams["prepare"])
+    # 2. teacher continuations (idempotent, resumable)
+    sb.utils.distributed.run_on_main(prepare_continuations, args=[hparams])
+    # 3. model
+    model = hparams["model"]
+    device = run_opts.get("device", "cpu")
+    model.encoder.to(device)
+    cache = prepare_features(hparams, model.encoder, device)
+    datasets = dataio_prepare(hparams, feature_cache=cache)
+
+    brain = BLSPKDBrain(
+        modules=hparams["modules"],
+        opt_class=hparams["opt_class"],
+        hparams=hparams,
+        run_opts=run_opts,
+        checkpointer=hparams["checkpointer"],
+    )
+    out = hparams["output_folder"]
+    fresh = hparams["checkpointer"].find_checkpoint() is None
+
+    def parity(tag):
+        return evaluate_parity(
+            brain.model,
+            hparams["test_csv"],
+            hparams["data_root"],
+            tasks=hparams["eval_tasks"],
+            out_folder=os.path.join(out, "eval", tag),
+            batch_size=hparams["eval_batch_size"],
+            max_new_tokens=hparams["eval_max_new_tokens"],
+            max_utterances=hparams["eval_max_utterances"],
+            feature_cache=cache,
+            sample_rate=hparams["sample_rate"],
+            plot_cif=hparams["plot_cif_utterances"],
+        )
+
+    # 4. starting point (once, before any training)
+    untrained_path = os.path.join(out, "eval", "untrained", "summary.json")
+    if hparams["eval_untrained"] and fresh and not os.path.isfile(
+        untrained_path
+    ):
+        brain.train_stage = "kd"
+        brain.evaluate(
+            datasets["test"],
+            min_key="loss",
+            test_loader_kwargs=hparams["test_dataloader_opts"],
+        )
+        parity("untrained")
+        _merge_json(untrained_path, {"adapter": brain.test_stats})
+
+    # 5. training: alignment stage, then KD
+    for stage in ("align", "kd"):
+        counter = hparams[f"{stage}_epochs"]
+        if counter.limit == 0:
+            continue
+        brain.train_stage = stage
+        train_set = datasets["train"]
+        subset = hparams.get(f"{stage}_train_subset")
+        if subset:
+            train_set = train_set.filtered_sorted(select_n=int(subset))
+        brain.fit(
+            counter,
+            train_set,
+            datasets["valid"],
+            train_loader_kwargs=hparams[f"{stage}_dataloader_opts"],
+            valid_loader_kwargs=hparams["valid_dataloader_opts"],
+        )
+    # 6. test: adapter / KL metrics + parity decoding
+    brain.train_stage = "kd"
+    brain.evaluate(
+        datasets["test"],
+        max_key=None,
+        min_key=None,
+        test_loader_kwargs=hparams["test_dataloader_opts"],
+    )
+    trained = parity("trained")
+    _merge_json(
+        os.path.join(out, "eval", "trained", "summary.json"),
+        {"adapter": brain.test_stats},
+    )
+    # 7. export the inference folder + plots
+    if sb.utils.distributed.if_main_process():
+        from speechbrain_blspkd.inference.export import export_model
+        from speechbrain_blspkd.utils.plotting import plot_training_curves
+
+        export_model(
+            brain.model,
+            hparams["export_folder"],
+            hparams["export"],
+            overwrite=True,
+        )
+        if os.path.isfile(hparams["step_log"]):
+            plot_training_curves(
+                hparams["step_log"], os.path.join(out, "training_curves.png")
+            )
+        logger.info("test summary: %s", json.dumps(trained, indent=1))
+    return brain
+
+
+def _merge_json(path, extra):
+    import json
+
+    from speechbrain_blspkd.utils.atomic import atomic_write_text
+
+    if not sb.utils.distributed.if_main_process():
+        return
+    data = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    data.update(extra)
+    atomic_write_text(path, json.dumps(data, indent=1, default=float))
