@@ -1,0 +1,608 @@
+"""Teacher continuations: the instruction LLM continues every transcript.
+
+For each manifest row the teacher LLM gets one user turn built by
+:func:`continuation_prompt` (the chat template with the generation prompt),
+decodes greedily up to ``max_new_tokens`` and the answer is stored in the
+``continuation`` column; ``truncated`` is ``1`` when the limit was reached
+before the end-of-turn token (training then appends no end-of-turn token).
+
+Generation is batched (left padding, KV cache through ``model.generate``,
+rows sorted by prompt length), sharded (``shard=(i, n)`` takes rows
+``i, i + n, i + 2n ...``) and resumable: every finished batch is appended to
+a per-shard JSONL progress file and synced to disk; a restarted run skips the
+IDs already there (a half-written last line is cut off).  The output
+manifest is written atomically once every row is done; with several shards,
+each shard writes ``<out>.shard<i>of<n>.csv`` and :func:`merge_continuations`
+(CLI ``--merge``) joins them into ``<out>``.
+
+Command line::
+
+    python -m speechbrain_blspkd.dataprep.continuations IN.csv OUT.csv \\
+        [--model-dir DIR] [--batch-size 16] [--max-new-tokens 48] \\
+        [--shard 0/2] [--dtype bfloat16] [--device cpu]
+    python -m speechbrain_blspkd.dataprep.continuations IN.csv OUT.csv \\
+        --merge --shard 0/2
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import signal
+import sys
+import time
+
+import torch
+
+from speechbrain_blspkd.dataio.manifest import (
+    COLUMNS,
+    read_manifest,
+    write_manifest,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATE = (
+    "Continue the following text in a coherent style: {transcript}"
+)
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def continuation_prompt(tokenizer, transcript, template=DEFAULT_TEMPLATE):
+    """Build the teacher prompt for one transcript (the one way to do it).
+
+    The instruction ``template.format(transcript=...)`` becomes a single
+    user turn of the tokenizer's chat template, followed by the generation
+    prompt (the opening of the assistant turn).
+
+    Arguments
+    ---------
+    tokenizer : transformers.PreTrainedTokenizerBase
+        A tokenizer with a chat template.
+    transcript : str
+        The text to continue.
+    template : str
+        Instruction with a ``{transcript}`` field.
+
+    Returns
+    -------
+    list of int
+        Prompt token ids (special tokens come from the template only).
+
+    Example
+    -------
+    >>> tok = _toy_tokenizer(["hello", "world"])
+    >>> ids = continuation_prompt(tok, "hello world", "{transcript}")
+    >>> tok.decode(ids)
+    '<|im_start|> user hello world <|im_end|> <|im_start|> assistant'
+    """
+    if "{transcript}" not in template:
+        raise ValueError(
+            f"prompt template {template!r} has no {{transcript}} field"
+        )
+    messages = [
+        {"role": "user", "content": template.format(transcript=transcript)}
+    ]
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _toy_tokenizer(words):
+    """A tiny word-level tokenizer with a ChatML template (doctests, tests)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials)}
+    for w in ["user", "assistant", "system"] + list(words):
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="<pad>",
+        eos_token="<|im_end|>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return tok
+
+
+def _eos_ids(model, tokenizer):
+    ids = set()
+    for src in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
+        if src is None:
+            continue
+        ids.update([src] if isinstance(src, int) else list(src))
+    if not ids:
+        raise ValueError("the model and tokenizer define no end-of-turn token")
+    return sorted(ids)
+
+
+def finish_sequence(tokenizer, new_ids, eos_ids, max_new_tokens):
+    """Text and ``truncated`` flag of one generated token sequence.
+
+    The text stops before the first end-of-turn token; ``truncated`` is 1
+    when none was generated within ``max_new_tokens``.
+
+    Arguments
+    ---------
+    tokenizer : transformers.PreTrainedTokenizerBase
+    new_ids : list of int
+        Generated ids (after the prompt; may include padding).
+    eos_ids : list of int
+    max_new_tokens : int
+
+    Returns
+    -------
+    (str, int, int)
+        Continuation, truncated flag, number of generated tokens
+        (the end-of-turn token included).
+
+    Example
+    -------
+    >>> tok = _toy_tokenizer(["a", "b"])
+    >>> a, b, eos = tok.convert_tokens_to_ids(["a", "b", "<|im_end|>"])
+    >>> finish_sequence(tok, [a, b, eos, 0], [eos], 4)
+    ('a b', 0, 3)
+    >>> finish_sequence(tok, [a, b], [eos], 2)
+    ('a b', 1, 2)
+    """
+    new_ids = list(new_ids)
+    stop = next((k for k, t in enumerate(new_ids) if t in eos_ids), None)
+    if stop is None:
+        kept, truncated, n = (
+            new_ids[:max_new_tokens],
+            1,
+            min(len(new_ids), max_new_tokens),
+        )
+    else:
+        kept, truncated, n = new_ids[:stop], 0, stop + 1
+    text = tokenizer.decode(kept, skip_special_tokens=True).strip()
+    return text, truncated, n
+
+
+def _progress_path(manifest_out, shard):
+    i, n = shard
+    out = pathlib.Path(manifest_out)
+    return out.with_name(f"{out.name}.shard{i}of{n}.progress.jsonl")
+
+
+def _shard_manifest_path(manifest_out, shard):
+    i, n = shard
+    out = pathlib.Path(manifest_out)
+    if n == 1:
+        return out
+    return out.with_name(f"{out.stem}.shard{i}of{n}{out.suffix}")
+
+
+def _rows_hash(rows):
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(f"{r['ID']}\t{r['transcript']}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _load_progress(path, meta):
+    """Return ``{ID: record}`` from a progress file, repairing a torn tail."""
+    done = {}
+    if not path.is_file():
+        return done
+    raw = path.read_bytes()
+    good_end = 0
+    lines = raw.split(b"\n")
+    header_seen = False
+    pos = 0
+    for k, line in enumerate(lines):
+        end = pos + len(line) + 1
+        last = k == len(lines) - 1
+        if last:  # text after the final newline is an unfinished write
+            break
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            break
+        if not header_seen:
+            if rec.get("_meta") != meta:
+                raise ValueError(
+                    f"{path}: progress file was written with other settings "
+                    f"({rec.get('_meta')}) than this run ({meta}); delete it "
+                    "to start this shard again"
+                )
+            header_seen = True
+        else:
+            done[rec["ID"]] = rec
+        good_end = end
+        pos = end
+    if good_end < len(raw):
+        logger.warning(
+            "%s: dropping %d bytes of an unfinished last line",
+            path,
+            len(raw) - good_end,
+        )
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+            f.flush()
+            os.fsync(f.fileno())
+    return done
+
+
+def _append_records(path, records, meta=None):
+    with open(path, "ab") as f:
+        if meta is not None:
+            f.write(json.dumps({"_meta": meta}).encode() + b"\n")
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False).encode() + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _out_row(row, rec):
+    out = {c: row.get(c, "") for c in COLUMNS}
+    out["continuation"] = rec["continuation"]
+    out["truncated"] = str(rec["truncated"])
+    return out
+
+
+def _load_model(model_dir, device, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model_dir is None:
+        from speechbrain_blspkd.assets import asset_path
+
+        model_dir = asset_path(DEFAULT_MODEL)
+    if dtype not in _DTYPES:
+        raise ValueError(
+            f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=_DTYPES[dtype]
+    )
+    model.to(device).eval()
+    return model, tokenizer, str(model_dir)
+
+
+def generate_continuations(
+    manifest_in,
+    manifest_out,
+    model_dir=None,
+    batch_size=16,
+    max_new_tokens=48,
+    shard=(0, 1),
+    prompt_template=DEFAULT_TEMPLATE,
+    device="cpu",
+    dtype="bfloat16",
+    stop_after_batches=None,
+):
+    """Generate the teacher continuation of every row of one shard.
+
+    Arguments
+    ---------
+    manifest_in : str or pathlib.Path
+        Input manifest (transcripts).
+    manifest_out : str or pathlib.Path
+        Output manifest: the input rows plus ``continuation`` and
+        ``truncated``.  With ``n > 1`` shards this shard writes
+        ``<stem>.shard<i>of<n>.csv`` instead; merge with
+        :func:`merge_continuations`.
+    model_dir : str or pathlib.Path, optional
+        A local transformers causal-LM folder with a chat template
+        (default: the ``smollm2-135m-instruct`` asset).
+    batch_size : int
+        Rows per ``generate`` call.
+    max_new_tokens : int
+        Generation limit.
+    shard : tuple of int
+        ``(i, n)``: this run handles rows ``i, i + n, ...``.
+    prompt_template : str
+        Instruction with a ``{transcript}`` field.
+    device : str or torch.device
+        Where the model runs.
+    dtype : str
+        ``"bfloat16"`` (faster on CPUs with AMX) or ``"float32"``.
+    stop_after_batches : int, optional
+        Debugging aid for resume tests: kill this process (SIGKILL) right
+        after that many batches were saved.
+
+    Returns
+    -------
+    dict
+        ``path`` (manifest written), ``generated`` (rows generated now),
+        ``tokens`` (new tokens generated now), ``seconds``.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> from speechbrain_blspkd.dataio.manifest import write_manifest
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> model_dir = _toy_model(d / "lm", ["hello", "world"])
+    >>> write_manifest(d / "in.csv", [dict(ID="u1", wav="x.wav",
+    ...     duration=1, transcript="hello world", language="en", speaker="s")])
+    >>> info = generate_continuations(d / "in.csv", d / "out.csv", model_dir,
+    ...     max_new_tokens=3, dtype="float32")
+    >>> read_manifest(d / "out.csv")[0]["truncated"] in ("0", "1")
+    True
+    """
+    i, n = shard
+    if not (0 <= i < n):
+        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError("batch_size and max_new_tokens must be >= 1")
+    rows = read_manifest(manifest_in)[i::n]
+    model, tokenizer, model_name = _load_model(model_dir, device, dtype)
+    meta = dict(
+        model=model_name,
+        template=prompt_template,
+        max_new_tokens=max_new_tokens,
+        dtype=dtype,
+        shard=[i, n],
+        rows=_rows_hash(rows),
+    )
+    progress = _progress_path(manifest_out, shard)
+    progress.parent.mkdir(parents=True, exist_ok=True)
+    done = _load_progress(progress, meta)
+    todo = [r for r in rows if r["ID"] not in done]
+    need_header = not progress.is_file() or progress.stat().st_size == 0
+    if need_header:
+        _append_records(progress, [], meta=meta)
+    logger.info(
+        "continuations shard %d/%d: %d rows, %d done, %d to generate",
+        i,
+        n,
+        len(rows),
+        len(rows) - len(todo),
+        len(todo),
+    )
+    stats = _generate(
+        model,
+        tokenizer,
+        todo,
+        progress,
+        batch_size,
+        max_new_tokens,
+        prompt_template,
+        stop_after_batches,
+    )
+    done = _load_progress(progress, meta)
+    missing = [r["ID"] for r in rows if r["ID"] not in done]
+    if missing:
+        raise RuntimeError(
+            f"{progress}: {len(missing)} rows still missing (e.g. {missing[:3]})"
+        )
+    out_path = _shard_manifest_path(manifest_out, shard)
+    write_manifest(out_path, [_out_row(r, done[r["ID"]]) for r in rows])
+    stats["path"] = out_path
+    return stats
+
+
+def _generate(
+    model,
+    tokenizer,
+    todo,
+    progress,
+    batch_size,
+    max_new_tokens,
+    template,
+    stop_after_batches,
+):
+    from tqdm import tqdm
+    from transformers import GenerationConfig
+
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = eos_ids[0]
+    gen_config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+    )
+    prompts = [
+        continuation_prompt(tokenizer, r["transcript"], template) for r in todo
+    ]
+    # longest first: similar lengths share a batch, memory peaks early
+    order = sorted(range(len(todo)), key=lambda k: (-len(prompts[k]), k))
+    device = next(model.parameters()).device
+    stats = dict(generated=0, tokens=0, seconds=0.0)
+    bar = tqdm(total=len(todo), desc="continuations", unit="row")
+    for b, start in enumerate(range(0, len(order), batch_size)):
+        idx = order[start : start + batch_size]
+        width = max(len(prompts[k]) for k in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, k in enumerate(idx):  # left padding
+            p = prompts[k]
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                generation_config=gen_config,
+            )
+        stats["seconds"] += time.perf_counter() - t0
+        records = []
+        for row, k in enumerate(idx):
+            text, trunc, n_tok = finish_sequence(
+                tokenizer, out[row, width:].tolist(), eos_ids, max_new_tokens
+            )
+            stats["tokens"] += n_tok
+            records.append(
+                dict(ID=todo[k]["ID"], continuation=text, truncated=trunc)
+            )
+        _append_records(progress, records)
+        stats["generated"] += len(records)
+        bar.update(len(records))
+        if stop_after_batches is not None and b + 1 >= stop_after_batches:
+            os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+    return stats
+
+
+def merge_continuations(manifest_in, manifest_out, num_shards):
+    """Join the progress files of ``num_shards`` shards into one manifest.
+
+    Arguments
+    ---------
+    manifest_in : str or pathlib.Path
+        The input manifest the shards were generated from.
+    manifest_out : str or pathlib.Path
+        The merged output manifest (rows in input order).
+    num_shards : int
+        Number of shards.
+
+    Returns
+    -------
+    pathlib.Path
+        ``manifest_out``.
+
+    Raises
+    ------
+    RuntimeError
+        If a shard is unfinished (names the shard and the missing count).
+    """
+    rows = read_manifest(manifest_in)
+    merged = {}
+    for i in range(num_shards):
+        shard_rows = rows[i::num_shards]
+        path = _progress_path(manifest_out, (i, num_shards))
+        if not path.is_file():
+            raise RuntimeError(
+                f"shard {i}/{num_shards} has not run: {path} missing"
+            )
+        first = path.open("rb").readline()
+        try:
+            meta = json.loads(first)["_meta"]
+        except (ValueError, KeyError):
+            raise RuntimeError(f"{path}: no settings header") from None
+        if meta.get("rows") != _rows_hash(shard_rows):
+            raise RuntimeError(
+                f"{path}: written for other input rows than {manifest_in}"
+            )
+        done = _load_progress(path, meta)
+        missing = [r["ID"] for r in shard_rows if r["ID"] not in done]
+        if missing:
+            raise RuntimeError(
+                f"shard {i}/{num_shards} is unfinished: {len(missing)} of "
+                f"{len(shard_rows)} rows missing in {path}"
+            )
+        merged.update(done)
+    write_manifest(manifest_out, [_out_row(r, merged[r["ID"]]) for r in rows])
+    return pathlib.Path(manifest_out)
+
+
+def _toy_model(folder, words, seed=0):
+    """Save a tiny random Llama with :func:`_toy_tokenizer` (tests, doctests)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _toy_tokenizer(words)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return pathlib.Path(folder)
+
+
+def _parse_shard(text):
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--shard must look like i/n (e.g. 0/2), got {text!r}"
+        ) from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def main(argv=None):
+    """Command-line entry point (see the module docstring)."""
+    parser = argparse.ArgumentParser(
+        description="Teacher LLM continuations of manifest transcripts."
+    )
+    parser.add_argument("manifest_in")
+    parser.add_argument("manifest_out")
+    parser.add_argument("--model-dir", default=None)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--shard", type=_parse_shard, default=(0, 1))
+    parser.add_argument("--template", default=DEFAULT_TEMPLATE)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPES))
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice); 1 is faster when "
+        "other jobs share the cores",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge the finished shards (n from --shard) into MANIFEST_OUT",
+    )
+    parser.add_argument(
+        "--stop-after-batches", type=int, default=None, help=argparse.SUPPRESS
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.merge:
+            path = merge_continuations(
+                args.manifest_in, args.manifest_out, args.shard[1]
+            )
+            print(f"merged {args.shard[1]} shards into {path}")
+            return 0
+        info = generate_continuations(
+            args.manifest_in,
+            args.manifest_out,
+            model_dir=args.model_dir,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            shard=args.shard,
+            prompt_template=args.template,
+            device=args.device,
+            dtype=args.dtype,
+            stop_after_batches=args.stop_after_batches,
+        )
+    except (RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    rate = info["tokens"] / info["seconds"] if info["seconds"] else 0.0
+    print(
+        f"wrote {info['path']}: {info['generated']} rows generated, "
+        f"{info['tokens']} tokens, {rate:.1f} tokens/s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

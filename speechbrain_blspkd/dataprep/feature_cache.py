@@ -1,0 +1,321 @@
+"""A disk cache of frozen speech-encoder features, one file per utterance.
+
+When the speech encoder is frozen its output for an utterance never changes,
+so it can be computed once and reused in every epoch.  The cache is only
+valid for the exact encoder that filled it: :func:`encoder_checksum` hashes
+the encoder's weights and configuration, the folder's ``meta.json`` records
+that checksum, and :class:`FeatureCache` refuses a folder filled by another
+encoder (:class:`StaleCacheError`) unless told to ``overwrite`` it.
+
+Features are stored as float16 ``.pt`` files (``feats/<xx>/<uid>.pt``),
+each written atomically, so an interrupted :func:`build_feature_cache`
+resumes with the utterances that are still missing.
+"""
+
+import contextlib
+import hashlib
+import json
+import logging
+import pathlib
+import re
+import shutil
+
+import torch
+
+from speechbrain_blspkd.dataio.audio import load_audio
+from speechbrain_blspkd.dataio.manifest import read_manifest
+from speechbrain_blspkd.utils.atomic import atomic_path, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+META_FILE = "meta.json"
+_SAFE_UID = re.compile(r"[A-Za-z0-9._-]{1,150}")
+
+
+class StaleCacheError(ValueError):
+    """A feature cache folder belongs to another encoder (or is unlabelled)."""
+
+
+def encoder_checksum(encoder_module, extra=None):
+    """SHA-256 of an encoder's state dict tensors and configuration.
+
+    Every tensor's name, dtype, shape and raw bytes are hashed in name
+    order, then the class name, the ``config`` (when the module has a
+    transformers-style ``config.to_dict()``) and ``extra`` (any
+    JSON-serialisable settings that change the features, e.g. the
+    padding policy).
+
+    Arguments
+    ---------
+    encoder_module : torch.nn.Module
+        The (frozen) encoder.
+    extra : dict, optional
+        More settings to include.
+
+    Returns
+    -------
+    str
+        Hexadecimal digest.
+
+    Example
+    -------
+    >>> lin = torch.nn.Linear(2, 2)
+    >>> a = encoder_checksum(lin)
+    >>> with torch.no_grad():
+    ...     lin.weight[0, 0] += 1
+    >>> a == encoder_checksum(lin)
+    False
+    >>> len(a)
+    64
+    """
+    h = hashlib.sha256()
+    h.update(type(encoder_module).__qualname__.encode())
+    for name, tensor in sorted(encoder_module.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    config = getattr(encoder_module, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        h.update(
+            json.dumps(config.to_dict(), sort_keys=True, default=str).encode()
+        )
+    if extra is not None:
+        h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+class FeatureCache:
+    """Per-utterance float16 features of one encoder, stored in ``folder``.
+
+    Arguments
+    ---------
+    folder : str or pathlib.Path
+        Cache folder (created when missing).
+    checksum : str
+        :func:`encoder_checksum` of the encoder whose features go here.
+    overwrite : bool
+        When the folder holds another encoder's features, delete them and
+        start empty instead of raising :class:`StaleCacheError`.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> cache = FeatureCache(tempfile.mkdtemp(), "abc")
+    >>> cache.get("u1") is None
+    True
+    >>> cache.put("u1", torch.ones(3, 2))
+    >>> cache.get("u1").dtype, "u1" in cache, len(cache)
+    (torch.float32, True, 1)
+    """
+
+    def __init__(self, folder, checksum, overwrite=False):
+        self.folder = pathlib.Path(folder)
+        self.checksum = str(checksum)
+        self.feat_dir = self.folder / "feats"
+        meta_path = self.folder / META_FILE
+        meta = None
+        if meta_path.is_file():
+            try:
+                meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            except ValueError:
+                meta = {"checksum": "<unreadable meta.json>"}
+        has_feats = self.feat_dir.is_dir() and any(self.feat_dir.iterdir())
+        stale = None
+        if meta is not None and meta.get("checksum") != self.checksum:
+            stale = (
+                f"feature cache {self.folder} was built by encoder "
+                f"{meta.get('checksum')}, not by this encoder ({self.checksum})"
+            )
+        elif meta is None and has_feats:
+            stale = (
+                f"feature cache {self.folder} holds features but no {META_FILE} "
+                "saying which encoder made them"
+            )
+        elif meta is not None and meta.get("version") != CACHE_VERSION:
+            stale = (
+                f"feature cache {self.folder} has format version "
+                f"{meta.get('version')}, this code writes {CACHE_VERSION}"
+            )
+        if stale is not None:
+            if not overwrite:
+                raise StaleCacheError(
+                    stale + "; use another folder or pass overwrite=True "
+                    "to delete and rebuild it"
+                )
+            logger.warning("%s: deleting and rebuilding", stale)
+            shutil.rmtree(self.feat_dir, ignore_errors=True)
+            meta = None
+        if meta is None:
+            atomic_write_text(
+                meta_path,
+                json.dumps(
+                    dict(
+                        version=CACHE_VERSION,
+                        checksum=self.checksum,
+                        dtype="float16",
+                    ),
+                    indent=1,
+                ),
+            )
+
+    def path(self, uid):
+        """The file that holds (or will hold) the features of ``uid``."""
+        digest = hashlib.sha1(uid.encode()).hexdigest()
+        name = uid if _SAFE_UID.fullmatch(uid) else digest
+        return self.feat_dir / digest[:2] / f"{name}.pt"
+
+    def __contains__(self, uid):
+        return self.path(uid).is_file()
+
+    def __len__(self):
+        if not self.feat_dir.is_dir():
+            return 0
+        return sum(1 for _ in self.feat_dir.glob("*/*.pt"))
+
+    def get(self, uid, dtype=torch.float32, device=None):
+        """Features of ``uid`` (``None`` when not cached).
+
+        Arguments
+        ---------
+        uid : str
+            Utterance ID.
+        dtype : torch.dtype
+            Returned dtype (stored as float16).
+        device : str or torch.device, optional
+            Returned device (default CPU).
+        """
+        path = self.path(uid)
+        if not path.is_file():
+            return None
+        try:
+            item = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # unreadable file: recompute it
+            logger.warning(
+                "%s: unreadable cached features (%s); ignoring", path, e
+            )
+            return None
+        if item.get("uid") != uid:
+            raise StaleCacheError(
+                f"{path}: holds features of {item.get('uid')!r}, not {uid!r}"
+            )
+        return item["feats"].to(device=device or "cpu", dtype=dtype)
+
+    def put(self, uid, feats):
+        """Store ``feats`` (any float tensor) for ``uid`` as float16, atomically.
+
+        Raises
+        ------
+        ValueError
+            If the features are not finite or overflow float16.
+        """
+        half = feats.detach().to("cpu", torch.float16).contiguous()
+        if not torch.isfinite(half).all():
+            raise ValueError(
+                f"features of {uid!r} are not finite in float16 (max |x| = "
+                f"{feats.detach().abs().max().item():.4g}); float16 holds up "
+                "to 65504"
+            )
+        path = self.path(uid)
+        with atomic_path(path) as tmp:
+            torch.save({"uid": uid, "feats": half.clone()}, tmp)
+
+
+def _remove_stray_tmp(folder):
+    for p in pathlib.Path(folder).glob("feats/*/.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def build_feature_cache(
+    manifest,
+    folder,
+    encoder_fn,
+    checksum,
+    batch_size=8,
+    data_root=None,
+    overwrite=False,
+    sample_rate=16000,
+    max_seconds=None,
+):
+    """Encode every utterance of ``manifest`` that is not cached yet.
+
+    Rows are sorted by duration (similar lengths share a batch); cached
+    utterances are skipped, so an interrupted build resumes.
+
+    Arguments
+    ---------
+    manifest : str or pathlib.Path
+        The manifest (see :mod:`speechbrain_blspkd.dataio.manifest`).
+    folder : str or pathlib.Path
+        The cache folder.
+    encoder_fn : callable
+        ``encoder_fn(wavs) -> list of tensors``: takes a list of 1-D float32
+        waveforms and returns one feature tensor (e.g. ``(frames, dim)``)
+        per waveform, unpadded.
+    checksum : str
+        :func:`encoder_checksum` of the encoder behind ``encoder_fn``.
+    batch_size : int
+        Waveforms per ``encoder_fn`` call.
+    data_root : str, optional
+        Replaces ``$data_root`` in the manifest (default: the manifest's
+        folder).
+    overwrite : bool
+        Rebuild a cache made by another encoder (see :class:`FeatureCache`).
+    sample_rate : int
+        Rate the audio is loaded at.
+    max_seconds : float, optional
+        Refuse longer audio.
+
+    Returns
+    -------
+    dict
+        ``computed`` and ``skipped`` counts and the ``cache``.
+
+    Example
+    -------
+    >>> import tempfile, numpy as np, soundfile
+    >>> from speechbrain_blspkd.dataio.manifest import write_manifest
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> soundfile.write(d / "a.wav", np.zeros(1600, "float32"), 16000)
+    >>> write_manifest(d / "m.csv", [dict(ID="a", wav="$data_root/a.wav",
+    ...     duration=0.1, transcript="x", language="en", speaker="s")])
+    >>> enc = lambda wavs: [w.reshape(-1, 160) for w in wavs]
+    >>> build_feature_cache(d / "m.csv", d / "cache", enc, "c1")["computed"]
+    1
+    >>> build_feature_cache(d / "m.csv", d / "cache", enc, "c1")["skipped"]
+    1
+    """
+    from tqdm import tqdm
+
+    manifest = pathlib.Path(manifest)
+    if data_root is None:
+        data_root = str(manifest.parent)
+    cache = FeatureCache(folder, checksum, overwrite=overwrite)
+    _remove_stray_tmp(cache.folder)
+    rows = read_manifest(manifest, data_root=data_root)
+    todo = [r for r in rows if r["ID"] not in cache]
+    todo.sort(key=lambda r: (r["duration"], r["ID"]))
+    stats = dict(computed=0, skipped=len(rows) - len(todo), cache=cache)
+    with tqdm(total=len(todo), desc="feature cache", unit="utt") as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            wavs = [
+                load_audio(
+                    r["wav"], sample_rate=sample_rate, max_seconds=max_seconds
+                )
+                for r in batch
+            ]
+            with torch.no_grad():
+                feats = encoder_fn(wavs)
+            if len(feats) != len(batch):
+                raise ValueError(
+                    f"encoder_fn returned {len(feats)} feature tensors for "
+                    f"{len(batch)} waveforms"
+                )
+            for r, f in zip(batch, feats):
+                cache.put(r["ID"], f)
+            stats["computed"] += len(batch)
+            bar.update(len(batch))
+    return stats

@@ -1,0 +1,750 @@
+"""Export a trained speech LLM as a self-contained inference folder.
+
+A model folder holds three small files; the frozen bases (Whisper encoder,
+LLM) are referenced by asset name or folder path, never copied:
+
+* ``hyperparams.yaml``: the HyperPyYAML that
+  :meth:`speechbrain_blspkd.inference.SpeechLLM.from_hparams` builds the
+  model from;
+* ``model.ckpt``: the learned weights only (adapter, PLoRA, unfrozen encoder),
+  written by :class:`~speechbrain_blspkd.models.trainable.TrainableWeights`;
+* ``export.json``: what was exported, when, and the sha256 of each file.
+
+How ``hyperparams.yaml`` is generated
+-------------------------------------
+One source of truth: this module. :data:`DEFAULT_CONFIG` holds the values
+(plain YAML keys a user may edit) and :data:`WIRING` the fixed HyperPyYAML
+that builds the model from them. :func:`render_hparams` writes the values
+first, then the wiring. The repository file ``hparams/speech_llm.yaml`` is
+``render_hparams(DEFAULT_CONFIG)`` (regenerate it with
+``python -m speechbrain_blspkd.inference.export TEMPLATE``; a test checks
+that it is up to date), so the installed package never needs a template
+file at run time.
+
+How a folder is loaded
+----------------------
+``SpeechLLM.from_hparams(source=FOLDER)`` reads ``FOLDER/hyperparams.yaml``;
+its ``pretrainer`` has one loadable, ``model`` (the
+:class:`~speechbrain_blspkd.models.trainable.TrainableWeights` hooks) and no
+``paths``, so speechbrain's ``Pretrainer.collect_files`` looks for
+``<source>/model.ckpt`` (the default source). With a local folder and
+``savedir=None`` speechbrain's ``fetch`` returns the files where they are
+(no copy, no symlink, no hub access).
+
+Authors
+ * speechbrain-blspkd contributors 2025
+"""
+
+import datetime
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+import textwrap
+
+import yaml
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "WIRING",
+    "ModelFolderError",
+    "check_model_folder",
+    "config_from_model",
+    "export_model",
+    "render_hparams",
+    "resolve_dtype",
+    "resolve_source",
+]
+
+HPARAMS_FILE = "hyperparams.yaml"
+WEIGHTS_FILE = "model.ckpt"
+INFO_FILE = "export.json"
+FORMAT = "speechbrain-blspkd/speech-llm"
+FORMAT_VERSION = 1
+
+
+class ModelFolderError(FileNotFoundError):
+    """A model folder is missing a file or a file does not match."""
+
+
+#: The values of ``hyperparams.yaml``: (section comment, {key: default}).
+CONFIG_SECTIONS = (
+    (
+        "Pretrained bases: an asset name (python -m speechbrain_blspkd."
+        "assets list) or a local transformers folder",
+        {
+            "llm_source": "smollm2-135m-instruct",
+            "encoder_source": "whisper-base",
+        },
+    ),
+    (
+        "Speech encoder (speechbrain_blspkd.nnet.whisper_encoder."
+        "WhisperEncoder)",
+        {
+            "encoder_freeze": True,
+            "encoder_dynamic_length": True,
+            "encoder_mask_padding": True,
+            "encoder_dtype": None,
+        },
+    ),
+    (
+        "CFormer adapter (speechbrain_blspkd.nnet.cformer.CFormer); "
+        "input = encoder width, output = LLM width",
+        {
+            "adapter_input_size": 512,
+            "adapter_output_size": 576,
+            "n_pre": 4,
+            "n_post": 4,
+            "nhead": 8,
+            "d_ffn": 2048,
+            "dropout": 0.1,
+            "pre_dropout": 0.0,
+            "out_init_std": None,
+            "weight_norm": True,
+            "activation": "gelu",
+            "cif_threshold": 1.0,
+        },
+    ),
+    (
+        "Partial LoRA in the LLM (speechbrain_blspkd.nnet.plora.apply_plora);"
+        " null: none",
+        {
+            "plora": {
+                "r": 16,
+                "alpha": 16.0,
+                "dropout": 0.05,
+                "scope": "audio",
+                "target_modules": [
+                    "q_proj",
+                    "k_proj",
+                    "v_proj",
+                    "o_proj",
+                    "gate_proj",
+                    "up_proj",
+                    "down_proj",
+                ],
+            },
+            "llm_dtype": None,
+        },
+    ),
+    (
+        "Prompts (speechbrain_blspkd.prompt.PromptBuilder); a mapping, so "
+        "that HyperPyYAML never interpolates <...> inside these strings",
+        {
+            "prompts": {
+                "system_prompt": None,
+                "instruction": (
+                    "Continue the following text in a coherent style:"
+                ),
+                "audio_instruction": None,
+                "transcript_separator": " ",
+            },
+        },
+    ),
+    (
+        "Audio input and generation defaults",
+        {
+            "sample_rate": 16000,
+            "max_audio_seconds": 30.0,
+            "max_new_tokens": 64,
+            "num_beams": 1,
+        },
+    ),
+)
+
+#: Every value key of ``hyperparams.yaml`` and its default.
+DEFAULT_CONFIG = {
+    key: value for _, values in CONFIG_SECTIONS for key, value in values.items()
+}
+
+#: The fixed HyperPyYAML that builds the model from the values.
+WIRING = """\
+# ----------------------------------------------------------------------------
+# Wiring (fixed; edit the values above). Loaded by
+# speechbrain_blspkd.inference.SpeechLLM.from_hparams(source=FOLDER), which
+# reads FOLDER/model.ckpt (the learned weights) through the pretrainer.
+# ----------------------------------------------------------------------------
+encoder: !new:speechbrain_blspkd.nnet.whisper_encoder.WhisperEncoder
+    source: !apply:speechbrain_blspkd.inference.export.resolve_source
+        - !ref <encoder_source>
+    freeze: !ref <encoder_freeze>
+    dynamic_length: !ref <encoder_dynamic_length>
+    mask_padding: !ref <encoder_mask_padding>
+    dtype: !apply:speechbrain_blspkd.inference.export.resolve_dtype
+        - !ref <encoder_dtype>
+
+adapter: !new:speechbrain_blspkd.nnet.cformer.CFormer
+    input_size: !ref <adapter_input_size>
+    output_size: !ref <adapter_output_size>
+    n_pre: !ref <n_pre>
+    n_post: !ref <n_post>
+    nhead: !ref <nhead>
+    d_ffn: !ref <d_ffn>
+    dropout: !ref <dropout>
+    pre_dropout: !ref <pre_dropout>
+    out_init_std: !ref <out_init_std>
+    weight_norm: !ref <weight_norm>
+    activation: !ref <activation>
+    threshold: !ref <cif_threshold>
+
+model: !new:speechbrain_blspkd.models.speech_llm.SpeechLLMModel
+    llm: !apply:speechbrain_blspkd.inference.export.resolve_source
+        - !ref <llm_source>
+    adapter: !ref <adapter>
+    encoder: !ref <encoder>
+    system_prompt: !apply:operator.getitem [!ref <prompts>, system_prompt]
+    instruction: !apply:operator.getitem [!ref <prompts>, instruction]
+    audio_instruction: !apply:operator.getitem
+        - !ref <prompts>
+        - audio_instruction
+    transcript_separator: !apply:operator.getitem
+        - !ref <prompts>
+        - transcript_separator
+    plora: !ref <plora>
+    llm_dtype: !ref <llm_dtype>
+
+modules:
+    model: !ref <model>
+
+weights: !new:speechbrain_blspkd.models.trainable.TrainableWeights
+    - !ref <model>
+
+pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
+    loadables:
+        model: !ref <weights>
+"""
+
+
+def resolve_source(name_or_path):
+    """A local folder path as is, else the folder of the asset so named.
+
+    Arguments
+    ---------
+    name_or_path : str or pathlib.Path
+        An existing folder, or an asset name of
+        :data:`speechbrain_blspkd.assets.ASSETS` (fetched on first use).
+
+    Returns
+    -------
+    pathlib.Path
+
+    Example
+    -------
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> resolve_source(folder) == pathlib.Path(folder)
+    True
+    >>> resolve_source("no-such-model")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: model source 'no-such-model' is neither a folder nor a known asset (whisper-base, ...)
+    """
+    if name_or_path is None or str(name_or_path) == "":
+        raise ValueError("model source is empty (give a folder or an asset)")
+    path = pathlib.Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    from speechbrain_blspkd.assets import ASSETS, asset_path
+
+    name = str(name_or_path)
+    if name in ASSETS:
+        return asset_path(name)
+    raise FileNotFoundError(
+        f"model source {name!r} is neither a folder nor a known asset "
+        f"({', '.join(ASSETS)})"
+    )
+
+
+def resolve_dtype(name):
+    """``torch.dtype`` from a name (``"bfloat16"``, ``"torch.float16"``).
+
+    Arguments
+    ---------
+    name : str or torch.dtype or None
+        The dtype; None stays None.
+
+    Returns
+    -------
+    torch.dtype or None
+
+    Example
+    -------
+    >>> resolve_dtype("bfloat16")
+    torch.bfloat16
+    >>> resolve_dtype(None) is None
+    True
+    """
+    import torch
+
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    dtype = getattr(torch, str(name).replace("torch.", ""), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown torch dtype {name!r}")
+    return dtype
+
+
+def _dtype_name(dtype):
+    return None if dtype is None else str(dtype).replace("torch.", "")
+
+
+def _activation_name(layer):
+    import torch.nn.functional as F
+
+    act = getattr(layer, "activation", None)
+    if isinstance(act, str):
+        return act
+    for name in ("gelu", "relu"):
+        if act is getattr(F, name):
+            return name
+    raise ValueError(
+        f"export: cannot name the CFormer activation {act!r} (gelu or relu)"
+    )
+
+
+def config_from_model(model):
+    """The ``hyperparams.yaml`` values that rebuild ``model``'s structure.
+
+    Sources (``llm_source``, ``encoder_source``) are taken from the folders
+    the LLM / encoder were loaded from when they are known; other values
+    come from the adapter, the encoder, PLoRA and the prompt builder.
+
+    Arguments
+    ---------
+    model : speechbrain_blspkd.models.speech_llm.SpeechLLMModel
+        The model.
+
+    Returns
+    -------
+    dict
+        Keys of :data:`DEFAULT_CONFIG` that could be read off the model.
+
+    Example
+    -------
+    >>> from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
+    >>> config = config_from_model(SpeechLLMModel.tiny_for_tests())
+    >>> config["n_pre"], config["adapter_output_size"], config["plora"]["r"]
+    (1, 64, 4)
+    """
+    from speechbrain_blspkd.nnet import plora as plora_lib
+
+    config = {}
+    name = getattr(model.llm.config, "_name_or_path", "") or ""
+    if name and pathlib.Path(name).is_dir():
+        config["llm_source"] = name
+    enc = model.encoder
+    if enc is not None:
+        enc_name = getattr(enc.config, "_name_or_path", "") or ""
+        if enc_name and pathlib.Path(enc_name).is_dir():
+            config["encoder_source"] = enc_name
+        dtype = next(enc.encoder.parameters()).dtype
+        config.update(
+            encoder_freeze=bool(enc.freeze),
+            encoder_dynamic_length=bool(enc.dynamic_length),
+            encoder_mask_padding=bool(enc.mask_padding),
+            encoder_dtype=None if dtype == _f32() else _dtype_name(dtype),
+        )
+    ad = model.adapter
+    layers = list(ad.pre_layers) + list(ad.post_layers)
+    config.update(
+        adapter_input_size=int(ad.input_size),
+        adapter_output_size=int(ad.output_size),
+        n_pre=len(ad.pre_layers),
+        n_post=len(ad.post_layers),
+        dropout=float(ad.dropout.p),
+        out_init_std=None,
+        weight_norm=bool(ad.weight_norm),
+        cif_threshold=float(ad.threshold),
+    )
+    if layers:
+        config.update(
+            nhead=int(layers[0].self_attn.num_heads),
+            d_ffn=int(layers[0].linear1.out_features),
+            activation=_activation_name(layers[0]),
+        )
+    if len(ad.pre_layers):
+        config["pre_dropout"] = float(ad.pre_layers[0].dropout.p)
+    if model.has_plora:
+        plora = plora_lib.plora_config(model.llm)
+        plora["target_modules"] = _plora_targets(model.llm)
+        config["plora"] = plora
+    else:
+        config["plora"] = None
+    llm_dtype = next(model.llm.parameters()).dtype
+    config["llm_dtype"] = (
+        None if llm_dtype == _f32() else _dtype_name(llm_dtype)
+    )
+    config["prompts"] = dict(
+        system_prompt=model.prompts.system_prompt,
+        instruction=model.instruction,
+        audio_instruction=model.audio_instruction,
+        transcript_separator=model.prompts.transcript_separator,
+    )
+    return config
+
+
+def _plora_targets(llm):
+    """Module-name suffixes that re-wrap exactly the wrapped layers of
+    ``llm`` (the full names when suffixes would wrap more)."""
+    from torch import nn
+
+    from speechbrain_blspkd.nnet import plora as plora_lib
+
+    names = [n for n, _ in plora_lib._wrapped(llm)]
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    inner = {f"{n}.base" for n in names}
+    for name, module in plora_lib._unwrap(llm).named_modules():
+        if not isinstance(module, nn.Linear) or name in inner:
+            continue
+        if name.rsplit(".", 1)[-1] in suffixes:
+            return names
+    return suffixes
+
+
+def _f32():
+    import torch
+
+    return torch.float32
+
+
+def _merge_config(base, update, where):
+    """``base`` updated by ``update``; ``prompts`` is merged key by key."""
+    unknown = sorted(set(update) - set(DEFAULT_CONFIG))
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; known: "
+            f"{', '.join(DEFAULT_CONFIG)}"
+        )
+    out = {**base, **update}
+    if "prompts" in update:
+        prompts = update["prompts"] or {}
+        known = DEFAULT_CONFIG["prompts"]
+        bad = sorted(set(prompts) - set(known))
+        if bad:
+            raise ValueError(
+                f"{where}: unknown prompts key(s) {', '.join(bad)}; known: "
+                f"{', '.join(known)}"
+            )
+        out["prompts"] = {**known, **base.get("prompts", {}), **prompts}
+    return out
+
+
+def render_hparams(config=None):
+    """The text of ``hyperparams.yaml``: the values, then :data:`WIRING`.
+
+    Arguments
+    ---------
+    config : dict, optional
+        Values overriding :data:`DEFAULT_CONFIG` (unknown keys are an
+        error).
+
+    Returns
+    -------
+    str
+
+    Example
+    -------
+    >>> from hyperpyyaml import load_hyperpyyaml
+    >>> text = render_hparams({"n_post": 2})
+    >>> "n_post: 2" in text and "pretrainer: !new:" in text
+    True
+    >>> render_hparams({"n_posts": 2})
+    Traceback (most recent call last):
+    ...
+    ValueError: render_hparams: unknown key(s) n_posts; known: llm_source, ...
+    """
+    config = _merge_config(DEFAULT_CONFIG, config or {}, "render_hparams")
+    lines = [
+        "# ############################################################",
+        "# Speech LLM (BLSP-KD) inference hyperparameters",
+        "# Generated by speechbrain_blspkd.inference.export.render_hparams;",
+        "# load with speechbrain_blspkd.inference.SpeechLLM.from_hparams.",
+        "# ############################################################",
+    ]
+    for comment, values in CONFIG_SECTIONS:
+        lines.append("")
+        lines += [f"# {line}" for line in textwrap.wrap(comment, 76)]
+        for key in values:
+            value = config[key]
+            if isinstance(value, pathlib.PurePath):
+                value = str(value)
+            lines.append(
+                yaml.safe_dump(
+                    {key: value},
+                    sort_keys=False,
+                    default_flow_style=False,
+                    allow_unicode=True,
+                    width=78,
+                ).rstrip("\n")
+            )
+    return "\n".join(lines) + "\n\n" + WIRING
+
+
+def _sha256(path, chunk=1 << 20):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_model(model, folder, config=None, overwrite=False):
+    """Write ``model`` as an inference folder, atomically.
+
+    The folder is built beside its destination under a hidden temporary
+    name and renamed into place only when complete, so an interrupted
+    export never leaves a folder that looks complete.
+
+    Arguments
+    ---------
+    model : speechbrain_blspkd.models.speech_llm.SpeechLLMModel
+        The trained model (its encoder is required).
+    folder : str or pathlib.Path
+        The destination.
+    config : dict, optional
+        ``hyperparams.yaml`` values (keys of :data:`DEFAULT_CONFIG`) that
+        override those read off the model (:func:`config_from_model`):
+        typically ``llm_source`` / ``encoder_source`` as asset names, the
+        generation defaults and ``prompts`` (a dict merged key by key).
+    overwrite : bool
+        Replace an existing folder (otherwise ``FileExistsError``).
+
+    Returns
+    -------
+    pathlib.Path
+        The folder.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> tmp = pathlib.Path(tempfile.mkdtemp())
+    >>> model = _tiny_model(tmp)
+    >>> folder = export_model(model, tmp / "exported")
+    >>> sorted(p.name for p in folder.iterdir())
+    ['export.json', 'hyperparams.yaml', 'model.ckpt']
+    """
+    from speechbrain_blspkd.models.trainable import TrainableWeights
+    from speechbrain_blspkd.version import __version__
+
+    folder = pathlib.Path(folder)
+    if model.encoder is None:
+        raise ValueError(
+            "export_model: the model has no speech encoder; an inference "
+            "model needs one"
+        )
+    values = _merge_config(
+        config_from_model(model), config or {}, "export_model"
+    )
+    for key in ("llm_source", "encoder_source"):
+        if not values.get(key):
+            raise ValueError(
+                f"export_model: give config[{key!r}] (an asset name or a "
+                "folder); it cannot be read off the model"
+            )
+    for key in ("llm_source", "encoder_source"):
+        if isinstance(values[key], pathlib.PurePath) or os.sep in str(
+            values[key]
+        ):
+            values[key] = str(pathlib.Path(values[key]).expanduser().resolve())
+    text = render_hparams(values)
+    if folder.exists() and not overwrite:
+        raise FileExistsError(
+            f"export_model: {folder} exists (pass overwrite=True)"
+        )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(
+        tempfile.mkdtemp(prefix=f".{folder.name}.part-", dir=folder.parent)
+    )
+    try:
+        (tmp / HPARAMS_FILE).write_text(text, encoding="utf-8")
+        TrainableWeights(model).save(tmp / WEIGHTS_FILE)
+        info = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "speechbrain_blspkd_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"
+            ),
+            "what": "BLSP-KD speech LLM: learned weights (adapter, PLoRA, "
+            "unfrozen encoder) + hyperparameters; bases by reference",
+            "files": {
+                name: {
+                    "sha256": _sha256(tmp / name),
+                    "bytes": (tmp / name).stat().st_size,
+                }
+                for name in (HPARAMS_FILE, WEIGHTS_FILE)
+            },
+            "config": values,
+        }
+        (tmp / INFO_FILE).write_text(
+            json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8"
+        )
+        os.chmod(tmp, 0o755)
+        if folder.exists():
+            old = pathlib.Path(
+                tempfile.mkdtemp(
+                    prefix=f".{folder.name}.old-", dir=folder.parent
+                )
+            )
+            os.replace(folder, old / folder.name)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def check_model_folder(folder, hparams_file=HPARAMS_FILE):
+    """Check that ``folder`` holds a complete exported model.
+
+    Raises :class:`ModelFolderError` naming the missing file, or the file
+    whose sha256 differs from the one recorded in ``export.json`` (when
+    that file exists: a folder assembled by hand needs only
+    ``hyperparams.yaml`` and ``model.ckpt``).
+
+    Arguments
+    ---------
+    folder : str or pathlib.Path
+        The model folder.
+    hparams_file : str
+        Name of the hyperparameter file in it.
+
+    Returns
+    -------
+    pathlib.Path
+        The folder.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> check_model_folder(tempfile.mkdtemp())
+    Traceback (most recent call last):
+    ...
+    speechbrain_blspkd.inference.export.ModelFolderError: .../hyperparams.yaml: missing; not an exported model folder (see speechbrain_blspkd.inference.export)
+    """
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise ModelFolderError(f"{folder}: model folder not found")
+    for name in (hparams_file, WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise ModelFolderError(
+                f"{folder / name}: missing; not an exported model folder "
+                "(see speechbrain_blspkd.inference.export)"
+            )
+    info_path = folder / INFO_FILE
+    if info_path.is_file():
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+            files = info["files"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ModelFolderError(f"{info_path}: unreadable ({e})") from None
+        entry = files.get(WEIGHTS_FILE)
+        if entry and _sha256(folder / WEIGHTS_FILE) != entry.get("sha256"):
+            raise ModelFolderError(
+                f"{folder / WEIGHTS_FILE}: sha256 differs from the one "
+                f"recorded in {info_path} (corrupted or replaced weights)"
+            )
+    return folder
+
+
+def _tiny_model(folder, seed=0, **kwargs):
+    """A tiny random SpeechLLMModel whose bases are saved in ``folder``.
+
+    For tests and doctests: the LLM (+ tokenizer) goes to ``folder/llm``, the
+    Whisper model to ``folder/whisper``, and the model is built from these
+    folders, so that an export of it can be loaded with
+    :meth:`~speechbrain_blspkd.inference.SpeechLLM.from_hparams`.
+    """
+    import torch
+    from transformers import WhisperConfig, WhisperModel
+
+    from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
+    from speechbrain_blspkd.nnet.cformer import CFormer
+    from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
+
+    folder = pathlib.Path(folder)
+    torch.manual_seed(seed)
+    base = SpeechLLMModel.tiny_for_tests(whisper=False, plora=None)
+    base.llm.save_pretrained(folder / "llm")
+    base.tokenizer.save_pretrained(folder / "llm")
+    whisper = WhisperModel(
+        WhisperConfig(
+            d_model=64,
+            encoder_layers=2,
+            encoder_attention_heads=4,
+            encoder_ffn_dim=128,
+            decoder_layers=1,
+            decoder_attention_heads=4,
+            decoder_ffn_dim=64,
+            num_mel_bins=80,
+            vocab_size=64,
+            max_target_positions=16,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=1,
+            decoder_start_token_id=1,
+            begin_suppress_tokens=None,
+            suppress_tokens=None,
+        )
+    )
+    whisper.save_pretrained(folder / "whisper")
+    adapter = CFormer(
+        64,
+        64,
+        n_pre=kwargs.pop("n_pre", 1),
+        n_post=kwargs.pop("n_post", 1),
+        nhead=4,
+        d_ffn=128,
+    )
+    kwargs.setdefault("plora", dict(r=4, alpha=8, dropout=0.0, scope="audio"))
+    model = SpeechLLMModel(
+        str(folder / "llm"),
+        adapter,
+        encoder=WhisperEncoder(str(folder / "whisper")),
+        **kwargs,
+    )
+    with torch.no_grad():  # non-zero PLoRA B so that PLoRA changes outputs
+        for p in model.parameters():
+            if p.requires_grad and p.abs().sum() == 0:
+                p.normal_(0, 0.2)
+    return model
+
+
+def main(argv=None):
+    """Write ``render_hparams(DEFAULT_CONFIG)`` to a file (the template).
+
+    Arguments
+    ---------
+    argv : list of str, optional
+        ``[PATH]`` (default ``hparams/speech_llm.yaml``).
+
+    Returns
+    -------
+    int
+
+    Example
+    -------
+    >>> import tempfile
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "speech_llm.yaml"
+    >>> main([str(path)])
+    0
+    >>> path.read_text() == render_hparams()
+    True
+    """
+    import sys
+
+    from speechbrain_blspkd.utils.atomic import atomic_write_text
+
+    argv = sys.argv[1:] if argv is None else argv
+    path = argv[0] if argv else "hparams/speech_llm.yaml"
+    atomic_write_text(path, render_hparams())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""Slow test: the speech LLM with the real Whisper-base and SmolLM2 assets."""
+
+import os
+import pathlib
+
+import pytest
+import torch
+
+ASSETS = pathlib.Path(
+    os.environ.get(
+        "BLSPKD_ASSETS",
+        pathlib.Path.home() / ".cache" / "speechbrain_blspkd" / "assets",
+    )
+)
+WHISPER = ASSETS / "whisper-base"
+SMOLLM2 = ASSETS / "smollm2-135m-instruct"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (WHISPER / "config.json").is_file()
+        or not (SMOLLM2 / "config.json").is_file(),
+        reason="whisper-base / smollm2-135m-instruct assets not fetched",
+    ),
+]
+
+
+def test_real_models_finite_losses_and_steps_reduce_loss():
+    from speechbrain_blspkd.losses import kd_kl, response_ce
+    from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
+    from speechbrain_blspkd.nnet.cformer import CFormer
+    from speechbrain_blspkd.nnet.cif import quantity_loss
+    from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
+
+    torch.manual_seed(0)
+    encoder = WhisperEncoder(WHISPER, dtype=torch.bfloat16)
+    model = SpeechLLMModel(
+        SMOLLM2,
+        CFormer(
+            512,
+            576,
+            n_pre=1,
+            n_post=1,
+            nhead=8,
+            d_ffn=1024,
+            dropout=0.0,
+            out_init_std=0.136,
+        ),
+        encoder=encoder,
+        instruction="Continue the following text in a coherent style:",
+        plora=dict(r=8, alpha=16, dropout=0.0),
+        llm_dtype=torch.bfloat16,
+    )
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    wavs = torch.randn(2, 32000, generator=g) * 0.05
+    lens = torch.tensor([1.0, 0.6])
+    transcripts = ["he was not an ill disposed young man", "the birch canoe"]
+    continuations = ["He lived in a small town.", "slid on the planks"]
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=1e-3)
+    losses = []
+    for _ in range(3):
+        out = model(wavs, lens, transcripts, continuations)
+        for key in (
+            "student_input_logits",
+            "teacher_input_logits",
+            "student_response_logits",
+            "teacher_response_logits",
+        ):
+            assert torch.isfinite(out[key]).all(), key
+        assert out["student_input_logits"].shape[-1] == 49152
+        loss = (
+            kd_kl(
+                out["student_input_logits"],
+                out["teacher_input_logits"],
+                out["input_mask"],
+            )
+            + kd_kl(
+                out["student_response_logits"],
+                out["teacher_response_logits"],
+                out["response_mask"],
+            )
+            + response_ce(
+                out["student_response_logits"],
+                out["response_targets"],
+                out["response_mask"],
+            )
+            + quantity_loss(out["alphas"], out["frame_mask"], out["num_tokens"])
+        )
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0], losses
+    # the teacher answers the transcript as text (SmolLM2 chat template)
+    answers = model.generate_text(transcripts[:1], max_new_tokens=8)
+    assert isinstance(answers[0], str) and answers[0]
