@@ -69,7 +69,7 @@ class BLSPKDBrain(sb.Brain):
 
     # ------------------------------------------------------------------
     def _speech_inputs(self, batch):
-        if "feats" in batch:
+        if hasattr(batch, "feats"):
             feats, feat_lens = batch.feats
             return {"feats": feats, "feat_lens": feat_lens}
         wavs, wav_lens = batch.sig
@@ -250,13 +250,15 @@ def _append_jsonl(path, row):
 # ----------------------------------------------------------------------
 # data
 def dataio_prepare(hparams, feature_cache=None):
-    """Train / valid / test datasets from the recipe's manifests.
+    """Datasets of the two training stages, validation and test.
 
     Arguments
     ---------
     hparams : dict
-        Needs ``train_csv``, ``valid_csv``, ``test_csv``, ``data_root``,
-        ``sample_rate``, ``max_audio_seconds``, ``sorting``.
+        Needs ``train_manifest`` (every training utterance: the alignment
+        stage needs no continuation), ``train_csv`` (the KD training rows,
+        with teacher continuations), ``valid_csv``, ``test_csv``,
+        ``data_root``, ``sample_rate``, ``max_audio_seconds``, ``sorting``.
     feature_cache : FeatureCache, optional
         When given, items carry cached encoder features (``feats``) instead
         of waveforms (``sig``).
@@ -264,18 +266,23 @@ def dataio_prepare(hparams, feature_cache=None):
     Returns
     -------
     dict of DynamicItemDataset
+        Keys ``align``, ``kd``, ``valid``, ``test``.
     """
+    sources = {
+        "align": hparams["train_manifest"],
+        "kd": hparams["train_csv"],
+        "valid": hparams["valid_csv"],
+        "test": hparams["test_csv"],
+    }
     datasets = {}
-    for split in ("train", "valid", "test"):
-        path = hparams[f"{split}_csv"]
+    for name, path in sources.items():
         ds = manifest_to_dataset(path, hparams["data_root"], ["id"])
-        if split == "train":
-            if hparams["sorting"] in ("ascending", "descending"):
-                ds = ds.filtered_sorted(
-                    sort_key="duration",
-                    reverse=hparams["sorting"] == "descending",
-                )
-        datasets[split] = ds
+        if name in ("align", "kd") and hparams["sorting"] != "random":
+            ds = ds.filtered_sorted(
+                sort_key="duration",
+                reverse=hparams["sorting"] == "descending",
+            )
+        datasets[name] = ds
     all_sets = list(datasets.values())
     sr = hparams["sample_rate"]
     max_s = hparams["max_audio_seconds"]
@@ -422,9 +429,9 @@ def prepare_features(hparams, encoder, device):
     folder = hparams["feature_cache_folder"]
 
     def build():
-        for split in ("train", "valid", "test"):
+        for key in ("train_manifest", "valid_csv", "test_csv"):
             build_feature_cache(
-                hparams[f"{split}_csv"],
+                hparams[key],
                 folder,
                 _encoder_fn(encoder, device),
                 checksum,
@@ -439,13 +446,30 @@ def prepare_features(hparams, encoder, device):
 
 
 def prepare_continuations(hparams):
-    """Teacher continuations for train and valid (resumable, sharded)."""
+    """Teacher continuations of the KD training rows, valid and test.
+
+    The KD stage trains on the first ``kd_train_subset`` utterances of
+    ``train_manifest`` (all when it is null); only those need the LLM's
+    continuation, which is the costly part of data preparation.  Results are
+    resumable (see :mod:`speechbrain_blspkd.dataprep.continuations`).
+    """
+    from speechbrain_blspkd.dataio.manifest import read_manifest, write_manifest
     from speechbrain_blspkd.dataprep.continuations import (
         generate_continuations,
     )
 
-    for split in ("train", "valid", "test"):
-        src = hparams[f"{split}_manifest"]
+    subset = hparams["kd_train_subset"]
+    train_src = hparams["train_manifest"]
+    if subset:
+        rows = read_manifest(train_src)[: int(subset)]
+        train_src = f"{hparams['train_csv']}.input.csv"
+        write_manifest(train_src, rows)
+    sources = {
+        "train": train_src,
+        "valid": hparams["valid_manifest"],
+        "test": hparams["test_manifest"],
+    }
+    for split, src in sources.items():
         dst = hparams[f"{split}_csv"]
         if os.path.isfile(dst):
             continue
@@ -543,13 +567,9 @@ def run_recipe(argv):
         if counter.limit == 0:
             continue
         brain.train_stage = stage
-        train_set = datasets["train"]
-        subset = hparams.get(f"{stage}_train_subset")
-        if subset:
-            train_set = train_set.filtered_sorted(select_n=int(subset))
         brain.fit(
             counter,
-            train_set,
+            datasets[stage],
             datasets["valid"],
             train_loader_kwargs=hparams[f"{stage}_dataloader_opts"],
             valid_loader_kwargs=hparams["valid_dataloader_opts"],

@@ -27,9 +27,14 @@ want="$(cat requirements.txt setup.py tools/install.sh tools/fix_torchaudio.py |
 
 # --- Debian tools -----------------------------------------------------------
 if [ "${SKIP_APT:-0}" != 1 ]; then
+  # espeak-ng + sox synthesise speech; the fortunes packages hold the
+  # SynthSpeech sentences (speechbrain_blspkd.dataprep.synthspeech).
   missing=()
-  command -v espeak-ng >/dev/null || missing+=(espeak-ng)
-  command -v sox >/dev/null || missing+=(sox)
+  for pkg in espeak-ng sox fortunes fortunes-min fortunes-de fortunes-es \
+             fortunes-it fortunes-br; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" \
+      || missing+=("$pkg")
+  done
   if [ ${#missing[@]} -gt 0 ]; then
     echo "[install] apt-get install ${missing[*]}"
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
