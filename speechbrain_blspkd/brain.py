@@ -26,9 +26,9 @@ import logging
 import math
 import os
 
+import speechbrain as sb
 import torch
 
-import speechbrain as sb
 from speechbrain_blspkd.dataio.audio import load_audio
 from speechbrain_blspkd.dataio.manifest import manifest_to_dataset
 from speechbrain_blspkd.losses import kd_kl
@@ -66,6 +66,53 @@ class BLSPKDBrain(sb.Brain):
         self.optimizers_dict = {"opt_class": self.optimizer}
         if self.checkpointer is not None:
             self.checkpointer.add_recoverable("optimizer", self.optimizer)
+
+    # ------------------------------------------------------------------
+    nonfinite_in_a_row = 0
+    nonfinite_skipped = 0
+
+    def fit_batch(self, batch):
+        """One training step; a batch with a non-finite loss is skipped.
+
+        The skip is agreed across DDP ranks (all skip, so no rank waits in a
+        gradient all-reduce), counted (``nonfinite_skipped``) and logged;
+        after more than ``nonfinite_patience`` (a speechbrain run option)
+        such batches in a row training stops with an error.
+        """
+        should_step = (self.step % self.grad_accumulation_factor) == 0
+        self.on_fit_batch_start(batch, should_step)
+        with self.no_sync(not should_step):
+            with self.training_ctx:
+                outputs = self.compute_forward(batch, sb.Stage.TRAIN)
+                loss = self.compute_objectives(outputs, batch, sb.Stage.TRAIN)
+            if not _all_finite(loss):
+                self._skip_nonfinite(batch)
+                return loss.detach().cpu()
+            self.nonfinite_in_a_row = 0
+            scaled = self.scaler.scale(loss / self.grad_accumulation_factor)
+            scaled.backward()
+        if should_step:
+            self.optimizers_step()
+        self.on_fit_batch_end(batch, outputs, loss, should_step)
+        return loss.detach().cpu()
+
+    def _skip_nonfinite(self, batch):
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_skipped += 1
+        self.zero_grad(set_to_none=True)
+        logger.warning(
+            "non-finite loss on batch %s: skipped (%d in a row, %d in all)",
+            list(batch.id),
+            self.nonfinite_in_a_row,
+            self.nonfinite_skipped,
+        )
+        if self.nonfinite_in_a_row > self.nonfinite_patience:
+            raise FloatingPointError(
+                f"{self.nonfinite_in_a_row} batches in a row had a "
+                f"non-finite loss (nonfinite_patience="
+                f"{self.nonfinite_patience}); last batch: {list(batch.id)}. "
+                "Lower the learning rate or check the data."
+            )
 
     # ------------------------------------------------------------------
     def _speech_inputs(self, batch):
@@ -193,7 +240,7 @@ class BLSPKDBrain(sb.Brain):
             row = {
                 "stage": self.train_stage,
                 "step": self.optimizer_step,
-                "loss": float(loss),
+                "loss": float(loss.detach()),
                 **getattr(self, "_last_terms", {}),
             }
             row["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -231,6 +278,14 @@ class BLSPKDBrain(sb.Brain):
                 stats_meta={"Epoch loaded": self.hparams.kd_epochs.current},
                 test_stats=stats,
             )
+
+
+def _all_finite(loss):
+    """Whether the loss is finite on every DDP rank."""
+    flag = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _masked_ce(logits, targets, mask):
@@ -549,8 +604,10 @@ def run_recipe(argv):
 
     # 4. starting point (once, before any training)
     untrained_path = os.path.join(out, "eval", "untrained", "summary.json")
-    if hparams["eval_untrained"] and fresh and not os.path.isfile(
-        untrained_path
+    if (
+        hparams["eval_untrained"]
+        and fresh
+        and not os.path.isfile(untrained_path)
     ):
         brain.train_stage = "kd"
         brain.evaluate(

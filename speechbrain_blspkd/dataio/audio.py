@@ -69,7 +69,9 @@ def load_audio(path, sample_rate=16000, max_seconds=None):
     if sr != sample_rate:
         import torchaudio
 
-        logger.warning("%s: resampling from %d Hz to %d Hz", path, sr, sample_rate)
+        logger.warning(
+            "%s: resampling from %d Hz to %d Hz", path, sr, sample_rate
+        )
         wav = torchaudio.functional.resample(wav, sr, sample_rate)
     if max_seconds is not None and wav.numel() > max_seconds * sample_rate:
         raise AudioError(

@@ -35,7 +35,14 @@ from speechbrain_blspkd.utils.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-REQUIRED_COLUMNS = ("ID", "wav", "duration", "transcript", "language", "speaker")
+REQUIRED_COLUMNS = (
+    "ID",
+    "wav",
+    "duration",
+    "transcript",
+    "language",
+    "speaker",
+)
 OPTIONAL_COLUMNS = (
     "translation",
     "instruction",
@@ -68,7 +75,9 @@ def _check_row(row, where):
             f"{where} (ID {uid}): duration must be > 0 seconds, got {dur}"
         )
     if not str(row.get("transcript", "")).strip():
-        raise ManifestError(f"{where} (ID {uid}): empty or whitespace transcript")
+        raise ManifestError(
+            f"{where} (ID {uid}): empty or whitespace transcript"
+        )
     if not str(row.get("language", "")).strip():
         raise ManifestError(f"{where} (ID {uid}): empty language")
     trunc = str(row.get("truncated", "") or "")
@@ -112,7 +121,9 @@ def write_manifest(path, rows):
         missing = [c for c in REQUIRED_COLUMNS if c not in row]
         if missing:
             raise ManifestError(f"{where}: missing column(s) {missing}")
-        out = {c: "" if row.get(c) is None else str(row.get(c)) for c in COLUMNS}
+        out = {
+            c: "" if row.get(c) is None else str(row.get(c)) for c in COLUMNS
+        }
         if isinstance(row.get("truncated"), bool):
             out["truncated"] = "1" if row["truncated"] else "0"
         _check_row(out, where)
@@ -212,5 +223,7 @@ def manifest_to_dataset(path, data_root, output_keys=None):
     rows = read_manifest(path, data_root=data_root)
     data = {r["ID"]: {k: v for k, v in r.items() if k != "ID"} for r in rows}
     ds = DynamicItemDataset(data)
-    ds.set_output_keys(output_keys or ["id"] + [c for c in COLUMNS if c != "ID"])
+    ds.set_output_keys(
+        output_keys or ["id"] + [c for c in COLUMNS if c != "ID"]
+    )
     return ds

@@ -11,13 +11,13 @@ speechbrain checkpoint hooks, so the same small file is what the recipe's
 """
 
 import torch
-
 from speechbrain.utils.checkpoints import (
     mark_as_loader,
     mark_as_saver,
     mark_as_transfer,
     register_checkpoint_hooks,
 )
+
 from speechbrain_blspkd.nnet import plora as plora_lib
 from speechbrain_blspkd.utils.atomic import atomic_path
 
@@ -82,7 +82,9 @@ def load_trainable_state_dict(model, state, source="state dict"):
         try:
             plora_lib.load_plora_state_dict(model.llm, parts["plora"])
         except (KeyError, ValueError, RuntimeError) as e:
-            raise WeightsMismatchError(f"{source}: PLoRA weights: {e}") from None
+            raise WeightsMismatchError(
+                f"{source}: PLoRA weights: {e}"
+            ) from None
     elif parts["plora"]:
         raise WeightsMismatchError(
             f"{source}: holds PLoRA weights but the model has no PLoRA"
@@ -130,7 +132,9 @@ class TrainableWeights:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
-            raise WeightsMismatchError(f"{path}: weights file not found") from None
+            raise WeightsMismatchError(
+                f"{path}: weights file not found"
+            ) from None
         except Exception as e:
             raise WeightsMismatchError(
                 f"{path}: cannot read weights ({e})"

@@ -1,0 +1,107 @@
+"""The BLSP-KD Brain with a tiny model: stages, non-finite losses,
+determinism."""
+
+import math
+
+import pytest
+import speechbrain as sb
+import torch
+from speechbrain.dataio.batch import PaddedBatch
+
+from speechbrain_blspkd.brain import BLSPKDBrain, WarmupCosine
+from speechbrain_blspkd.losses import BLSPKDLoss
+from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
+from speechbrain_blspkd.models.trainable import trainable_state_dict
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    items = [
+        dict(
+            id=f"u{i}",
+            sig=torch.randn(3000 + 700 * i, generator=g) * 0.1,
+            transcript=t,
+            continuation=c,
+            truncated_flag=i == 1,
+        )
+        for i, (t, c) in enumerate(
+            [("the cat sat", "on the mat."), ("a dog ran", "far away")]
+        )
+    ]
+    return PaddedBatch(items)
+
+
+def _brain(tmp_path, patience=3, seed=0):
+    torch.manual_seed(seed)
+    model = SpeechLLMModel.tiny_for_tests()
+    hparams = dict(
+        kd_loss=BLSPKDLoss(
+            {"input_kl": 1.0, "response_kl": 1.0, "cif": 1.0, "align": 0.3}
+        ),
+        align_loss=BLSPKDLoss({"align": 1.0, "cif": 1.0}),
+        instruction="Continue:",
+        valid_kl=True,
+        align_temperature=0.05,
+        log_every_n_steps=1,
+        step_log=str(tmp_path / "steps.jsonl"),
+        kd_scheduler=WarmupCosine(1e-3, 0, 10),
+        align_scheduler=WarmupCosine(1e-3, 0, 10),
+    )
+    brain = BLSPKDBrain(
+        modules={"model": model},
+        opt_class=lambda params: torch.optim.AdamW(params, lr=1e-3),
+        hparams=hparams,
+        run_opts={"device": "cpu", "nonfinite_patience": patience},
+    )
+    brain.init_optimizers()
+    brain.on_stage_start(None)
+    return brain
+
+
+def test_kd_and_align_stages_train(tmp_path):
+    brain = _brain(tmp_path)
+    batch = _batch()
+    losses = [float(brain.fit_batch(batch)) for _ in range(4)]
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0]
+    brain.train_stage = "align"
+    out = brain.compute_forward(batch, sb.Stage.TRAIN)
+    assert "student_input_logits" not in out  # no LLM pass in this stage
+    assert math.isfinite(float(brain.compute_objectives(out, batch, sb.Stage.TRAIN)))
+    lines = (tmp_path / "steps.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and '"stage": "kd"' in lines[0]
+
+
+def test_nonfinite_loss_is_skipped_counted_and_stops(tmp_path, monkeypatch):
+    brain = _brain(tmp_path, patience=2)
+    batch = _batch()
+    before = trainable_state_dict(brain.model)
+    real = brain.compute_objectives
+    monkeypatch.setattr(
+        brain, "compute_objectives", lambda *a: real(*a) * float("nan")
+    )
+    for _ in range(2):
+        assert math.isnan(float(brain.fit_batch(batch)))
+    after = trainable_state_dict(brain.model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert brain.nonfinite_skipped == 2
+    # a finite batch resets the run of failures
+    monkeypatch.setattr(brain, "compute_objectives", real)
+    assert math.isfinite(float(brain.fit_batch(batch)))
+    assert brain.nonfinite_in_a_row == 0
+    monkeypatch.setattr(
+        brain, "compute_objectives", lambda *a: real(*a) * float("inf")
+    )
+    brain.fit_batch(batch)
+    brain.fit_batch(batch)
+    with pytest.raises(FloatingPointError, match=r"3 batches in a row.*u0"):
+        brain.fit_batch(batch)
+    assert brain.nonfinite_skipped == 5
+
+
+def test_same_seed_gives_identical_losses(tmp_path):
+    runs = []
+    for _ in range(2):
+        brain = _brain(tmp_path, seed=7)
+        runs.append([float(brain.fit_batch(_batch())) for _ in range(3)])
+    assert runs[0] == runs[1]
