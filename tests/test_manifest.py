@@ -26,7 +26,9 @@ def _row(uid="u1", **kw):
 
 def test_round_trip_fills_optional_columns(tmp_path):
     path = tmp_path / "m.csv"
-    write_manifest(path, [_row("a", truncated=True), _row("b", translation="hola")])
+    write_manifest(
+        path, [_row("a", truncated=True), _row("b", translation="hola")]
+    )
     rows = read_manifest(path, data_root="/data")
     assert [r["ID"] for r in rows] == ["a", "b"]
     assert rows[0]["wav"] == "/data/a.wav"

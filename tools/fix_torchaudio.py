@@ -53,12 +53,17 @@ def main(argv=None):
     exts = sorted(lib.glob("*.so"))
     broken = [p for p in exts if not _loads(p)]
     if torch.version.cuda is not None:
-        print(f"fix_torchaudio: torch {torch.__version__} has CUDA; nothing to do")
+        print(
+            f"fix_torchaudio: torch {torch.__version__} has CUDA; nothing to do"
+        )
     elif not broken:
         state = "moved aside earlier" if aside.exists() else "load fine"
         print(f"fix_torchaudio: torchaudio extensions {state}; nothing to do")
     elif args.check:
-        print("fix_torchaudio: would move aside: " + ", ".join(p.name for p in broken))
+        print(
+            "fix_torchaudio: would move aside: "
+            + ", ".join(p.name for p in broken)
+        )
         return 1
     else:
         aside.mkdir(exist_ok=True)
