@@ -38,8 +38,16 @@ logger = logging.getLogger(__name__)
 
 
 def unwrap(module):
-    """The module inside a DDP / DataParallel wrapper (or itself)."""
-    return getattr(module, "module", module)
+    """The module inside DDP / DataParallel wrappers (or itself)."""
+    while isinstance(
+        module,
+        (
+            torch.nn.parallel.DistributedDataParallel,
+            torch.nn.DataParallel,
+        ),
+    ):
+        module = module.module
+    return module
 
 
 class BLSPKDBrain(sb.Brain):
@@ -56,6 +64,16 @@ class BLSPKDBrain(sb.Brain):
     def model(self):
         """The (unwrapped) speech-LLM model."""
         return unwrap(self.modules.model)
+
+    def _wrap_distributed(self):
+        """Wrap once: ``fit`` runs once per stage and must not re-wrap."""
+        wrapped = (
+            torch.nn.parallel.DistributedDataParallel,
+            torch.nn.DataParallel,
+        )
+        if any(isinstance(m, wrapped) for m in self.modules.values()):
+            return
+        super()._wrap_distributed()
 
     def init_optimizers(self):
         """One optimiser over the trainable parameters only."""

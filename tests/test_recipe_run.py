@@ -48,8 +48,8 @@ def _overrides(bases, data, out):
         "--plot_cif_utterances=1",
         "--align_dataloader_opts={batch_size: 4, shuffle: True}",
         "--kd_dataloader_opts={batch_size: 2, shuffle: True}",
-        "--align_epochs=!new:speechbrain.utils.epoch_loop.EpochCounter {limit: 1}",
-        "--kd_epochs=!new:speechbrain.utils.epoch_loop.EpochCounter {limit: 1}",
+        "--align_epochs_limit=1",
+        "--kd_epochs_limit=1",
     ]
 
 
