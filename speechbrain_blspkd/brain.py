@@ -518,13 +518,14 @@ def prepare_features(hparams, encoder, device):
     return FeatureCache(folder, checksum)
 
 
-def prepare_continuations(hparams):
+def prepare_continuations(hparams, device="cpu"):
     """Teacher continuations of the KD training rows, valid and test.
 
     The KD stage trains on the first ``kd_train_subset`` utterances of
     ``train_manifest`` (all when it is null); only those need the LLM's
     continuation, which is the costly part of data preparation.  Results are
     resumable (see :mod:`speechbrain_blspkd.dataprep.continuations`).
+    ``continuation_device: null`` runs the LLM on the run's ``device``.
     """
     from speechbrain_blspkd.dataio.manifest import read_manifest, write_manifest
     from speechbrain_blspkd.dataprep.continuations import (
@@ -553,7 +554,7 @@ def prepare_continuations(hparams):
             batch_size=hparams["continuation_batch_size"],
             max_new_tokens=hparams["continuation_max_new_tokens"],
             prompt_template=hparams["continuation_template"],
-            device=hparams["continuation_device"],
+            device=hparams["continuation_device"] or device,
             dtype=hparams["continuation_dtype"],
         )
 
@@ -587,10 +588,12 @@ def run_recipe(argv):
     # 1. corpus -> manifests (idempotent)
     sb.utils.distributed.run_on_main(hparams["prepare"])
     # 2. teacher continuations (idempotent, resumable)
-    sb.utils.distributed.run_on_main(prepare_continuations, args=[hparams])
+    device = run_opts.get("device", "cpu")
+    sb.utils.distributed.run_on_main(
+        prepare_continuations, args=[hparams], kwargs={"device": device}
+    )
     # 3. model
     model = hparams["model"]
-    device = run_opts.get("device", "cpu")
     model.encoder.to(device)
     cache = prepare_features(hparams, model.encoder, device)
     datasets = dataio_prepare(hparams, feature_cache=cache)
