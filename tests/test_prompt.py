@@ -1,7 +1,5 @@
 """Tests of the one prompt builder (speechbrain_blspkd.prompt)."""
 
-import os
-import pathlib
 
 import pytest
 import torch
@@ -26,15 +24,6 @@ GEMMA_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
 )
 
-SMOLLM2 = (
-    pathlib.Path(
-        os.environ.get(
-            "BLSPKD_ASSETS",
-            pathlib.Path.home() / ".cache" / "speechbrain_blspkd" / "assets",
-        )
-    )
-    / "smollm2-135m-instruct"
-)
 
 
 @pytest.fixture(scope="module")
@@ -204,12 +193,10 @@ def test_collate(tok, side):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not (SMOLLM2 / "tokenizer_config.json").is_file(),
-    reason="SmolLM2 asset not fetched",
-)
-def test_smollm2_tokenizer_matches_chat_template():
+def test_smollm2_tokenizer_matches_chat_template(real_asset):
     from transformers import AutoTokenizer
+
+    SMOLLM2 = real_asset("smollm2-135m-instruct")
 
     tok = AutoTokenizer.from_pretrained(str(SMOLLM2))
     cases = [

@@ -1,31 +1,14 @@
 """Slow test: the speech LLM with the real Whisper-base and SmolLM2 assets."""
 
-import os
-import pathlib
-
 import pytest
 import torch
 
-ASSETS = pathlib.Path(
-    os.environ.get(
-        "BLSPKD_ASSETS",
-        pathlib.Path.home() / ".cache" / "speechbrain_blspkd" / "assets",
-    )
-)
-WHISPER = ASSETS / "whisper-base"
-SMOLLM2 = ASSETS / "smollm2-135m-instruct"
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not (WHISPER / "config.json").is_file()
-        or not (SMOLLM2 / "config.json").is_file(),
-        reason="whisper-base / smollm2-135m-instruct assets not fetched",
-    ),
-]
+pytestmark = pytest.mark.slow
 
 
-def test_real_models_finite_losses_and_steps_reduce_loss():
+def test_real_models_finite_losses_and_steps_reduce_loss(real_asset):
+    WHISPER = real_asset("whisper-base")
+    SMOLLM2 = real_asset("smollm2-135m-instruct")
     from speechbrain_blspkd.losses import kd_kl, response_ce
     from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
     from speechbrain_blspkd.nnet.cformer import CFormer
