@@ -67,7 +67,8 @@ def test_kd_and_align_stages_train(tmp_path):
     brain.train_stage = "align"
     out = brain.compute_forward(batch, sb.Stage.TRAIN)
     assert "student_input_logits" not in out  # no LLM pass in this stage
-    assert math.isfinite(float(brain.compute_objectives(out, batch, sb.Stage.TRAIN)))
+    loss = brain.compute_objectives(out, batch, sb.Stage.TRAIN)
+    assert math.isfinite(float(loss.detach()))
     lines = (tmp_path / "steps.jsonl").read_text().splitlines()
     assert len(lines) == 4 and '"stage": "kd"' in lines[0]
 

@@ -22,19 +22,15 @@ from speechbrain_blspkd.nnet.plora import (  # noqa: E402
     scope_mask,
     set_plora_mask,
 )
+from speechbrain_blspkd.utils.testing import tiny_llm_config  # noqa: E402
 
 PAD, EOS = 0, 1
 
 
 def _tiny(kind, seed=0):
     torch.manual_seed(seed)
-    common = dict(
+    common = tiny_llm_config(
         vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=128,
         pad_token_id=PAD,
         eos_token_id=EOS,

@@ -1,6 +1,5 @@
 """Tests of the one prompt builder (speechbrain_blspkd.prompt)."""
 
-
 import pytest
 import torch
 
@@ -23,7 +22,6 @@ GEMMA_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
 )
-
 
 
 @pytest.fixture(scope="module")

@@ -7,34 +7,27 @@ import torch
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
-    WhisperConfig,
     WhisperFeatureExtractor,
 )
 
-from speechbrain_blspkd.losses import kd_kl, response_ce
 from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
 from speechbrain_blspkd.nnet.cformer import CFormer
-from speechbrain_blspkd.nnet.cif import quantity_loss
 from speechbrain_blspkd.nnet.plora import plora_parameters
 from speechbrain_blspkd.nnet.whisper_encoder import (
     WhisperEncoder,
     whisper_log_mel,
 )
 from speechbrain_blspkd.prompt import build_test_tokenizer
+from speechbrain_blspkd.utils.testing import (
+    LOGIT_KEYS,
+    distillation_loss,
+    tiny_llm_config,
+    tiny_whisper_config,
+)
 
 TRANSCRIPTS = ["the cat sat on the mat", "a dog", "hello world how are you"]
 CONTINUATIONS = ["The cat was happy.", "ran to the park", "I am fine"]
 INSTRUCTION = "Repeat the sentence:"
-
-
-def tiny_whisper_config():
-    return WhisperConfig(
-        d_model=64,
-        encoder_layers=2,
-        encoder_attention_heads=4,
-        encoder_ffn_dim=128,
-        num_mel_bins=80,
-    )
 
 
 def batch_of_wavs():
@@ -57,18 +50,7 @@ def pristine_and_model():
     """A tiny base LLM, an untouched copy, and a SpeechLLMModel around it."""
     torch.manual_seed(0)
     tok = build_test_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
-        initializer_range=0.3,
-    )
+    config = LlamaConfig(**tiny_llm_config(tok, initializer_range=0.3))
     llm = LlamaForCausalLM(config).eval()
     pristine = copy.deepcopy(llm)
     model = SpeechLLMModel(
@@ -151,12 +133,7 @@ def test_forward_shapes_and_finite(pristine_and_model):
     assert out["student_response_logits"].shape == (3, int(r.max()), vocab)
     assert out["response_targets"].shape == out["response_mask"].shape
     assert out["alphas"].shape == out["frame_mask"].shape
-    for key in (
-        "student_input_logits",
-        "teacher_input_logits",
-        "student_response_logits",
-        "teacher_response_logits",
-    ):
+    for key in LOGIT_KEYS:
         assert torch.isfinite(out[key]).all(), key
     assert not out["teacher_input_logits"].requires_grad
     assert out["student_input_logits"].requires_grad
@@ -324,28 +301,6 @@ def test_generate_text_is_the_base_llm(pristine_and_model):
     assert got[0] == cut
 
 
-def kd_total(model, out):
-    return (
-        kd_kl(
-            out["student_input_logits"],
-            out["teacher_input_logits"],
-            out["input_mask"],
-        )
-        + kd_kl(
-            out["student_response_logits"],
-            out["teacher_response_logits"],
-            out["response_mask"],
-        )
-        + 0.5
-        * response_ce(
-            out["student_response_logits"],
-            out["response_targets"],
-            out["response_mask"],
-        )
-        + quantity_loss(out["alphas"], out["frame_mask"], out["num_tokens"])
-    )
-
-
 def test_optimiser_steps_reduce_total_loss():
     torch.manual_seed(0)
     model = SpeechLLMModel.tiny_for_tests(instruction=INSTRUCTION)
@@ -359,7 +314,7 @@ def test_optimiser_steps_reduce_total_loss():
     losses = []
     for _ in range(6):
         out = model(wavs, lens, TRANSCRIPTS, CONTINUATIONS)
-        loss = kd_total(model, out)
+        loss = distillation_loss(out, ce_weight=0.5)
         opt.zero_grad()
         loss.backward()
         opt.step()

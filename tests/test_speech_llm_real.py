@@ -9,11 +9,13 @@ pytestmark = pytest.mark.slow
 def test_real_models_finite_losses_and_steps_reduce_loss(real_asset):
     WHISPER = real_asset("whisper-base")
     SMOLLM2 = real_asset("smollm2-135m-instruct")
-    from speechbrain_blspkd.losses import kd_kl, response_ce
     from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
     from speechbrain_blspkd.nnet.cformer import CFormer
-    from speechbrain_blspkd.nnet.cif import quantity_loss
     from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
+    from speechbrain_blspkd.utils.testing import (
+        LOGIT_KEYS,
+        distillation_loss,
+    )
 
     torch.manual_seed(0)
     encoder = WhisperEncoder(WHISPER, dtype=torch.bfloat16)
@@ -44,32 +46,10 @@ def test_real_models_finite_losses_and_steps_reduce_loss(real_asset):
     losses = []
     for _ in range(3):
         out = model(wavs, lens, transcripts, continuations)
-        for key in (
-            "student_input_logits",
-            "teacher_input_logits",
-            "student_response_logits",
-            "teacher_response_logits",
-        ):
+        for key in LOGIT_KEYS:
             assert torch.isfinite(out[key]).all(), key
         assert out["student_input_logits"].shape[-1] == 49152
-        loss = (
-            kd_kl(
-                out["student_input_logits"],
-                out["teacher_input_logits"],
-                out["input_mask"],
-            )
-            + kd_kl(
-                out["student_response_logits"],
-                out["teacher_response_logits"],
-                out["response_mask"],
-            )
-            + response_ce(
-                out["student_response_logits"],
-                out["response_targets"],
-                out["response_mask"],
-            )
-            + quantity_loss(out["alphas"], out["frame_mask"], out["num_tokens"])
-        )
+        loss = distillation_loss(out)
         assert torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()

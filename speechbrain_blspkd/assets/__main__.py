@@ -19,6 +19,7 @@ from speechbrain_blspkd.assets.fetch import (
     folder_size,
     is_installed,
 )
+from speechbrain_blspkd.utils.cli import report_error
 
 
 def build_parser():
@@ -94,8 +95,7 @@ def main(argv=None):
         elif args.command == "path":
             print(asset_path(args.name, dest, fetch=args.fetch))
     except (AssetError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return report_error(err)
     return 0
 
 

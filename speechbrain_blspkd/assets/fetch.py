@@ -236,8 +236,16 @@ def default_dest():
 
     Example
     -------
-    >>> default_dest().name
-    'assets'
+    >>> import os
+    >>> saved = os.environ.pop("BLSPKD_ASSETS", None)
+    >>> default_dest().parts[-2:]
+    ('speechbrain_blspkd', 'assets')
+    >>> os.environ["BLSPKD_ASSETS"] = "/data/models"
+    >>> str(default_dest())
+    '/data/models'
+    >>> _ = os.environ.pop("BLSPKD_ASSETS")
+    >>> if saved is not None:
+    ...     os.environ["BLSPKD_ASSETS"] = saved
     """
     env = os.environ.get(ENV_VAR)
     if env:

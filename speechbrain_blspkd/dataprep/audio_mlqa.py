@@ -36,7 +36,6 @@ Command line::
         --splits test --languages en de es zh vi --max-questions 500
 """
 
-import argparse
 import concurrent.futures
 import logging
 import pathlib
@@ -47,22 +46,21 @@ import tempfile
 
 import soundfile as sf
 
-from speechbrain_blspkd.dataio.manifest import write_manifest
 from speechbrain_blspkd.dataprep.common import (
     PrepareError,
-    audio_duration,
     check_folder,
     check_splits,
-    data_root_path,
-    forget_prepared,
-    is_prepared,
     language_code,
     load_json,
+    manifest_row,
     mark_prepared,
     normalise_space,
+    prepare_parser,
     require_key,
     run_cli,
-    setup_cli_logging,
+    skip_if_prepared,
+    start_preparation,
+    write_split,
 )
 from speechbrain_blspkd.utils.atomic import atomic_path
 
@@ -357,12 +355,9 @@ def prepare_audio_mlqa(
         "speed": None if speed is None else int(speed),
         "instruction": instruction,
     }
-    if is_prepared(save_folder, CORPUS, options, manifests.values()):
-        logger.info(
-            "Audio-MLQA manifests in %s exist with the same options; "
-            "skipping preparation",
-            save_folder,
-        )
+    if skip_if_prepared(
+        save_folder, CORPUS, options, manifests, "Audio-MLQA", logger
+    ):
         return manifests
     for tool in (espeak, sox):
         if shutil.which(tool) is None:
@@ -376,8 +371,7 @@ def prepare_audio_mlqa(
             questions[split, lang] = read_mlqa(
                 mlqa_file(mlqa_root, split, lang), max_questions
             )
-    forget_prepared(save_folder, CORPUS)
-    save_folder.mkdir(parents=True, exist_ok=True)
+    start_preparation(save_folder, CORPUS)
     jobs = []
     for (_split, lang), items in questions.items():
         folder = audio_folder / lang / _voice_tag(voices[lang], speed)
@@ -396,24 +390,24 @@ def prepare_audio_mlqa(
         for lang in languages:
             for item in questions[split, lang]:
                 rows.append(
-                    {
-                        "ID": f"{lang}-{item['id']}",
-                        "wav": data_root_path(item["wav"], audio_folder),
-                        "duration": round(
-                            audio_duration(item["wav"], item["where"]), 5
-                        ),
-                        "transcript": item["question"],
-                        "language": lang,
-                        "speaker": f"espeak-ng:{voices[lang]}",
-                        "context": item["context"],
-                        "answer": "|".join(item["answers"]),
-                        "instruction": instruction.replace(
+                    manifest_row(
+                        f"{lang}-{item['id']}",
+                        item["wav"],
+                        audio_folder,
+                        item["question"],
+                        lang,
+                        f"espeak-ng:{voices[lang]}",
+                        where=item["where"],
+                        context=item["context"],
+                        answer="|".join(item["answers"]),
+                        instruction=instruction.replace(
                             "{context}", item["context"]
                         ),
-                    }
+                    )
                 )
-        write_manifest(manifests[split], rows)
-        logger.info("%s: %d spoken questions", manifests[split], len(rows))
+        write_split(
+            manifests[split], rows, "spoken questions", hours=False, log=logger
+        )
     mark_prepared(save_folder, CORPUS, options)
     return manifests
 
@@ -454,12 +448,12 @@ def main(argv=None):
     ...
     SystemExit: error: MLQA data folder /no/such/MLQA does not exist or is not a folder
     """
-    parser = argparse.ArgumentParser(
-        description="Speak MLQA questions with espeak-ng; write manifests."
+    parser = prepare_parser(
+        "Speak MLQA questions with espeak-ng; write manifests.",
+        "folder holding MLQA_V1",
+        ["test"],
+        choices=SPLITS,
     )
-    parser.add_argument("data_folder", help="folder holding MLQA_V1")
-    parser.add_argument("save_folder", help="where the manifests go")
-    parser.add_argument("--splits", nargs="+", default=["test"], choices=SPLITS)
     parser.add_argument(
         "--languages", nargs="+", default=list(DEFAULT_LANGUAGES)
     )
@@ -485,7 +479,6 @@ def main(argv=None):
         if not sep or not lang or not voice:
             parser.error(f"--voice wants LANG=VOICE, got {item!r}")
         voices[lang] = voice
-    setup_cli_logging()
     run_cli(
         prepare_audio_mlqa,
         args.data_folder,

@@ -14,6 +14,7 @@ follows the same contract:
   naming the file and the line (or the JSON location) at fault.
 """
 
+import argparse
 import json
 import logging
 import pathlib
@@ -21,7 +22,9 @@ import re
 
 import soundfile as sf
 
+from speechbrain_blspkd.dataio.manifest import ManifestError, write_manifest
 from speechbrain_blspkd.utils.atomic import atomic_write_text
+from speechbrain_blspkd.utils.cli import exit_on_error, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -411,9 +414,158 @@ def require_key(obj, key, where, kind=None):
     return value
 
 
+def manifest_row(
+    uid,
+    audio,
+    root,
+    transcript,
+    language,
+    speaker,
+    duration=None,
+    where=None,
+    **extra,
+):
+    """One manifest row for the audio file ``audio`` inside ``root``.
+
+    Arguments
+    ---------
+    uid : str
+        The row ``ID``.
+    audio : str or pathlib.Path
+        The audio file; ``wav`` is written relative to ``root``.
+    root : str or pathlib.Path
+        The folder that ``$data_root`` stands for.
+    transcript, language, speaker : str
+        The other required columns.
+    duration : float, optional
+        Seconds; default: read from the file's header (:func:`audio_duration`).
+    where : str, optional
+        File and line for the error message when reading the duration fails.
+    **extra
+        More manifest columns (``translation``, ``answer`` ...).
+
+    Returns
+    -------
+    dict
+        With the duration rounded to 5 decimals.
+
+    Example
+    -------
+    >>> row = manifest_row("u1", "/c/dev/u1.wav", "/c", "hi", "en", "s1", 1.5)
+    >>> row["wav"], row["duration"], row["speaker"]
+    ('$data_root/dev/u1.wav', 1.5, 's1')
+    """
+    if duration is None:
+        duration = audio_duration(audio, where)
+    return {
+        "ID": uid,
+        "wav": data_root_path(audio, root),
+        "duration": round(duration, 5),
+        "transcript": transcript,
+        "language": language,
+        "speaker": speaker,
+        **extra,
+    }
+
+
+def skip_if_prepared(save_folder, corpus, options, manifests, title, log=None):
+    """Whether an earlier run left the same outputs (then log the skip).
+
+    :func:`is_prepared` for ``manifests`` (a dict split -> path) with an INFO
+    message ``<title> manifests in <save_folder> exist ...`` when it is true.
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> skip_if_prepared(d, "toy", {}, {}, "Toy")
+    False
+    >>> mark_prepared(d, "toy", {})
+    >>> skip_if_prepared(d, "toy", {}, {}, "Toy")
+    True
+    """
+    if not is_prepared(save_folder, corpus, options, manifests.values()):
+        return False
+    (log or logger).info(
+        "%s manifests in %s exist with the same options; skipping preparation",
+        title,
+        save_folder,
+    )
+    return True
+
+
+def start_preparation(save_folder, corpus):
+    """Forget the options record of ``corpus`` and create ``save_folder``.
+
+    Call it once the inputs are checked, before the first output is written.
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp()) / "save"
+    >>> start_preparation(d, "toy")
+    >>> d.is_dir(), options_file(d, "toy").exists()
+    (True, False)
+    """
+    forget_prepared(save_folder, corpus)
+    pathlib.Path(save_folder).mkdir(parents=True, exist_ok=True)
+
+
+def write_split(path, rows, unit, hours=True, log=None):
+    """Write one split's manifest and log how many ``unit`` (and hours) it has.
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "dev.csv"
+    >>> write_split(p, [manifest_row("a", "/c/a.wav", "/c", "hi", "en", "s", 2)],
+    ...     "clips")
+    >>> p.is_file()
+    True
+    """
+    write_manifest(path, rows)
+    if hours:
+        total = sum(r["duration"] for r in rows) / 3600
+        (log or logger).info("%s: %d %s, %.1f h", path, len(rows), unit, total)
+    else:
+        (log or logger).info("%s: %d %s", path, len(rows), unit)
+
+
+def prepare_parser(description, data_help, splits, splits_help=None, **kw):
+    """Argument parser with ``data_folder``, ``save_folder`` and ``--splits``.
+
+    Arguments
+    ---------
+    description : str
+        What the script does.
+    data_help : str
+        Help for the ``data_folder`` argument.
+    splits : sequence of str
+        Default ``--splits``.
+    splits_help : str, optional
+        Help for ``--splits``.
+    **kw
+        More ``add_argument`` options for ``--splits`` (``choices``).
+
+    Example
+    -------
+    >>> parser = prepare_parser("Toy.", "the corpus", ["dev"])
+    >>> parser.parse_args(["data", "save"]).splits
+    ['dev']
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("data_folder", help=data_help)
+    parser.add_argument("save_folder", help="where the manifests go")
+    parser.add_argument(
+        "--splits", nargs="+", default=list(splits), help=splits_help, **kw
+    )
+    return parser
+
+
 def run_cli(prepare, *args, **kwargs):
     """Call ``prepare`` for a command line; bad input exits with its message.
 
+    Sets up INFO logging (:func:`setup_cli_logging`) first.
     :class:`PrepareError` and :class:`ManifestError` become ``SystemExit``
     with a one-line ``error: ...`` message instead of a traceback.
 
@@ -426,16 +578,12 @@ def run_cli(prepare, *args, **kwargs):
     ...
     SystemExit: error: x.tsv line 3: empty path
     """
-    from speechbrain_blspkd.dataio.manifest import ManifestError
-
-    try:
-        return prepare(*args, **kwargs)
-    except (PrepareError, ManifestError) as e:
-        raise SystemExit(f"error: {e}") from None
+    setup_cli_logging()
+    return exit_on_error(
+        (PrepareError, ManifestError), prepare, *args, **kwargs
+    )
 
 
 def setup_cli_logging():
     """Log INFO messages to stderr when a script runs from the command line."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
-    )
+    setup_logging("%(asctime)s %(levelname)s %(message)s")

@@ -27,25 +27,23 @@ Command line::
         --splits train dev test
 """
 
-import argparse
 import logging
 import pathlib
 
-from speechbrain_blspkd.dataio.manifest import write_manifest
 from speechbrain_blspkd.dataprep.common import (
     PrepareError,
-    audio_duration,
     check_folder,
     check_splits,
-    data_root_path,
-    forget_prepared,
-    is_prepared,
     language_code,
+    manifest_row,
     mark_prepared,
     normalise_space,
+    prepare_parser,
     read_tsv,
     run_cli,
-    setup_cli_logging,
+    skip_if_prepared,
+    start_preparation,
+    write_split,
 )
 
 logger = logging.getLogger(__name__)
@@ -113,12 +111,9 @@ def prepare_commonvoice(
         "language": language,
         "lowercase": bool(lowercase),
     }
-    if is_prepared(save_folder, CORPUS, options, manifests.values()):
-        logger.info(
-            "Common Voice manifests in %s exist with the same options; "
-            "skipping preparation",
-            save_folder,
-        )
+    if skip_if_prepared(
+        save_folder, CORPUS, options, manifests, "Common Voice", logger
+    ):
         return manifests
     check_folder(data_folder / "clips", "Common Voice clips folder")
     for split in splits:
@@ -127,18 +122,11 @@ def prepare_commonvoice(
                 f"{data_folder / (split + '.tsv')}: file not found "
                 f"(split {split!r})"
             )
-    forget_prepared(save_folder, CORPUS)
-    save_folder.mkdir(parents=True, exist_ok=True)
+    start_preparation(save_folder, CORPUS)
     for split in splits:
         tsv = data_folder / f"{split}.tsv"
         rows = clip_rows(data_folder, tsv, language, lowercase)
-        write_manifest(manifests[split], rows)
-        logger.info(
-            "%s: %d clips, %.1f h",
-            manifests[split],
-            len(rows),
-            sum(r["duration"] for r in rows) / 3600,
-        )
+        write_split(manifests[split], rows, "clips", log=logger)
     mark_prepared(save_folder, CORPUS, options)
     return manifests
 
@@ -225,16 +213,19 @@ def clip_rows(data_folder, entries, language, lowercase=False, extra=None):
                 f"{where}: clip {clip.name} already listed ({seen[uid]})"
             )
         seen[uid] = where
-        row = {
-            "ID": uid,
-            "wav": data_root_path(clip, data_folder),
-            "duration": round(audio_duration(clip, where), 5),
-            "transcript": text,
-            "language": language,
-            "speaker": fields["client_id"].strip(),
-            **more,
-        }
-        rows.append(row)
+        speaker = fields["client_id"].strip()
+        rows.append(
+            manifest_row(
+                uid,
+                clip,
+                data_folder,
+                text,
+                language,
+                speaker,
+                where=where,
+                **more,
+            )
+        )
     if empty:
         logger.warning(
             "%d line(s) with an empty sentence left out (first: %s)",
@@ -270,16 +261,11 @@ def main(argv=None):
     ...
     SystemExit: error: Common Voice data folder /no/such/de does not exist or is not a folder
     """
-    parser = argparse.ArgumentParser(
-        description="Write Common Voice manifests (one CSV per tsv file)."
-    )
-    parser.add_argument("data_folder", help="one language of a release")
-    parser.add_argument("save_folder", help="where the manifests go")
-    parser.add_argument(
-        "--splits",
-        nargs="+",
-        default=list(DEFAULT_SPLITS),
-        help="tsv files to read, without .tsv (default: %(default)s)",
+    parser = prepare_parser(
+        "Write Common Voice manifests (one CSV per tsv file).",
+        "one language of a release",
+        DEFAULT_SPLITS,
+        "tsv files to read, without .tsv (default: %(default)s)",
     )
     parser.add_argument(
         "--language", help="language code (default: the folder's name)"
@@ -288,7 +274,6 @@ def main(argv=None):
         "--lowercase", action="store_true", help="lower-case the sentences"
     )
     args = parser.parse_args(argv)
-    setup_cli_logging()
     run_cli(
         prepare_commonvoice,
         args.data_folder,

@@ -41,6 +41,7 @@ from speechbrain_blspkd.dataio.manifest import (
     read_manifest,
     write_manifest,
 )
+from speechbrain_blspkd.utils.cli import report_error, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -509,21 +510,14 @@ def _toy_model(folder, words, seed=0):
     """Save a tiny random Llama with :func:`_toy_tokenizer` (tests, doctests)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from speechbrain_blspkd.utils.testing import tiny_llm_config
+
     tok = _toy_tokenizer(words)
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
+    config = tiny_llm_config(
+        tok, hidden_size=32, intermediate_size=64, max_position_embeddings=256
     )
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(LlamaConfig(**config))
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return pathlib.Path(folder)
@@ -571,7 +565,7 @@ def main(argv=None):
         "--stop-after-batches", type=int, default=None, help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -594,8 +588,7 @@ def main(argv=None):
             stop_after_batches=args.stop_after_batches,
         )
     except (RuntimeError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_error(e)
     rate = info["tokens"] / info["seconds"] if info["seconds"] else 0.0
     print(
         f"wrote {info['path']}: {info['generated']} rows generated, "

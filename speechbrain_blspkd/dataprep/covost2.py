@@ -26,22 +26,21 @@ Command line::
         --src fr --tgt en --splits dev test
 """
 
-import argparse
 import logging
 import pathlib
 
-from speechbrain_blspkd.dataio.manifest import write_manifest
 from speechbrain_blspkd.dataprep.common import (
     PrepareError,
     check_folder,
     check_splits,
-    forget_prepared,
-    is_prepared,
     language_code,
     mark_prepared,
     normalise_space,
+    prepare_parser,
     run_cli,
-    setup_cli_logging,
+    skip_if_prepared,
+    start_preparation,
+    write_split,
 )
 from speechbrain_blspkd.dataprep.commonvoice import clip_rows, tsv_entries
 
@@ -123,19 +122,15 @@ def prepare_covost2(
         "splits": splits,
         "lowercase": bool(lowercase),
     }
-    if is_prepared(save_folder, CORPUS, options, manifests.values()):
-        logger.info(
-            "CoVoST 2 manifests in %s exist with the same options; "
-            "skipping preparation",
-            save_folder,
-        )
+    if skip_if_prepared(
+        save_folder, CORPUS, options, manifests, "CoVoST 2", logger
+    ):
         return manifests
     check_folder(data_folder / "clips", "Common Voice clips folder")
     sources = {
         s: _split_source(tr_folder, src_lang, tgt_lang, s) for s in splits
     }
-    forget_prepared(save_folder, CORPUS)
-    save_folder.mkdir(parents=True, exist_ok=True)
+    start_preparation(save_folder, CORPUS)
     cv_lines = None
     for split in splits:
         entries = _split_entries(*sources[split], split)
@@ -161,8 +156,7 @@ def prepare_covost2(
                 len(dropped),
                 dropped[0],
             )
-        write_manifest(manifests[split], rows)
-        logger.info("%s: %d clips", manifests[split], len(rows))
+        write_split(manifests[split], rows, "clips", hours=False, log=logger)
     mark_prepared(save_folder, CORPUS, options)
     return manifests
 
@@ -241,22 +235,15 @@ def main(argv=None):
     ...
     SystemExit: error: Common Voice data folder /no/such/fr does not exist or is not a folder
     """
-    parser = argparse.ArgumentParser(
-        description="Write CoVoST 2 manifests (one CSV per split)."
+    parser = prepare_parser(
+        "Write CoVoST 2 manifests (one CSV per split).",
+        "Common Voice source-language folder",
+        DEFAULT_SPLITS,
+        "splits to prepare (default: %(default)s)",
+        choices=DEFAULT_SPLITS,
     )
-    parser.add_argument(
-        "data_folder", help="Common Voice source-language folder"
-    )
-    parser.add_argument("save_folder", help="where the manifests go")
     parser.add_argument("--src", required=True, help="source language (fr)")
     parser.add_argument("--tgt", required=True, help="target language (en)")
-    parser.add_argument(
-        "--splits",
-        nargs="+",
-        default=list(DEFAULT_SPLITS),
-        choices=DEFAULT_SPLITS,
-        help="splits to prepare (default: %(default)s)",
-    )
     parser.add_argument(
         "--translation-folder",
         help="folder of the covost_v2.*.tsv files (default: DATA)",
@@ -265,7 +252,6 @@ def main(argv=None):
         "--lowercase", action="store_true", help="lower-case the sentences"
     )
     args = parser.parse_args(argv)
-    setup_cli_logging()
     run_cli(
         prepare_covost2,
         args.data_folder,

@@ -37,7 +37,6 @@ Command line::
         --splits XS DEV TEST
 """
 
-import argparse
 import logging
 import math
 import pathlib
@@ -46,19 +45,19 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from speechbrain_blspkd.dataio.manifest import write_manifest
 from speechbrain_blspkd.dataprep.common import (
     PrepareError,
     check_folder,
     check_splits,
-    data_root_path,
-    forget_prepared,
-    is_prepared,
     load_json,
+    manifest_row,
     mark_prepared,
+    prepare_parser,
     require_key,
     run_cli,
-    setup_cli_logging,
+    skip_if_prepared,
+    start_preparation,
+    write_split,
 )
 from speechbrain_blspkd.utils.atomic import atomic_path
 
@@ -192,18 +191,14 @@ def prepare_gigaspeech(
         "punctuation": bool(punctuation),
         "lowercase": bool(lowercase),
     }
-    if is_prepared(save_folder, CORPUS, options, manifests.values()):
-        logger.info(
-            "GigaSpeech manifests in %s exist with the same options; "
-            "skipping preparation",
-            save_folder,
-        )
+    if skip_if_prepared(
+        save_folder, CORPUS, options, manifests, "GigaSpeech", logger
+    ):
         return manifests
     meta_path = data_folder / "GigaSpeech.json"
     meta = load_json(meta_path)
     audios = require_key(meta, "audios", str(meta_path), list)
-    forget_prepared(save_folder, CORPUS)
-    save_folder.mkdir(parents=True, exist_ok=True)
+    start_preparation(save_folder, CORPUS)
     rows = {s: [] for s in splits}
     wanted = {"{" + s + "}": s for s in splits}
     seen, garbage, written = set(), 0, 0
@@ -263,14 +258,15 @@ def prepare_gigaspeech(
         )
         for seg in todo:
             wav = segment_folder / aid / f"{seg['sid']}.wav"
-            row = {
-                "ID": seg["sid"],
-                "wav": data_root_path(wav, segment_folder),
-                "duration": round(seg["duration"], 5),
-                "transcript": seg["text"],
-                "language": "en",
-                "speaker": seg["speaker"],
-            }
+            row = manifest_row(
+                seg["sid"],
+                wav,
+                segment_folder,
+                seg["text"],
+                "en",
+                seg["speaker"],
+                seg["duration"],
+            )
             for subset in seg["subsets"]:
                 rows[subset].append(row)
     if garbage:
@@ -285,10 +281,13 @@ def prepare_gigaspeech(
             raise PrepareError(
                 f"{meta_path}: no segments in subset {{{split}}}"
             )
-        write_manifest(
-            manifests[split], sorted(rows[split], key=lambda r: r["ID"])
+        write_split(
+            manifests[split],
+            sorted(rows[split], key=lambda r: r["ID"]),
+            "segments",
+            hours=False,
+            log=logger,
         )
-        logger.info("%s: %d segments", manifests[split], len(rows[split]))
     mark_prepared(save_folder, CORPUS, options)
     return manifests
 
@@ -386,16 +385,11 @@ def main(argv=None):
     ...
     SystemExit: error: GigaSpeech data folder /no/such/GigaSpeech does not exist or is not a folder
     """
-    parser = argparse.ArgumentParser(
-        description="Cut GigaSpeech segments and write manifests per subset."
-    )
-    parser.add_argument("data_folder", help="the GigaSpeech folder")
-    parser.add_argument("save_folder", help="where the manifests go")
-    parser.add_argument(
-        "--splits",
-        nargs="+",
-        default=list(DEFAULT_SPLITS),
-        help=f"subsets among {' '.join(SUBSETS)} (default: %(default)s)",
+    parser = prepare_parser(
+        "Cut GigaSpeech segments and write manifests per subset.",
+        "the GigaSpeech folder",
+        DEFAULT_SPLITS,
+        f"subsets among {' '.join(SUBSETS)} (default: %(default)s)",
     )
     parser.add_argument(
         "--segment-folder",
@@ -411,7 +405,6 @@ def main(argv=None):
         "--keep-case", action="store_true", help="keep the upper-case text"
     )
     args = parser.parse_args(argv)
-    setup_cli_logging()
     run_cli(
         prepare_gigaspeech,
         args.data_folder,

@@ -18,24 +18,22 @@ Command line::
         --splits dev-clean test-clean
 """
 
-import argparse
 import logging
 import pathlib
 import re
 
-from speechbrain_blspkd.dataio.manifest import write_manifest
 from speechbrain_blspkd.dataprep.common import (
     PrepareError,
-    audio_duration,
     check_folder,
     check_splits,
-    data_root_path,
-    forget_prepared,
-    is_prepared,
+    manifest_row,
     mark_prepared,
     normalise_space,
+    prepare_parser,
     run_cli,
-    setup_cli_logging,
+    skip_if_prepared,
+    start_preparation,
+    write_split,
 )
 
 logger = logging.getLogger(__name__)
@@ -120,26 +118,16 @@ def prepare_librispeech(
         "splits": splits,
         "lowercase": bool(lowercase),
     }
-    if is_prepared(save_folder, CORPUS, options, manifests.values()):
-        logger.info(
-            "LibriSpeech manifests in %s exist with the same options; "
-            "skipping preparation",
-            save_folder,
-        )
+    if skip_if_prepared(
+        save_folder, CORPUS, options, manifests, "LibriSpeech", logger
+    ):
         return manifests
     for split in splits:
         check_folder(data_folder / split, f"LibriSpeech split {split!r}:")
-    forget_prepared(save_folder, CORPUS)
-    save_folder.mkdir(parents=True, exist_ok=True)
+    start_preparation(save_folder, CORPUS)
     for split in splits:
         rows = _split_rows(data_folder, split, lowercase)
-        write_manifest(manifests[split], rows)
-        logger.info(
-            "%s: %d utterances, %.1f h",
-            manifests[split],
-            len(rows),
-            sum(r["duration"] for r in rows) / 3600,
-        )
+        write_split(manifests[split], rows, "utterances", log=logger)
     mark_prepared(save_folder, CORPUS, options)
     return manifests
 
@@ -154,20 +142,19 @@ def _split_rows(data_folder, split, lowercase):
         )
     rows, seen = [], {}
     for trans in trans_files:
-        for row, where in _trans_rows(trans, lowercase):
+        for row, where in _trans_rows(trans, data_folder, lowercase):
             if row["ID"] in seen:
                 raise PrepareError(
                     f"{where}: utterance {row['ID']} already listed at "
                     f"{seen[row['ID']]}"
                 )
             seen[row["ID"]] = where
-            row["wav"] = data_root_path(row.pop("path"), data_folder)
             rows.append(row)
     rows.sort(key=lambda r: r["ID"])
     return rows
 
 
-def _trans_rows(trans, lowercase):
+def _trans_rows(trans, data_folder, lowercase):
     """Yield (row, 'file line N') for each line of one ``trans.txt`` file."""
     chapter_dir = trans.parent
     speaker, chapter = chapter_dir.parent.name, chapter_dir.name
@@ -203,14 +190,9 @@ def _trans_rows(trans, lowercase):
         audio = chapter_dir / f"{parts[0]}.flac"
         if not audio.is_file():
             raise PrepareError(f"{where}: audio {audio} not found")
-        row = {
-            "ID": parts[0],
-            "path": audio,
-            "duration": round(audio_duration(audio, where), 5),
-            "transcript": text,
-            "language": "en",
-            "speaker": speaker,
-        }
+        row = manifest_row(
+            parts[0], audio, data_folder, text, "en", speaker, where=where
+        )
         yield row, where
 
 
@@ -224,17 +206,12 @@ def main(argv=None):
     ...
     SystemExit: error: LibriSpeech data folder /no/such/folder does not exist or is not a folder
     """
-    parser = argparse.ArgumentParser(
-        description="Write LibriSpeech manifests (one CSV per split)."
-    )
-    parser.add_argument("data_folder", help="the LibriSpeech folder")
-    parser.add_argument("save_folder", help="where the manifests go")
-    parser.add_argument(
-        "--splits",
-        nargs="+",
-        default=list(DEFAULT_SPLITS),
+    parser = prepare_parser(
+        "Write LibriSpeech manifests (one CSV per split).",
+        "the LibriSpeech folder",
+        DEFAULT_SPLITS,
+        "splits to prepare (default: %(default)s)",
         choices=SPLITS,
-        help="splits to prepare (default: %(default)s)",
     )
     parser.add_argument(
         "--keep-case",
@@ -242,7 +219,6 @@ def main(argv=None):
         help="keep the upper-case transcripts instead of lower-casing them",
     )
     args = parser.parse_args(argv)
-    setup_cli_logging()
     run_cli(
         prepare_librispeech,
         args.data_folder,

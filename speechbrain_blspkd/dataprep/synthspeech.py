@@ -53,6 +53,7 @@ import unicodedata
 
 from speechbrain_blspkd.dataio.manifest import read_manifest, write_manifest
 from speechbrain_blspkd.utils.atomic import atomic_path, atomic_write_text
+from speechbrain_blspkd.utils.cli import report_error, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -936,7 +937,7 @@ def main(argv=None):
     parser.add_argument("--num-workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--en-fraction", type=float, default=0.8)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     try:
         out = prepare_synthspeech(
             args.save_folder,
@@ -949,8 +950,7 @@ def main(argv=None):
             en_fraction=args.en_fraction,
         )
     except (RuntimeError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_error(e)
     for split, path in out.items():
         print(f"{split}: {path}")
     return 0

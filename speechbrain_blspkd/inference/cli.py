@@ -18,6 +18,8 @@ Authors
 import argparse
 import sys
 
+from speechbrain_blspkd.utils.cli import report_error
+
 __all__ = ["build_parser", "main"]
 
 
@@ -68,8 +70,7 @@ def build_parser():
 
 
 def _fail(message):
-    print(f"blspkd-infer: error: {message}", file=sys.stderr)
-    return 2
+    return report_error(message, prog="blspkd-infer", status=2)
 
 
 def main(argv=None):

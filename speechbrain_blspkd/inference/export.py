@@ -661,11 +661,12 @@ def _tiny_model(folder, seed=0, **kwargs):
     :meth:`~speechbrain_blspkd.inference.SpeechLLM.from_hparams`.
     """
     import torch
-    from transformers import WhisperConfig, WhisperModel
+    from transformers import WhisperModel
 
     from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
     from speechbrain_blspkd.nnet.cformer import CFormer
     from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
+    from speechbrain_blspkd.utils.testing import tiny_whisper_config
 
     folder = pathlib.Path(folder)
     torch.manual_seed(seed)
@@ -673,15 +674,10 @@ def _tiny_model(folder, seed=0, **kwargs):
     base.llm.save_pretrained(folder / "llm")
     base.tokenizer.save_pretrained(folder / "llm")
     whisper = WhisperModel(
-        WhisperConfig(
-            d_model=64,
-            encoder_layers=2,
-            encoder_attention_heads=4,
-            encoder_ffn_dim=128,
+        tiny_whisper_config(
             decoder_layers=1,
             decoder_attention_heads=4,
             decoder_ffn_dim=64,
-            num_mel_bins=80,
             vocab_size=64,
             max_target_positions=16,
             pad_token_id=0,

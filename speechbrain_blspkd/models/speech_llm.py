@@ -221,27 +221,19 @@ class SpeechLLMModel(nn.Module):
             LlamaForCausalLM,
             Qwen2Config,
             Qwen2ForCausalLM,
-            WhisperConfig,
         )
 
         from speechbrain_blspkd.nnet.cformer import CFormer
         from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
         from speechbrain_blspkd.prompt import build_test_tokenizer
+        from speechbrain_blspkd.utils.testing import (
+            tiny_llm_config,
+            tiny_whisper_config,
+        )
 
         tok = build_test_tokenizer()
-        common = dict(
-            vocab_size=len(tok),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            bos_token_id=None,
-            tie_word_embeddings=True,
-            initializer_range=init_std,
+        common = tiny_llm_config(
+            tok, tie_word_embeddings=True, initializer_range=init_std
         )
         if llm_type == "llama":
             llm = LlamaForCausalLM(LlamaConfig(**common))
@@ -251,15 +243,7 @@ class SpeechLLMModel(nn.Module):
             raise ValueError(f"tiny_for_tests: unknown llm_type {llm_type!r}")
         encoder = None
         if whisper:
-            encoder = WhisperEncoder(
-                WhisperConfig(
-                    d_model=64,
-                    encoder_layers=2,
-                    encoder_attention_heads=4,
-                    encoder_ffn_dim=128,
-                    num_mel_bins=80,
-                )
-            )
+            encoder = WhisperEncoder(tiny_whisper_config())
         adapter = CFormer(64, 64, n_pre=1, n_post=1, nhead=4, d_ffn=128)
         kwargs.setdefault(
             "plora", dict(r=4, alpha=8, dropout=0.0, scope="audio")
