@@ -39,6 +39,7 @@ def test_stereo_is_downmixed_and_rate_resampled(tmp_path, caplog):
 def test_too_long_is_refused(tmp_path):
     path = tmp_path / "long.wav"
     sf.write(path, np.zeros(16000 * 3, dtype="float32"), 16000)
-    assert load_audio(path, max_seconds=3).shape == (48000,)
+    wav = load_audio(path, max_seconds=3)
+    assert wav.shape == (48000,)
     with pytest.raises(AudioError, match="longer than the 2 s"):
         load_audio(path, max_seconds=2)

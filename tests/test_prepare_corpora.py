@@ -57,9 +57,9 @@ def test_librispeech_rows(tmp_path):
         assert [r["ID"] for r in rows] == sorted(utts)
         _check_paths(rows, data)
         for row in rows:
-            rel, seconds, text = utts[row["ID"]]
+            rel, expected_len, text = utts[row["ID"]]
             assert row["wav"] == f"$data_root/{rel}"
-            assert row["duration"] == pytest.approx(seconds, abs=0.01)
+            assert row["duration"] == pytest.approx(expected_len, abs=0.01)
             assert row["transcript"] == text.lower()
             assert row["language"] == "en"
             assert row["speaker"] == row["ID"].split("-")[0]
@@ -149,9 +149,9 @@ def test_commonvoice_rows(tmp_path):
         assert sorted(r["ID"] for r in rows) == sorted(clips)
         _check_paths(rows, data)
         for row in rows:
-            rel, seconds, sentence, client = clips[row["ID"]]
+            rel, expected_len, sentence, client = clips[row["ID"]]
             assert row["wav"] == f"$data_root/{rel}"
-            assert row["duration"] == pytest.approx(seconds, abs=0.01)
+            assert row["duration"] == pytest.approx(expected_len, abs=0.01)
             assert row["transcript"] == " ".join(sentence.split())
             assert row["speaker"] == client
             assert row["language"] == "de"
@@ -240,9 +240,9 @@ def test_covost2_rows(tmp_path, released):
         assert {r["ID"] for r in rows} == want
         _check_paths(rows, data)
         for row in rows:
-            rel, seconds, sentence, translation, _ = expected[row["ID"]]
+            rel, expected_len, sentence, translation, _ = expected[row["ID"]]
             assert row["wav"] == f"$data_root/{rel}"
-            assert row["duration"] == pytest.approx(seconds, abs=0.01)
+            assert row["duration"] == pytest.approx(expected_len, abs=0.01)
             assert row["transcript"] == sentence
             assert row["translation"] == translation
             assert row["language"] == "fr"
