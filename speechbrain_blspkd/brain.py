@@ -186,23 +186,29 @@ class BLSPKDBrain(sb.Brain):
         terms["cif"] = lambda: quantity_loss(
             out["alphas"], out["frame_mask"], out["num_tokens"]
         )
-        align = self.model.alignment_loss(
-            out["adapter"],
-            out["transcript_ids"],
-            temperature=self.hparams.align_temperature,
-        )
-        terms["align"] = align["loss"]
+        accuracy = {}
+
+        def align_term():
+            align = self.model.alignment_loss(
+                out["adapter"],
+                out["transcript_ids"],
+                temperature=self.hparams.align_temperature,
+            )
+            accuracy["token_acc"] = float(align["accuracy"])
+            return align["loss"]
+
+        terms["align"] = align_term
         # Only the terms with a weight are evaluated.
         active = {k: v for k, v in terms.items() if loss_fn.active(k)}
         total, logged = loss_fn(**active)
         if stage != sb.Stage.TRAIN:
-            self._accumulate_eval(out, terms, align)
+            self._accumulate_eval(out, terms)
         self._last_terms = {k: float(v) for k, v in logged.items()}
-        self._last_terms["token_acc"] = float(align["accuracy"])
+        self._last_terms.update(accuracy)
         return total
 
     # ------------------------------------------------------------------
-    def _accumulate_eval(self, out, terms, align):
+    def _accumulate_eval(self, out, terms):
         stats = self._eval_stats
         with torch.no_grad():
             n = int(out["num_tokens"].numel())
