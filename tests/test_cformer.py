@@ -207,3 +207,16 @@ def test_bfloat16_model():
     assert out.tokens.dtype == torch.bfloat16
     assert torch.isfinite(out.tokens).all()
     assert out.token_mask.sum(1).tolist() == out.num_tokens.tolist()
+
+
+def test_weight_bias_init_sets_the_starting_rate():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 300, 32)
+    rates = {}
+    for bias in (0.0, -2.0):
+        model = CFormer(
+            32, 16, n_pre=1, n_post=1, nhead=4, d_ffn=32, weight_bias_init=bias
+        ).eval()
+        rates[bias] = float(model(hidden).alphas.mean())
+    assert abs(rates[-2.0] - torch.sigmoid(torch.tensor(-2.0)).item()) < 0.05
+    assert abs(rates[0.0] - 0.5) < 0.1

@@ -143,6 +143,13 @@ class CFormer(nn.Module):
         Whisper, see :meth:`init_pre_layers_from`).
     threshold : float
         CIF firing threshold.
+    weight_bias_init : float
+        Initial bias of the weight channel (the LayerNorm bias of channel
+        d-1, added before the sigmoid). With 0 every frame starts at alpha
+        ~0.5, i.e. ~25 tokens a second where text has ~4-6: the quantity
+        loss then pulls hard, and was seen to overshoot within ten steps
+        into the saturated region (alpha ~0 for every frame, no gradient,
+        one token at inference). ``-2.0`` starts near alpha ~0.12 instead.
 
     Example
     -------
@@ -174,6 +181,7 @@ class CFormer(nn.Module):
         pre_dropout=0.0,
         activation="gelu",
         threshold=1.0,
+        weight_bias_init=0.0,
     ):
         super().__init__()
         if input_size < 2:
@@ -195,6 +203,8 @@ class CFormer(nn.Module):
             for _ in range(n_pre)
         )
         self.norm = nn.LayerNorm(d)
+        with torch.no_grad():
+            self.norm.bias[-1] = weight_bias_init
         self.dropout = nn.Dropout(dropout)
         self.token_proj = nn.Linear(d - 1, d)
         self.post_layers = nn.ModuleList(
