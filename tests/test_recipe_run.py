@@ -128,3 +128,56 @@ def test_recipe_two_processes_gloo(tiny_bases, tmp_path):
     _run(cmd, RECIPE)
     _check_outputs(out)
     assert not list((out / "eval" / "trained").glob("rows.rank*.jsonl"))
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_to_the_same_weights(tiny_bases, tmp_path):
+    """SIGKILL during the second epoch, rerun: the same final weights."""
+    import random
+    import signal
+    import time
+
+    import torch
+
+    data = tmp_path / "data"
+
+    def cmd(out):
+        over = _overrides(tiny_bases, data, out)
+        over = [o for o in over if not o.startswith("--align_epochs_limit")]
+        return (
+            [sys.executable, "train.py", "hparams/blsp_kd.yaml"]
+            + over
+            + [
+                "--align_epochs_limit=3",
+                "--eval_untrained=False",
+            ]
+        )
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    _run(cmd(tmp_path / "straight"), RECIPE)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        cmd(out),
+        cwd=RECIPE,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 600
+    while not list((out / "save").glob("CKPT+align-E1*")):
+        assert proc.poll() is None, "run ended before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    time.sleep(random.Random(0).uniform(0.0, 0.3))
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (out / "model").exists()
+    _run(cmd(out), RECIPE)
+
+    a = torch.load(tmp_path / "straight" / "model" / "model.ckpt")
+    b = torch.load(out / "model" / "model.ckpt")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
