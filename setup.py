@@ -19,7 +19,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["speechbrain_blspkd", "speechbrain_blspkd.*"]),
-    package_data={"speechbrain_blspkd": ["data/*", "hparams/*.yaml"]},
     install_requires=[
         "torch>=2.3",
         "torchaudio>=2.3",
