@@ -269,6 +269,32 @@ class BLSPKDBrain(sb.Brain):
             }
             row["lr"] = self.optimizer.param_groups[0]["lr"]
             _append_jsonl(self.hparams.step_log, row)
+            self._tensorboard(row, self.optimizer_step, prefix="train_step")
+
+    def _tensorboard(self, stats, step, prefix):
+        """Also log ``stats`` to TensorBoard when it is installed.
+
+        Events go to ``<step_log folder>/tensorboard``; without the
+        ``tensorboard`` package this does nothing (said once in the log).
+        """
+        writer = getattr(self, "_tb_writer", None)
+        if writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                logger.info("tensorboard not installed: step log only")
+                self._tb_writer = writer = False
+            else:
+                folder = os.path.join(
+                    os.path.dirname(self.hparams.step_log), "tensorboard"
+                )
+                self._tb_writer = writer = SummaryWriter(folder)
+        if writer is False:
+            return
+        for key, value in stats.items():
+            if isinstance(value, (int, float)) and key != "step":
+                writer.add_scalar(f"{prefix}/{key}", value, step)
+        writer.flush()
 
     def on_fit_batch_start(self, batch, should_step):
         """Warm-up / decay of the learning rate per optimiser step."""
@@ -290,6 +316,10 @@ class BLSPKDBrain(sb.Brain):
                 train_stats=self.train_stats,
                 valid_stats=stats,
             )
+            if sb.utils.distributed.if_main_process():
+                self._tensorboard(
+                    stats, self.optimizer_step, f"valid_{self.train_stage}"
+                )
             self.checkpointer.save_and_keep_only(
                 meta={"loss": stage_loss, "stage": self.train_stage},
                 min_keys=["loss"],

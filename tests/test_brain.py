@@ -106,3 +106,30 @@ def test_same_seed_gives_identical_losses(tmp_path):
         brain = _brain(tmp_path, seed=7)
         runs.append([float(brain.fit_batch(_batch())) for _ in range(3)])
     assert runs[0] == runs[1]
+
+
+def test_steps_go_to_tensorboard_when_installed(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    events = []
+
+    class Writer:
+        def __init__(self, folder):
+            events.append(("folder", folder))
+
+        def add_scalar(self, tag, value, step):
+            events.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    brain = _brain(tmp_path)
+    brain.fit_batch(_batch())
+    assert events[0] == ("folder", str(tmp_path / "tensorboard"))
+    tags = {e[0] for e in events[1:]}
+    assert {"train_step/loss", "train_step/input_kl", "train_step/lr"} <= tags
+    assert all(e[2] == 1 for e in events[1:])
