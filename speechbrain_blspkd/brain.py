@@ -202,13 +202,13 @@ class BLSPKDBrain(sb.Brain):
         active = {k: v for k, v in terms.items() if loss_fn.active(k)}
         total, logged = loss_fn(**active)
         if stage != sb.Stage.TRAIN:
-            self._accumulate_eval(out, terms)
+            self._accumulate_eval(out, terms, logged)
         self._last_terms = {k: float(v) for k, v in logged.items()}
         self._last_terms.update(accuracy)
         return total
 
     # ------------------------------------------------------------------
-    def _accumulate_eval(self, out, terms):
+    def _accumulate_eval(self, out, terms, logged):
         stats = self._eval_stats
         with torch.no_grad():
             n = int(out["num_tokens"].numel())
@@ -223,7 +223,9 @@ class BLSPKDBrain(sb.Brain):
             stats["tok_total"] += acc["total"]
             if "student_input_logits" in out:
                 for key in ("input_kl", "response_kl"):
-                    stats[key] += float(terms[key]()) * n
+                    # reuse the value the loss already computed
+                    value = logged[key] if key in logged else terms[key]()
+                    stats[key] += float(value) * n
                 stats["kl_utts"] += n
 
     def on_stage_start(self, stage, epoch=None):
