@@ -220,3 +220,41 @@ def test_weight_bias_init_sets_the_starting_rate():
         rates[bias] = float(model(hidden).alphas.mean())
     assert abs(rates[-2.0] - torch.sigmoid(torch.tensor(-2.0)).item()) < 0.05
     assert abs(rates[0.0] - 0.5) < 0.1
+
+
+def test_frame_stride_pools_before_the_pre_layers():
+    from speechbrain_blspkd.nnet.cformer import pool_frames
+
+    torch.manual_seed(0)
+    strided = CFormer(
+        16,
+        24,
+        n_pre=1,
+        n_post=1,
+        nhead=2,
+        d_ffn=32,
+        dropout=0.0,
+        frame_stride=2,
+    ).eval()
+    plain = CFormer(
+        16, 24, n_pre=1, n_post=1, nhead=2, d_ffn=32, dropout=0.0
+    ).eval()
+    plain.load_state_dict(strided.state_dict())
+    hidden = torch.randn(2, 11, 16)
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[1, 7:] = False
+    n = torch.tensor([4, 3])
+    out = strided(hidden, mask=mask, num_tokens=n)
+    pooled, pmask = pool_frames(hidden, mask, 2)
+    ref = plain(pooled, mask=pmask, num_tokens=n)
+    assert out.alphas.shape == (2, 6)
+    assert out.frame_mask.sum(1).tolist() == [6, 4]
+    assert torch.allclose(out.tokens, ref.tokens, atol=1e-6)
+    # the padded row equals the same utterance alone (padding excluded)
+    alone = strided(hidden[1:, :7], num_tokens=n[1:])
+    assert torch.allclose(alone.tokens[0], out.tokens[1, :3], atol=1e-5)
+
+
+def test_frame_stride_must_be_a_positive_int():
+    with pytest.raises(ValueError, match="frame_stride"):
+        CFormer(16, 24, n_pre=1, n_post=1, nhead=2, d_ffn=32, frame_stride=0)

@@ -380,3 +380,46 @@ def test_target_patterns_and_errors():
         apply_plora(nn.Sequential(nn.Linear(2, 2)), target_modules=("q_proj",))
     with pytest.raises(ValueError, match="scope"):
         apply_plora(nn.Sequential(nn.Linear(2, 2)), ("0",), scope="speech")
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_masked_delta_equals_the_dense_formula(soft):
+    """The row-sparse delta equals base + mask * delta, values and grads."""
+    from speechbrain_blspkd.nnet.plora import PLoRALinear, PLoRAState
+
+    torch.manual_seed(0)
+    state = PLoRAState("audio")
+    layer = PLoRALinear(nn.Linear(6, 5), state, r=3, alpha=6, dropout=0.0)
+    nn.init.normal_(layer.lora_B)
+    mask = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.float32)
+    if soft:
+        mask = mask * torch.tensor([[1.0, 0.5, 2.0, 1.0]])
+    state.set_mask(mask)
+    x = torch.randn(2, 4, 6, requires_grad=True)
+    y = layer(x)
+    delta = (x @ layer.lora_A.T) @ layer.lora_B.T * layer.scaling
+    ref = layer.base(x) + delta * mask[..., None]
+    assert torch.allclose(y, ref, atol=1e-6)
+    grads = torch.autograd.grad(y.square().sum(), [x, layer.lora_A])
+    refs = torch.autograd.grad(ref.square().sum(), [x, layer.lora_A])
+    for g, r in zip(grads, refs):
+        assert torch.allclose(g, r, atol=1e-5)
+    # unmasked rows are exactly the base layer
+    assert torch.equal(y[1, 1:], layer.base(x)[1, 1:])
+
+
+def test_masked_delta_with_dropout_touches_only_masked_rows():
+    from speechbrain_blspkd.nnet.plora import PLoRALinear, PLoRAState
+
+    torch.manual_seed(0)
+    state = PLoRAState("audio")
+    layer = PLoRALinear(nn.Linear(6, 5), state, r=3, alpha=6, dropout=0.5)
+    nn.init.normal_(layer.lora_B)
+    state.set_mask(torch.tensor([[0, 1, 1, 0]], dtype=torch.bool))
+    x = torch.randn(1, 4, 6)
+    y = layer.train()(x)
+    base = layer.base(x)
+    assert torch.equal(y[0, [0, 3]], base[0, [0, 3]])
+    assert not torch.allclose(y[0, 1:3], base[0, 1:3])
+    clean = layer.eval()(x)
+    assert not torch.allclose(y[0, 1:3], clean[0, 1:3])  # dropout applied

@@ -230,11 +230,11 @@ def test_plora_only_at_speech_positions(pristine_and_model):
     )
     batch = model.prompts.collate(prompts)
     emb = model.embed_tokens(batch["input_ids"])
-    model._set_student_mask(batch["speech_mask"], batch["attention_mask"])
+    mask = model._student_mask(batch["speech_mask"], batch["attention_mask"])
     with torch.no_grad():
-        on = model._hidden(emb, batch["attention_mask"])
+        on = model._hidden(emb, batch, mask)
         with disable_plora(model.llm):
-            off = model._hidden(emb, batch["attention_mask"])
+            off = model._hidden(emb, batch, mask)
     s0 = int(batch["span_start"][0])
     assert torch.allclose(on[0, :s0], off[0, :s0], atol=1e-6)
     assert not torch.allclose(on[0, s0:], off[0, s0:], atol=1e-3)
@@ -368,3 +368,54 @@ def test_qwen2_tiny():
     batched = model.generate(wavs, lens, max_new_tokens=4, return_ids=True)
     single = model.generate(wavs[1:2, :8000], max_new_tokens=4, return_ids=1)
     assert single[0] == batched[1]
+
+
+@pytest.mark.parametrize("llm_type", ["llama", "qwen2"])
+def test_prefix_reuse_equals_the_full_forward(llm_type):
+    """Reusing the shared prefix's keys/values gives the same logits and
+    gradients as running the whole sequence, for teacher and student."""
+    torch.manual_seed(0)
+    model = SpeechLLMModel.tiny_for_tests(llm_type=llm_type, whisper=False)
+    model.train()
+    for layer in model.llm.modules():
+        if hasattr(layer, "dropout") and isinstance(
+            layer.dropout, torch.nn.Dropout
+        ):
+            layer.dropout.p = 0.0
+    model.adapter.eval()
+    feats = torch.randn(2, 24, 64)
+    kw = dict(
+        feats=feats,
+        feat_lens=torch.tensor([1.0, 0.75]),
+        transcripts=["the cat sat", "a dog"],
+        continuations=["on the mat.", "ran far away"],
+        instructions="Continue:",
+    )
+    results = []
+    for reuse in (False, True):
+        model.prefix_reuse = reuse
+        model.zero_grad()
+        out = model.compute_kd_inputs(**kw)
+        loss = (
+            out["student_input_logits"].logsumexp(-1).sum()
+            + out["student_response_logits"].logsumexp(-1).sum()
+        )
+        loss.backward()
+        grads = [
+            p.grad.clone()
+            for p in model.trainable_parameters()
+            if p.grad is not None
+        ]
+        results.append((out, grads))
+    assert model._prefix_cache, "the prefix was not reused"
+    (full, g_full), (reused, g_reused) = results
+    for key in (
+        "teacher_input_logits",
+        "teacher_response_logits",
+        "student_input_logits",
+        "student_response_logits",
+    ):
+        assert torch.allclose(full[key], reused[key], atol=1e-4), key
+    assert len(g_full) == len(g_reused) > 0
+    for a, b in zip(g_full, g_reused):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)

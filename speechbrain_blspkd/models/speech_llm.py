@@ -108,6 +108,14 @@ class SpeechLLMModel(nn.Module):
         CPUs); PLoRA weights stay float32.
     gradient_checkpointing : bool
         Enable HF gradient checkpointing in the LLM.
+    prefix_reuse : bool
+        Reuse the keys and values of the prompt prefix the whole batch
+        shares (system prompt and instruction, about a third of a
+        continuation prompt): computed once with batch 1, kept while the
+        base LLM is frozen and the prefix gets no PLoRA delta, expanded over
+        the batch, and the LLM runs (forward and backward) on the rest of
+        the sequence only. Off with gradient checkpointing (which re-runs
+        the forward) and for PLoRA scopes that reach the prefix.
 
     Example
     -------
@@ -135,6 +143,7 @@ class SpeechLLMModel(nn.Module):
         plora=None,
         llm_dtype=None,
         gradient_checkpointing=False,
+        prefix_reuse=False,
     ):
         super().__init__()
         if isinstance(llm_dtype, str):
@@ -186,6 +195,9 @@ class SpeechLLMModel(nn.Module):
         self.has_plora = has_plora
         if gradient_checkpointing:
             llm.gradient_checkpointing_enable()
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        self.prefix_reuse = bool(prefix_reuse)
+        self._prefix_cache = {}
         self._table = None
 
     # ------------------------------------------------------------------
@@ -273,12 +285,11 @@ class SpeechLLMModel(nn.Module):
             return plora_lib.disable_plora(self.llm)
         return contextlib.nullcontext()
 
-    def _set_student_mask(self, speech_mask, attention_mask):
+    def _student_mask(self, speech_mask, attention_mask):
         if not self.has_plora:
-            return
+            return None
         scope = plora_lib._state(self.llm).scope
-        mask = plora_lib.scope_mask(speech_mask, scope, attention_mask)
-        plora_lib.set_plora_mask(self.llm, mask)
+        return plora_lib.scope_mask(speech_mask, scope, attention_mask)
 
     def _instructions(self, instructions, n, audio=False):
         if instructions is None:
@@ -295,16 +306,97 @@ class SpeechLLMModel(nn.Module):
             )
         return list(instructions)
 
-    def _hidden(self, embeds, attention_mask):
-        """Final hidden states (B, L, D) of the LLM backbone."""
+    def _hidden(self, embeds, batch, plora_mask=None):
+        """Final hidden states (B, L, D) of the LLM backbone.
+
+        ``batch`` is a right-padded collated prompt batch; ``plora_mask``
+        the student's PLoRA mask (None: no delta, e.g. the teacher). With
+        ``prefix_reuse`` the shared prefix comes from the cache and the
+        returned states cover the prefix positions with zeros (nothing is
+        read there: distilled positions start after the instruction).
+        """
+        attention_mask = batch["attention_mask"]
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        start = self._reusable_prefix(batch, plora_mask)
+        past = None
+        if start:
+            past = self._prefix_keys_values(
+                batch["input_ids"][0, :start], embeds.shape[0]
+            )
+            embeds = embeds[:, start:]
+            position_ids = position_ids[:, start:]
+            if plora_mask is not None:
+                plora_mask = plora_mask[:, start:]
+        # The mask stays set after this call: with gradient checkpointing
+        # the student forward is re-run in backward().
+        if self.has_plora:
+            plora_lib.set_plora_mask(self.llm, plora_mask)
         out = self._backbone()(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
+            past_key_values=past,
             use_cache=False,
         )
-        return out.last_hidden_state
+        hidden = out.last_hidden_state
+        if start:
+            hidden = F.pad(hidden, (0, 0, start, 0))
+        return hidden
+
+    def _reusable_prefix(self, batch, plora_mask):
+        """Length of the batch's shared prefix to reuse (0: none)."""
+        if not self.prefix_reuse or self.gradient_checkpointing:
+            return 0
+        ids = batch["input_ids"]
+        start = int(batch["span_start"].min())
+        if start < 1 or ids.shape[1] - start < 1:
+            return 0
+        same = (ids[:, :start] == ids[:1, :start]).all(0)
+        if not bool(same.all()):
+            start = int(same.long().cumprod(0).sum())
+        if not bool(batch["attention_mask"][:, :start].bool().all()):
+            return 0  # left padding: no shared prefix
+        if plora_mask is not None and bool(plora_mask[:, :start].any()):
+            return 0  # the delta reaches the prefix (scope text / global)
+        frozen = all(
+            not p.requires_grad
+            for n, p in self.llm.named_parameters()
+            if "lora_" not in n
+        )
+        return start if frozen else 0
+
+    def _prefix_keys_values(self, prefix_ids, batch_size):
+        """A fresh cache holding the prefix keys/values for the batch."""
+        from transformers import DynamicCache
+
+        device = prefix_ids.device
+        autocast = torch.is_autocast_enabled(device.type)
+        key = (
+            tuple(prefix_ids.tolist()),
+            str(device),
+            autocast,
+            torch.get_autocast_dtype(device.type) if autocast else None,
+            self.embed_tokens.weight.dtype,
+            self.llm.training,
+        )
+        if key not in self._prefix_cache:
+            if len(self._prefix_cache) >= 8:
+                self._prefix_cache.clear()
+            with torch.no_grad(), self._plora_off():
+                cache = DynamicCache(config=self.llm.config)
+                self._backbone()(
+                    inputs_embeds=self.embed_tokens(prefix_ids[None]),
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+            self._prefix_cache[key] = [
+                (layer.keys, layer.values) for layer in cache.layers
+            ]
+        cache = DynamicCache(config=self.llm.config)
+        for i, (k, v) in enumerate(self._prefix_cache[key]):
+            shape = (batch_size,) + tuple(k.shape[1:])
+            cache.update(k.expand(shape), v.expand(shape), i)
+        return cache
 
     def _gather_logits(self, hidden, positions, mask):
         """LM-head logits (B, P, V) float32 at ``positions`` (0 if masked)."""
@@ -475,7 +567,7 @@ class SpeechLLMModel(nn.Module):
         batch = self.prompts.collate(prompts, device=device)
         with torch.no_grad(), self._plora_off(), _eval_mode(self.llm):
             embeds = self.embed_tokens(batch["input_ids"])
-            hidden = self._hidden(embeds, batch["attention_mask"])
+            hidden = self._hidden(embeds, batch)
             pos, in_mask = _positions(batch["span_start"], batch["span_length"])
             input_logits = self._gather_logits(hidden, pos, in_mask)
             rpos, r_mask = _positions(
@@ -600,12 +692,10 @@ class SpeechLLMModel(nn.Module):
             )
             batch = self.prompts.collate(prompts, device=device)
             embeds = self._speech_embeds(batch, adapter_out)
-            # The mask stays set after this call: with gradient
-            # checkpointing the student forward is re-run in backward().
-            self._set_student_mask(
+            mask = self._student_mask(
                 batch["speech_mask"], batch["attention_mask"]
             )
-            hidden = self._hidden(embeds, batch["attention_mask"])
+            hidden = self._hidden(embeds, batch, mask)
             pos, in_mask = _positions(batch["span_start"], batch["span_length"])
             rpos, r_mask = _positions(
                 batch["response_start"] - 1, batch["response_length"]
