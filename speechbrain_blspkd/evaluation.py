@@ -27,6 +27,8 @@ from tqdm import tqdm
 from speechbrain_blspkd import metrics
 from speechbrain_blspkd.dataio.audio import load_audio
 from speechbrain_blspkd.dataio.manifest import read_manifest
+from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
+from speechbrain_blspkd.prompt import context_limit
 from speechbrain_blspkd.utils.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,94 @@ def _speech_batch(rows, feature_cache, sample_rate, device):
     return {"wavs": wavs.to(device), "wav_lens": rel.to(device)}
 
 
+@torch.no_grad()
+def check_speech_fits(
+    model,
+    instructions=None,
+    max_new_tokens=0,
+    names=None,
+    source=None,
+    item="row",
+    **speech,
+):
+    """Checks speech prompts fit the LLM context before generating.
+
+    The encoder (unless ``feats`` are given) and the adapter are run in eval
+    mode to get the predicted token counts N; every speech prompt (the
+    instruction's chat prompt with N speech positions) plus
+    ``max_new_tokens`` must fit in the LLM context
+    (:meth:`~speechbrain_blspkd.prompt.PromptBuilder.check_fits`). The
+    encoder features are returned, so generation does not run the encoder
+    again.
+
+    Arguments
+    ---------
+    model : SpeechLLMModel
+        The model.
+    instructions : str or list of str, optional
+        Speech prompt instructions (default: the model's).
+    max_new_tokens : int
+        Generation budget.
+    names : list of str, optional
+        Names of the batch items (row IDs, files) for the message.
+    source : str, optional
+        Where they come from (manifest), for the message.
+    item : str
+        What an item is called in the message.
+    **speech
+        ``wavs`` / ``wav_lens`` or ``feats`` / ``feat_lens``.
+
+    Returns
+    -------
+    dict
+        Speech keyword arguments for ``model.generate`` (``feats``,
+        ``feat_lens`` when the encoder was run).
+
+    Raises
+    ------
+    speechbrain_blspkd.prompt.ContextLengthError
+        Naming the first item too long, its counts and the limit.
+
+    Example
+    -------
+    >>> from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
+    >>> model = SpeechLLMModel.tiny_for_tests()
+    >>> kw = check_speech_fits(model, max_new_tokens=4,
+    ...     wavs=torch.randn(1, 4000))
+    >>> sorted(kw)
+    ['feat_lens', 'feats']
+    >>> check_speech_fits(model, max_new_tokens=10**6, names=["a.wav"],
+    ...     item="file", wavs=torch.randn(1, 4000))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    speechbrain_blspkd.prompt.ContextLengthError: file 'a.wav': ...
+    """
+    limit = context_limit(model.llm)
+    if limit is None:
+        return speech
+    was_training = model.training
+    model.eval()
+    try:
+        if speech.get("feats") is None and model.encoder is not None:
+            feats, feat_lens = model.encoder(
+                speech["wavs"], speech.get("wav_lens")
+            )
+            speech = {"feats": feats, "feat_lens": feat_lens}
+        counts = model.encode_speech(**speech).num_tokens.tolist()
+    finally:
+        model.train(was_training)
+    model.prompts.check_fits(
+        limit,
+        model._instructions(instructions, len(counts), audio=True),
+        n_speech=counts,
+        max_new_tokens=max_new_tokens,
+        ids=names,
+        source=source,
+        item=item,
+    )
+    return speech
+
+
 def decode_rows(
     model,
     rows,
@@ -69,6 +159,7 @@ def decode_rows(
     feature_cache=None,
     sample_rate=16000,
     teacher_cache=None,
+    source=None,
 ):
     """Speech and text answers of ``model`` for every row and task.
 
@@ -91,6 +182,8 @@ def decode_rows(
     teacher_cache : dict, optional
         ``{(task, id): text}`` of earlier teacher answers (the teacher does
         not change during training); filled in place.
+    source : str, optional
+        The manifest of ``rows``, named in errors.
 
     Returns
     -------
@@ -100,9 +193,26 @@ def decode_rows(
         answer), ``transcript``, ``num_pred``, ``num_target`` and, for the
         ``repeat`` task or rows with a translation/answer, ``ref`` /
         ``answers``.
+
+    Raises
+    ------
+    speechbrain_blspkd.prompt.ContextLengthError
+        A prompt (text: before decoding starts; speech: before its batch)
+        plus ``max_new_tokens`` is longer than the LLM context; the message
+        names ``source`` and the row.
     """
     device = model.embed_tokens.weight.device
     teacher_cache = {} if teacher_cache is None else teacher_cache
+    limit = context_limit(model.llm)
+    for instruction in tasks.values():  # the text prompts, up front
+        model.prompts.check_fits(
+            limit,
+            instruction,
+            transcripts=[r["transcript"] for r in rows],
+            max_new_tokens=max_new_tokens,
+            ids=[r["ID"] for r in rows],
+            source=source,
+        )
     out = []
     order = sorted(rows, key=lambda r: (r["duration"], r["ID"]))
     batches = [
@@ -111,6 +221,14 @@ def decode_rows(
     for name, instruction in tasks.items():
         for chunk in tqdm(batches, desc=f"decode {name}", leave=False):
             speech = _speech_batch(chunk, feature_cache, sample_rate, device)
+            speech = check_speech_fits(
+                model,
+                instruction,
+                max_new_tokens,
+                names=[r["ID"] for r in chunk],
+                source=source,
+                **speech,
+            )
             hyps, counts = model.generate(
                 instructions=instruction,
                 max_new_tokens=max_new_tokens,
@@ -237,6 +355,7 @@ def evaluate_parity(
         feature_cache=feature_cache,
         sample_rate=sample_rate,
         teacher_cache=teacher_cache,
+        source=str(manifest),
     )
     out_folder.mkdir(parents=True, exist_ok=True)
     shard = out_folder / f"rows.rank{rank}.jsonl"
@@ -275,6 +394,8 @@ def plot_cif_examples(model, rows, out_folder, feature_cache, sample_rate):
     from speechbrain_blspkd.utils.plotting import plot_cif_weights
 
     device = model.embed_tokens.weight.device
+    stride = getattr(model.adapter, "frame_stride", 1)
+    frame_rate = WhisperEncoder.frame_rate() / stride
     was_training = model.training
     model.eval()
     try:
@@ -290,6 +411,7 @@ def plot_cif_examples(model, rows, out_folder, feature_cache, sample_rate):
                 None,
                 tokens,
                 out_folder / f"cif_{r['ID']}.png",
+                frame_rate=frame_rate,
                 title=f"{r['ID']}: sum(alpha)={float(alphas.sum()):.1f}, "
                 f"N={len(ids)}",
             )

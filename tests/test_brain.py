@@ -76,7 +76,10 @@ def test_kd_and_align_stages_train(tmp_path):
 def test_nonfinite_loss_is_skipped_counted_and_stops(tmp_path, monkeypatch):
     brain = _brain(tmp_path, patience=2)
     batch = _batch()
-    before = trainable_state_dict(brain.model)
+    # clone: a state dict holds the live parameter tensors
+    before = {
+        k: v.clone() for k, v in trainable_state_dict(brain.model).items()
+    }
     real = brain.compute_objectives
     monkeypatch.setattr(
         brain, "compute_objectives", lambda *a: real(*a) * float("nan")
@@ -90,6 +93,8 @@ def test_nonfinite_loss_is_skipped_counted_and_stops(tmp_path, monkeypatch):
     monkeypatch.setattr(brain, "compute_objectives", real)
     assert math.isfinite(float(brain.fit_batch(batch)))
     assert brain.nonfinite_in_a_row == 0
+    stepped = trainable_state_dict(brain.model)
+    assert not all(torch.equal(before[k], stepped[k]) for k in before)
     monkeypatch.setattr(
         brain, "compute_objectives", lambda *a: real(*a) * float("inf")
     )
@@ -133,3 +138,43 @@ def test_steps_go_to_tensorboard_when_installed(tmp_path, monkeypatch):
     tags = {e[0] for e in events[1:]}
     assert {"train_step/loss", "train_step/input_kl", "train_step/lr"} <= tags
     assert all(e[2] == 1 for e in events[1:])
+
+
+def test_dynamic_batching_buckets_by_duration_and_follows_the_epoch():
+    from speechbrain.dataio.dataset import DynamicItemDataset
+
+    from speechbrain_blspkd.brain import loader_kwargs
+
+    durations = [1.0, 9.0, 1.2, 8.5, 1.1, 9.5, 0.9, 8.8, 1.05, 9.2]
+    data = {f"u{i}": {"duration": d} for i, d in enumerate(durations)}
+    dataset = DynamicItemDataset(data)
+    opts = {
+        "batch_size": 4,
+        "shuffle": True,
+        "num_workers": 0,
+        "dynamic_batching": {
+            "max_batch_length": 20,
+            "num_buckets": 2,
+            "shuffle": True,
+            "batch_ordering": "random",
+            "seed": 3,
+        },
+    }
+    kwargs = loader_kwargs(opts, dataset)
+    assert "batch_size" not in kwargs and "shuffle" not in kwargs
+    assert kwargs["num_workers"] == 0
+    sampler = kwargs["batch_sampler"]
+
+    def epoch(n):
+        sampler.set_epoch(n)
+        return [list(b) for b in sampler]
+
+    first = epoch(1)
+    seen = sorted(i for b in first for i in b)
+    assert seen == list(range(len(durations)))  # each utterance once
+    for batch in first:  # short and long clips never share a batch
+        lengths = {durations[i] > 5 for i in batch}
+        assert len(lengths) == 1
+    assert epoch(1) == first  # a resumed epoch sees the same batches
+    # fixed-size options pass through untouched
+    assert loader_kwargs({"batch_size": 4}, dataset) == {"batch_size": 4}

@@ -26,7 +26,9 @@ import torch
 from speechbrain.inference.interfaces import Pretrained
 
 from speechbrain_blspkd.dataio.audio import load_audio
+from speechbrain_blspkd.evaluation import check_speech_fits
 from speechbrain_blspkd.inference.export import HPARAMS_FILE, check_model_folder
+from speechbrain_blspkd.prompt import context_limit
 
 __all__ = ["SpeechLLM"]
 
@@ -163,6 +165,13 @@ class SpeechLLM(Pretrained):
         Returns
         -------
         str
+
+        Raises
+        ------
+        speechbrain_blspkd.prompt.ContextLengthError
+            The speech prompt (instruction + the adapter's predicted token
+            count) plus ``max_new_tokens`` does not fit in the LLM context;
+            the message names the file.
         """
         return self.generate_files([path], instruction, **gen)[0]
 
@@ -181,6 +190,11 @@ class SpeechLLM(Pretrained):
         Returns
         -------
         list of str
+
+        Raises
+        ------
+        speechbrain_blspkd.prompt.ContextLengthError
+            See :meth:`generate_file`.
         """
         wavs = [self.load_file(p) for p in paths]
         if not wavs:
@@ -190,7 +204,8 @@ class SpeechLLM(Pretrained):
         for i, w in enumerate(wavs):
             batch[i, : w.numel()] = w
         lens = torch.tensor([w.numel() / longest for w in wavs])
-        return self.generate_batch(batch, lens, instructions, **gen)
+        names = [str(p) for p in paths]
+        return self._generate(batch, lens, instructions, names, "file", gen)
 
     def generate_batch(self, wavs, wav_lens=None, instructions=None, **gen):
         """Answers to a padded batch of waveforms.
@@ -209,7 +224,16 @@ class SpeechLLM(Pretrained):
         Returns
         -------
         list of str
+
+        Raises
+        ------
+        speechbrain_blspkd.prompt.ContextLengthError
+            A clip's speech prompt plus ``max_new_tokens`` does not fit in
+            the LLM context (the message gives its index in the batch).
         """
+        return self._generate(wavs, wav_lens, instructions, None, "clip", gen)
+
+    def _generate(self, wavs, wav_lens, instructions, names, item, gen):
         if wavs.dim() == 1:
             wavs = wavs[None]
         if wavs.dim() != 2:
@@ -231,9 +255,17 @@ class SpeechLLM(Pretrained):
                 )
         wavs = wavs.to(self.device, torch.float32)
         wav_lens = wav_lens.to(self.device)
-        return self.model.generate(
-            wavs, wav_lens, instructions=instructions, **self._gen_kwargs(gen)
+        gen = self._gen_kwargs(gen)
+        speech = check_speech_fits(
+            self.model,
+            instructions,
+            gen["max_new_tokens"],
+            names=names,
+            item=item,
+            wavs=wavs,
+            wav_lens=wav_lens,
         )
+        return self.model.generate(instructions=instructions, **speech, **gen)
 
     def generate_text(self, text, instruction=None, **gen):
         """The same LLM answering a transcript (the teacher, PLoRA off).
@@ -250,12 +282,24 @@ class SpeechLLM(Pretrained):
         Returns
         -------
         str (list of str when ``text`` is a list)
+
+        Raises
+        ------
+        speechbrain_blspkd.prompt.ContextLengthError
+            A text prompt plus ``max_new_tokens`` does not fit in the LLM
+            context (the message gives the text's index).
         """
         single = isinstance(text, str)
         texts = [text] if single else list(text)
-        out = self.model.generate_text(
-            texts, instructions=instruction, **self._gen_kwargs(gen)
+        gen = self._gen_kwargs(gen)
+        self.model.prompts.check_fits(
+            context_limit(self.model.llm),
+            self.model._instructions(instruction, len(texts)),
+            transcripts=texts,
+            max_new_tokens=gen["max_new_tokens"],
+            item="text",
         )
+        out = self.model.generate_text(texts, instructions=instruction, **gen)
         return out[0] if single else out
 
     def forward(self, wavs, wav_lens=None, instructions=None, **gen):

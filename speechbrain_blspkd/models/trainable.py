@@ -8,6 +8,13 @@ speechbrain checkpoint hooks, so the same small file is what the recipe's
 ``Checkpointer`` saves every epoch and what
 :class:`~speechbrain_blspkd.inference.SpeechLLM` loads through its
 ``Pretrainer``.
+
+Under sharded data parallelism (``distributed_strategy: fsdp``, see
+:mod:`speechbrain_blspkd.utils.sharding`) the PLoRA matrices are split
+across processes: saving gathers them into full tensors (every process takes
+part; the main process writes) and loading keeps each process's shard, so
+the file has one format whatever the run's layout, and a checkpoint written
+by a sharded run resumes in one process and the other way round.
 """
 
 import torch
@@ -17,8 +24,10 @@ from speechbrain.utils.checkpoints import (
     mark_as_transfer,
     register_checkpoint_hooks,
 )
+from speechbrain.utils.distributed import if_main_process
 
 from speechbrain_blspkd.nnet import plora as plora_lib
+from speechbrain_blspkd.utils import sharding
 from speechbrain_blspkd.utils.atomic import atomic_path
 
 
@@ -38,7 +47,9 @@ def trainable_state_dict(model):
     -------
     dict
         ``adapter.*`` (CFormer), ``plora.*`` (PLoRA A/B matrices) and
-        ``encoder.*`` when the encoder is trainable.
+        ``encoder.*`` when the encoder is trainable; full tensors on CPU.
+        A sharded model's PLoRA matrices are all-gathered: every process of
+        the group must call this (in the same order).
 
     Example
     -------
@@ -54,14 +65,15 @@ def trainable_state_dict(model):
     enc = model.encoder
     if enc is not None and not getattr(enc, "freeze", True):
         out.update({f"encoder.{k}": v for k, v in enc.state_dict().items()})
-    return {k: v.detach().cpu() for k, v in out.items()}
+    return sharding.full_state(out)
 
 
 def load_trainable_state_dict(model, state, source="state dict"):
     """Load what :func:`trainable_state_dict` returned into ``model``.
 
     Raises :class:`WeightsMismatchError` naming ``source`` when a part is
-    missing, unexpected or of the wrong shape.
+    missing, unexpected or of the wrong shape.  Into a sharded model each
+    process loads its shard of the full tensors of ``state``.
     """
     parts = {"adapter": {}, "plora": {}, "encoder": {}}
     for key, value in state.items():
@@ -80,7 +92,9 @@ def load_trainable_state_dict(model, state, source="state dict"):
         if not parts["plora"]:
             raise WeightsMismatchError(f"{source}: no PLoRA weights")
         try:
-            plora_lib.load_plora_state_dict(model.llm, parts["plora"])
+            plora_lib.load_plora_state_dict(
+                model.llm, _like_params(model.llm, parts["plora"])
+            )
         except (KeyError, ValueError, RuntimeError) as e:
             raise WeightsMismatchError(
                 f"{source}: PLoRA weights: {e}"
@@ -98,7 +112,23 @@ def load_trainable_state_dict(model, state, source="state dict"):
             ) from None
 
 
-@register_checkpoint_hooks
+def _like_params(llm, plora_state):
+    """PLoRA values laid out like the model's (sharded) matrices."""
+    own = {
+        f"{name}.{w}": getattr(m, w)
+        for name, m in plora_lib._wrapped(llm)
+        for w in ("lora_A", "lora_B")
+    }
+    if not any(sharding.is_dtensor(p) for p in own.values()):
+        return plora_state
+    return {
+        k: sharding.sharded_like(v.to(own[k].dtype), own[k])
+        if k in own and tuple(v.shape) == tuple(own[k].shape)
+        else v
+        for k, v in plora_state.items()
+    }
+
+
 class TrainableWeights:
     """Checkpoint hooks for the learned part of a model.
 
@@ -122,9 +152,17 @@ class TrainableWeights:
 
     @mark_as_saver
     def save(self, path):
-        """Write the learned weights to ``path`` atomically."""
+        """Write the learned weights to ``path`` atomically.
+
+        Runs on every process of a distributed run (the checkpointer calls
+        it everywhere): a sharded model is gathered, then the main process
+        writes.
+        """
+        state = trainable_state_dict(self.model)
+        if not if_main_process():
+            return
         with atomic_path(path) as tmp:
-            torch.save(trainable_state_dict(self.model), tmp)
+            torch.save(state, tmp)
 
     @mark_as_loader
     def load(self, path, end_of_epoch=None):
@@ -145,3 +183,8 @@ class TrainableWeights:
     def transfer(self, path):
         """Pretrainer hook: same as :meth:`load`."""
         self.load(path)
+
+
+# Saving gathers sharded weights, a collective: the checkpointer must call
+# the saver on every process (it writes on the main one only).
+register_checkpoint_hooks(TrainableWeights, save_on_main_only=False)
