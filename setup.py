@@ -18,7 +18,9 @@ setup(
     long_description=(here / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["speechbrain_blspkd", "speechbrain_blspkd.*"]),
+    packages=find_packages(
+        include=["speechbrain_blspkd", "speechbrain_blspkd.*"]
+    ),
     install_requires=[
         "torch>=2.3",
         "torchaudio>=2.3",

@@ -580,8 +580,11 @@ class WarmupCosine:
         Peak learning rate.
     warmup_steps : int
         Linear warm-up length.
-    total_steps : int
+    total_steps : int or None
         Steps until the end of the cosine (then held at ``min_ratio * lr``).
+        None: set by :func:`run_recipe` before the stage starts, to the
+        stage's epochs times its optimiser steps per epoch (so it follows
+        the data size, batch size, dynamic batching and the world size).
     min_ratio : float
         Final learning rate as a fraction of ``lr``.
 
@@ -596,12 +599,17 @@ class WarmupCosine:
     def __init__(self, lr, warmup_steps, total_steps, min_ratio=0.0):
         self.lr = lr
         self.warmup = max(0, int(warmup_steps))
-        self.total = max(1, int(total_steps))
+        self.total = None if total_steps is None else max(1, int(total_steps))
         self.min_ratio = min_ratio
         self.n_steps = 0
 
     def value(self, step):
         """Learning rate at optimiser step ``step`` (1-based)."""
+        if self.total is None:
+            raise ValueError(
+                "WarmupCosine: total_steps is None and was not set from the "
+                "training loader (see run_recipe)"
+            )
         if self.warmup and step <= self.warmup:
             return self.lr * step / self.warmup
         span = max(1, self.total - self.warmup)
@@ -837,11 +845,23 @@ def run_recipe(argv):
         # order is then a function of the epoch, so a resumed run sees the
         # batches of an uninterrupted one (under DDP Brain wraps it)
         brain.train_sampler = train_kwargs.get("batch_sampler")
+        train_loader = brain.make_dataloader(
+            datasets[stage], sb.Stage.TRAIN, **train_kwargs
+        )
+        schedule = hparams.get(f"{stage}_scheduler")
+        if isinstance(schedule, WarmupCosine) and schedule.total is None:
+            per_epoch = -(-len(train_loader) // brain.grad_accumulation_factor)
+            schedule.total = max(1, counter.limit * per_epoch)
+            logger.info(
+                "%s: %d optimiser steps per epoch, cosine over %d steps",
+                stage,
+                per_epoch,
+                schedule.total,
+            )
         brain.fit(
             counter,
-            datasets[stage],
+            train_loader,
             datasets["valid"],
-            train_loader_kwargs=train_kwargs,
             valid_loader_kwargs=hparams["valid_dataloader_opts"],
         )
     # 6. test: adapter / KL metrics + parity decoding

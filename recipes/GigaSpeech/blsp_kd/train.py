@@ -3,11 +3,9 @@
 
 Usage::
 
-    python train.py hparams/blsp_kd.yaml --data_folder=/corpora/GigaSpeech \
-        --train_utterances=<rows of the subset manifest>
+    python train.py hparams/blsp_kd.yaml --data_folder=/corpora/GigaSpeech
     torchrun --nproc_per_node=4 train.py hparams/blsp_kd.yaml \
-        --data_folder=... --train_utterances=... --num_gpus=4 \
-        --distributed_backend=nccl
+        --data_folder=... --distributed_backend=nccl
 
 The recordings are cut into utterance files and the manifests written
 (``speechbrain_blspkd.dataprep.gigaspeech``), the teacher continuations
