@@ -169,7 +169,37 @@ def main():
 
         return run
 
+    # one PLoRA layer of SmolLM2's MLP width, a quarter of the rows masked
+    layer_state = plora_lib.PLoRAState("audio")
+    layer = plora_lib.PLoRALinear(
+        torch.nn.Linear(576, 1536).to(device, torch.bfloat16),
+        layer_state,
+        r=16,
+        alpha=16,
+        dropout=0.05,
+    )
+    layer_mask = torch.zeros(args.batch, 90, dtype=torch.bool, device=device)
+    layer_mask[:, 33:56] = True
+    layer_x = torch.randn(
+        args.batch, 90, 576, dtype=torch.bfloat16, device=device
+    )
+
+    def layer_step(dense):
+        def run():
+            ctx = dense_plora() if dense else contextlib.nullcontext()
+            with ctx:
+                for _ in range(20):
+                    layer_state.set_mask(layer_mask)
+                    x = layer_x.clone().requires_grad_(True)
+                    with torch.autocast(**amp):
+                        y = layer(x)
+                    y.float().square().mean().backward()
+
+        return run
+
     configs = {
+        "plora layer x20: dense": layer_step(True),
+        "plora layer x20: sparse": layer_step(False),
         "kd: full sequence, dense PLoRA": with_reuse(False, dense=True),
         "kd: full sequence, sparse PLoRA": with_reuse(False),
         "kd: prefix reuse, sparse PLoRA": with_reuse(True),
@@ -195,6 +225,10 @@ def main():
         print(f"  {name:36s} {value:7.3f} s ({mid[name]:.3f} s)")
     base = med["kd: full sequence, dense PLoRA"]
     print("speed-ups in this run:")
+    print(
+        f"  sparse PLoRA (one layer) "
+        f"{med['plora layer x20: dense'] / med['plora layer x20: sparse']:.2f}x"
+    )
     print(
         f"  sparse PLoRA             "
         f"{base / med['kd: full sequence, sparse PLoRA']:.2f}x"
