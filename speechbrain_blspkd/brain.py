@@ -35,7 +35,7 @@ import os
 import speechbrain as sb
 import torch
 
-from speechbrain_blspkd.dataio.audio import load_audio
+from speechbrain_blspkd.dataio.audio import load_row_audio
 from speechbrain_blspkd.dataio.manifest import manifest_to_dataset
 from speechbrain_blspkd.losses import kd_kl
 from speechbrain_blspkd.nnet.cif import quantity_loss
@@ -534,11 +534,20 @@ def dataio_prepare(hparams, feature_cache=None):
 
     if feature_cache is None:
 
-        @sb.utils.data_pipeline.takes("wav")
-        @sb.utils.data_pipeline.provides("sig")
-        def audio_pipeline(wav):
-            return load_audio(wav, sample_rate=sr, max_seconds=max_s)
+        def audio_pipeline_for(source):
+            @sb.utils.data_pipeline.takes("id", "wav")
+            @sb.utils.data_pipeline.provides("sig")
+            def audio_pipeline(uid, wav):
+                row = {"ID": uid, "wav": wav}
+                return load_row_audio(
+                    row, source, sample_rate=sr, max_seconds=max_s
+                )
 
+            return audio_pipeline
+
+        for name, ds in datasets.items():
+            ds.add_dynamic_item(audio_pipeline_for(sources[name]))
+        audio_pipeline = None
         speech_key = "sig"
     else:
 
@@ -560,7 +569,8 @@ def dataio_prepare(hparams, feature_cache=None):
     def flag_pipeline(truncated):
         return truncated == "1"
 
-    sb.dataio.dataset.add_dynamic_item(all_sets, audio_pipeline)
+    if audio_pipeline is not None:
+        sb.dataio.dataset.add_dynamic_item(all_sets, audio_pipeline)
     sb.dataio.dataset.add_dynamic_item(all_sets, flag_pipeline)
     sb.dataio.dataset.set_output_keys(
         all_sets,

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from speechbrain_blspkd import metrics
-from speechbrain_blspkd.dataio.audio import load_audio
+from speechbrain_blspkd.dataio.audio import load_row_audio
 from speechbrain_blspkd.dataio.manifest import read_manifest
 from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
 from speechbrain_blspkd.prompt import context_limit
@@ -53,12 +53,14 @@ def _pad(tensors):
     return out, lens.float() / lens.max()
 
 
-def _speech_batch(rows, feature_cache, sample_rate, device):
+def _speech_batch(rows, feature_cache, sample_rate, device, source=None):
     """Model keyword arguments for the speech of ``rows``."""
     if feature_cache is not None:
         feats, rel = _pad([feature_cache.get(r["ID"]) for r in rows])
         return {"feats": feats.to(device), "feat_lens": rel.to(device)}
-    wavs, rel = _pad([load_audio(r["wav"], sample_rate) for r in rows])
+    wavs, rel = _pad(
+        [load_row_audio(r, source, sample_rate=sample_rate) for r in rows]
+    )
     return {"wavs": wavs.to(device), "wav_lens": rel.to(device)}
 
 
@@ -220,7 +222,9 @@ def decode_rows(
     ]
     for name, instruction in tasks.items():
         for chunk in tqdm(batches, desc=f"decode {name}", leave=False):
-            speech = _speech_batch(chunk, feature_cache, sample_rate, device)
+            speech = _speech_batch(
+                chunk, feature_cache, sample_rate, device, source
+            )
             speech = check_speech_fits(
                 model,
                 instruction,

@@ -79,3 +79,38 @@ def load_audio(path, sample_rate=16000, max_seconds=None):
             f"{max_seconds:g} s the encoder accepts; split it first"
         )
     return wav
+
+
+def load_row_audio(row, source=None, **kwargs):
+    """:func:`load_audio` for a manifest row; errors also name the row.
+
+    Training (the data pipeline and the feature cache), decoding and the
+    evaluation read audio through this, so a broken clip stops the run
+    with the manifest, the row ID and the file.
+
+    Arguments
+    ---------
+    row : dict
+        A manifest row with ``ID`` and ``wav``.
+    source : str or pathlib.Path, optional
+        The manifest the row comes from.
+    **kwargs
+        Passed to :func:`load_audio` (``sample_rate``, ``max_seconds``).
+
+    Returns
+    -------
+    torch.Tensor
+        Shape ``(samples,)``, float32.
+
+    Example
+    -------
+    >>> load_row_audio({"ID": "u7", "wav": "/nowhere/u7.wav"}, "train.csv")
+    Traceback (most recent call last):
+    ...
+    speechbrain_blspkd.dataio.audio.AudioError: train.csv, row 'u7': /nowhere/u7.wav: audio file not found
+    """
+    try:
+        return load_audio(row["wav"], **kwargs)
+    except AudioError as e:
+        where = f"{source}, " if source else ""
+        raise AudioError(f"{where}row {row['ID']!r}: {e}") from None

@@ -22,7 +22,7 @@ import shutil
 
 import torch
 
-from speechbrain_blspkd.dataio.audio import load_audio
+from speechbrain_blspkd.dataio.audio import load_row_audio
 from speechbrain_blspkd.dataio.manifest import read_manifest
 from speechbrain_blspkd.utils.atomic import atomic_path, atomic_write_text
 
@@ -302,8 +302,11 @@ def build_feature_cache(
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             wavs = [
-                load_audio(
-                    r["wav"], sample_rate=sample_rate, max_seconds=max_seconds
+                load_row_audio(
+                    r,
+                    manifest,
+                    sample_rate=sample_rate,
+                    max_seconds=max_seconds,
                 )
                 for r in batch
             ]
