@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import soundfile as sf
+from conftest import SYNTH_SIZES, resume_synthspeech
 
 from speechbrain_blspkd.dataio.manifest import read_manifest
 from speechbrain_blspkd.dataprep import synthspeech as ss
@@ -13,16 +14,12 @@ pytestmark = pytest.mark.skipif(
     shutil.which("espeak-ng") is None or shutil.which("sox") is None,
     reason="needs espeak-ng and sox",
 )
-SIZES = dict(
-    num_train=12, num_valid=3, num_test=3, languages=["en", "de"], seed=7
-)
+SIZES = SYNTH_SIZES
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("synth")
-    ss.prepare_synthspeech(folder, **SIZES)
-    return folder
+@pytest.fixture
+def corpus(synth_corpus):
+    return synth_corpus
 
 
 def _rows(folder):
@@ -138,15 +135,7 @@ def test_resume_after_kill(corpus, tmp_path, monkeypatch):
     train_wavs[3].write_bytes(train_wavs[3].read_bytes()[:30])  # torn file
     stray = gone[0].parent / f".{gone[0].name}.abc123.tmp"
     stray.write_bytes(b"RIFF")
-    made = []
-    real = ss.synthesise
-    monkeypatch.setattr(
-        ss, "synthesise", lambda u, p: (made.append(u["ID"]), real(u, p))
-    )
-    monkeypatch.setattr(
-        ss, "make_plan", lambda *a, **k: pytest.fail("plan must be reused")
-    )
-    ss.prepare_synthspeech(work, **SIZES)
+    made = resume_synthspeech(work, monkeypatch)
     assert sorted(made) == sorted(p.stem[:-9] for p in train_wavs[:4])
     assert not stray.exists()
     got = _rows(work)

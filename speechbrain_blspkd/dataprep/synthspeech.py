@@ -733,9 +733,11 @@ def synthesise(utt, path):
             )
 
 
-def _remove_stray_tmp(folder):
+def _remove_stray_tmp(folder, recursive=True):
     removed = 0
-    for p in pathlib.Path(folder).rglob(".*.tmp"):
+    folder = pathlib.Path(folder)
+    found = folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")
+    for p in found:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
             removed += 1
@@ -823,6 +825,10 @@ def prepare_synthspeech(
         seed=seed,
         en_fraction=en_fraction,
     )
+    # a build killed while writing the plan or a manifest left a temp file
+    # beside them (never trusted, but it would stay forever)
+    if save_folder.is_dir():
+        _remove_stray_tmp(save_folder, recursive=False)
     plan = None
     if plan_path.is_file():
         try:
