@@ -37,6 +37,7 @@ from speechbrain_blspkd.assets import asset_path
 from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
 from speechbrain_blspkd.nnet import plora as plora_lib
 from speechbrain_blspkd.nnet.cformer import CFormer
+from speechbrain_blspkd.utils.precision import choose, resolve_dtype
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog near the river bank.",
@@ -98,12 +99,24 @@ def main():
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bf16 where this machine computes it fast, else fp32), "
+        "bfloat16 or float32: LLM weights and autocast",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    amp = dict(device_type=device.type, dtype=torch.bfloat16)
+    dtype = resolve_dtype(args.dtype, device)
+    print(f"dtype {dtype}; auto on this machine: {choose(device.type)}")
+    amp = dict(
+        device_type=device.type,
+        dtype=dtype,
+        enabled=dtype != torch.float32,
+    )
 
     adapter = CFormer(512, 576, n_pre=2, n_post=2, nhead=8, d_ffn=2048)
     model = SpeechLLMModel(
@@ -111,7 +124,7 @@ def main():
         adapter,
         instruction="Continue the following text in a coherent style:",
         plora={"r": 16, "alpha": 16, "dropout": 0.05, "scope": "audio"},
-        llm_dtype="bfloat16",
+        llm_dtype=dtype,
     ).to(device)
     model.train()
     frames = int(args.seconds * 50)
@@ -172,7 +185,7 @@ def main():
     # one PLoRA layer of SmolLM2's MLP width, a quarter of the rows masked
     layer_state = plora_lib.PLoRAState("audio")
     layer = plora_lib.PLoRALinear(
-        torch.nn.Linear(576, 1536).to(device, torch.bfloat16),
+        torch.nn.Linear(576, 1536).to(device, dtype),
         layer_state,
         r=16,
         alpha=16,
@@ -180,9 +193,7 @@ def main():
     )
     layer_mask = torch.zeros(args.batch, 90, dtype=torch.bool, device=device)
     layer_mask[:, 33:56] = True
-    layer_x = torch.randn(
-        args.batch, 90, 576, dtype=torch.bfloat16, device=device
-    )
+    layer_x = torch.randn(args.batch, 90, 576, dtype=dtype, device=device)
 
     def layer_step(dense):
         def run():

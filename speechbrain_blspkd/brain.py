@@ -39,6 +39,7 @@ from speechbrain_blspkd.dataio.audio import load_row_audio
 from speechbrain_blspkd.dataio.manifest import manifest_to_dataset
 from speechbrain_blspkd.losses import kd_kl
 from speechbrain_blspkd.nnet.cif import quantity_loss
+from speechbrain_blspkd.utils import precision as precision_lib
 from speechbrain_blspkd.utils import sharding
 
 logger = logging.getLogger(__name__)
@@ -85,8 +86,9 @@ class BLSPKDBrain(sb.Brain):
         run_opts=None,
         checkpointer=None,
     ):
+        run_opts = resolve_run_precision(hparams, run_opts)
         # run options win over hparams, as in speechbrain's Brain
-        opts = {**(hparams or {}), **(run_opts or {})}
+        opts = {**(hparams or {}), **run_opts}
         strategy, cpu_offload = "ddp", False
         if hparams is not None:
             strategy = hparams.get("distributed_strategy", "ddp")
@@ -448,6 +450,46 @@ class BLSPKDBrain(sb.Brain):
             )
 
 
+def resolve_run_precision(hparams, run_opts):
+    """Run options with ``precision``/``eval_precision`` ``auto`` resolved.
+
+    The run option wins over the YAML value (as in speechbrain's Brain);
+    ``auto`` becomes ``bf16`` where the run's device computes it fast and
+    ``fp32`` otherwise (:mod:`speechbrain_blspkd.utils.precision`, which
+    logs the decision and its reason once).
+
+    Arguments
+    ---------
+    hparams : dict or None
+        The YAML values.
+    run_opts : dict or None
+        speechbrain run options (``--device``, ``--precision``...).
+
+    Returns
+    -------
+    dict
+        A copy of ``run_opts`` with ``precision`` (and ``eval_precision``
+        when one is given; speechbrain's default is fp32) explicit.
+
+    Example
+    -------
+    >>> resolve_run_precision({"precision": "bfloat16"}, {"device": "cpu"})
+    {'device': 'cpu', 'precision': 'bf16'}
+    """
+    hparams, opts = hparams or {}, dict(run_opts or {})
+    device = opts.get("device") or sb.utils.distributed.infer_device()
+    train = opts.get("precision") or hparams.get("precision")
+    opts["precision"] = precision_lib.resolve_precision(train, device)
+    evaluation = opts.get("eval_precision") or hparams.get("eval_precision")
+    if evaluation is not None:
+        opts["eval_precision"] = precision_lib.resolve_precision(
+            evaluation, device
+        )
+    if str(train).lower() != "auto":
+        logger.info("precision %s (explicit)", opts["precision"])
+    return opts
+
+
 def _all_finite(loss):
     """Whether the loss is finite on every DDP rank."""
     flag = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
@@ -766,14 +808,18 @@ def run_recipe(argv):
 
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     sb.utils.distributed.ddp_init_group(run_opts)
+    # the device `dtype: auto` in the YAML resolves for
+    device = run_opts.get("device") or sb.utils.distributed.infer_device()
+    precision_lib.set_run_device(device)
     with open(hparams_file, encoding="utf-8") as fin:
         text = fin.read()
     check_overrides(text, overrides, hparams_file)
     hparams = load_hyperpyyaml(text, overrides)
+    run_opts = resolve_run_precision(hparams, run_opts)
     # refuse an unsupported sharding set-up before the data preparation
     sharding.resolve_strategy(
         hparams.get("distributed_strategy", "ddp"),
-        precision=run_opts.get("precision") or hparams.get("precision"),
+        precision=run_opts["precision"],
         data_parallel=bool(run_opts.get("data_parallel_backend", False)),
         distributed=True,
     )
@@ -785,7 +831,6 @@ def run_recipe(argv):
     # 1. corpus -> manifests (idempotent)
     sb.utils.distributed.run_on_main(hparams["prepare"])
     # 2. teacher continuations (idempotent, resumable)
-    device = run_opts.get("device", "cpu")
     sb.utils.distributed.run_on_main(
         prepare_continuations, args=[hparams], kwargs={"device": device}
     )

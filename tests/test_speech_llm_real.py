@@ -18,7 +18,7 @@ def test_real_models_finite_losses_and_steps_reduce_loss(real_asset):
     )
 
     torch.manual_seed(0)
-    encoder = WhisperEncoder(WHISPER, dtype=torch.bfloat16)
+    encoder = WhisperEncoder(WHISPER, dtype="auto")
     model = SpeechLLMModel(
         SMOLLM2,
         CFormer(
@@ -34,7 +34,7 @@ def test_real_models_finite_losses_and_steps_reduce_loss(real_asset):
         encoder=encoder,
         instruction="Continue the following text in a coherent style:",
         plora=dict(r=8, alpha=16, dropout=0.0),
-        llm_dtype=torch.bfloat16,
+        llm_dtype="auto",
     )
     model.train()
     g = torch.Generator().manual_seed(0)

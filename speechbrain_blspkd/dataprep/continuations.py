@@ -19,7 +19,7 @@ Command line::
 
     python -m speechbrain_blspkd.dataprep.continuations IN.csv OUT.csv \\
         [--model-dir DIR] [--batch-size 16] [--max-new-tokens 48] \\
-        [--shard 0/2] [--dtype bfloat16] [--device cpu]
+        [--shard 0/2] [--dtype auto] [--device cpu]
     python -m speechbrain_blspkd.dataprep.continuations IN.csv OUT.csv \\
         --merge --shard 0/2
 """
@@ -42,6 +42,7 @@ from speechbrain_blspkd.dataio.manifest import (
     write_manifest,
 )
 from speechbrain_blspkd.utils.cli import report_error, setup_logging
+from speechbrain_blspkd.utils.precision import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ DEFAULT_TEMPLATE = (
     "Continue the following text in a coherent style: {transcript}"
 )
 DEFAULT_MODEL = "smollm2-135m-instruct"
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+_DTYPES = ("auto", "bfloat16", "float32")
 
 
 def continuation_prompt(tokenizer, transcript, template=DEFAULT_TEMPLATE):
@@ -268,7 +269,7 @@ def _load_model(model_dir, device, dtype):
         )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=_DTYPES[dtype]
+        model_dir, dtype=resolve_dtype(dtype, device)
     )
     model.to(device).eval()
     return model, tokenizer, str(model_dir)
@@ -283,7 +284,7 @@ def generate_continuations(
     shard=(0, 1),
     prompt_template=DEFAULT_TEMPLATE,
     device="cpu",
-    dtype="bfloat16",
+    dtype="auto",
     stop_after_batches=None,
 ):
     """Generate the teacher continuation of every row of one shard.
@@ -311,7 +312,10 @@ def generate_continuations(
     device : str or torch.device
         Where the model runs.
     dtype : str
-        ``"bfloat16"`` (faster on CPUs with AMX) or ``"float32"``.
+        ``"auto"`` (bfloat16 where ``device`` computes it fast, e.g. CPUs
+        with AMX, else float32; :mod:`speechbrain_blspkd.utils.precision`),
+        ``"bfloat16"`` or ``"float32"``.  The resolved dtype is part of the
+        resume check: a run continues only with the same one.
     stop_after_batches : int, optional
         Debugging aid for resume tests: kill this process (SIGKILL) right
         after that many batches were saved.
@@ -346,7 +350,7 @@ def generate_continuations(
         model=model_name,
         template=prompt_template,
         max_new_tokens=max_new_tokens,
-        dtype=dtype,
+        dtype=str(resolve_dtype(dtype, device)).replace("torch.", ""),
         shard=[i, n],
         rows=_rows_hash(rows),
     )
@@ -548,7 +552,7 @@ def main(argv=None):
     parser.add_argument("--shard", type=_parse_shard, default=(0, 1))
     parser.add_argument("--template", default=DEFAULT_TEMPLATE)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPES))
+    parser.add_argument("--dtype", default="auto", choices=sorted(_DTYPES))
     parser.add_argument(
         "--threads",
         type=int,

@@ -54,7 +54,6 @@ __all__ = [
     "config_from_model",
     "export_model",
     "render_hparams",
-    "resolve_dtype",
     "resolve_source",
 ]
 
@@ -81,12 +80,13 @@ CONFIG_SECTIONS = (
     ),
     (
         "Speech encoder (speechbrain_blspkd.nnet.whisper_encoder."
-        "WhisperEncoder)",
+        "WhisperEncoder). *_dtype: auto (bf16 where this machine computes "
+        "it fast, else fp32), a dtype name, or null (fp32)",
         {
             "encoder_freeze": True,
             "encoder_dynamic_length": True,
             "encoder_mask_padding": True,
-            "encoder_dtype": None,
+            "encoder_dtype": "auto",
         },
     ),
     (
@@ -126,7 +126,7 @@ CONFIG_SECTIONS = (
                     "down_proj",
                 ],
             },
-            "llm_dtype": None,
+            "llm_dtype": "auto",
         },
     ),
     (
@@ -172,7 +172,7 @@ encoder: !new:speechbrain_blspkd.nnet.whisper_encoder.WhisperEncoder
     freeze: !ref <encoder_freeze>
     dynamic_length: !ref <encoder_dynamic_length>
     mask_padding: !ref <encoder_mask_padding>
-    dtype: !apply:speechbrain_blspkd.inference.export.resolve_dtype
+    dtype: !apply:speechbrain_blspkd.utils.precision.resolve_dtype
         - !ref <encoder_dtype>
 
 adapter: !new:speechbrain_blspkd.nnet.cformer.CFormer
@@ -257,39 +257,6 @@ def resolve_source(name_or_path):
     )
 
 
-def resolve_dtype(name):
-    """``torch.dtype`` from a name (``"bfloat16"``, ``"torch.float16"``).
-
-    Arguments
-    ---------
-    name : str or torch.dtype or None
-        The dtype; None stays None.
-
-    Returns
-    -------
-    torch.dtype or None
-
-    Example
-    -------
-    >>> resolve_dtype("bfloat16")
-    torch.bfloat16
-    >>> resolve_dtype(None) is None
-    True
-    """
-    import torch
-
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    dtype = getattr(torch, str(name).replace("torch.", ""), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown torch dtype {name!r}")
-    return dtype
-
-
-def _dtype_name(dtype):
-    return None if dtype is None else str(dtype).replace("torch.", "")
-
-
 def _activation_name(layer):
     import torch.nn.functional as F
 
@@ -339,12 +306,10 @@ def config_from_model(model):
         enc_name = getattr(enc.config, "_name_or_path", "") or ""
         if enc_name and pathlib.Path(enc_name).is_dir():
             config["encoder_source"] = enc_name
-        dtype = next(enc.encoder.parameters()).dtype
         config.update(
             encoder_freeze=bool(enc.freeze),
             encoder_dynamic_length=bool(enc.dynamic_length),
             encoder_mask_padding=bool(enc.mask_padding),
-            encoder_dtype=None if dtype == _f32() else _dtype_name(dtype),
         )
     ad = model.adapter
     layers = list(ad.pre_layers) + list(ad.post_layers)
@@ -372,10 +337,6 @@ def config_from_model(model):
         config["plora"] = plora
     else:
         config["plora"] = None
-    llm_dtype = next(model.llm.parameters()).dtype
-    config["llm_dtype"] = (
-        None if llm_dtype == _f32() else _dtype_name(llm_dtype)
-    )
     config["prompts"] = dict(
         system_prompt=model.prompts.system_prompt,
         instruction=model.instruction,
@@ -401,12 +362,6 @@ def _plora_targets(llm):
         if name.rsplit(".", 1)[-1] in suffixes:
             return names
     return suffixes
-
-
-def _f32():
-    import torch
-
-    return torch.float32
 
 
 def _merge_config(base, update, where):

@@ -39,6 +39,7 @@ from torch import nn
 
 from speechbrain_blspkd.nnet import plora as plora_lib
 from speechbrain_blspkd.prompt import PromptBuilder
+from speechbrain_blspkd.utils.precision import resolve_dtype
 
 __all__ = ["SpeechLLMModel"]
 
@@ -104,8 +105,10 @@ class SpeechLLMModel(nn.Module):
         and the student differs from the teacher only by its input). An LLM
         that already has PLoRA layers is used as is.
     llm_dtype : torch.dtype or str, optional
-        Cast the LLM weights (e.g. ``torch.bfloat16``: ~1.4x faster on AMX
-        CPUs); PLoRA weights stay float32.
+        Cast the LLM weights: a dtype or name, or ``"auto"`` (bfloat16 where
+        the run's device computes it fast, e.g. ~1.4x faster on AMX CPUs,
+        else float32; :mod:`speechbrain_blspkd.utils.precision`). PLoRA
+        weights stay float32.
     gradient_checkpointing : bool
         Enable HF gradient checkpointing in the LLM.
     prefix_reuse : bool
@@ -146,8 +149,7 @@ class SpeechLLMModel(nn.Module):
         prefix_reuse=False,
     ):
         super().__init__()
-        if isinstance(llm_dtype, str):
-            llm_dtype = getattr(torch, llm_dtype.replace("torch.", ""))
+        llm_dtype = resolve_dtype(llm_dtype)
         if isinstance(llm, (str, pathlib.Path)):
             from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -55,6 +55,8 @@ import pathlib
 import torch
 from torch import nn
 
+from speechbrain_blspkd.utils.precision import resolve_dtype
+
 __all__ = ["WhisperEncoder", "whisper_log_mel"]
 
 SAMPLE_RATE = 16000
@@ -149,9 +151,11 @@ class WhisperEncoder(nn.Module):
         Encode at the batch length instead of 30 s (see the module notes).
     mask_padding : bool
         In the dynamic path, mask the batch padding in self-attention.
-    dtype : torch.dtype, optional
-        Weight dtype of the encoder (e.g. ``torch.bfloat16``, ~2x faster on
-        CPUs with AMX); features are computed in float32.
+    dtype : torch.dtype or str, optional
+        Weight dtype of the encoder: a dtype or name, or ``"auto"``
+        (bfloat16 where the run's device computes it fast, else float32;
+        :mod:`speechbrain_blspkd.utils.precision`). None keeps float32.
+        The log-mel front end is computed in float32.
     output_dtype : torch.dtype, optional
         dtype of the returned frames (default float32; None keeps the
         encoder's dtype).
@@ -196,6 +200,7 @@ class WhisperEncoder(nn.Module):
             model = WhisperModel.from_pretrained(str(folder))
         self.encoder = model.encoder
         del model
+        dtype = resolve_dtype(dtype)
         if dtype is not None:
             self.encoder.to(dtype)
         self.config = self.encoder.config
