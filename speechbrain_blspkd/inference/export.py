@@ -315,7 +315,7 @@ def config_from_model(model):
     layers = list(ad.pre_layers) + list(ad.post_layers)
     config.update(
         adapter_input_size=int(ad.input_size),
-        adapter_output_size=int(ad.output_size),
+        adapter_output_size=int(ad.output_size()),
         n_pre=len(ad.pre_layers),
         n_post=len(ad.post_layers),
         dropout=float(ad.dropout.p),

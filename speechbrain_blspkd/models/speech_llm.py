@@ -182,7 +182,7 @@ class SpeechLLMModel(nn.Module):
         self.instruction = instruction
         self.audio_instruction = audio_instruction
         hidden = llm.config.get_text_config().hidden_size
-        out_size = getattr(adapter, "output_size", hidden)
+        out_size = adapter.output_size()
         if out_size != hidden:
             raise ValueError(
                 f"SpeechLLMModel: adapter output_size {out_size} != LLM "

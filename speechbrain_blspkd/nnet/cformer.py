@@ -23,6 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from speechbrain_blspkd.nnet.adapter import (
+    AdapterOutput,
+    SpeechAdapter,
+)
 from speechbrain_blspkd.nnet.cif import cif, scale_alphas
 
 __all__ = [
@@ -34,7 +38,7 @@ __all__ = [
 
 
 @dataclass
-class CFormerOutput:
+class CFormerOutput(AdapterOutput):
     """What :class:`CFormer` returns.
 
     Arguments
@@ -55,8 +59,6 @@ class CFormerOutput:
         (B,) sum of the unscaled alphas of each row.
     """
 
-    tokens: torch.Tensor
-    token_mask: torch.Tensor
     alphas: torch.Tensor
     frame_mask: torch.Tensor
     num_tokens: torch.Tensor
@@ -160,7 +162,7 @@ def _encoder_layer(d_model, nhead, d_ffn, dropout, activation):
     )
 
 
-class CFormer(nn.Module):
+class CFormer(SpeechAdapter):
     """CIF adapter: encoder frames (B, T, d) -> tokens (B, N, output_size).
 
     Arguments
@@ -261,7 +263,6 @@ class CFormer(nn.Module):
             )
         d = input_size
         self.input_size = input_size
-        self.output_size = output_size
         self.weight_norm = weight_norm
         self.threshold = threshold
         self.pre_layers = nn.ModuleList(
@@ -285,7 +286,64 @@ class CFormer(nn.Module):
             )
             nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, hidden, lengths=None, num_tokens=None, mask=None):
+    def output_size(self):
+        """Width of the speech embeddings (the LLM hidden size)."""
+        return self.out_proj.out_features
+
+    def export_hparams(self):
+        """Constructor arguments; initialisation-only ones neutralised."""
+        args = super().export_hparams()
+        args.update(out_init_std=None, weight_bias_init=0.0)
+        return args
+
+    def diagnostics(self, output, targets=None):
+        """Token-count accuracy of the CIF against the transcript lengths.
+
+        ``exact_count`` is the share of utterances whose predicted count
+        max(1, round(sum alpha)) equals the transcript's token count,
+        ``count_abs_error`` the mean absolute difference.
+
+        Example
+        -------
+        >>> from speechbrain_blspkd.nnet.adapter import AdapterTargets
+        >>> model = CFormer(16, 24, n_pre=1, n_post=1, nhead=2, d_ffn=32)
+        >>> out = model(torch.randn(2, 30, 16), num_tokens=torch.tensor([5, 3]))
+        >>> sorted(model.diagnostics(out, AdapterTargets(torch.tensor([5, 3]))))
+        ['count_abs_error', 'exact_count']
+        """
+        if targets is None or targets.num_tokens is None:
+            return {}
+        from speechbrain_blspkd.metrics import count_stats
+
+        predicted = output.alpha_sum.detach().round().clamp(min=1).long()
+        stats = count_stats(predicted.tolist(), targets.num_tokens.tolist())
+        return {
+            "exact_count": stats["exact_rate"],
+            "count_abs_error": stats["mean_abs_error"],
+        }
+
+    def plot(self, output, index, path, title=None, tokens=None):
+        """The CIF weights of utterance ``index`` with the fired tokens."""
+        from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
+        from speechbrain_blspkd.utils.plotting import plot_cif_weights
+
+        alphas = output.alphas[index][output.frame_mask[index]].float().cpu()
+        count = int(output.num_tokens[index])
+        scaled = alphas * count / alphas.sum().clamp(min=1e-6)
+        plot_cif_weights(
+            scaled,
+            None,
+            list(tokens or []),
+            path,
+            frame_rate=WhisperEncoder.frame_rate() / self.frame_stride,
+            threshold=self.threshold,
+            title=title or f"sum(alpha)={float(alphas.sum()):.1f}, N={count}",
+        )
+        return True
+
+    def forward(
+        self, hidden, lengths=None, targets=None, num_tokens=None, mask=None
+    ):
         """Integrates the frames of each utterance into tokens.
 
         Arguments
@@ -294,6 +352,8 @@ class CFormer(nn.Module):
             (B, T, input_size) encoder output.
         lengths : torch.Tensor or None
             (B,) SpeechBrain relative lengths in (0, 1].
+        targets : AdapterTargets, optional
+            Its ``num_tokens`` are used when ``num_tokens`` is None.
         num_tokens : torch.Tensor or None
             (B,) target counts (training); None predicts them.
         mask : torch.Tensor or None
@@ -309,6 +369,8 @@ class CFormer(nn.Module):
                 f"got {tuple(hidden.shape)}"
             )
         batch = hidden.shape[0]
+        if num_tokens is None and targets is not None:
+            num_tokens = targets.num_tokens
         frame_mask = self._frame_mask(hidden, lengths, mask)
         x, frame_mask = pool_frames(hidden, frame_mask, self.frame_stride)
         padding = ~frame_mask
