@@ -1,25 +1,16 @@
-"""The BLSP-KD training loop: a speechbrain ``Brain`` and its data pipeline.
+"""The training loop: a method-agnostic speechbrain ``Brain``.
 
-Every recipe (``recipes/<Corpus>/blsp_kd/train.py``) is a thin script around
-this module: it prepares its corpus into the shared manifest schema and calls
-:func:`run_recipe`, which builds the datasets, trains in up to two stages and
-evaluates.  Keeping the loop here (not copied in each recipe) is what lets
-LibriSpeech, CommonVoice, GigaSpeech and the embedded SynthSpeech corpus
-share one implementation.
-
-Stages (each with its own epoch counter and loss weights in the YAML):
-
-* ``align`` (optional, DESIGN 2.9): no LLM pass; the CFormer outputs at the
-  N CIF positions are pulled towards the LLM embeddings of the transcript
-  tokens, plus the CIF quantity loss.  About ten times cheaper per step.
-* ``kd``: the BLSP-KD objective: teacher (same LLM, PLoRA off, transcript)
-  vs student (PLoRA on, speech) next-token distributions at the transcript
-  positions (``input_kl``) and at the continuation positions
-  (``response_kl``), optional ``response_ce``, the quantity loss ``cif`` and
-  optionally the alignment loss ``align``.
-
-Pure BLSP-KD (the paper's configuration) is ``align_epochs: 0`` with the
-``align`` weight 0.
+Every recipe (``recipes/<Corpus>/<method>/train.py``) is a thin script
+around :func:`run_recipe`: it prepares the corpus into the shared manifest
+schema, writes the teacher continuations, caches the frozen encoder's
+features, trains through the stages the YAML declares
+(:class:`~speechbrain_blspkd.stages.Stage`: objective, data, epochs,
+learning rate, schedule), evaluates and exports.  The Brain knows no
+method: each batch it asks the stage's objective what the model must
+compute (:meth:`~speechbrain_blspkd.objectives.Objective.request`), runs the
+model once, and lets the objective turn the outputs into ``(loss, stats)``;
+validation and test average those stats and the adapter's own diagnostics
+(:meth:`~speechbrain_blspkd.nnet.adapter.SpeechAdapter.diagnostics`).
 
 Under ``torchrun`` the model is data-parallel: ``distributed_strategy: ddp``
 (DistributedDataParallel, the whole model on every process) or ``fsdp``
@@ -29,7 +20,6 @@ Under ``torchrun`` the model is data-parallel: ``distributed_strategy: ddp``
 
 import contextlib
 import logging
-import math
 import os
 
 import speechbrain as sb
@@ -37,8 +27,7 @@ import torch
 
 from speechbrain_blspkd.dataio.audio import load_row_audio
 from speechbrain_blspkd.dataio.manifest import manifest_to_dataset
-from speechbrain_blspkd.losses import kd_kl
-from speechbrain_blspkd.nnet.cif import quantity_loss
+from speechbrain_blspkd.stages import Stage
 from speechbrain_blspkd.utils import precision as precision_lib
 from speechbrain_blspkd.utils import sharding
 
@@ -58,12 +47,13 @@ def unwrap(module):
     return module
 
 
-class BLSPKDBrain(sb.Brain):
+class SpeechLLMBrain(sb.Brain):
     """Trains a :class:`~speechbrain_blspkd.models.speech_llm.SpeechLLMModel`.
 
-    The current stage (``"align"`` or ``"kd"``) is ``self.train_stage``; its
-    loss weights are ``hparams.<stage>_loss`` (a
-    :class:`~speechbrain_blspkd.losses.BLSPKDLoss`).
+    The current :class:`~speechbrain_blspkd.stages.Stage` is ``self.stage``
+    (set before ``fit``/``evaluate``); its objective gives the loss, its
+    ``lr`` and schedule the learning rate. One optimiser (``opt_class``) is
+    built per stage over the trainable parameters.
 
     ``hparams["distributed_strategy"]`` (default ``"ddp"``) chooses the
     data parallelism of a ``torchrun`` launch.  With ``"fsdp"`` the model's
@@ -76,7 +66,7 @@ class BLSPKDBrain(sb.Brain):
     :class:`~speechbrain_blspkd.utils.sharding.ShardingError`.
     """
 
-    train_stage = "kd"
+    stage = None
 
     def __init__(
         self,
@@ -147,12 +137,27 @@ class BLSPKDBrain(sb.Brain):
         super()._wrap_distributed()
 
     def init_optimizers(self):
-        """One optimiser over the trainable parameters only."""
+        """The stage's optimiser (trainable parameters only) and schedule.
+
+        The schedule is registered in the checkpointer under the stage's
+        name (optional on load: a checkpoint of an earlier stage has none).
+        """
         if self.opt_class is None:
             return
         params = [p for p in self.modules.parameters() if p.requires_grad]
         self.optimizer = self.opt_class(params)
         self.optimizers_dict = {"opt_class": self.optimizer}
+        self.scheduler = None
+        if self.stage is not None:
+            self.scheduler = self.stage.make_scheduler(
+                self.optimizer, getattr(self, "steps_per_epoch", None)
+            )
+            name = f"scheduler_{self.stage.name}"
+            if self.scheduler is not None and self.checkpointer is not None:
+                self.checkpointer.recoverables.pop(name, None)
+                self.checkpointer.add_recoverable(
+                    name, self.scheduler, optional_load=True
+                )
         if self.checkpointer is not None and self.sharded:
             # gathered on save (every process), one file format for all runs
             self.checkpointer.add_recoverable(
@@ -255,121 +260,41 @@ class BLSPKDBrain(sb.Brain):
         return {"wavs": wavs, "wav_lens": wav_lens}
 
     def compute_forward(self, batch, stage):
-        """Adapter (and, in the KD stage, teacher and student LLM passes)."""
+        """One model call computing what the stage's objective requests."""
         batch = batch.to(self.device)
-        loss = self.hparams.__dict__[f"{self.train_stage}_loss"]
-        llm_pass = any(
-            loss.active(t) for t in ("input_kl", "response_kl", "response_ce")
-        )
-        if stage != sb.Stage.TRAIN:
-            llm_pass = llm_pass or self.hparams.valid_kl
         return self.modules.model(
             transcripts=batch.transcript,
-            continuations=batch.continuation if llm_pass else None,
-            instructions=self.hparams.instruction,
+            continuations=batch.continuation,
             add_eot=[not t for t in batch.truncated_flag],
-            run_teacher=llm_pass,
-            run_student=llm_pass,
+            request=self.stage.objective.request(stage),
             **self._speech_inputs(batch),
         )
 
     def compute_objectives(self, predictions, batch, stage):
-        """Weighted BLSP-KD loss of the current stage."""
-        out = predictions
-        loss_fn = self.hparams.__dict__[f"{self.train_stage}_loss"]
-        temp = loss_fn.temperature
-        terms = {}
-        if "student_input_logits" in out:
-            terms["input_kl"] = lambda: kd_kl(
-                out["student_input_logits"],
-                out["teacher_input_logits"],
-                out["input_mask"],
-                temp,
-            )
-            terms["response_kl"] = lambda: kd_kl(
-                out["student_response_logits"],
-                out["teacher_response_logits"],
-                out["response_mask"],
-                temp,
-            )
-            terms["response_ce"] = lambda: _masked_ce(
-                out["student_response_logits"],
-                out["response_targets"],
-                out["response_mask"],
-            )
-        terms["cif"] = lambda: quantity_loss(
-            out["alphas"], out["frame_mask"], out["num_tokens"]
-        )
-        accuracy = {}
-
-        def align_term():
-            align = self.model.alignment_loss(
-                out["adapter"],
-                out["transcript_ids"],
-                temperature=self.hparams.align_temperature,
-            )
-            accuracy["token_acc"] = float(align["accuracy"])
-            return align["loss"]
-
-        terms["align"] = align_term
-        # Only the terms with a weight are evaluated.
-        active = {k: v for k, v in terms.items() if loss_fn.active(k)}
-        total, logged = loss_fn(**active)
+        """The stage objective's loss; its stats logged / accumulated."""
+        loss, stats = self.stage.objective(predictions, self.model, stage)
         if stage != sb.Stage.TRAIN:
-            self._accumulate_eval(out, terms, logged)
-        self._last_terms = {k: float(v) for k, v in logged.items()}
-        self._last_terms.update(accuracy)
-        return total
-
-    # ------------------------------------------------------------------
-    def _accumulate_eval(self, out, terms, logged):
-        stats = self._eval_stats
-        with torch.no_grad():
-            n = int(out["num_tokens"].numel())
-            stats["utts"] += n
-            pred = torch.clamp(out["alpha_sum"].round(), min=1)
-            stats["exact"] += int((pred == out["num_tokens"]).sum())
-            stats["abs_err"] += float((pred - out["num_tokens"]).abs().sum())
-            acc = self.model.token_accuracy(
-                out["adapter"], out["transcript_ids"]
-            )
-            stats["tok_correct"] += acc["correct"]
-            stats["tok_total"] += acc["total"]
-            if "student_input_logits" in out:
-                for key in ("input_kl", "response_kl"):
-                    # reuse the value the loss already computed
-                    value = logged[key] if key in logged else terms[key]()
-                    stats[key] += float(value) * n
-                stats["kl_utts"] += n
+            with torch.no_grad():
+                stats.update(
+                    self.model.adapter.diagnostics(
+                        predictions.adapter, predictions.targets
+                    )
+                )
+            n = len(batch.id)
+            for key, value in stats.items():
+                self._eval_sums[key] = self._eval_sums.get(key, 0.0) + value * n
+            self._eval_count += n
+        self._last_stats = stats
+        return loss
 
     def on_stage_start(self, stage, epoch=None):
         """Reset the evaluation accumulators."""
-        self._eval_stats = dict.fromkeys(
-            [
-                "utts",
-                "exact",
-                "abs_err",
-                "tok_correct",
-                "tok_total",
-                "input_kl",
-                "response_kl",
-                "kl_utts",
-            ],
-            0,
-        )
+        self._eval_sums, self._eval_count = {}, 0
 
     def eval_summary(self):
-        """The adapter metrics accumulated over the last valid/test pass."""
-        s = self._eval_stats
-        out = {
-            "exact_count_rate": s["exact"] / max(s["utts"], 1),
-            "count_abs_error": s["abs_err"] / max(s["utts"], 1),
-            "token_accuracy": s["tok_correct"] / max(s["tok_total"], 1),
-        }
-        if s["kl_utts"]:
-            out["input_kl"] = s["input_kl"] / s["kl_utts"]
-            out["response_kl"] = s["response_kl"] / s["kl_utts"]
-        return out
+        """Per-utterance means of the stats of the last valid/test pass."""
+        n = max(self._eval_count, 1)
+        return {k: v / n for k, v in self._eval_sums.items() if k != "loss"}
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         """Step-level log (JSONL) for the training curves."""
@@ -378,10 +303,10 @@ class BLSPKDBrain(sb.Brain):
         every = self.hparams.log_every_n_steps
         if every and self.optimizer_step % every == 0:
             row = {
-                "stage": self.train_stage,
+                "stage": self.stage.name,
                 "step": self.optimizer_step,
+                **getattr(self, "_last_stats", {}),
                 "loss": float(loss.detach()),
-                **getattr(self, "_last_terms", {}),
             }
             row["lr"] = self.optimizer.param_groups[0]["lr"]
             _append_jsonl(self.hparams.step_log, row)
@@ -413,11 +338,9 @@ class BLSPKDBrain(sb.Brain):
         writer.flush()
 
     def on_fit_batch_start(self, batch, should_step):
-        """Warm-up / decay of the learning rate per optimiser step."""
+        """Advance the stage's schedule before each optimiser step."""
         if should_step:
-            self.hparams.__dict__[f"{self.train_stage}_scheduler"](
-                self.optimizer
-            )
+            Stage.step(self.scheduler)
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         """Log and checkpoint (keep the best by valid loss)."""
@@ -428,24 +351,24 @@ class BLSPKDBrain(sb.Brain):
         stats.update(self.eval_summary())
         if stage == sb.Stage.VALID:
             self.hparams.train_logger.log_stats(
-                stats_meta={"stage": self.train_stage, "epoch": epoch},
+                stats_meta={"stage": self.stage.name, "epoch": epoch},
                 train_stats=self.train_stats,
                 valid_stats=stats,
             )
             if sb.utils.distributed.if_main_process():
                 self._tensorboard(
-                    stats, self.optimizer_step, f"valid_{self.train_stage}"
+                    stats, self.optimizer_step, f"valid_{self.stage.name}"
                 )
             self.checkpointer.save_and_keep_only(
-                meta={"loss": stage_loss, "stage": self.train_stage},
+                meta={"loss": stage_loss, "stage": self.stage.name},
                 min_keys=["loss"],
                 num_to_keep=self.hparams.ckpt_keep,
-                name=f"{self.train_stage}-E{epoch}",
+                name=f"{self.stage.name}-E{epoch}",
             )
         else:
             self.test_stats = stats
             self.hparams.train_logger.log_stats(
-                stats_meta={"Epoch loaded": self.hparams.kd_epochs.current},
+                stats_meta={"stage": self.stage.name},
                 test_stats=stats,
             )
 
@@ -498,12 +421,6 @@ def _all_finite(loss):
     return bool(flag.item())
 
 
-def _masked_ce(logits, targets, mask):
-    from speechbrain_blspkd.losses import response_ce
-
-    return response_ce(logits, targets, mask)
-
-
 def _append_jsonl(path, row):
     import json
 
@@ -515,15 +432,14 @@ def _append_jsonl(path, row):
 # ----------------------------------------------------------------------
 # data
 def dataio_prepare(hparams, feature_cache=None):
-    """Datasets of the two training stages, validation and test.
+    """Datasets of every training stage, validation and test.
 
     Arguments
     ---------
     hparams : dict
-        Needs ``train_manifest`` (every training utterance: the alignment
-        stage needs no continuation), ``train_csv`` (the KD training rows,
-        with teacher continuations), ``valid_csv``, ``test_csv``,
-        ``data_root``, ``sample_rate``, ``max_audio_seconds``, ``sorting``.
+        Needs ``stages`` (each stage's ``train_manifest``), ``valid_csv``,
+        ``test_csv`` (with teacher continuations), ``data_root``,
+        ``sample_rate``, ``max_audio_seconds``, ``sorting``.
     feature_cache : FeatureCache, optional
         When given, items carry cached encoder features (``feats``) instead
         of waveforms (``sig``).
@@ -531,26 +447,23 @@ def dataio_prepare(hparams, feature_cache=None):
     Returns
     -------
     dict of DynamicItemDataset
-        Keys ``align``, ``kd``, ``valid``, ``test``.
+        One per stage name, plus ``valid`` and ``test``.
 
     Raises
     ------
     speechbrain_blspkd.prompt.ContextLengthError
-        Before any training, when a row of the KD, valid or test manifest
+        Before any training, when a row of a manifest with continuations
         (the LLM passes: teacher and student sequences with the
         continuation) is longer than the LLM context (``hparams["model"]``,
         when given); the message names the manifest and the row.
     """
-    sources = {
-        "align": hparams["train_manifest"],
-        "kd": hparams["train_csv"],
-        "valid": hparams["valid_csv"],
-        "test": hparams["test_csv"],
-    }
+    sources = {s.name: s.train_manifest for s in hparams["stages"]}
+    sources.update(valid=hparams["valid_csv"], test=hparams["test_csv"])
+    training = {s.name for s in hparams["stages"]}
     datasets = {}
     for name, path in sources.items():
         ds = manifest_to_dataset(path, hparams["data_root"], ["id"])
-        if name in ("align", "kd") and hparams["sorting"] != "random":
+        if name in training and hparams["sorting"] != "random":
             ds = ds.filtered_sorted(
                 sort_key="duration",
                 reverse=hparams["sorting"] == "descending",
@@ -561,12 +474,14 @@ def dataio_prepare(hparams, feature_cache=None):
         from speechbrain_blspkd.prompt import context_limit
 
         limit = context_limit(model.llm)
-        for name in ("kd", "valid", "test"):
-            ds = datasets[name]
+        for name, ds in datasets.items():
+            rows = [dict(ds.data[uid], ID=uid) for uid in ds.data_ids]
+            if not any(r.get("continuation") for r in rows):
+                continue  # no LLM pass reads this manifest
             model.prompts.check_rows(
                 limit,
-                [dict(ds.data[uid], ID=uid) for uid in ds.data_ids],
-                hparams["instruction"],
+                rows,
+                model.instruction,
                 audio_instruction=model.audio_instruction,
                 source=sources[name],
             )
@@ -619,77 +534,6 @@ def dataio_prepare(hparams, feature_cache=None):
         ["id", speech_key, "transcript", "continuation", "truncated_flag"],
     )
     return datasets
-
-
-# ----------------------------------------------------------------------
-# lr schedule
-class WarmupCosine:
-    """Linear warm-up then cosine decay, stepped once per optimiser step.
-
-    Arguments
-    ---------
-    lr : float
-        Peak learning rate.
-    warmup_steps : int
-        Linear warm-up length.
-    total_steps : int or None
-        Steps until the end of the cosine (then held at ``min_ratio * lr``).
-        None: set by :func:`run_recipe` before the stage starts, to the
-        stage's epochs times its optimiser steps per epoch (so it follows
-        the data size, batch size, dynamic batching and the world size).
-    min_ratio : float
-        Final learning rate as a fraction of ``lr``.
-
-    Example
-    -------
-    >>> sched = WarmupCosine(1.0, warmup_steps=2, total_steps=4)
-    >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0)
-    >>> [round(sched(opt), 3) for _ in range(5)]
-    [0.5, 1.0, 0.5, 0.0, 0.0]
-    """
-
-    def __init__(self, lr, warmup_steps, total_steps, min_ratio=0.0):
-        self.lr = lr
-        self.warmup = max(0, int(warmup_steps))
-        self.total = None if total_steps is None else max(1, int(total_steps))
-        self.min_ratio = min_ratio
-        self.n_steps = 0
-
-    def value(self, step):
-        """Learning rate at optimiser step ``step`` (1-based)."""
-        if self.total is None:
-            raise ValueError(
-                "WarmupCosine: total_steps is None and was not set from the "
-                "training loader (see run_recipe)"
-            )
-        if self.warmup and step <= self.warmup:
-            return self.lr * step / self.warmup
-        span = max(1, self.total - self.warmup)
-        frac = min(1.0, (step - self.warmup) / span)
-        scale = self.min_ratio + (1 - self.min_ratio) * 0.5 * (
-            1 + math.cos(math.pi * frac)
-        )
-        return self.lr * scale
-
-    def __call__(self, optimizer):
-        self.n_steps += 1
-        lr = self.value(self.n_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        return lr
-
-    @sb.utils.checkpoints.mark_as_saver
-    def save(self, path):
-        """Save the step count."""
-        torch.save({"n_steps": self.n_steps}, path)
-
-    @sb.utils.checkpoints.mark_as_loader
-    def load(self, path, end_of_epoch=False):
-        """Restore the step count."""
-        self.n_steps = torch.load(path)["n_steps"]
-
-
-sb.utils.checkpoints.register_checkpoint_hooks(WarmupCosine)
 
 
 # ----------------------------------------------------------------------
@@ -770,13 +614,12 @@ def prepare_continuations(hparams, device="cpu"):
         rows = read_manifest(train_src)[: int(subset)]
         train_src = f"{hparams['train_csv']}.input.csv"
         write_manifest(train_src, rows)
-    sources = {
-        "train": train_src,
-        "valid": hparams["valid_manifest"],
-        "test": hparams["test_manifest"],
-    }
-    for split, src in sources.items():
-        dst = hparams[f"{split}_csv"]
+    jobs = [
+        (train_src, hparams["train_csv"]),
+        (hparams["valid_manifest"], hparams["valid_csv"]),
+        (hparams["test_manifest"], hparams["test_csv"]),
+    ]
+    for src, dst in jobs:
         if os.path.isfile(dst):
             continue
         generate_continuations(
@@ -840,36 +683,43 @@ def run_recipe(argv):
     cache = prepare_features(hparams, model.encoder, device)
     datasets = dataio_prepare(hparams, feature_cache=cache)
 
-    brain = BLSPKDBrain(
+    stages = hparams["stages"]
+    names = [stage.name for stage in stages]
+    if not stages or len(set(names)) != len(names):
+        raise ValueError(
+            f"{hparams_file}: `stages` needs unique names, got {names}"
+        )
+    checkpointer = hparams["checkpointer"]
+    for stage in stages:  # every stage's progress is in every checkpoint
+        checkpointer.add_recoverable(f"epochs_{stage.name}", stage.epochs)
+    brain = SpeechLLMBrain(
         modules=hparams["modules"],
         opt_class=hparams["opt_class"],
         hparams=hparams,
         run_opts=run_opts,
-        checkpointer=hparams["checkpointer"],
+        checkpointer=checkpointer,
     )
     out = hparams["output_folder"]
-    fresh = hparams["checkpointer"].find_checkpoint() is None
+    fresh = checkpointer.find_checkpoint() is None
+    final = stages[-1]  # its objective scores the test split
 
     def parity(tag):
         # A sharded LLM is gathered whole for decoding: the ranks decode
         # different rows, so their layers cannot all-gather in step.
         with sharding.gathered(brain.model):
-            return _parity(tag)
-
-    def _parity(tag):
-        return evaluate_parity(
-            brain.model,
-            hparams["test_csv"],
-            hparams["data_root"],
-            tasks=hparams["eval_tasks"],
-            out_folder=os.path.join(out, "eval", tag),
-            batch_size=hparams["eval_batch_size"],
-            max_new_tokens=hparams["eval_max_new_tokens"],
-            max_utterances=hparams["eval_max_utterances"],
-            feature_cache=cache,
-            sample_rate=hparams["sample_rate"],
-            plot_cif=hparams["plot_cif_utterances"],
-        )
+            return evaluate_parity(
+                brain.model,
+                hparams["test_csv"],
+                hparams["data_root"],
+                tasks=hparams["eval_tasks"],
+                out_folder=os.path.join(out, "eval", tag),
+                batch_size=hparams["eval_batch_size"],
+                max_new_tokens=hparams["eval_max_new_tokens"],
+                max_utterances=hparams["eval_max_utterances"],
+                feature_cache=cache,
+                sample_rate=hparams["sample_rate"],
+                plot_utterances=hparams["plot_utterances"],
+            )
 
     # 4. starting point (once, before any training)
     untrained_path = os.path.join(out, "eval", "untrained", "summary.json")
@@ -878,7 +728,7 @@ def run_recipe(argv):
         and fresh
         and not os.path.isfile(untrained_path)
     ):
-        brain.train_stage = "kd"
+        brain.stage = final
         brain.evaluate(
             datasets["test"],
             min_key="loss",
@@ -887,40 +737,30 @@ def run_recipe(argv):
         parity("untrained")
         _merge_json(untrained_path, {"adapter": brain.test_stats})
 
-    # 5. training: alignment stage, then KD
-    for stage in ("align", "kd"):
-        counter = hparams[f"{stage}_epochs"]
-        if counter.limit == 0:
+    # 5. training: the stages in order
+    for stage in stages:
+        if stage.epochs.limit == 0:
             continue
-        brain.train_stage = stage
-        train_kwargs = loader_kwargs(
-            hparams[f"{stage}_dataloader_opts"], datasets[stage]
-        )
+        brain.stage = stage
+        train_kwargs = loader_kwargs(stage.loader_options, datasets[stage.name])
         # Brain calls set_epoch on train_sampler each epoch: a bucketed
         # order is then a function of the epoch, so a resumed run sees the
         # batches of an uninterrupted one (under DDP Brain wraps it)
         brain.train_sampler = train_kwargs.get("batch_sampler")
         train_loader = brain.make_dataloader(
-            datasets[stage], sb.Stage.TRAIN, **train_kwargs
+            datasets[stage.name], sb.Stage.TRAIN, **train_kwargs
         )
-        schedule = hparams.get(f"{stage}_scheduler")
-        if isinstance(schedule, WarmupCosine) and schedule.total is None:
-            per_epoch = -(-len(train_loader) // brain.grad_accumulation_factor)
-            schedule.total = max(1, counter.limit * per_epoch)
-            logger.info(
-                "%s: %d optimiser steps per epoch, cosine over %d steps",
-                stage,
-                per_epoch,
-                schedule.total,
-            )
+        brain.steps_per_epoch = -(
+            -len(train_loader) // brain.grad_accumulation_factor
+        )
         brain.fit(
-            counter,
+            stage.epochs,
             train_loader,
             datasets["valid"],
             valid_loader_kwargs=hparams["valid_dataloader_opts"],
         )
-    # 6. test: adapter / KL metrics + parity decoding
-    brain.train_stage = "kd"
+    # 6. test: the final objective's stats + parity decoding
+    brain.stage = final
     brain.evaluate(
         datasets["test"],
         max_key=None,

@@ -27,7 +27,6 @@ from tqdm import tqdm
 from speechbrain_blspkd import metrics
 from speechbrain_blspkd.dataio.audio import load_row_audio
 from speechbrain_blspkd.dataio.manifest import read_manifest
-from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
 from speechbrain_blspkd.prompt import context_limit
 from speechbrain_blspkd.utils.atomic import atomic_write_text
 
@@ -46,11 +45,10 @@ def _barrier():
 
 
 def _pad(tensors):
-    lens = torch.tensor([t.shape[0] for t in tensors])
-    out = torch.zeros(len(tensors), int(lens.max()), *tensors[0].shape[1:])
-    for i, t in enumerate(tensors):
-        out[i, : t.shape[0]] = t
-    return out, lens.float() / lens.max()
+    """Right-padded batch and SpeechBrain relative lengths."""
+    from speechbrain.utils.data_utils import batch_pad_right
+
+    return batch_pad_right([t.float() for t in tensors])
 
 
 def _speech_batch(rows, feature_cache, sample_rate, device, source=None):
@@ -62,94 +60,6 @@ def _speech_batch(rows, feature_cache, sample_rate, device, source=None):
         [load_row_audio(r, source, sample_rate=sample_rate) for r in rows]
     )
     return {"wavs": wavs.to(device), "wav_lens": rel.to(device)}
-
-
-@torch.no_grad()
-def check_speech_fits(
-    model,
-    instructions=None,
-    max_new_tokens=0,
-    names=None,
-    source=None,
-    item="row",
-    **speech,
-):
-    """Checks speech prompts fit the LLM context before generating.
-
-    The encoder (unless ``feats`` are given) and the adapter are run in eval
-    mode to get the predicted token counts N; every speech prompt (the
-    instruction's chat prompt with N speech positions) plus
-    ``max_new_tokens`` must fit in the LLM context
-    (:meth:`~speechbrain_blspkd.prompt.PromptBuilder.check_fits`). The
-    encoder features are returned, so generation does not run the encoder
-    again.
-
-    Arguments
-    ---------
-    model : SpeechLLMModel
-        The model.
-    instructions : str or list of str, optional
-        Speech prompt instructions (default: the model's).
-    max_new_tokens : int
-        Generation budget.
-    names : list of str, optional
-        Names of the batch items (row IDs, files) for the message.
-    source : str, optional
-        Where they come from (manifest), for the message.
-    item : str
-        What an item is called in the message.
-    **speech
-        ``wavs`` / ``wav_lens`` or ``feats`` / ``feat_lens``.
-
-    Returns
-    -------
-    dict
-        Speech keyword arguments for ``model.generate`` (``feats``,
-        ``feat_lens`` when the encoder was run).
-
-    Raises
-    ------
-    speechbrain_blspkd.prompt.ContextLengthError
-        Naming the first item too long, its counts and the limit.
-
-    Example
-    -------
-    >>> from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
-    >>> model = SpeechLLMModel.tiny_for_tests()
-    >>> kw = check_speech_fits(model, max_new_tokens=4,
-    ...     wavs=torch.randn(1, 4000))
-    >>> sorted(kw)
-    ['feat_lens', 'feats']
-    >>> check_speech_fits(model, max_new_tokens=10**6, names=["a.wav"],
-    ...     item="file", wavs=torch.randn(1, 4000))  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    speechbrain_blspkd.prompt.ContextLengthError: file 'a.wav': ...
-    """
-    limit = context_limit(model.llm)
-    if limit is None:
-        return speech
-    was_training = model.training
-    model.eval()
-    try:
-        if speech.get("feats") is None and model.encoder is not None:
-            feats, feat_lens = model.encoder(
-                speech["wavs"], speech.get("wav_lens")
-            )
-            speech = {"feats": feats, "feat_lens": feat_lens}
-        counts = model.encode_speech(**speech).num_tokens.tolist()
-    finally:
-        model.train(was_training)
-    model.prompts.check_fits(
-        limit,
-        model._instructions(instructions, len(counts), audio=True),
-        n_speech=counts,
-        max_new_tokens=max_new_tokens,
-        ids=names,
-        source=source,
-        item=item,
-    )
-    return speech
 
 
 def decode_rows(
@@ -225,18 +135,12 @@ def decode_rows(
             speech = _speech_batch(
                 chunk, feature_cache, sample_rate, device, source
             )
-            speech = check_speech_fits(
-                model,
-                instruction,
-                max_new_tokens,
-                names=[r["ID"] for r in chunk],
-                source=source,
-                **speech,
-            )
             hyps, counts = model.generate(
                 instructions=instruction,
                 max_new_tokens=max_new_tokens,
                 return_num_tokens=True,
+                names=[r["ID"] for r in chunk],
+                source=source,
                 **speech,
             )
             missing = [r for r in chunk if (name, r["ID"]) not in teacher_cache]
@@ -248,10 +152,11 @@ def decode_rows(
                 )
                 for r, t in zip(missing, texts):
                     teacher_cache[(name, r["ID"])] = t
-            targets = model.num_tokens([r["transcript"] for r in chunk])
-            for r, hyp, n_pred, n_tgt in zip(
-                chunk, hyps, counts.tolist(), targets.tolist()
+            targets = model.transcript_ids([r["transcript"] for r in chunk])
+            for r, hyp, n_pred, ids in zip(
+                chunk, hyps, counts.tolist(), targets
             ):
+                n_tgt = len(ids)
                 row = {
                     "id": f"{r['ID']}/{name}",
                     "utt": r["ID"],
@@ -325,13 +230,14 @@ def evaluate_parity(
     max_utterances=None,
     feature_cache=None,
     sample_rate=16000,
-    plot_cif=0,
+    plot_utterances=0,
 ):
     """Decode a test manifest on every rank, merge, score and write files.
 
     Writes ``rows.jsonl`` (one line per utterance and task) and
     ``summary.json`` into ``out_folder`` (main process, atomically), and
-    ``cif_<ID>.png`` plots for the first ``plot_cif`` utterances.
+    ``adapter_<ID>.png`` figures of the first ``plot_utterances``
+    utterances when the adapter draws any (CIF weights for the CFormer).
 
     Returns
     -------
@@ -381,10 +287,10 @@ def evaluate_parity(
         atomic_write_text(
             out_folder / "summary.json", json.dumps(summary, indent=1)
         )
-        if plot_cif:
-            plot_cif_examples(
+        if plot_utterances:
+            plot_adapter_examples(
                 model,
-                rows[: int(plot_cif)],
+                rows[: int(plot_utterances)],
                 out_folder,
                 feature_cache,
                 sample_rate,
@@ -393,31 +299,31 @@ def evaluate_parity(
 
 
 @torch.no_grad()
-def plot_cif_examples(model, rows, out_folder, feature_cache, sample_rate):
-    """PNG of the CIF weights over time against the transcript tokens."""
-    from speechbrain_blspkd.utils.plotting import plot_cif_weights
+def plot_adapter_examples(model, rows, out_folder, feature_cache, sample_rate):
+    """The adapter's figure of each row (nothing for adapters that draw
+    none), with the transcript tokens as labels.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files written.
+    """
+    from speechbrain_blspkd.nnet.adapter import AdapterTargets
 
     device = model.embed_tokens.weight.device
-    stride = getattr(model.adapter, "frame_stride", 1)
-    frame_rate = WhisperEncoder.frame_rate() / stride
+    written = []
     was_training = model.training
     model.eval()
     try:
         for r in rows:
             speech = _speech_batch([r], feature_cache, sample_rate, device)
             ids = model.transcript_ids([r["transcript"]])[0]
-            out = model.encode_speech(num_tokens=[len(ids)], **speech)
-            alphas = out.alphas[0][out.frame_mask[0]].float().cpu()
-            scaled = alphas * len(ids) / alphas.sum().clamp(min=1e-6)
+            targets = AdapterTargets(num_tokens=torch.tensor([len(ids)]))
+            out = model.encode_speech(targets=targets, **speech)
+            path = pathlib.Path(out_folder) / f"adapter_{r['ID']}.png"
             tokens = [model.tokenizer.decode([i]) for i in ids]
-            plot_cif_weights(
-                scaled,
-                None,
-                tokens,
-                out_folder / f"cif_{r['ID']}.png",
-                frame_rate=frame_rate,
-                title=f"{r['ID']}: sum(alpha)={float(alphas.sum()):.1f}, "
-                f"N={len(ids)}",
-            )
+            if model.adapter.plot(out, 0, path, tokens=tokens):
+                written.append(path)
     finally:
         model.train(was_training)
+    return written

@@ -56,7 +56,6 @@ __all__ = [
     "ContextLengthError",
     "Prompt",
     "PromptBuilder",
-    "build_test_tokenizer",
     "collate_prompts",
     "context_limit",
 ]
@@ -182,7 +181,8 @@ class PromptBuilder:
 
     Example
     -------
-    >>> tok = _doctest_tokenizer()
+    >>> from speechbrain_blspkd.utils.testing import doctest_tokenizer
+    >>> tok = doctest_tokenizer()
     >>> builder = PromptBuilder(tok, system_prompt="Be brief.")
     >>> t = builder.build("Repeat:", transcript="a b", continuation="b a")
     >>> n = len(builder.transcript_ids("a b"))  # N: the CIF target count
@@ -301,7 +301,8 @@ class PromptBuilder:
 
         Example
         -------
-        >>> builder = PromptBuilder(_doctest_tokenizer())
+        >>> from speechbrain_blspkd.utils.testing import doctest_tokenizer
+        >>> builder = PromptBuilder(doctest_tokenizer())
         >>> builder.tokenizer.decode(builder.transcript_ids(" a b "))
         ' a b'
         """
@@ -356,7 +357,8 @@ class PromptBuilder:
 
         Example
         -------
-        >>> builder = PromptBuilder(_doctest_tokenizer())
+        >>> from speechbrain_blspkd.utils.testing import doctest_tokenizer
+        >>> builder = PromptBuilder(doctest_tokenizer())
         >>> p = builder.build("Say:", n_speech=3, continuation="ok")
         >>> start, n = p.speech_span
         >>> n, p.input_ids[start:start + n] == [builder.placeholder_id] * 3
@@ -420,7 +422,8 @@ class PromptBuilder:
 
         Example
         -------
-        >>> builder = PromptBuilder(_doctest_tokenizer())
+        >>> from speechbrain_blspkd.utils.testing import doctest_tokenizer
+        >>> builder = PromptBuilder(doctest_tokenizer())
         >>> ps = builder.build_batch("Say:", n_speech=[1, 2])
         >>> [p.speech_span[1] for p in ps]
         [1, 2]
@@ -547,7 +550,8 @@ class PromptBuilder:
 
         Example
         -------
-        >>> builder = PromptBuilder(_doctest_tokenizer())
+        >>> from speechbrain_blspkd.utils.testing import doctest_tokenizer
+        >>> builder = PromptBuilder(doctest_tokenizer())
         >>> p = builder.build("Say:", transcript="a b", continuation="ok")
         >>> n = builder.sequence_lengths("Say:", ["a b"], continuations=["ok"])
         >>> n == [len(p.input_ids)]
@@ -604,7 +608,8 @@ class PromptBuilder:
 
         Example
         -------
-        >>> builder = PromptBuilder(_doctest_tokenizer())
+        >>> from speechbrain_blspkd.utils.testing import doctest_tokenizer
+        >>> builder = PromptBuilder(doctest_tokenizer())
         >>> builder.check_fits(  # doctest: +ELLIPSIS
         ...     70, "Say:", ["a b", "the cat " * 9], max_new_tokens=8,
         ...     ids=["u1", "u2"], source="test.csv")
@@ -656,7 +661,8 @@ class PromptBuilder:
 
         Example
         -------
-        >>> builder = PromptBuilder(_doctest_tokenizer())
+        >>> from speechbrain_blspkd.utils.testing import doctest_tokenizer
+        >>> builder = PromptBuilder(doctest_tokenizer())
         >>> rows = [dict(ID="u1", transcript="a b", continuation="c",
         ...     truncated="0")]
         >>> n = builder.check_rows(64, rows, "Say:")[0]
@@ -742,7 +748,8 @@ class PromptBuilder:
 
         Example
         -------
-        >>> builder = PromptBuilder(_doctest_tokenizer())
+        >>> from speechbrain_blspkd.utils.testing import doctest_tokenizer
+        >>> builder = PromptBuilder(doctest_tokenizer())
         >>> b = builder.collate(builder.build_batch("Say:", n_speech=[1, 3]))
         >>> b["speech_mask"].sum(1).tolist()
         [1, 3]
@@ -831,92 +838,3 @@ def collate_prompts(prompts, pad_id, padding_side="right", device=None):
     if device is not None:
         out = {k: v.to(device) for k, v in out.items()}
     return out
-
-
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
-    "{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
-    " + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-    "{% endif %}"
-)
-
-
-def build_test_tokenizer(
-    corpus=None,
-    vocab_size=300,
-    chat_template=CHATML_TEMPLATE,
-    extra_special_tokens=(),
-):
-    """A tiny byte-level BPE tokenizer with a ChatML template (tests, docs).
-
-    Trained in memory on ``corpus``; special tokens ``<|im_start|>``,
-    ``<|im_end|>``, ``<|endoftext|>`` (eos) and ``<pad>``. The template
-    injects a default system prompt like SmolLM2's.
-
-    Arguments
-    ---------
-    corpus : list of str, optional
-        Training sentences (a small default is used).
-    vocab_size : int
-        Vocabulary size (>= 260).
-    chat_template : str
-        Jinja chat template.
-    extra_special_tokens : sequence of str
-        More special tokens (e.g. ``<start_of_turn>`` for a Gemma-style
-        template).
-
-    Returns
-    -------
-    transformers.PreTrainedTokenizerFast
-
-    Example
-    -------
-    >>> tok = build_test_tokenizer()
-    >>> tok.decode(tok("hello world")["input_ids"])
-    'hello world'
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if corpus is None:
-        corpus = [
-            "the cat sat on the mat and the dog ran to the park",
-            "repeat the sentence: hello world, how are you today?",
-            "continue the following text in a coherent style",
-            "a quick brown fox jumps over the lazy dog",
-        ] * 4
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
-    specials += [t for t in extra_special_tokens if t not in specials]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|endoftext|>",
-        pad_token="<pad>",
-        additional_special_tokens=specials[1:3] + specials[4:],
-    )
-    fast.chat_template = chat_template
-    return fast
-
-
-_DOCTEST_TOKENIZER = []
-
-
-def _doctest_tokenizer():
-    """A cached :func:`build_test_tokenizer` for the doctests."""
-    if not _DOCTEST_TOKENIZER:
-        _DOCTEST_TOKENIZER.append(build_test_tokenizer())
-    return _DOCTEST_TOKENIZER[0]

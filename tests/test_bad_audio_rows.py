@@ -6,7 +6,10 @@ import pytest
 import soundfile as sf
 import torch
 
+from speechbrain.utils.epoch_loop import EpochCounter
+
 from speechbrain_blspkd.brain import dataio_prepare
+from speechbrain_blspkd.stages import Stage
 from speechbrain_blspkd.dataio.audio import AudioError
 from speechbrain_blspkd.dataio.manifest import write_manifest
 
@@ -51,8 +54,10 @@ BAD = {
 def test_training_pipeline_names_manifest_and_row(corpus):
     folder, paths = corpus
     hparams = dict(
-        train_manifest=paths["train"],
-        train_csv=paths["kd"],
+        stages=[
+            Stage("align", None, paths["train"], EpochCounter(1), {}, 1e-3),
+            Stage("kd", None, paths["kd"], EpochCounter(1), {}, 1e-3),
+        ],
         valid_csv=paths["valid"],
         test_csv=paths["test"],
         data_root=str(folder),

@@ -1,5 +1,5 @@
-"""The BLSP-KD Brain with a tiny model: stages, non-finite losses,
-determinism."""
+"""The generic Brain with a tiny model: stages, non-finite losses,
+determinism, schedules."""
 
 import math
 
@@ -8,10 +8,13 @@ import speechbrain as sb
 import torch
 from speechbrain.dataio.batch import PaddedBatch
 
-from speechbrain_blspkd.brain import BLSPKDBrain, WarmupCosine
-from speechbrain_blspkd.losses import BLSPKDLoss
-from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
+from speechbrain.utils.epoch_loop import EpochCounter
+
+from speechbrain_blspkd.brain import SpeechLLMBrain
+from speechbrain_blspkd.objectives import BLSPKDObjective
+from speechbrain_blspkd.stages import Stage
 from speechbrain_blspkd.models.trainable import trainable_state_dict
+from speechbrain_blspkd.utils.testing import tiny_speech_llm
 
 
 def _batch(seed=0):
@@ -31,28 +34,31 @@ def _batch(seed=0):
     return PaddedBatch(items)
 
 
+def _stages():
+    align = BLSPKDObjective({"align": 1.0, "cif": 1.0})
+    kd = BLSPKDObjective(
+        {"input_kl": 1.0, "response_kl": 1.0, "cif": 1.0, "align": 0.3}
+    )
+    return [
+        Stage("align", align, "train.csv", EpochCounter(1), {}, lr=1e-3),
+        Stage("kd", kd, "train_kd.csv", EpochCounter(1), {}, lr=1e-3),
+    ]
+
+
 def _brain(tmp_path, patience=3, seed=0):
     torch.manual_seed(seed)
-    model = SpeechLLMModel.tiny_for_tests()
+    model = tiny_speech_llm()
     hparams = dict(
-        kd_loss=BLSPKDLoss(
-            {"input_kl": 1.0, "response_kl": 1.0, "cif": 1.0, "align": 0.3}
-        ),
-        align_loss=BLSPKDLoss({"align": 1.0, "cif": 1.0}),
-        instruction="Continue:",
-        valid_kl=True,
-        align_temperature=0.05,
         log_every_n_steps=1,
         step_log=str(tmp_path / "steps.jsonl"),
-        kd_scheduler=WarmupCosine(1e-3, 0, 10),
-        align_scheduler=WarmupCosine(1e-3, 0, 10),
     )
-    brain = BLSPKDBrain(
+    brain = SpeechLLMBrain(
         modules={"model": model},
         opt_class=lambda params: torch.optim.AdamW(params, lr=1e-3),
         hparams=hparams,
         run_opts={"device": "cpu", "nonfinite_patience": patience},
     )
+    brain.stage = _stages()[1]
     brain.init_optimizers()
     brain.on_stage_start(None)
     return brain
@@ -64,9 +70,9 @@ def test_kd_and_align_stages_train(tmp_path):
     losses = [float(brain.fit_batch(batch)) for _ in range(4)]
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0]
-    brain.train_stage = "align"
+    brain.stage = _stages()[0]
     out = brain.compute_forward(batch, sb.Stage.TRAIN)
-    assert "student_input_logits" not in out  # no LLM pass in this stage
+    assert out.student is None and out.teacher is None  # no LLM pass
     loss = brain.compute_objectives(out, batch, sb.Stage.TRAIN)
     assert math.isfinite(float(loss.detach()))
     lines = (tmp_path / "steps.jsonl").read_text().splitlines()
@@ -178,3 +184,54 @@ def test_dynamic_batching_buckets_by_duration_and_follows_the_epoch():
     assert epoch(1) == first  # a resumed epoch sees the same batches
     # fixed-size options pass through untouched
     assert loader_kwargs({"batch_size": 4}, dataset) == {"batch_size": 4}
+
+
+def test_stage_schedule_warms_up_decays_and_resumes(tmp_path):
+    """The stage's schedule sets the learning rate per optimiser step, from
+    lr/warmup up to lr and down to min_lr_rate x lr; its state is what a
+    resumed run continues from."""
+    from functools import partial
+
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    brain = _brain(tmp_path)
+    stage = _stages()[1]
+    stage.lr = 0.01
+    stage.scheduler = partial(
+        get_cosine_with_min_lr_schedule_with_warmup,
+        num_warmup_steps=2,
+        min_lr_rate=0.1,
+    )
+    brain.stage = stage
+    brain.steps_per_epoch = 5
+    brain.init_optimizers()
+    assert stage.total_steps == 5
+    lrs = []
+    for _ in range(5):
+        brain.fit_batch(_batch())
+        lrs.append(brain.optimizer.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(0.005) and lrs[1] == pytest.approx(0.01)
+    assert lrs[1] > lrs[2] > lrs[3] > lrs[4] == pytest.approx(0.001)
+    state = brain.scheduler.state_dict()
+    again = _brain(tmp_path)
+    again.stage = stage
+    again.steps_per_epoch = 5
+    again.init_optimizers()
+    again.scheduler.load_state_dict(state)
+    again.fit_batch(_batch())
+    # continues after step 5 instead of restarting the warm-up
+    assert again.optimizer.param_groups[0]["lr"] < 0.005
+
+
+def test_validation_stats_come_from_the_objective_and_the_adapter(tmp_path):
+    brain = _brain(tmp_path)
+    brain.on_stage_start(sb.Stage.VALID)
+    with torch.no_grad():
+        brain.evaluate_batch(_batch(), sb.Stage.VALID)
+        brain.evaluate_batch(_batch(1), sb.Stage.VALID)
+    summary = brain.eval_summary()
+    # objective terms and metrics, and the CFormer's count diagnostics
+    for key in ("input_kl", "response_kl", "token_acc", "exact_count"):
+        assert key in summary, key
+    assert 0.0 <= summary["exact_count"] <= 1.0
+    assert summary["input_kl"] > 0

@@ -20,9 +20,9 @@ from speechbrain_blspkd.evaluation import decode_rows
 from speechbrain_blspkd.prompt import (
     ContextLengthError,
     PromptBuilder,
-    build_test_tokenizer,
     context_limit,
 )
+from speechbrain_blspkd.utils.testing import build_test_tokenizer
 
 LIMIT = 128
 INSTRUCTION = "Continue:"
@@ -160,13 +160,26 @@ def _hparams(tmp_path, model, kd_rows):
         write_manifest(paths[key], rows)
     return dict(
         paths,
+        stages=_stages(paths),
         data_root=str(tmp_path),
         sample_rate=16000,
         max_audio_seconds=30,
         sorting="ascending",
         model=model,
-        instruction=INSTRUCTION,
     )
+
+
+def _stages(paths):
+    from speechbrain.utils.epoch_loop import EpochCounter
+
+    from speechbrain_blspkd.stages import Stage
+
+    return [
+        Stage(
+            "align", None, paths["train_manifest"], EpochCounter(1), {}, 1e-3
+        ),
+        Stage("kd", None, paths["train_csv"], EpochCounter(1), {}, 1e-3),
+    ]
 
 
 def test_dataio_prepare_stops_on_a_row_longer_than_the_llm(model, tmp_path):
@@ -198,6 +211,7 @@ def test_dataio_prepare_stops_on_a_row_longer_than_the_llm(model, tmp_path):
     # the valid / test manifests are checked too
     hparams["test_csv"] = hparams["train_csv"]
     hparams["train_csv"] = hparams["valid_csv"]
+    hparams["stages"] = _stages(hparams)
     with pytest.raises(ContextLengthError, match=r"test_csv|train_csv"):
         dataio_prepare(hparams)
 
@@ -287,7 +301,10 @@ def test_decode_rows_checks_the_predicted_speech_length(model):
 @pytest.fixture(scope="module")
 def interface(tmp_path_factory):
     from speechbrain_blspkd.inference import SpeechLLM
-    from speechbrain_blspkd.inference.export import _tiny_model, export_model
+    from speechbrain_blspkd.inference.export import export_model
+    from speechbrain_blspkd.utils.testing import (
+        tiny_saved_speech_llm as _tiny_model,
+    )
 
     tmp = tmp_path_factory.mktemp("ctx")
     folder = export_model(_tiny_model(tmp / "bases"), tmp / "model")

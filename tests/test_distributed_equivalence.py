@@ -3,7 +3,7 @@
 One run of this file's worker under ``torchrun --nproc_per_node=2`` with a
 per-rank batch of ``b`` is compared with a plain single-process run with a
 batch of ``2b``. Both go through the real code: :func:`dataio_prepare`,
-:class:`BLSPKDBrain` (``fit``, DDP wrapping and its gradient all-reduce,
+:class:`SpeechLLMBrain` (``fit``, DDP wrapping and its gradient all-reduce,
 both stages) and :func:`evaluate_parity` (rank sharding + merge).
 
 Why the training data are equal-length: every BLSP-KD loss term is a mean
@@ -63,8 +63,8 @@ def _model():
     from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
     from speechbrain_blspkd.nnet.cformer import CFormer
     from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
-    from speechbrain_blspkd.prompt import build_test_tokenizer
     from speechbrain_blspkd.utils.testing import (
+        build_test_tokenizer,
         tiny_llm_config,
         tiny_whisper_config,
     )
@@ -95,13 +95,14 @@ def worker(data, out, batch_size):
     import speechbrain as sb
     from speechbrain.utils.epoch_loop import EpochCounter
 
-    from speechbrain_blspkd.brain import (
-        BLSPKDBrain,
-        WarmupCosine,
-        dataio_prepare,
-    )
+    from functools import partial
+
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    from speechbrain_blspkd.brain import SpeechLLMBrain, dataio_prepare
     from speechbrain_blspkd.evaluation import evaluate_parity
-    from speechbrain_blspkd.losses import BLSPKDLoss
+    from speechbrain_blspkd.objectives import BLSPKDObjective
+    from speechbrain_blspkd.stages import Stage
     from speechbrain_blspkd.models.trainable import trainable_state_dict
 
     data, out = pathlib.Path(data), pathlib.Path(out)
@@ -117,9 +118,44 @@ def worker(data, out, batch_size):
         rank = torch.distributed.get_rank()
         world = torch.distributed.get_world_size()
     model = _model()
+    schedule = partial(
+        get_cosine_with_min_lr_schedule_with_warmup,
+        num_warmup_steps=1,
+        min_lr_rate=0.0,
+    )
+    kd = BLSPKDObjective(
+        {
+            "input_kl": 1.0,
+            "response_kl": 1.0,
+            "response_ce": 0.5,
+            "cif": 1.0,
+            "align": 0.3,
+        }
+    )
+    stages = [
+        Stage(
+            "align",
+            BLSPKDObjective({"align": 1.0, "cif": 1.0}),
+            str(data / "train.csv"),
+            EpochCounter(1),
+            {},
+            lr=0.2,
+            scheduler=schedule,
+            total_steps=4,
+        ),
+        Stage(
+            "kd",
+            kd,
+            str(data / "train.csv"),
+            EpochCounter(1),
+            {},
+            lr=0.2,
+            scheduler=schedule,
+            total_steps=4,
+        ),
+    ]
     hparams = dict(
-        train_manifest=str(data / "train.csv"),
-        train_csv=str(data / "train.csv"),
+        stages=stages,
         valid_csv=str(data / "test.csv"),
         test_csv=str(data / "test.csv"),
         data_root=str(data),
@@ -130,21 +166,6 @@ def worker(data, out, batch_size):
         # follows `sorting == "random"`, not the loader's `shuffle`)
         sorting="ascending",
         model=model,
-        instruction=INSTRUCTION,
-        align_loss=BLSPKDLoss({"align": 1.0, "cif": 1.0}),
-        kd_loss=BLSPKDLoss(
-            {
-                "input_kl": 1.0,
-                "response_kl": 1.0,
-                "response_ce": 0.5,
-                "cif": 1.0,
-                "align": 0.3,
-            }
-        ),
-        align_scheduler=WarmupCosine(0.2, 1, 4),
-        kd_scheduler=WarmupCosine(0.2, 1, 4),
-        valid_kl=True,
-        align_temperature=0.05,
         log_every_n_steps=0,
         step_log=str(out / "steps.jsonl"),
     )
@@ -160,7 +181,7 @@ def worker(data, out, batch_size):
     )
     # (a copy: on the CPU the state dict shares the parameters' storage)
     init = {k: v.clone() for k, v in trainable_state_dict(model).items()}
-    brain = BLSPKDBrain(
+    brain = SpeechLLMBrain(
         modules={"model": model},
         # SGD, not Adam: see the module docstring
         opt_class=lambda params: torch.optim.SGD(params, lr=0, momentum=0.9),
@@ -171,15 +192,15 @@ def worker(data, out, batch_size):
     fit_batch = brain.fit_batch
 
     def recording_fit_batch(batch):  # which utterances each step sees
-        seen.append([brain.train_stage, list(batch.id)])
+        seen.append([brain.stage.name, list(batch.id)])
         return fit_batch(batch)
 
     brain.fit_batch = recording_fit_batch
-    for stage in ("align", "kd"):
-        brain.train_stage = stage
+    for stage in stages:
+        brain.stage = stage
         brain.fit(
-            EpochCounter(1),
-            datasets[stage],
+            stage.epochs,
+            datasets[stage.name],
             train_loader_kwargs={"batch_size": batch_size, "shuffle": False},
         )
     wrapped = type(brain.modules.model).__name__
@@ -213,7 +234,8 @@ def _write_data(folder):
     import soundfile as sf
 
     from speechbrain_blspkd.dataio.manifest import write_manifest
-    from speechbrain_blspkd.prompt import PromptBuilder, build_test_tokenizer
+    from speechbrain_blspkd.prompt import PromptBuilder
+    from speechbrain_blspkd.utils.testing import build_test_tokenizer
 
     builder = PromptBuilder(build_test_tokenizer())
     transcripts = _texts(builder.transcript_ids, NUM_TRAIN, 10, seed=1)

@@ -17,7 +17,6 @@ from speechbrain_blspkd.inference import export as export_lib  # noqa: E402
 from speechbrain_blspkd.inference.cli import main as cli_main  # noqa: E402
 from speechbrain_blspkd.inference.export import (  # noqa: E402
     ModelFolderError,
-    _tiny_model,
     export_model,
     render_hparams,
     resolve_source,
@@ -25,6 +24,9 @@ from speechbrain_blspkd.inference.export import (  # noqa: E402
 from speechbrain_blspkd.models.trainable import (  # noqa: E402
     WeightsMismatchError,
     trainable_state_dict,
+)
+from speechbrain_blspkd.utils.testing import (  # noqa: E402
+    tiny_saved_speech_llm as _tiny_model,
 )
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -83,7 +85,7 @@ def test_export_folder_contents(exported):
     assert info["files"]["model.ckpt"]["sha256"] == export_lib._sha256(
         folder / "model.ckpt"
     )
-    assert info["config"]["n_post"] == 1
+    assert info["config"]["adapter_options"]["n_post"] == 1
     # no leftover temporary folders beside the export
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]
 
@@ -238,8 +240,8 @@ def test_mismatched_hparams_named(exported):
     shutil.copytree(exported["folder"], bad)
     path = bad / "hyperparams.yaml"
     text = path.read_text()
-    assert "\nn_post: 1\n" in text
-    path.write_text(text.replace("\nn_post: 1\n", "\nn_post: 2\n"))
+    assert "\n  n_post: 1\n" in text
+    path.write_text(text.replace("\n  n_post: 1\n", "\n  n_post: 2\n"))
     with pytest.raises(WeightsMismatchError, match="model.ckpt.*adapter"):
         _load(bad)
 

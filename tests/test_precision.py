@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from speechbrain_blspkd.utils import precision
+from speechbrain_blspkd.utils.testing import tiny_speech_llm
 
 
 @pytest.fixture(autouse=True)
@@ -135,9 +136,8 @@ def test_model_parts_follow_auto(monkeypatch, native, expected):
     precision.set_run_device("cpu")
     encoder = WhisperEncoder(tiny_whisper_config(), dtype="auto")
     assert next(encoder.encoder.parameters()).dtype == expected
-    from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
 
-    model = SpeechLLMModel.tiny_for_tests(whisper=False, llm_dtype="auto")
+    model = tiny_speech_llm(whisper=False, llm_dtype="auto")
     assert model.embed_tokens.weight.dtype == expected
     lora = [p for n, p in model.llm.named_parameters() if "lora_" in n]
     assert lora and all(p.dtype == torch.float32 for p in lora)
@@ -145,9 +145,8 @@ def test_model_parts_follow_auto(monkeypatch, native, expected):
 
 def test_export_leaves_the_dtype_to_the_loading_machine():
     from speechbrain_blspkd.inference.export import config_from_model
-    from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
 
-    model = SpeechLLMModel.tiny_for_tests(llm_dtype="bfloat16")
+    model = tiny_speech_llm(llm_dtype="bfloat16")
     config = config_from_model(model)
     assert config.get("llm_dtype", "auto") == "auto"
     assert config.get("encoder_dtype", "auto") == "auto"

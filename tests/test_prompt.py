@@ -6,9 +6,9 @@ import torch
 from speechbrain_blspkd.prompt import (
     IGNORE_INDEX,
     PromptBuilder,
-    build_test_tokenizer,
     collate_prompts,
 )
+from speechbrain_blspkd.utils.testing import build_test_tokenizer
 
 GEMMA_TEMPLATE = (
     "{{ bos_token }}"

@@ -20,7 +20,9 @@ RECIPE = ROOT / "recipes" / "SynthSpeech" / "blsp_kd"
 
 @pytest.fixture(scope="module")
 def tiny_bases(tmp_path_factory):
-    from speechbrain_blspkd.inference.export import _tiny_model
+    from speechbrain_blspkd.utils.testing import (
+        tiny_saved_speech_llm as _tiny_model,
+    )
 
     folder = tmp_path_factory.mktemp("bases")
     _tiny_model(folder)
@@ -45,7 +47,7 @@ def _overrides(bases, data, out):
         "--continuation_max_new_tokens=4",
         "--eval_max_new_tokens=4",
         "--eval_max_utterances=4",
-        "--plot_cif_utterances=1",
+        "--plot_utterances=1",
         "--align_dataloader_opts={batch_size: 4, shuffle: True}",
         "--kd_dataloader_opts={batch_size: 2, shuffle: True}",
         "--align_epochs_limit=1",

@@ -303,7 +303,7 @@ def f(hparams, self):
 def test_brain_reads_core_keys(brain_reads):
     required, _ = brain_reads
     # sanity: the extraction sees the keys every recipe is built around
-    for key in ("model", "prepare", "train_manifest", "kd_loss", "kd_epochs"):
+    for key in ("model", "prepare", "stages", "valid_csv", "test_csv"):
         assert key in required
 
 

@@ -1,7 +1,7 @@
 """Sharded data parallelism (``distributed_strategy: fsdp``, FSDP2) on CPU.
 
 * fast, one process: strategy checks, the choice of FSDP units, clipping;
-* two processes (``torchrun``, gloo) with a tiny model: a ``BLSPKDBrain``
+* two processes (``torchrun``, gloo) with a tiny model: a ``SpeechLLMBrain``
   trained with ``fsdp`` writes the checkpoint a ``ddp`` one writes (same
   global batch, gradient accumulation, clipping); checkpoints in both
   directions between a sharded and a single-process model (weights and
@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from speechbrain_blspkd.utils import sharding
+from speechbrain_blspkd.utils.testing import tiny_speech_llm
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -49,9 +50,8 @@ def test_resolve_strategy_choices_and_errors(monkeypatch):
 
 
 def test_units_are_the_decoder_layers():
-    from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
 
-    llm = SpeechLLMModel.tiny_for_tests(whisper=False, llm_type="qwen2").llm
+    llm = tiny_speech_llm(whisper=False, llm_type="qwen2").llm
     names = [n for n, _ in sharding.decoder_layers(llm)]
     assert names == ["model.layers.0", "model.layers.1"]
     # without _no_split_modules the layers are found in base_model.layers
@@ -60,7 +60,7 @@ def test_units_are_the_decoder_layers():
     with pytest.raises(sharding.ShardingError, match="decoder layers"):
         sharding.decoder_layers(torch.nn.Linear(2, 2))
     with pytest.raises(sharding.ShardingError, match="process group"):
-        sharding.shard_model(SpeechLLMModel.tiny_for_tests(whisper=False))
+        sharding.shard_model(tiny_speech_llm(whisper=False))
 
 
 def test_clip_grad_norm_matches_torch():
@@ -80,11 +80,10 @@ def test_clip_grad_norm_matches_torch():
 
 
 def test_fsdp_in_one_process_trains_unsharded(tmp_path):
-    from speechbrain_blspkd.brain import BLSPKDBrain
-    from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
+    from speechbrain_blspkd.brain import SpeechLLMBrain
 
-    model = SpeechLLMModel.tiny_for_tests(whisper=False)
-    brain = BLSPKDBrain(
+    model = tiny_speech_llm(whisper=False)
+    brain = SpeechLLMBrain(
         modules={"model": model},
         opt_class=lambda params: torch.optim.AdamW(params, lr=1e-3),
         hparams={"distributed_strategy": "fsdp"},
@@ -92,7 +91,7 @@ def test_fsdp_in_one_process_trains_unsharded(tmp_path):
     )
     assert not brain.sharded and not sharding.is_sharded(model)
     with pytest.raises(sharding.ShardingError, match="not one of"):
-        BLSPKDBrain(
+        SpeechLLMBrain(
             modules={"model": model},
             hparams={"distributed_strategy": "zero"},
             run_opts={"device": "cpu"},
@@ -174,35 +173,33 @@ def _speech_batch(rank, step):
 
 
 def _trained_brain(strategy, folder):
-    """A BLSPKDBrain trained for 4 micro-batches (2 optimiser steps) on this
+    """A SpeechLLMBrain trained for 4 micro-batches (2 optimiser steps) on this
     rank's data, checkpointed to ``folder``."""
     from speechbrain.utils.checkpoints import Checkpointer
 
-    from speechbrain_blspkd.brain import BLSPKDBrain, WarmupCosine
-    from speechbrain_blspkd.losses import BLSPKDLoss
-    from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
+    from functools import partial
+
+    from speechbrain.utils.epoch_loop import EpochCounter
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    from speechbrain_blspkd.brain import SpeechLLMBrain
     from speechbrain_blspkd.models.trainable import TrainableWeights
+    from speechbrain_blspkd.objectives import BLSPKDObjective
+    from speechbrain_blspkd.stages import Stage
 
     torch.manual_seed(0)
-    model = SpeechLLMModel.tiny_for_tests(llm_dtype="bfloat16")
+    model = tiny_speech_llm(llm_dtype="bfloat16")
     checkpointer = Checkpointer(
         folder, recoverables={"weights": TrainableWeights(model)}
     )
     weights = {"input_kl": 1.0, "response_kl": 1.0, "cif": 1.0, "align": 0.3}
-    brain = BLSPKDBrain(
+    brain = SpeechLLMBrain(
         modules={"model": model},
         opt_class=lambda params: torch.optim.AdamW(params, lr=1e-2),
         hparams=dict(
             distributed_strategy=strategy,
-            kd_loss=BLSPKDLoss(weights),
-            align_loss=BLSPKDLoss({"align": 1.0, "cif": 1.0}),
-            instruction="Continue:",
-            valid_kl=True,
-            align_temperature=0.05,
             log_every_n_steps=0,
             step_log=str(folder / "steps.jsonl"),
-            kd_scheduler=WarmupCosine(1e-2, 0, 10),
-            align_scheduler=WarmupCosine(1e-2, 0, 10),
         ),
         run_opts=dict(
             device="cpu",
@@ -212,6 +209,20 @@ def _trained_brain(strategy, folder):
             max_grad_norm=1.0,
         ),
         checkpointer=checkpointer,
+    )
+    brain.stage = Stage(
+        "kd",
+        BLSPKDObjective(weights),
+        "unused.csv",
+        EpochCounter(1),
+        {},
+        lr=1e-2,
+        scheduler=partial(
+            get_cosine_with_min_lr_schedule_with_warmup,
+            num_warmup_steps=0,
+            min_lr_rate=0.0,
+        ),
+        total_steps=10,
     )
     brain._wrap_distributed()
     brain.init_optimizers()
@@ -230,7 +241,6 @@ def _worker(out):
     """The two-process checks (see the module notes); writes rankN.json."""
     import torch.distributed as dist
 
-    from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
     from speechbrain_blspkd.models.trainable import (
         TrainableWeights,
         trainable_state_dict,
@@ -272,7 +282,7 @@ def _worker(out):
 
     def build():
         torch.manual_seed(0)
-        return SpeechLLMModel.tiny_for_tests(llm_dtype="bfloat16")
+        return tiny_speech_llm(llm_dtype="bfloat16")
 
     def trainable(m):
         return [p for p in m.parameters() if p.requires_grad]
@@ -371,7 +381,9 @@ def _worker(out):
 def test_recipe_fsdp_run_and_single_process_resume(tmp_path):
     from test_recipe_run import RECIPE, _overrides, _run
 
-    from speechbrain_blspkd.inference.export import _tiny_model
+    from speechbrain_blspkd.utils.testing import (
+        tiny_saved_speech_llm as _tiny_model,
+    )
 
     bases = tmp_path / "bases"
     _tiny_model(bases)

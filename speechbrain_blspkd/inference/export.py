@@ -53,6 +53,7 @@ __all__ = [
     "check_model_folder",
     "config_from_model",
     "export_model",
+    "build_adapter",
     "render_hparams",
     "resolve_source",
 ]
@@ -90,21 +91,26 @@ CONFIG_SECTIONS = (
         },
     ),
     (
-        "CFormer adapter (speechbrain_blspkd.nnet.cformer.CFormer); "
-        "input = encoder width, output = LLM width",
+        "Speech adapter: a speechbrain_blspkd.nnet.adapter.SpeechAdapter "
+        "class and its constructor arguments (SpeechAdapter.export_hparams)",
         {
-            "adapter_input_size": 512,
-            "adapter_output_size": 576,
-            "n_pre": 4,
-            "n_post": 4,
-            "nhead": 8,
-            "d_ffn": 2048,
-            "dropout": 0.1,
-            "pre_dropout": 0.0,
-            "out_init_std": None,
-            "weight_norm": True,
-            "activation": "gelu",
-            "cif_threshold": 1.0,
+            "adapter_class": "speechbrain_blspkd.nnet.cformer.CFormer",
+            "adapter_options": {
+                "input_size": 512,
+                "output_size": 576,
+                "n_pre": 4,
+                "n_post": 4,
+                "nhead": 8,
+                "d_ffn": 2048,
+                "dropout": 0.1,
+                "out_init_std": None,
+                "weight_norm": True,
+                "pre_dropout": 0.0,
+                "activation": "gelu",
+                "threshold": 1.0,
+                "weight_bias_init": 0.0,
+                "frame_stride": 1,
+            },
         },
     ),
     (
@@ -175,19 +181,9 @@ encoder: !new:speechbrain_blspkd.nnet.whisper_encoder.WhisperEncoder
     dtype: !apply:speechbrain_blspkd.utils.precision.resolve_dtype
         - !ref <encoder_dtype>
 
-adapter: !new:speechbrain_blspkd.nnet.cformer.CFormer
-    input_size: !ref <adapter_input_size>
-    output_size: !ref <adapter_output_size>
-    n_pre: !ref <n_pre>
-    n_post: !ref <n_post>
-    nhead: !ref <nhead>
-    d_ffn: !ref <d_ffn>
-    dropout: !ref <dropout>
-    pre_dropout: !ref <pre_dropout>
-    out_init_std: !ref <out_init_std>
-    weight_norm: !ref <weight_norm>
-    activation: !ref <activation>
-    threshold: !ref <cif_threshold>
+adapter: !apply:speechbrain_blspkd.inference.export.build_adapter
+    - !ref <adapter_class>
+    - !ref <adapter_options>
 
 model: !new:speechbrain_blspkd.models.speech_llm.SpeechLLMModel
     llm: !apply:speechbrain_blspkd.inference.export.resolve_source
@@ -257,18 +253,45 @@ def resolve_source(name_or_path):
     )
 
 
-def _activation_name(layer):
-    import torch.nn.functional as F
+def build_adapter(class_path, options):
+    """An adapter from its dotted class path and constructor arguments.
 
-    act = getattr(layer, "activation", None)
-    if isinstance(act, str):
-        return act
-    for name in ("gelu", "relu"):
-        if act is getattr(F, name):
-            return name
-    raise ValueError(
-        f"export: cannot name the CFormer activation {act!r} (gelu or relu)"
-    )
+    Arguments
+    ---------
+    class_path : str
+        E.g. ``"speechbrain_blspkd.nnet.cformer.CFormer"``; the class must
+        be a :class:`~speechbrain_blspkd.nnet.adapter.SpeechAdapter`.
+    options : dict
+        Constructor arguments (what ``export_hparams()`` returned).
+
+    Returns
+    -------
+    speechbrain_blspkd.nnet.adapter.SpeechAdapter
+
+    Example
+    -------
+    >>> ad = build_adapter("speechbrain_blspkd.nnet.cformer.CFormer",
+    ...     {"input_size": 16, "output_size": 8, "n_pre": 1, "n_post": 1,
+    ...      "nhead": 2, "d_ffn": 32})
+    >>> ad.output_size()
+    8
+    >>> build_adapter("torch.nn.Linear", {})
+    Traceback (most recent call last):
+    ...
+    TypeError: adapter_class torch.nn.Linear is not a SpeechAdapter
+    """
+    import importlib
+
+    from speechbrain_blspkd.nnet.adapter import SpeechAdapter
+
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"adapter_class {class_path!r}: {err}") from err
+    if not (isinstance(cls, type) and issubclass(cls, SpeechAdapter)):
+        raise TypeError(f"adapter_class {class_path} is not a SpeechAdapter")
+    return cls(**dict(options or {}))
 
 
 def config_from_model(model):
@@ -290,10 +313,12 @@ def config_from_model(model):
 
     Example
     -------
-    >>> from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
-    >>> config = config_from_model(SpeechLLMModel.tiny_for_tests())
-    >>> config["n_pre"], config["adapter_output_size"], config["plora"]["r"]
-    (1, 64, 4)
+    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> config = config_from_model(tiny_speech_llm())
+    >>> config["adapter_class"]
+    'speechbrain_blspkd.nnet.cformer.CFormer'
+    >>> config["adapter_options"]["n_pre"], config["plora"]["r"]
+    (1, 4)
     """
     from speechbrain_blspkd.nnet import plora as plora_lib
 
@@ -312,25 +337,8 @@ def config_from_model(model):
             encoder_mask_padding=bool(enc.mask_padding),
         )
     ad = model.adapter
-    layers = list(ad.pre_layers) + list(ad.post_layers)
-    config.update(
-        adapter_input_size=int(ad.input_size),
-        adapter_output_size=int(ad.output_size()),
-        n_pre=len(ad.pre_layers),
-        n_post=len(ad.post_layers),
-        dropout=float(ad.dropout.p),
-        out_init_std=None,
-        weight_norm=bool(ad.weight_norm),
-        cif_threshold=float(ad.threshold),
-    )
-    if layers:
-        config.update(
-            nhead=int(layers[0].self_attn.num_heads),
-            d_ffn=int(layers[0].linear1.out_features),
-            activation=_activation_name(layers[0]),
-        )
-    if len(ad.pre_layers):
-        config["pre_dropout"] = float(ad.pre_layers[0].dropout.p)
+    config["adapter_class"] = f"{type(ad).__module__}.{type(ad).__qualname__}"
+    config["adapter_options"] = ad.export_hparams()
     if model.has_plora:
         plora = plora_lib.plora_config(model.llm)
         plora["target_modules"] = _plora_targets(model.llm)
@@ -373,6 +381,11 @@ def _merge_config(base, update, where):
             f"{', '.join(DEFAULT_CONFIG)}"
         )
     out = {**base, **update}
+    if "adapter_options" in update and "adapter_class" not in update:
+        out["adapter_options"] = {
+            **base.get("adapter_options", {}),
+            **(update["adapter_options"] or {}),
+        }
     if "prompts" in update:
         prompts = update["prompts"] or {}
         known = DEFAULT_CONFIG["prompts"]
@@ -402,7 +415,7 @@ def render_hparams(config=None):
     Example
     -------
     >>> from hyperpyyaml import load_hyperpyyaml
-    >>> text = render_hparams({"n_post": 2})
+    >>> text = render_hparams({"adapter_options": {"n_post": 2}})
     >>> "n_post: 2" in text and "pretrainer: !new:" in text
     True
     >>> render_hparams({"n_posts": 2})
@@ -475,7 +488,8 @@ def export_model(model, folder, config=None, overwrite=False):
     -------
     >>> import tempfile
     >>> tmp = pathlib.Path(tempfile.mkdtemp())
-    >>> model = _tiny_model(tmp)
+    >>> from speechbrain_blspkd.utils.testing import tiny_saved_speech_llm
+    >>> model = tiny_saved_speech_llm(tmp)
     >>> folder = export_model(model, tmp / "exported")
     >>> sorted(p.name for p in folder.iterdir())
     ['export.json', 'hyperparams.yaml', 'model.ckpt']
@@ -605,65 +619,6 @@ def check_model_folder(folder, hparams_file=HPARAMS_FILE):
                 f"recorded in {info_path} (corrupted or replaced weights)"
             )
     return folder
-
-
-def _tiny_model(folder, seed=0, **kwargs):
-    """A tiny random SpeechLLMModel whose bases are saved in ``folder``.
-
-    For tests and doctests: the LLM (+ tokenizer) goes to ``folder/llm``, the
-    Whisper model to ``folder/whisper``, and the model is built from these
-    folders, so that an export of it can be loaded with
-    :meth:`~speechbrain_blspkd.inference.SpeechLLM.from_hparams`.
-    """
-    import torch
-    from transformers import WhisperModel
-
-    from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
-    from speechbrain_blspkd.nnet.cformer import CFormer
-    from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
-    from speechbrain_blspkd.utils.testing import tiny_whisper_config
-
-    folder = pathlib.Path(folder)
-    torch.manual_seed(seed)
-    base = SpeechLLMModel.tiny_for_tests(whisper=False, plora=None)
-    base.llm.save_pretrained(folder / "llm")
-    base.tokenizer.save_pretrained(folder / "llm")
-    whisper = WhisperModel(
-        tiny_whisper_config(
-            decoder_layers=1,
-            decoder_attention_heads=4,
-            decoder_ffn_dim=64,
-            vocab_size=64,
-            max_target_positions=16,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=1,
-            decoder_start_token_id=1,
-            begin_suppress_tokens=None,
-            suppress_tokens=None,
-        )
-    )
-    whisper.save_pretrained(folder / "whisper")
-    adapter = CFormer(
-        64,
-        64,
-        n_pre=kwargs.pop("n_pre", 1),
-        n_post=kwargs.pop("n_post", 1),
-        nhead=4,
-        d_ffn=128,
-    )
-    kwargs.setdefault("plora", dict(r=4, alpha=8, dropout=0.0, scope="audio"))
-    model = SpeechLLMModel(
-        str(folder / "llm"),
-        adapter,
-        encoder=WhisperEncoder(str(folder / "whisper")),
-        **kwargs,
-    )
-    with torch.no_grad():  # non-zero PLoRA B so that PLoRA changes outputs
-        for p in model.parameters():
-            if p.requires_grad and p.abs().sum() == 0:
-                p.normal_(0, 0.2)
-    return model
 
 
 def main(argv=None):

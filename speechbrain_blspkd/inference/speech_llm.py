@@ -10,9 +10,10 @@ side of speech-vs-text parity.
 Example
 -------
 >>> import tempfile, pathlib, numpy, soundfile
->>> from speechbrain_blspkd.inference.export import export_model, _tiny_model
+>>> from speechbrain_blspkd.inference.export import export_model
+>>> from speechbrain_blspkd.utils.testing import tiny_saved_speech_llm
 >>> tmp = pathlib.Path(tempfile.mkdtemp())
->>> folder = export_model(_tiny_model(tmp), tmp / "model")
+>>> folder = export_model(tiny_saved_speech_llm(tmp), tmp / "model")
 >>> llm = SpeechLLM.from_hparams(source=folder, run_opts={"device": "cpu"})
 >>> soundfile.write(tmp / "a.wav", numpy.zeros(8000, "float32"), 16000)
 >>> isinstance(llm.generate_file(tmp / "a.wav", max_new_tokens=3), str)
@@ -26,7 +27,6 @@ import torch
 from speechbrain.inference.interfaces import Pretrained
 
 from speechbrain_blspkd.dataio.audio import load_audio
-from speechbrain_blspkd.evaluation import check_speech_fits
 from speechbrain_blspkd.inference.export import HPARAMS_FILE, check_model_folder
 from speechbrain_blspkd.prompt import context_limit
 
@@ -51,9 +51,10 @@ class SpeechLLM(Pretrained):
     -------
     >>> import tempfile, pathlib
     >>> from speechbrain_blspkd.inference.export import (
-    ...     export_model, _tiny_model)
+    ...     export_model)
+    >>> from speechbrain_blspkd.utils.testing import tiny_saved_speech_llm
     >>> tmp = pathlib.Path(tempfile.mkdtemp())
-    >>> folder = export_model(_tiny_model(tmp), tmp / "model")
+    >>> folder = export_model(tiny_saved_speech_llm(tmp), tmp / "model")
     >>> llm = SpeechLLM.from_hparams(source=folder,
     ...     run_opts={"device": "cpu"})
     >>> answers = llm.generate_batch(torch.randn(2, 8000) * 0.1,
@@ -256,16 +257,14 @@ class SpeechLLM(Pretrained):
         wavs = wavs.to(self.device, torch.float32)
         wav_lens = wav_lens.to(self.device)
         gen = self._gen_kwargs(gen)
-        speech = check_speech_fits(
-            self.model,
-            instructions,
-            gen["max_new_tokens"],
+        return self.model.generate(
+            wavs,
+            wav_lens,
+            instructions=instructions,
             names=names,
             item=item,
-            wavs=wavs,
-            wav_lens=wav_lens,
+            **gen,
         )
-        return self.model.generate(instructions=instructions, **speech, **gen)
 
     def generate_text(self, text, instruction=None, **gen):
         """The same LLM answering a transcript (the teacher, PLoRA off).

@@ -1,66 +1,165 @@
-"""Speech LLM for BLSP-KD: Whisper encoder -> CFormer -> LLM with PLoRA.
+"""The generic speech LLM: encoder -> adapter -> causal LLM (with PLoRA).
 
-:class:`SpeechLLMModel` holds the three parts, the LLM tokenizer and the one
-:class:`~speechbrain_blspkd.prompt.PromptBuilder`, and computes everything
-the BLSP-KD objectives need (DESIGN 2.3-2.5):
+:class:`SpeechLLMModel` assembles injected parts behind small interfaces: a
+speech encoder (``encoder(wavs, wav_lens) -> (feats, feat_lens)``), an
+adapter (:class:`~speechbrain_blspkd.nnet.adapter.SpeechAdapter`) and a
+Hugging Face causal LM, optionally with Partial LoRA.  It builds every
+prompt with the one :class:`~speechbrain_blspkd.prompt.PromptBuilder`,
+splices the adapter's embeddings where the transcript would be, and
+computes, in one forward pass, what an objective asks for in a
+:class:`PassRequest`:
 
-* :meth:`SpeechLLMModel.compute_kd_inputs` builds the teacher text input and
-  the student speech input with the same builder, runs the teacher (PLoRA
-  off, eval mode, no grad) and the student (PLoRA on the speech positions),
-  and returns logits **only at the distilled positions**: the N transcript /
-  speech positions (``input_kl``) and every position that predicts a
-  response token, the first one being the last prompt position
-  (``response_kl``, ``response_ce``). The LM head is applied only to the
-  gathered hidden states.
-* :meth:`SpeechLLMModel.alignment_loss` and
-  :meth:`SpeechLLMModel.token_accuracy`: the alignment stage of DESIGN 2.9
-  (no LLM pass).
-* :meth:`SpeechLLMModel.generate` (speech) and
-  :meth:`SpeechLLMModel.generate_text` (the teacher on the transcript):
-  batched greedy / beam decoding with the KV cache and left padding; the
-  PLoRA mask covers the speech positions of the prompt pass only.
+* the **teacher** pass: the transcript as text, PLoRA off, eval mode, no
+  gradient (the same LLM, so no second copy);
+* the **student** pass: the speech embeddings, PLoRA on the speech
+  positions;
+* for either pass, logits (float32, the LM head applied to the selected
+  positions only) and hidden states (any layer) at the spans ``"input"``
+  (the transcript tokens / the speech embeddings) and ``"response"`` (the
+  positions that predict the continuation tokens, the first one being the
+  last prompt position).
 
-Position conventions (``p`` = a prompt from the builder)::
+It computes no loss: the objectives (:mod:`speechbrain_blspkd.objectives`)
+do.  :meth:`SpeechLLMModel.generate` answers speech and
+:meth:`SpeechLLMModel.generate_text` the transcript (batched, KV cache).
 
-    input positions      span_start + i,          i < N
+Position conventions (``docs/algorithms.md`` section 2.4;
+:mod:`speechbrain_blspkd.models.positions`)::
+
+    input positions      span_start + i,          i < span_length
     response positions   response_start - 1 + j,  j < R   (predicting
     response targets     input_ids[response_start + j])
+
+Hidden-state layers follow Hugging Face's ``output_hidden_states``: 0 is
+the embedding output, ``k`` the output of decoder layer ``k``, and the
+last (``num_hidden_layers``, or -1) the final hidden state after the final
+norm (what the LM head reads).
 
 Authors
  * speechbrain-blspkd contributors 2025
 """
 
 import contextlib
+import dataclasses
 import pathlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speechbrain_blspkd.models import positions as pos_lib
 from speechbrain_blspkd.nnet import plora as plora_lib
-from speechbrain_blspkd.prompt import PromptBuilder
+from speechbrain_blspkd.nnet.adapter import AdapterTargets
+from speechbrain_blspkd.prompt import PromptBuilder, context_limit
 from speechbrain_blspkd.utils.precision import resolve_dtype
 
-__all__ = ["SpeechLLMModel"]
+__all__ = ["LLMPass", "PassRequest", "SpeechLLMModel", "SpeechLLMOutput"]
+
+SPANS = ("input", "response")
 
 
-def _pad_lists(lists, pad, device):
-    """(B, max len) long tensor and bool mask from a list of int lists."""
-    width = max(1, max(len(x) for x in lists))
-    out = torch.full((len(lists), width), pad, dtype=torch.long)
-    mask = torch.zeros(len(lists), width, dtype=torch.bool)
-    for i, x in enumerate(lists):
-        out[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[i, : len(x)] = True
-    return out.to(device), mask.to(device)
+@dataclasses.dataclass(frozen=True)
+class PassRequest:
+    """What one forward pass of :class:`SpeechLLMModel` computes.
+
+    Arguments
+    ---------
+    teacher : bool
+        Run the teacher pass (text input, PLoRA off, no grad).
+    student : bool
+        Run the student pass (speech input).
+    response : bool
+        Put the teacher continuation in the prompts (needed for anything
+        at the ``"response"`` span).
+    logits : tuple of str
+        Spans where logits are returned (``"input"``, ``"response"``).
+    hidden : tuple of (int, str)
+        ``(layer, span)`` pairs where hidden states are returned.
+
+    Example
+    -------
+    >>> PassRequest(student=True, logits=("response",)).runs_llm
+    True
+    >>> PassRequest().runs_llm
+    False
+    """
+
+    teacher: bool = False
+    student: bool = False
+    response: bool = True
+    logits: tuple = ()
+    hidden: tuple = ()
+
+    def __post_init__(self):
+        bad = [s for s in self.logits if s not in SPANS]
+        bad += [s for _, s in self.hidden if s not in SPANS]
+        if bad:
+            raise ValueError(f"PassRequest: unknown span(s) {bad}; use {SPANS}")
+        needs_response = "response" in self.logits or any(
+            s == "response" for _, s in self.hidden
+        )
+        if needs_response and not self.response:
+            raise ValueError(
+                "PassRequest: the response span needs response=True"
+            )
+
+    @property
+    def runs_llm(self):
+        """Whether an LLM pass runs at all."""
+        return self.teacher or self.student
 
 
-def _positions(start, length):
-    """(B, max(length)) positions start + i and their mask."""
-    width = max(1, int(length.max()))
-    steps = torch.arange(width, device=start.device)
-    mask = steps[None] < length[:, None]
-    return start[:, None] + steps[None], mask
+@dataclasses.dataclass
+class LLMPass:
+    """The outputs of one LLM pass (teacher or student).
+
+    Arguments
+    ---------
+    logits : dict
+        span -> (B, P, V) float32 logits (0 where masked).
+    hidden : dict
+        (layer, span) -> (B, P, D) hidden states (0 where masked).
+    masks : dict
+        span -> (B, P) bool: the real positions of each span.
+    response_targets : torch.Tensor or None
+        (B, R) ids of the response tokens (0 where masked).
+    prompts : list
+        The :class:`~speechbrain_blspkd.prompt.Prompt` of each row.
+    """
+
+    logits: dict
+    hidden: dict
+    masks: dict
+    response_targets: torch.Tensor
+    prompts: list
+
+
+@dataclasses.dataclass
+class SpeechLLMOutput:
+    """Everything one forward pass computed.
+
+    Arguments
+    ---------
+    adapter : speechbrain_blspkd.nnet.adapter.AdapterOutput
+        The adapter's output (with its method-specific extras).
+    targets : speechbrain_blspkd.nnet.adapter.AdapterTargets
+        What the adapter was given (transcript token counts, languages).
+    transcript_ids : torch.Tensor
+        (B, N) LLM token ids of the transcripts (0 where masked).
+    transcript_mask : torch.Tensor
+        (B, N) bool.
+    teacher : LLMPass or None
+        The teacher pass, when requested.
+    student : LLMPass or None
+        The student pass, when requested.
+    """
+
+    adapter: object
+    targets: AdapterTargets
+    transcript_ids: torch.Tensor
+    transcript_mask: torch.Tensor
+    teacher: LLMPass = None
+    student: LLMPass = None
 
 
 @contextlib.contextmanager
@@ -74,15 +173,15 @@ def _eval_mode(module):
 
 
 class SpeechLLMModel(nn.Module):
-    """Encoder -> CFormer adapter -> causal LLM with Partial LoRA.
+    """Encoder -> adapter -> causal LLM with Partial LoRA (generic).
 
     Arguments
     ---------
     llm : transformers.PreTrainedModel or str or pathlib.Path
         A causal LM or a local transformers folder (loaded with
         ``AutoModelForCausalLM``).
-    adapter : speechbrain_blspkd.nnet.cformer.CFormer
-        Maps encoder frames to LLM embeddings; its ``output_size`` must be
+    adapter : speechbrain_blspkd.nnet.adapter.SpeechAdapter
+        Maps encoder frames to LLM embeddings; its ``output_size()`` must be
         the LLM hidden size.
     encoder : torch.nn.Module, optional
         ``encoder(wavs, wav_lens) -> (feats, feat_lens)``, e.g.
@@ -106,30 +205,34 @@ class SpeechLLMModel(nn.Module):
         that already has PLoRA layers is used as is.
     llm_dtype : torch.dtype or str, optional
         Cast the LLM weights: a dtype or name, or ``"auto"`` (bfloat16 where
-        the run's device computes it fast, e.g. ~1.4x faster on AMX CPUs,
-        else float32; :mod:`speechbrain_blspkd.utils.precision`). PLoRA
-        weights stay float32.
+        the run's device computes it fast, else float32;
+        :mod:`speechbrain_blspkd.utils.precision`). PLoRA weights stay
+        float32.
     gradient_checkpointing : bool
         Enable HF gradient checkpointing in the LLM.
     prefix_reuse : bool
         Reuse the keys and values of the prompt prefix the whole batch
-        shares (system prompt and instruction, about a third of a
-        continuation prompt): computed once with batch 1, kept while the
-        base LLM is frozen and the prefix gets no PLoRA delta, expanded over
-        the batch, and the LLM runs (forward and backward) on the rest of
-        the sequence only. Off with gradient checkpointing (which re-runs
-        the forward) and for PLoRA scopes that reach the prefix.
+        shares (system prompt and instruction): computed once with batch 1,
+        kept while the base LLM is frozen and the prefix gets no PLoRA
+        delta, expanded over the batch; the LLM runs (forward and backward)
+        on the rest of the sequence only. Off with gradient checkpointing
+        (which re-runs the forward) and for PLoRA scopes that reach the
+        prefix.
 
     Example
     -------
-    >>> model = SpeechLLMModel.tiny_for_tests()
-    >>> wavs = torch.randn(2, 8000) * 0.1
-    >>> out = model.compute_kd_inputs(wavs, torch.tensor([1.0, 0.7]),
-    ...     transcripts=["the cat", "a dog ran"],
-    ...     continuations=["sat.", "away"], instructions="Repeat:")
-    >>> out["student_input_logits"].shape == out["teacher_input_logits"].shape
+    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> model = tiny_speech_llm()
+    >>> request = PassRequest(teacher=True, student=True,
+    ...     logits=("input", "response"))
+    >>> out = model(transcripts=["the cat", "a dog ran"],
+    ...     continuations=["sat.", "away"], instructions="Repeat:",
+    ...     wavs=torch.randn(2, 8000) * 0.1, wav_lens=torch.tensor([1.0, 0.7]),
+    ...     request=request)
+    >>> s, t = out.student.logits["input"], out.teacher.logits["input"]
+    >>> s.shape == t.shape
     True
-    >>> out["input_mask"].sum(1).tolist() == out["num_tokens"].tolist()
+    >>> out.teacher.masks["input"].sum(1).tolist() == out.targets.num_tokens.tolist()
     True
     """
 
@@ -204,75 +307,32 @@ class SpeechLLMModel(nn.Module):
 
     # ------------------------------------------------------------------
     # helpers
-    @classmethod
-    def tiny_for_tests(
-        cls, llm_type="llama", whisper=True, init_std=0.3, **kwargs
-    ):
-        """A tiny random model (test tokenizer, 2-layer LLM, CFormer).
-
-        Arguments
-        ---------
-        llm_type : str
-            "llama" or "qwen2".
-        whisper : bool
-            Include a tiny random Whisper encoder (d_model 64, 2 layers).
-        init_std : float
-            LLM weight init std (large enough for varied greedy outputs).
-        **kwargs
-            Passed to the constructor.
-
-        Returns
-        -------
-        SpeechLLMModel
-
-        Example
-        -------
-        >>> SpeechLLMModel.tiny_for_tests().llm.config.hidden_size
-        64
-        """
-        from transformers import (
-            LlamaConfig,
-            LlamaForCausalLM,
-            Qwen2Config,
-            Qwen2ForCausalLM,
-        )
-
-        from speechbrain_blspkd.nnet.cformer import CFormer
-        from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
-        from speechbrain_blspkd.prompt import build_test_tokenizer
-        from speechbrain_blspkd.utils.testing import (
-            tiny_llm_config,
-            tiny_whisper_config,
-        )
-
-        tok = build_test_tokenizer()
-        common = tiny_llm_config(
-            tok, tie_word_embeddings=True, initializer_range=init_std
-        )
-        if llm_type == "llama":
-            llm = LlamaForCausalLM(LlamaConfig(**common))
-        elif llm_type == "qwen2":
-            llm = Qwen2ForCausalLM(Qwen2Config(**common))
-        else:
-            raise ValueError(f"tiny_for_tests: unknown llm_type {llm_type!r}")
-        encoder = None
-        if whisper:
-            encoder = WhisperEncoder(tiny_whisper_config())
-        adapter = CFormer(64, 64, n_pre=1, n_post=1, nhead=4, d_ffn=128)
-        kwargs.setdefault(
-            "plora", dict(r=4, alpha=8, dropout=0.0, scope="audio")
-        )
-        return cls(llm, adapter, encoder=encoder, tokenizer=tok, **kwargs)
-
     @property
     def embed_tokens(self):
         """The LLM input embedding module."""
         return self.llm.get_input_embeddings()
 
+    @property
+    def device(self):
+        """Where the LLM embeddings live."""
+        return self.embed_tokens.weight.device
+
     def _backbone(self):
         return self.llm.base_model
 
-    def _lm_head(self, hidden):
+    def lm_head(self, hidden):
+        """Float32 logits of final hidden states (Gemma soft-capping kept).
+
+        Arguments
+        ---------
+        hidden : torch.Tensor
+            (..., D) final hidden states.
+
+        Returns
+        -------
+        torch.Tensor
+            (..., V) float32.
+        """
         head = self.llm.get_output_embeddings()
         logits = head(hidden.to(head.weight.dtype))
         cap = getattr(
@@ -282,7 +342,8 @@ class SpeechLLMModel(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits.float()
 
-    def _plora_off(self):
+    def plora_off(self):
+        """Context in which the LLM is the base model (the teacher)."""
         if self.has_plora:
             return plora_lib.disable_plora(self.llm)
         return contextlib.nullcontext()
@@ -308,14 +369,14 @@ class SpeechLLMModel(nn.Module):
             )
         return list(instructions)
 
-    def _hidden(self, embeds, batch, plora_mask=None):
-        """Final hidden states (B, L, D) of the LLM backbone.
+    def _run_llm(self, embeds, batch, plora_mask=None, hidden_layers=()):
+        """Final hidden states (B, L, D) and any requested layers.
 
         ``batch`` is a right-padded collated prompt batch; ``plora_mask``
         the student's PLoRA mask (None: no delta, e.g. the teacher). With
         ``prefix_reuse`` the shared prefix comes from the cache and the
         returned states cover the prefix positions with zeros (nothing is
-        read there: distilled positions start after the instruction).
+        read there: every span starts after the instruction).
         """
         attention_mask = batch["attention_mask"]
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -339,11 +400,18 @@ class SpeechLLMModel(nn.Module):
             position_ids=position_ids,
             past_key_values=past,
             use_cache=False,
+            output_hidden_states=bool(hidden_layers),
         )
-        hidden = out.last_hidden_state
+        layers = {}
+        if hidden_layers:
+            states = out.hidden_states
+            for layer in hidden_layers:
+                layers[layer] = states[layer]
+        final = out.last_hidden_state
         if start:
-            hidden = F.pad(hidden, (0, 0, start, 0))
-        return hidden
+            final = F.pad(final, (0, 0, start, 0))
+            layers = {k: F.pad(v, (0, 0, start, 0)) for k, v in layers.items()}
+        return final, layers
 
     def _reusable_prefix(self, batch, plora_mask):
         """Length of the batch's shared prefix to reuse (0: none)."""
@@ -384,7 +452,7 @@ class SpeechLLMModel(nn.Module):
         if key not in self._prefix_cache:
             if len(self._prefix_cache) >= 8:
                 self._prefix_cache.clear()
-            with torch.no_grad(), self._plora_off():
+            with torch.no_grad(), self.plora_off():
                 cache = DynamicCache(config=self.llm.config)
                 self._backbone()(
                     inputs_embeds=self.embed_tokens(prefix_ids[None]),
@@ -400,17 +468,8 @@ class SpeechLLMModel(nn.Module):
             cache.update(k.expand(shape), v.expand(shape), i)
         return cache
 
-    def _gather_logits(self, hidden, positions, mask):
-        """LM-head logits (B, P, V) float32 at ``positions`` (0 if masked)."""
-        batch, width = positions.shape
-        idx = positions.clamp(0, hidden.shape[1] - 1)
-        picked = hidden.gather(
-            1, idx[..., None].expand(-1, -1, hidden.shape[-1])
-        )
-        logits = self._lm_head(picked[mask])
-        out = logits.new_zeros(batch, width, logits.shape[-1])
-        return out.index_put((mask,), logits)
-
+    # ------------------------------------------------------------------
+    # text side
     def transcript_ids(self, transcripts):
         """The LLM token ids of each transcript (N = their number).
 
@@ -425,26 +484,12 @@ class SpeechLLMModel(nn.Module):
 
         Example
         -------
-        >>> model = SpeechLLMModel.tiny_for_tests(whisper=False)
+        >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+        >>> model = tiny_speech_llm(whisper=False)
         >>> [len(x) > 0 for x in model.transcript_ids(["a", "b c"])]
         [True, True]
         """
         return [self.prompts.transcript_ids(t) for t in transcripts]
-
-    def num_tokens(self, transcripts, device=None):
-        """(B,) long: the CIF target counts of ``transcripts``.
-
-        Example
-        -------
-        >>> model = SpeechLLMModel.tiny_for_tests(whisper=False)
-        >>> model.num_tokens(["hello world"]).shape
-        torch.Size([1])
-        """
-        return torch.tensor(
-            [len(x) for x in self.transcript_ids(transcripts)],
-            dtype=torch.long,
-            device=device,
-        )
 
     def trainable_parameters(self):
         """Parameters with ``requires_grad`` (adapter, PLoRA, encoder if
@@ -452,11 +497,37 @@ class SpeechLLMModel(nn.Module):
 
         Example
         -------
-        >>> model = SpeechLLMModel.tiny_for_tests(whisper=False)
+        >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+        >>> model = tiny_speech_llm(whisper=False)
         >>> all(p.requires_grad for p in model.trainable_parameters())
         True
         """
         return [p for p in self.parameters() if p.requires_grad]
+
+    def embedding_table(self, device=None):
+        """Unit-norm float32 embedding table and the embedding variance.
+
+        Cached while the embedding weights stay the same tensor (for
+        nearest-token read-outs and alignment objectives).
+
+        Returns
+        -------
+        table : torch.Tensor
+            (V, D) rows of unit norm.
+        variance : torch.Tensor
+            Scalar variance of the (scaled) embeddings.
+        """
+        weight = self.embed_tokens.weight
+        device = device or weight.device
+        key = (weight.data_ptr(), str(device), tuple(weight.shape))
+        if self._table is None or self._table[0] != key:
+            with torch.no_grad():
+                table = weight.detach().to(device=device, dtype=torch.float32)
+                scale = getattr(self.embed_tokens, "embed_scale", 1.0)
+                scale = scale.item() if torch.is_tensor(scale) else float(scale)
+                var = (table * scale).var()
+                self._table = (key, F.normalize(table, dim=-1), var)
+        return self._table[1], self._table[2]
 
     # ------------------------------------------------------------------
     # speech side
@@ -464,11 +535,11 @@ class SpeechLLMModel(nn.Module):
         self,
         wavs=None,
         wav_lens=None,
-        num_tokens=None,
+        targets=None,
         feats=None,
         feat_lens=None,
     ):
-        """Encoder (unless ``feats`` are given) and CFormer.
+        """Encoder (unless ``feats`` are given) and adapter.
 
         Arguments
         ---------
@@ -476,8 +547,8 @@ class SpeechLLMModel(nn.Module):
             (B, S) waveforms.
         wav_lens : torch.Tensor, optional
             (B,) relative lengths.
-        num_tokens : torch.Tensor, optional
-            (B,) target counts (training); None predicts them.
+        targets : AdapterTargets, optional
+            Training information for the adapter (None at inference).
         feats : torch.Tensor, optional
             (B, T, d) cached encoder features instead of ``wavs``.
         feat_lens : torch.Tensor, optional
@@ -485,12 +556,14 @@ class SpeechLLMModel(nn.Module):
 
         Returns
         -------
-        speechbrain_blspkd.nnet.cformer.CFormerOutput
+        speechbrain_blspkd.nnet.adapter.AdapterOutput
 
         Example
         -------
-        >>> model = SpeechLLMModel.tiny_for_tests()
-        >>> out = model.encode_speech(torch.randn(1, 4000), num_tokens=[3])
+        >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+        >>> model = tiny_speech_llm()
+        >>> out = model.encode_speech(torch.randn(1, 4000),
+        ...     targets=AdapterTargets(num_tokens=torch.tensor([3])))
         >>> out.tokens.shape
         torch.Size([1, 3, 64])
         """
@@ -503,16 +576,14 @@ class SpeechLLMModel(nn.Module):
                     "`feats`"
                 )
             feats, feat_lens = self.encoder(wavs, wav_lens)
-        if num_tokens is not None:
-            num_tokens = torch.as_tensor(num_tokens, device=feats.device)
-        return self.adapter(feats, lengths=feat_lens, num_tokens=num_tokens)
+        return self.adapter(feats, lengths=feat_lens, targets=targets)
 
     def _speech_embeds(self, batch, adapter_out):
         """Prompt embeddings with the speech slots filled by the adapter."""
         embeds = self.embed_tokens(batch["input_ids"])
         speech_mask = batch["speech_mask"]
         per_row = speech_mask.sum(1)
-        counts = adapter_out.token_mask.sum(1).to(per_row.device)
+        counts = adapter_out.token_counts.to(per_row.device)
         if not torch.equal(per_row, counts):
             raise ValueError(
                 f"SpeechLLMModel: speech slots {per_row.tolist()} != adapter "
@@ -524,329 +595,244 @@ class SpeechLLMModel(nn.Module):
         )
 
     # ------------------------------------------------------------------
-    # training
-    def teacher_logits(
-        self, transcripts, continuations, instructions=None, add_eot=True
+    # LLM passes
+    def _read_pass(self, final, layers, batch, prompts, request):
+        """Logits / hidden states at the requested spans of one pass."""
+        spans = {}
+        wanted = set(request.logits) | {s for _, s in request.hidden}
+        if "input" in wanted:
+            spans["input"] = pos_lib.span_positions(
+                batch["span_start"], batch["span_length"]
+            )
+        response_targets = None
+        if request.response:
+            index, mask = pos_lib.next_token_positions(
+                batch["response_start"].clamp(min=1), batch["response_length"]
+            )
+            spans["response"] = (index, mask)
+            ids = batch["input_ids"]
+            response_targets = ids.gather(
+                1, (index + 1).clamp(max=ids.shape[1] - 1)
+            ).masked_fill(~mask, 0)
+        logits = {
+            span: pos_lib.gather_logits(final, self.lm_head, *spans[span])
+            for span in request.logits
+        }
+        hidden = {}
+        for layer, span in request.hidden:
+            index, mask = spans[span]
+            states = final if layer == -1 else layers[layer]
+            picked = pos_lib.gather_positions(states, index, mask)
+            hidden[(layer, span)] = picked * mask[..., None].to(picked.dtype)
+        return LLMPass(
+            logits=logits,
+            hidden=hidden,
+            masks={span: mask for span, (_, mask) in spans.items()},
+            response_targets=response_targets,
+            prompts=prompts,
+        )
+
+    def _hidden_layers(self, request):
+        return tuple(sorted({layer for layer, _ in request.hidden} - {-1}))
+
+    def teacher_pass(
+        self,
+        transcripts,
+        continuations=None,
+        instructions=None,
+        add_eot=True,
+        request=None,
     ):
-        """Teacher (PLoRA off, eval, no grad) logits at distilled positions.
+        """The teacher: transcript text, PLoRA off, eval mode, no grad.
 
         Arguments
         ---------
         transcripts : list of str
             Transcripts.
-        continuations : list of str
-            Teacher continuations (the response).
+        continuations : list of str, optional
+            Teacher continuations (the response; needed when
+            ``request.response``).
         instructions : str or list of str, optional
             Text instructions (default: ``self.instruction``).
         add_eot : bool or list of bool
             End-of-turn after each continuation (False when truncated).
+        request : PassRequest, optional
+            What to return (default: logits at both spans).
 
         Returns
         -------
-        dict
-            ``input_logits`` (B, N, V), ``input_mask`` (B, N),
-            ``response_logits`` (B, R, V), ``response_mask`` (B, R),
-            ``response_targets`` (B, R) (0 where masked), ``prompts``.
+        LLMPass
 
         Example
         -------
-        >>> model = SpeechLLMModel.tiny_for_tests(whisper=False)
-        >>> out = model.teacher_logits(["a b"], ["c"], "Say:")
-        >>> out["input_logits"].shape[1] == len(model.transcript_ids(["a b"])[0])
+        >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+        >>> model = tiny_speech_llm(whisper=False)
+        >>> out = model.teacher_pass(["a b"], ["c"], "Say:")
+        >>> out.logits["input"].shape[1] == len(model.transcript_ids(["a b"])[0])
         True
         """
+        request = request or PassRequest(
+            teacher=True, logits=("input", "response")
+        )
         n = len(transcripts)
-        instructions = self._instructions(instructions, n)
-        if isinstance(add_eot, torch.Tensor):
-            add_eot = add_eot.tolist()
         prompts = self.prompts.build_batch(
-            instructions,
+            self._instructions(instructions, n),
             transcripts=transcripts,
-            continuations=list(continuations),
-            add_eot=add_eot,
+            continuations=self._continuations(continuations, request, n),
+            add_eot=_as_list(add_eot),
         )
-        device = self.embed_tokens.weight.device
-        batch = self.prompts.collate(prompts, device=device)
-        with torch.no_grad(), self._plora_off(), _eval_mode(self.llm):
+        batch = self.prompts.collate(prompts, device=self.device)
+        with torch.no_grad(), self.plora_off(), _eval_mode(self.llm):
             embeds = self.embed_tokens(batch["input_ids"])
-            hidden = self._hidden(embeds, batch)
-            pos, in_mask = _positions(batch["span_start"], batch["span_length"])
-            input_logits = self._gather_logits(hidden, pos, in_mask)
-            rpos, r_mask = _positions(
-                batch["response_start"] - 1, batch["response_length"]
+            final, layers = self._run_llm(
+                embeds, batch, hidden_layers=self._hidden_layers(request)
             )
-            response_logits = self._gather_logits(hidden, rpos, r_mask)
-        targets = (
-            batch["input_ids"]
-            .gather(1, (rpos + 1).clamp(max=batch["input_ids"].shape[1] - 1))
-            .masked_fill(~r_mask, 0)
-        )
-        return {
-            "input_logits": input_logits,
-            "input_mask": in_mask,
-            "response_logits": response_logits,
-            "response_mask": r_mask,
-            "response_targets": targets,
-            "prompts": prompts,
-        }
+            return self._read_pass(final, layers, batch, prompts, request)
 
-    def compute_kd_inputs(
+    def student_pass(
         self,
-        wavs=None,
-        wav_lens=None,
-        transcripts=None,
+        adapter_out,
+        continuations=None,
+        instructions=None,
+        add_eot=True,
+        request=None,
+    ):
+        """The student: the adapter's embeddings, PLoRA on their positions.
+
+        Arguments
+        ---------
+        adapter_out : speechbrain_blspkd.nnet.adapter.AdapterOutput
+            From :meth:`encode_speech`.
+        continuations : list of str, optional
+            Teacher continuations (the response).
+        instructions : str or list of str, optional
+            Speech prompt instructions (default ``audio_instruction``, else
+            ``instruction``).
+        add_eot : bool or list of bool
+            End-of-turn after each continuation.
+        request : PassRequest, optional
+            What to return (default: logits at both spans).
+
+        Returns
+        -------
+        LLMPass
+        """
+        request = request or PassRequest(
+            student=True, logits=("input", "response")
+        )
+        counts = adapter_out.token_counts.tolist()
+        n = len(counts)
+        prompts = self.prompts.build_batch(
+            self._instructions(instructions, n, audio=True),
+            n_speech=counts,
+            continuations=self._continuations(continuations, request, n),
+            add_eot=_as_list(add_eot),
+        )
+        batch = self.prompts.collate(prompts, device=self.device)
+        embeds = self._speech_embeds(batch, adapter_out)
+        mask = self._student_mask(batch["speech_mask"], batch["attention_mask"])
+        final, layers = self._run_llm(
+            embeds, batch, mask, hidden_layers=self._hidden_layers(request)
+        )
+        return self._read_pass(final, layers, batch, prompts, request)
+
+    @staticmethod
+    def _continuations(continuations, request, n):
+        if not request.response:
+            return None
+        if continuations is None:
+            raise ValueError(
+                "SpeechLLMModel: the response span needs `continuations`"
+            )
+        if len(continuations) != n:
+            raise ValueError(
+                f"SpeechLLMModel: {len(continuations)} continuations for a "
+                f"batch of {n}"
+            )
+        return list(continuations)
+
+    def forward(
+        self,
+        transcripts,
         continuations=None,
         instructions=None,
         audio_instructions=None,
         add_eot=True,
+        wavs=None,
+        wav_lens=None,
         feats=None,
         feat_lens=None,
-        run_teacher=True,
-        run_student=True,
+        languages=None,
+        request=None,
     ):
-        """Teacher and student logits at the distilled positions.
+        """Adapter and the requested LLM passes, in one call.
+
+        One entry point, so that data-parallel wrappers (DDP) see every
+        trainable computation in their ``forward``.
 
         Arguments
         ---------
-        wavs, wav_lens : torch.Tensor, optional
-            (B, S) waveforms and (B,) relative lengths.
         transcripts : list of str
-            Transcripts (their token count is the CIF target N).
-        continuations : list of str
-            Teacher continuations (response).
+            Transcripts (their LLM token counts go to the adapter as
+            :class:`~speechbrain_blspkd.nnet.adapter.AdapterTargets`).
+        continuations : list of str, optional
+            Teacher continuations (the response).
         instructions : str or list of str, optional
             Text instructions (teacher).
         audio_instructions : str or list of str, optional
-            Speech prompt instructions (default ``audio_instruction`` or the
-            text ones).
+            Speech prompt instructions (default ``audio_instruction``, else
+            the text ones).
         add_eot : bool or list of bool
             End-of-turn after each continuation (False when truncated).
+        wavs, wav_lens : torch.Tensor, optional
+            (B, S) waveforms and (B,) relative lengths.
         feats, feat_lens : torch.Tensor, optional
             Cached encoder features instead of ``wavs``.
-        run_teacher : bool
-            Run the online teacher (False with offline top-k teachers).
-        run_student : bool
-            Run the student LLM pass (False for the alignment stage, which
-            only needs the adapter).
+        languages : torch.Tensor, optional
+            (B,) language indices (for adapters that use them).
+        request : PassRequest, optional
+            What to compute (default: the adapter only).
 
         Returns
         -------
-        dict
-            Student: ``student_input_logits`` (B, N, V),
-            ``student_response_logits`` (B, R, V) (float32; absent when
-            ``run_student`` is False). Teacher (when ``run_teacher``):
-            ``teacher_input_logits``, ``teacher_response_logits`` (same
-            shapes). Masks and targets: ``input_mask`` (B, N) bool,
-            ``response_mask`` (B, R) bool, ``response_targets`` (B, R) long
-            (0 where masked). Adapter: ``adapter`` (the CFormerOutput),
-            ``alphas`` (B, T), ``frame_mask`` (B, T), ``num_tokens`` (B,),
-            ``alpha_sum`` (B,), ``transcript_ids`` (B, N) (0 where masked).
-            ``speech_prompts`` (list of Prompt).
+        SpeechLLMOutput
         """
-        if transcripts is None:
-            raise ValueError("compute_kd_inputs: `transcripts` is required")
-        n = len(transcripts)
-        if continuations is None and (run_student or run_teacher):
-            raise ValueError(
-                "compute_kd_inputs: `continuations` is required for the "
-                "LLM passes"
-            )
-        if isinstance(add_eot, torch.Tensor):
-            add_eot = add_eot.tolist()
+        request = request or PassRequest()
         ids = self.transcript_ids(transcripts)
-        device = self.embed_tokens.weight.device
-        num_tokens = torch.tensor([len(x) for x in ids], device=device)
-        adapter_out = self.encode_speech(
-            wavs,
-            wav_lens,
-            num_tokens=num_tokens,
-            feats=feats,
-            feat_lens=feat_lens,
+        device = self.device
+        transcript_ids, transcript_mask = _pad_ids(ids, device)
+        targets = AdapterTargets(
+            num_tokens=transcript_mask.sum(1),
+            language=None if languages is None else languages.to(device),
         )
-        transcript_ids, _ = _pad_lists(ids, 0, device)
-        out = {
-            "adapter": adapter_out,
-            "alphas": adapter_out.alphas,
-            "frame_mask": adapter_out.frame_mask,
-            "num_tokens": adapter_out.num_tokens,
-            "alpha_sum": adapter_out.alpha_sum,
-            "transcript_ids": transcript_ids,
-        }
-        if run_teacher:
-            teacher = self.teacher_logits(
-                transcripts, continuations, instructions, add_eot
+        adapter_out = self.encode_speech(
+            wavs, wav_lens, targets=targets, feats=feats, feat_lens=feat_lens
+        )
+        out = SpeechLLMOutput(
+            adapter=adapter_out,
+            targets=targets,
+            transcript_ids=transcript_ids,
+            transcript_mask=transcript_mask,
+        )
+        if request.teacher:
+            out.teacher = self.teacher_pass(
+                transcripts, continuations, instructions, add_eot, request
             )
-            out["teacher_input_logits"] = teacher["input_logits"]
-            out["teacher_response_logits"] = teacher["response_logits"]
-            out["input_mask"] = teacher["input_mask"]
-            out["response_mask"] = teacher["response_mask"]
-            out["response_targets"] = teacher["response_targets"]
-        if run_student:
+        if request.student:
             audio = audio_instructions
             if audio is None and self.audio_instruction is None:
                 audio = instructions
-            audio = self._instructions(audio, n, audio=True)
-            prompts = self.prompts.build_batch(
-                audio,
-                n_speech=[len(x) for x in ids],
-                continuations=list(continuations),
-                add_eot=add_eot,
+            out.student = self.student_pass(
+                adapter_out, continuations, audio, add_eot, request
             )
-            batch = self.prompts.collate(prompts, device=device)
-            embeds = self._speech_embeds(batch, adapter_out)
-            mask = self._student_mask(
-                batch["speech_mask"], batch["attention_mask"]
-            )
-            hidden = self._hidden(embeds, batch, mask)
-            pos, in_mask = _positions(batch["span_start"], batch["span_length"])
-            rpos, r_mask = _positions(
-                batch["response_start"] - 1, batch["response_length"]
-            )
-            out["student_input_logits"] = self._gather_logits(
-                hidden, pos, in_mask
-            )
-            out["student_response_logits"] = self._gather_logits(
-                hidden, rpos, r_mask
-            )
-            targets = (
-                batch["input_ids"]
-                .gather(
-                    1, (rpos + 1).clamp(max=batch["input_ids"].shape[1] - 1)
-                )
-                .masked_fill(~r_mask, 0)
-            )
-            if run_teacher and not torch.equal(
-                targets, out["response_targets"]
-            ):
-                raise RuntimeError(
-                    "compute_kd_inputs: student and teacher responses differ"
-                )
-            out["input_mask"] = in_mask
-            out["response_mask"] = r_mask
-            out["response_targets"] = targets
-            out["speech_prompts"] = prompts
+            if out.teacher is not None and request.response:
+                if not torch.equal(
+                    out.teacher.response_targets, out.student.response_targets
+                ):
+                    raise RuntimeError(
+                        "SpeechLLMModel: student and teacher responses differ"
+                    )
         return out
-
-    forward = compute_kd_inputs
-
-    # ------------------------------------------------------------------
-    # alignment stage (no LLM pass)
-    def _embedding_table(self, device):
-        """Unit-norm float32 embedding table and the embedding variance."""
-        weight = self.embed_tokens.weight
-        key = (weight.data_ptr(), str(device), tuple(weight.shape))
-        if self._table is None or self._table[0] != key:
-            with torch.no_grad():
-                table = weight.detach().to(device=device, dtype=torch.float32)
-                scale = self._embed_scale()
-                var = (table * scale).var()
-                self._table = (key, F.normalize(table, dim=-1), var)
-        return self._table[1], self._table[2]
-
-    def _embed_scale(self):
-        scale = getattr(self.embed_tokens, "embed_scale", 1.0)
-        return float(scale) if not torch.is_tensor(scale) else scale.item()
-
-    def alignment_loss(
-        self,
-        adapter_out,
-        transcript_ids,
-        temperature=0.05,
-        weights=None,
-    ):
-        """Pull the N adapter outputs towards the transcript's embeddings.
-
-        At the N CIF positions: cross-entropy over cosine logits against the
-        whole embedding table (``cos / temperature``), ``1 - cos`` with the
-        true token embedding and MSE divided by the embedding variance
-        (DESIGN 2.9). Needs no LLM pass.
-
-        Arguments
-        ---------
-        adapter_out : CFormerOutput
-            With ``tokens`` (B, N, D) and ``token_mask`` (B, N) (trained with
-            the target counts, so position i is transcript token i).
-        transcript_ids : torch.Tensor
-            (B, N) target ids (as returned in ``compute_kd_inputs``).
-        temperature : float
-            Temperature of the cosine logits.
-        weights : dict, optional
-            Weights of ``ce``, ``cos``, ``mse`` (default 1 each).
-
-        Returns
-        -------
-        dict
-            ``loss`` (weighted sum), ``ce``, ``cos``, ``mse`` (scalars) and
-            ``accuracy`` (nearest-token accuracy, no grad).
-
-        Example
-        -------
-        >>> model = SpeechLLMModel.tiny_for_tests(whisper=False)
-        >>> feats = torch.randn(2, 20, 64)
-        >>> ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
-        >>> out = model.encode_speech(feats=feats, num_tokens=[3, 2])
-        >>> losses = model.alignment_loss(out, ids)
-        >>> sorted(losses)
-        ['accuracy', 'ce', 'cos', 'loss', 'mse']
-        """
-        weights = {"ce": 1.0, "cos": 1.0, "mse": 1.0, **(weights or {})}
-        mask = adapter_out.token_mask
-        ids = transcript_ids.to(mask.device)[:, : mask.shape[1]]
-        pred = adapter_out.tokens[mask].float()
-        target_ids = ids[mask]
-        table, var = self._embedding_table(pred.device)
-        with torch.no_grad():
-            target = self.embed_tokens(target_ids).float()
-        logits = F.normalize(pred, dim=-1) @ table.T
-        ce = F.cross_entropy(logits / temperature, target_ids)
-        cos = (1 - F.cosine_similarity(pred, target, dim=-1)).mean()
-        mse = ((pred - target) ** 2).mean() / var
-        loss = weights["ce"] * ce + weights["cos"] * cos + weights["mse"] * mse
-        acc = (logits.detach().argmax(-1) == target_ids).float().mean()
-        return {"loss": loss, "ce": ce, "cos": cos, "mse": mse, "accuracy": acc}
-
-    @torch.no_grad()
-    def token_accuracy(self, adapter_out, transcript_ids):
-        """Nearest-token (cosine) accuracy of the adapter outputs.
-
-        Arguments
-        ---------
-        adapter_out : CFormerOutput
-            Adapter output (target counts).
-        transcript_ids : torch.Tensor
-            (B, N) true ids.
-
-        Returns
-        -------
-        dict
-            ``correct`` and ``total`` (ints, to accumulate over a set),
-            ``accuracy`` (float) and ``top_token_share`` (share of the most
-            frequent nearest token: near 1 means the adapter collapsed).
-
-        Example
-        -------
-        >>> model = SpeechLLMModel.tiny_for_tests(whisper=False)
-        >>> out = model.encode_speech(feats=torch.randn(1, 9, 64),
-        ...     num_tokens=[2])
-        >>> model.token_accuracy(out, torch.tensor([[3, 4]]))["total"]
-        2
-        """
-        mask = adapter_out.token_mask
-        ids = transcript_ids.to(mask.device)[:, : mask.shape[1]][mask]
-        pred = adapter_out.tokens[mask].float()
-        table, _ = self._embedding_table(pred.device)
-        nearest = (F.normalize(pred, dim=-1) @ table.T).argmax(-1)
-        total = int(ids.numel())
-        correct = int((nearest == ids).sum())
-        share = 0.0
-        if total:
-            share = float(torch.bincount(nearest).max()) / total
-        return {
-            "correct": correct,
-            "total": total,
-            "accuracy": correct / max(total, 1),
-            "top_token_share": share,
-        }
 
     # ------------------------------------------------------------------
     # inference
@@ -890,6 +876,30 @@ class SpeechLLMModel(nn.Module):
             **gen,
         )
 
+    def check_fits(
+        self,
+        counts,
+        instructions,
+        max_new_tokens,
+        names=None,
+        source=None,
+        item="row",
+    ):
+        """Raise ``ContextLengthError`` when a speech prompt plus
+        ``max_new_tokens`` exceeds the LLM context (the item named)."""
+        limit = context_limit(self.llm)
+        if limit is None:
+            return
+        self.prompts.check_fits(
+            limit,
+            instructions,
+            n_speech=list(counts),
+            max_new_tokens=max_new_tokens,
+            ids=names,
+            source=source,
+            item=item,
+        )
+
     @torch.no_grad()
     def generate(
         self,
@@ -902,9 +912,15 @@ class SpeechLLMModel(nn.Module):
         feat_lens=None,
         return_num_tokens=False,
         return_ids=False,
+        names=None,
+        source=None,
+        item="row",
         **generate_kwargs,
     ):
         """Answers the speech: batched decoding with the KV cache.
+
+        Every speech prompt plus ``max_new_tokens`` is checked against the
+        LLM context first (``ContextLengthError`` names the item).
 
         Arguments
         ---------
@@ -920,10 +936,13 @@ class SpeechLLMModel(nn.Module):
         feats, feat_lens : torch.Tensor, optional
             Cached encoder features.
         return_num_tokens : bool
-            Also return the predicted token counts (B,).
+            Also return the number of speech embeddings of each row (B,).
         return_ids : bool
             Return the generated token ids (cut at the end of turn) instead
             of text.
+        names, source, item : optional
+            How the rows are named in a context-length error (e.g. row IDs
+            and the manifest, or file names and ``item="file"``).
         **generate_kwargs
             Passed to ``transformers`` ``generate``.
 
@@ -933,7 +952,8 @@ class SpeechLLMModel(nn.Module):
 
         Example
         -------
-        >>> model = SpeechLLMModel.tiny_for_tests()
+        >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+        >>> model = tiny_speech_llm()
         >>> texts = model.generate(torch.randn(2, 4000), max_new_tokens=3)
         >>> len(texts)
         2
@@ -942,21 +962,27 @@ class SpeechLLMModel(nn.Module):
             adapter_out = self.encode_speech(
                 wavs, wav_lens, feats=feats, feat_lens=feat_lens
             )
-            counts = adapter_out.num_tokens
+            counts = adapter_out.token_counts
             n = counts.shape[0]
-            prompts = self.prompts.build_batch(
-                self._instructions(instructions, n, audio=True),
-                n_speech=counts.tolist(),
+            instructions = self._instructions(instructions, n, audio=True)
+            self.check_fits(
+                counts.tolist(),
+                instructions,
+                max_new_tokens,
+                names,
+                source,
+                item,
             )
-            device = self.embed_tokens.weight.device
+            prompts = self.prompts.build_batch(
+                instructions, n_speech=counts.tolist()
+            )
             batch = self.prompts.collate(
-                prompts, padding_side="left", device=device
+                prompts, padding_side="left", device=self.device
             )
             embeds = self._speech_embeds(batch, adapter_out)
             if self.has_plora:
-                scope = plora_lib._state(self.llm).scope
-                mask = plora_lib.scope_mask(
-                    batch["speech_mask"], scope, batch["attention_mask"]
+                mask = self._student_mask(
+                    batch["speech_mask"], batch["attention_mask"]
                 )
                 context = plora_lib.plora_mask(self.llm, mask)
             else:
@@ -1001,7 +1027,8 @@ class SpeechLLMModel(nn.Module):
 
         Example
         -------
-        >>> model = SpeechLLMModel.tiny_for_tests(whisper=False)
+        >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+        >>> model = tiny_speech_llm(whisper=False)
         >>> len(model.generate_text(["a b", "c"], max_new_tokens=2))
         2
         """
@@ -1009,13 +1036,31 @@ class SpeechLLMModel(nn.Module):
         prompts = self.prompts.build_batch(
             self._instructions(instructions, n), transcripts=transcripts
         )
-        device = self.embed_tokens.weight.device
         batch = self.prompts.collate(
-            prompts, padding_side="left", device=device
+            prompts, padding_side="left", device=self.device
         )
-        with _eval_mode(self), self._plora_off():
+        with _eval_mode(self), self.plora_off():
             embeds = self.embed_tokens(batch["input_ids"])
             seqs = self._generate(
                 embeds, batch, max_new_tokens, num_beams, generate_kwargs
             )
         return self._decode(seqs, return_ids)
+
+
+def _as_list(flags):
+    if isinstance(flags, torch.Tensor):
+        return flags.tolist()
+    return flags
+
+
+def _pad_ids(ids, device):
+    """(B, N) long ids (0-padded) and their mask from lists of ids."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    rows = [torch.tensor(x, dtype=torch.long) for x in ids]
+    if not rows or max(len(x) for x in ids) == 0:
+        rows = rows + [torch.zeros(1, dtype=torch.long)]
+    padded = pad_sequence(rows, batch_first=True)[: len(ids)]
+    lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
+    mask = torch.arange(padded.shape[1])[None] < lengths[:, None]
+    return padded.to(device), mask.to(device)

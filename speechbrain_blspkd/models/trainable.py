@@ -54,7 +54,8 @@ def trainable_state_dict(model):
     Example
     -------
     >>> from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
-    >>> sd = trainable_state_dict(SpeechLLMModel.tiny_for_tests())
+    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> sd = trainable_state_dict(tiny_speech_llm())
     >>> sorted({k.split(".")[0] for k in sd})
     ['adapter', 'plora']
     """
@@ -141,7 +142,8 @@ class TrainableWeights:
     -------
     >>> import tempfile, pathlib
     >>> from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
-    >>> model = SpeechLLMModel.tiny_for_tests()
+    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> model = tiny_speech_llm()
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "model.ckpt"
     >>> TrainableWeights(model).save(path)
     >>> TrainableWeights(model).load(path)

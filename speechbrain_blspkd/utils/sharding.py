@@ -160,7 +160,8 @@ def decoder_layers(llm):
     Example
     -------
     >>> from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
-    >>> llm = SpeechLLMModel.tiny_for_tests(whisper=False).llm
+    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> llm = tiny_speech_llm(whisper=False).llm
     >>> [name for name, _ in decoder_layers(llm)]
     ['model.layers.0', 'model.layers.1']
     """

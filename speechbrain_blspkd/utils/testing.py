@@ -1,16 +1,11 @@
-"""Tiny random model settings shared by tests, doctests and toy models.
+"""Test helpers: tiny random models, test tokenizers, shared sizes.
+
+Not part of the library's public API: the factories here exist for tests,
+doctests and benchmarks only.
 
 Unit tests build their models from configs (no download): these helpers give
 the sizes every tiny model uses, so that one change reaches them all.
 """
-
-#: The logits a ``SpeechLLMModel`` forward output holds.
-LOGIT_KEYS = (
-    "student_input_logits",
-    "teacher_input_logits",
-    "student_response_logits",
-    "teacher_response_logits",
-)
 
 
 def tiny_llm_config(tokenizer=None, **overrides):
@@ -87,54 +82,209 @@ def tiny_whisper_config(**overrides):
     return WhisperConfig(**config)
 
 
-def distillation_loss(out, ce_weight=1.0):
-    """Sum of the BLSP-KD terms of a ``SpeechLLMModel`` forward output.
-
-    Input KL + response KL + ``ce_weight`` * response CE + CIF quantity loss,
-    each with its default settings (what tests train and check).
+def tiny_speech_llm(llm_type="llama", whisper=True, init_std=0.3, **kwargs):
+    """A tiny random speech LLM (test tokenizer, 2-layer LLM, CFormer).
 
     Arguments
     ---------
-    out : dict
-        What ``SpeechLLMModel.forward`` returns.
-    ce_weight : float
-        Weight of the response cross-entropy.
+    llm_type : str
+        "llama" or "qwen2".
+    whisper : bool
+        Include a tiny random Whisper encoder (d_model 64, 2 layers).
+    init_std : float
+        LLM weight init std (large enough for varied greedy outputs).
+    **kwargs
+        Passed to :class:`~speechbrain_blspkd.models.speech_llm.
+        SpeechLLMModel` (``adapter=`` replaces the CFormer).
 
     Returns
     -------
-    torch.Tensor
-        A scalar.
+    speechbrain_blspkd.models.speech_llm.SpeechLLMModel
 
     Example
     -------
-    >>> import torch
-    >>> from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
-    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
-    <torch._C.Generator object at ...>
-    >>> model = SpeechLLMModel.tiny_for_tests()
-    >>> out = model(torch.randn(1, 8000) * 0.1, torch.ones(1), ["hi"], ["yo"])
-    >>> bool(torch.isfinite(distillation_loss(out)))
-    True
+    >>> tiny_speech_llm().llm.config.hidden_size
+    64
     """
-    from speechbrain_blspkd.losses import kd_kl, response_ce
-    from speechbrain_blspkd.nnet.cif import quantity_loss
-
-    return (
-        kd_kl(
-            out["student_input_logits"],
-            out["teacher_input_logits"],
-            out["input_mask"],
-        )
-        + kd_kl(
-            out["student_response_logits"],
-            out["teacher_response_logits"],
-            out["response_mask"],
-        )
-        + ce_weight
-        * response_ce(
-            out["student_response_logits"],
-            out["response_targets"],
-            out["response_mask"],
-        )
-        + quantity_loss(out["alphas"], out["frame_mask"], out["num_tokens"])
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
     )
+
+    from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
+    from speechbrain_blspkd.nnet.cformer import CFormer
+    from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
+
+    tok = build_test_tokenizer()
+    common = tiny_llm_config(
+        tok, tie_word_embeddings=True, initializer_range=init_std
+    )
+    if llm_type == "llama":
+        llm = LlamaForCausalLM(LlamaConfig(**common))
+    elif llm_type == "qwen2":
+        llm = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        raise ValueError(f"tiny_speech_llm: unknown llm_type {llm_type!r}")
+    encoder = None
+    if whisper:
+        encoder = WhisperEncoder(tiny_whisper_config())
+    adapter = kwargs.pop("adapter", None)
+    if adapter is None:
+        adapter = CFormer(64, 64, n_pre=1, n_post=1, nhead=4, d_ffn=128)
+    kwargs.setdefault("plora", dict(r=4, alpha=8, dropout=0.0, scope="audio"))
+    return SpeechLLMModel(
+        llm, adapter, encoder=encoder, tokenizer=tok, **kwargs
+    )
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% endif %}"
+)
+
+
+def build_test_tokenizer(
+    corpus=None,
+    vocab_size=300,
+    chat_template=CHATML_TEMPLATE,
+    extra_special_tokens=(),
+):
+    """A tiny byte-level BPE tokenizer with a ChatML template (tests, docs).
+
+    Trained in memory on ``corpus``; special tokens ``<|im_start|>``,
+    ``<|im_end|>``, ``<|endoftext|>`` (eos) and ``<pad>``. The template
+    injects a default system prompt like SmolLM2's.
+
+    Arguments
+    ---------
+    corpus : list of str, optional
+        Training sentences (a small default is used).
+    vocab_size : int
+        Vocabulary size (>= 260).
+    chat_template : str
+        Jinja chat template.
+    extra_special_tokens : sequence of str
+        More special tokens (e.g. ``<start_of_turn>`` for a Gemma-style
+        template).
+
+    Returns
+    -------
+    transformers.PreTrainedTokenizerFast
+
+    Example
+    -------
+    >>> tok = build_test_tokenizer()
+    >>> tok.decode(tok("hello world")["input_ids"])
+    'hello world'
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if corpus is None:
+        corpus = [
+            "the cat sat on the mat and the dog ran to the park",
+            "repeat the sentence: hello world, how are you today?",
+            "continue the following text in a coherent style",
+            "a quick brown fox jumps over the lazy dog",
+        ] * 4
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    specials += [t for t in extra_special_tokens if t not in specials]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<pad>",
+        additional_special_tokens=specials[1:3] + specials[4:],
+    )
+    fast.chat_template = chat_template
+    return fast
+
+
+DOCTEST_TOKENIZERS = []
+
+
+def doctest_tokenizer():
+    """A cached :func:`build_test_tokenizer` for the doctests."""
+    if not DOCTEST_TOKENIZERS:
+        DOCTEST_TOKENIZERS.append(build_test_tokenizer())
+    return DOCTEST_TOKENIZERS[0]
+
+
+def tiny_saved_speech_llm(folder, seed=0, **kwargs):
+    """A tiny random SpeechLLMModel whose bases are saved in ``folder``.
+
+    For tests and doctests: the LLM (+ tokenizer) goes to ``folder/llm``, the
+    Whisper model to ``folder/whisper``, and the model is built from these
+    folders, so that an export of it can be loaded with
+    :meth:`~speechbrain_blspkd.inference.SpeechLLM.from_hparams`.
+    """
+    import pathlib
+
+    import torch
+    from transformers import WhisperModel
+
+    from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
+    from speechbrain_blspkd.nnet.cformer import CFormer
+    from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
+
+    folder = pathlib.Path(folder)
+    torch.manual_seed(seed)
+    base = tiny_speech_llm(whisper=False, plora=None)
+    base.llm.save_pretrained(folder / "llm")
+    base.tokenizer.save_pretrained(folder / "llm")
+    whisper = WhisperModel(
+        tiny_whisper_config(
+            decoder_layers=1,
+            decoder_attention_heads=4,
+            decoder_ffn_dim=64,
+            vocab_size=64,
+            max_target_positions=16,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=1,
+            decoder_start_token_id=1,
+            begin_suppress_tokens=None,
+            suppress_tokens=None,
+        )
+    )
+    whisper.save_pretrained(folder / "whisper")
+    adapter = kwargs.pop("adapter", None)
+    if adapter is None:
+        adapter = CFormer(
+            64,
+            64,
+            n_pre=kwargs.pop("n_pre", 1),
+            n_post=kwargs.pop("n_post", 1),
+            nhead=4,
+            d_ffn=128,
+        )
+    kwargs.setdefault("plora", dict(r=4, alpha=8, dropout=0.0, scope="audio"))
+    model = SpeechLLMModel(
+        str(folder / "llm"),
+        adapter,
+        encoder=WhisperEncoder(str(folder / "whisper")),
+        **kwargs,
+    )
+    with torch.no_grad():  # non-zero PLoRA B so that PLoRA changes outputs
+        for p in model.parameters():
+            if p.requires_grad and p.abs().sum() == 0:
+                p.normal_(0, 0.2)
+    return model

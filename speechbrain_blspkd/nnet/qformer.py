@@ -1,0 +1,297 @@
+"""QFormer: DiVA's connector, a fixed number of learned queries over speech.
+
+DiVA (Held et al., 2024, "Distilling an End-to-End Voice Assistant Without
+Instruction Training Data") connects the Whisper encoder to the LLM with a
+Q-Former made of Whisper's own *decoder* layers: ``num_queries`` learned
+query vectors (initialised N(0, 0.02)) play the role of the decoder's input
+tokens, Whisper's decoder positional embeddings are added to them, and the
+decoder layers run over them with
+
+* self-attention among the queries, NOT causal (every query sees every
+  other one: there is no left-to-right order to respect here),
+* cross-attention to the encoder frames, with the batch padding masked,
+
+then the decoder's final LayerNorm and a Linear into the LLM width. The
+result is always ``num_queries`` tokens whatever the utterance length, so
+``token_mask`` is all True. Starting from the pretrained decoder layers
+(``init_from``) gives the connector cross-attention that already reads
+Whisper's frames.
+
+Implementation notes (transformers 5.x internals relied upon):
+
+* the layers are ``transformers.models.whisper.modeling_whisper.
+  WhisperDecoderLayer`` modules, called as
+  ``layer(x, None, frames, encoder_attention_mask=mask,
+  past_key_values=None, use_cache=False)`` with a (B, 1, 1, T) additive
+  float mask (0 for real frames, the dtype's minimum for padding);
+* their self-attention is built with ``is_causal=True``, which the SDPA
+  path applies whenever no mask is given: the constructor sets
+  ``layer.self_attn.is_causal = False`` so the queries see each other;
+* the attention implementation is fixed to ``"sdpa"`` in the layer config.
+
+Authors
+ * speechbrain-blspkd contributors 2026
+"""
+
+import pathlib
+
+import torch
+from torch import nn
+
+from speechbrain_blspkd.nnet.adapter import AdapterOutput, SpeechAdapter
+
+__all__ = ["QFormer"]
+
+
+def _layer_config(d_model, num_heads, ffn_size, num_layers, dropout, act):
+    """The WhisperConfig the decoder layers are built from."""
+    from transformers import WhisperConfig
+
+    config = WhisperConfig(
+        d_model=d_model,
+        decoder_attention_heads=num_heads,
+        decoder_ffn_dim=ffn_size,
+        decoder_layers=num_layers,
+        dropout=dropout,
+        attention_dropout=dropout,
+        activation_dropout=dropout,
+        activation_function=act,
+    )
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def _load_whisper_decoder(folder):
+    """The decoder of the transformers Whisper model in ``folder``."""
+    from transformers import WhisperModel
+
+    folder = pathlib.Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"QFormer: {folder} is not a transformers Whisper folder (no "
+            "config.json); fetch it with "
+            "`python -m speechbrain_blspkd.assets fetch whisper-base`"
+        )
+    model = WhisperModel.from_pretrained(str(folder))
+    decoder = model.decoder
+    del model
+    return decoder
+
+
+class QFormer(SpeechAdapter):
+    """Q-Former of Whisper decoder layers: (B, T, d) -> (B, L, D) tokens.
+
+    Arguments
+    ---------
+    input_size : int
+        Width d of the encoder frames (and of the decoder layers).
+    output_size : int
+        Width D of the LLM embeddings.
+    num_queries : int
+        Number L of learned queries = speech tokens per utterance.
+    num_layers : int
+        Number of decoder layers.
+    init_from : str or pathlib.Path, optional
+        A transformers Whisper folder (e.g. the ``whisper-base`` asset):
+        the first ``num_layers`` decoder layers, the first L rows of the
+        decoder positional table and the decoder's final LayerNorm are
+        copied from it, and ``num_heads``, ``ffn_size`` and ``activation``
+        are read from its config (the given values are ignored). Its
+        ``d_model`` must equal ``input_size``. None: random initialisation.
+    num_heads : int
+        Attention heads (random initialisation).
+    ffn_size : int
+        Feed-forward width of the layers (random initialisation).
+    dropout : float
+        Dropout of the layers (hidden, attention and activation) and of the
+        queries after the positional embeddings are added.
+    activation : str
+        Feed-forward activation (random initialisation; Whisper's "gelu").
+
+    Example
+    -------
+    >>> adapter = QFormer(16, 24, num_queries=4, num_layers=1, num_heads=2,
+    ...     ffn_size=32)
+    >>> out = adapter(torch.randn(2, 30, 16), torch.tensor([1.0, 0.5]))
+    >>> out.tokens.shape, out.token_counts.tolist()
+    (torch.Size([2, 4, 24]), [4, 4])
+    >>> rebuilt = QFormer(**adapter.export_hparams())
+    >>> rebuilt.load_state_dict(adapter.state_dict())
+    <All keys matched successfully>
+    """
+
+    def __init__(
+        self,
+        input_size,
+        output_size,
+        num_queries=64,
+        num_layers=2,
+        init_from=None,
+        num_heads=8,
+        ffn_size=2048,
+        dropout=0.0,
+        activation="gelu",
+    ):
+        super().__init__()
+        for name, value in (
+            ("input_size", input_size),
+            ("output_size", output_size),
+            ("num_queries", num_queries),
+            ("num_layers", num_layers),
+        ):
+            if int(value) != value or value < 1:
+                raise ValueError(
+                    f"QFormer: `{name}` must be an int >= 1, got {value}"
+                )
+        source = None
+        if init_from is not None:
+            source = _load_whisper_decoder(init_from)
+            pretrained = source.config
+            if pretrained.d_model != input_size:
+                raise ValueError(
+                    f"QFormer: `input_size` ({input_size}) must equal the "
+                    f"d_model of {init_from} ({pretrained.d_model})"
+                )
+            if num_layers > pretrained.decoder_layers:
+                raise ValueError(
+                    f"QFormer: {num_layers} layers asked, {init_from} has "
+                    f"{pretrained.decoder_layers} decoder layers"
+                )
+            if num_queries > pretrained.max_target_positions:
+                raise ValueError(
+                    f"QFormer: {num_queries} queries exceed the decoder "
+                    f"positional table of {init_from} "
+                    f"({pretrained.max_target_positions})"
+                )
+            num_heads = pretrained.decoder_attention_heads
+            ffn_size = pretrained.decoder_ffn_dim
+            activation = pretrained.activation_function
+        if input_size % num_heads != 0:
+            raise ValueError(
+                f"QFormer: `num_heads` ({num_heads}) must divide "
+                f"`input_size` ({input_size})"
+            )
+        from transformers.models.whisper.modeling_whisper import (
+            WhisperDecoderLayer,
+        )
+
+        self.input_size = int(input_size)
+        self.num_queries = int(num_queries)
+        self.num_heads = int(num_heads)
+        self.ffn_size = int(ffn_size)
+        self.activation = str(activation)
+        config = _layer_config(
+            self.input_size,
+            self.num_heads,
+            self.ffn_size,
+            int(num_layers),
+            dropout,
+            self.activation,
+        )
+        self.queries = nn.Parameter(
+            torch.randn(self.num_queries, self.input_size) * 0.02
+        )
+        self.positions = nn.Parameter(
+            torch.randn(self.num_queries, self.input_size) * 0.02
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(
+            WhisperDecoderLayer(config, layer_idx=i)
+            for i in range(int(num_layers))
+        )
+        for layer in self.layers:
+            # queries are unordered: the self-attention must not be causal
+            layer.self_attn.is_causal = False
+        self.layer_norm = nn.LayerNorm(self.input_size)
+        self.out_proj = nn.Linear(self.input_size, int(output_size))
+        if source is not None:
+            self._copy_from(source)
+
+    @torch.no_grad()
+    def _copy_from(self, decoder):
+        """Copies layers, positions and final norm of a Whisper decoder."""
+        for target, layer in zip(self.layers, decoder.layers):
+            target.load_state_dict(layer.state_dict())
+        table = decoder.embed_positions.weight
+        self.positions.copy_(table[: self.num_queries])
+        self.layer_norm.load_state_dict(decoder.layer_norm.state_dict())
+
+    def output_size(self):
+        """Width of the speech embeddings (the LLM hidden size)."""
+        return self.out_proj.out_features
+
+    def export_hparams(self):
+        """Constructor arguments without the initialisation source.
+
+        ``init_from`` becomes None and the sizes read from the pretrained
+        config (heads, feed-forward width, activation) are recorded, so the
+        random-initialisation path rebuilds the same modules and the
+        checkpoint supplies the weights.
+
+        Example
+        -------
+        >>> adapter = QFormer(16, 8, num_queries=3, num_layers=1,
+        ...     num_heads=4, ffn_size=32)
+        >>> args = adapter.export_hparams()
+        >>> args["init_from"], args["num_heads"], args["num_queries"]
+        (None, 4, 3)
+        """
+        args = super().export_hparams()
+        args.update(
+            init_from=None,
+            num_queries=self.num_queries,
+            num_heads=self.num_heads,
+            ffn_size=self.ffn_size,
+            activation=self.activation,
+        )
+        return args
+
+    def forward(self, feats, lengths=None, targets=None):
+        """Runs the queries over the encoder frames.
+
+        Arguments
+        ---------
+        feats : torch.Tensor
+            (B, T, input_size) encoder frames.
+        lengths : torch.Tensor, optional
+            (B,) SpeechBrain relative lengths (None: all frames real); the
+            cross-attention ignores the frames beyond them.
+        targets : AdapterTargets, optional
+            Unused.
+
+        Returns
+        -------
+        AdapterOutput
+            ``tokens`` (B, num_queries, output_size) and an all-True
+            ``token_mask`` (B, num_queries).
+        """
+        if feats.dim() != 3 or feats.shape[-1] != self.input_size:
+            raise ValueError(
+                f"QFormer: `feats` must be (B, T, {self.input_size}), "
+                f"got {tuple(feats.shape)}"
+            )
+        batch = feats.shape[0]
+        dtype = self.queries.dtype
+        valid = self.frame_mask(feats, lengths)
+        # zero the padding too: masked frames still pass through k/v
+        # projections, and non-finite garbage would reach the output
+        frames = feats.to(dtype).masked_fill(~valid[..., None], 0.0)
+        cross_mask = torch.zeros(
+            batch, 1, 1, frames.shape[1], dtype=dtype, device=frames.device
+        ).masked_fill(~valid[:, None, None, :], torch.finfo(dtype).min)
+        x = (self.queries + self.positions)[None].expand(batch, -1, -1)
+        x = self.dropout(x)
+        for layer in self.layers:
+            x = layer(
+                x,
+                None,
+                frames,
+                encoder_attention_mask=cross_mask,
+                past_key_values=None,
+                use_cache=False,
+            )
+        tokens = self.out_proj(self.layer_norm(x))
+        token_mask = torch.ones(
+            batch, self.num_queries, dtype=torch.bool, device=tokens.device
+        )
+        return AdapterOutput(tokens=tokens, token_mask=token_mask)

@@ -1,0 +1,167 @@
+"""The objective interface: model outputs -> ``(loss, stats)``.
+
+An objective is the method-specific half of training.  The speech LLM
+(:class:`~speechbrain_blspkd.models.speech_llm.SpeechLLMModel`) computes
+whatever an objective asks for in one forward pass (a
+:class:`~speechbrain_blspkd.models.speech_llm.PassRequest`: teacher and/or
+student pass, logits and hidden states at chosen spans and layers); the
+objective turns those outputs into a scalar loss and a dict of statistics.
+The Brain only calls :meth:`Objective.request` and the objective itself, so
+it knows no method (the shape of ESPnet's ``AbsESPnetModel``, whose forward
+returns the loss and its stats).
+
+Writing an objective
+--------------------
+Subclass :class:`Objective`, list the names of its weighted terms in
+``TERMS``, and implement
+
+* :meth:`Objective.request` (what the model must compute in a stage), and
+* :meth:`Objective.terms` (name -> scalar tensor, or a zero-argument
+  callable computed only when the term has a nonzero weight),
+
+and optionally :meth:`Objective.metrics` (numbers reported in validation
+and test, no gradient).  ``docs/adding_a_method.md`` walks through one.
+
+Authors
+ * speechbrain-blspkd contributors 2026
+"""
+
+import math
+
+import speechbrain as sb
+import torch
+from torch import nn
+
+__all__ = ["Objective"]
+
+
+class Objective(nn.Module):
+    """Base class: a weighted sum of named terms and its statistics.
+
+    Arguments
+    ---------
+    weights : dict
+        ``{term: weight}`` for names in ``TERMS``; missing terms weigh 0.
+
+    Example
+    -------
+    >>> class Toy(Objective):
+    ...     TERMS = ("a", "b")
+    ...     def terms(self, outputs, model, stage):
+    ...         return {"a": torch.tensor(2.0), "b": lambda: 1 / 0}
+    >>> loss, stats = Toy({"a": 0.5, "b": 0.0})(None, None, None)
+    >>> float(loss), stats
+    (1.0, {'a': 2.0, 'loss': 1.0})
+    """
+
+    TERMS = ()
+
+    def __init__(self, weights):
+        super().__init__()
+        weights = dict(weights or {})
+        name = type(self).__name__
+        unknown = sorted(set(weights) - set(self.TERMS))
+        if unknown:
+            raise ValueError(
+                f"{name}: unknown loss weight(s) {unknown}; known terms are "
+                f"{list(self.TERMS)}"
+            )
+        for term, w in weights.items():
+            if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise ValueError(
+                    f"{name}: weight {term}={w!r} must be a finite number >= 0"
+                )
+        self.weights = {k: float(v) for k, v in weights.items()}
+        if not any(self.weights.values()):
+            raise ValueError(f"{name}: every loss weight is 0")
+
+    def active(self, term):
+        """Whether ``term`` has a nonzero weight (computed only then)."""
+        if term not in self.TERMS:
+            raise ValueError(f"{type(self).__name__}: unknown term {term!r}")
+        return self.weights.get(term, 0.0) != 0.0
+
+    def request(self, stage):
+        """What the model computes for this objective in ``stage``.
+
+        Arguments
+        ---------
+        stage : speechbrain.Stage
+            TRAIN, VALID or TEST.
+
+        Returns
+        -------
+        speechbrain_blspkd.models.speech_llm.PassRequest
+        """
+        from speechbrain_blspkd.models.speech_llm import PassRequest
+
+        return PassRequest()
+
+    def terms(self, outputs, model, stage):
+        """The loss terms (name -> scalar tensor or callable)."""
+        raise NotImplementedError
+
+    def metrics(self, outputs, model, stage):
+        """Extra numbers for validation/test (default none).
+
+        Returns
+        -------
+        dict
+            name -> float, tensor or zero-argument callable (called only
+            when no weighted term of that name was computed already).
+        """
+        return {}
+
+    def forward(self, outputs, model, stage):
+        """The weighted loss and its statistics.
+
+        Arguments
+        ---------
+        outputs : speechbrain_blspkd.models.speech_llm.SpeechLLMOutput
+            The model's outputs for :meth:`request`.
+        model : speechbrain_blspkd.models.speech_llm.SpeechLLMModel
+            The (unwrapped) model, for read-only helpers such as its
+            embedding table.
+        stage : speechbrain.Stage
+            The current stage.
+
+        Returns
+        -------
+        loss : torch.Tensor
+            Scalar.
+        stats : dict
+            Float value of each computed term, ``loss``, and in validation
+            and test the :meth:`metrics`.
+        """
+        terms = self.terms(outputs, model, stage)
+        missing = sorted(
+            t for t, w in self.weights.items() if w and t not in terms
+        )
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__}: term(s) {missing} have a nonzero "
+                "weight but were not computed"
+            )
+        total, stats = None, {}
+        for term, value in terms.items():
+            weight = self.weights.get(term, 0.0)
+            if weight == 0.0:
+                continue
+            value = value() if callable(value) else value
+            if not torch.is_tensor(value) or value.numel() != 1:
+                raise ValueError(
+                    f"{type(self).__name__}: term {term} must be a scalar "
+                    "tensor"
+                )
+            value = value.reshape(())
+            stats[term] = float(value.detach())
+            total = weight * value if total is None else total + weight * value
+        stats["loss"] = float(total.detach())
+        if stage is not None and stage != sb.Stage.TRAIN:
+            with torch.no_grad():
+                for key, value in self.metrics(outputs, model, stage).items():
+                    if key not in stats:  # a weighted term is not redone
+                        stats[key] = float(
+                            value() if callable(value) else value
+                        )
+        return total, stats
