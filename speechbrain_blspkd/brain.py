@@ -561,8 +561,9 @@ def prepare_features(hparams, encoder, device):
     Returns
     -------
     FeatureCache or None
-        None when ``hparams["use_feature_cache"]`` is False or the encoder is
-        trainable (its features change during training).
+        None when ``hparams["use_feature_cache"]`` is False, the model has
+        no encoder (the cascade reads audio) or the encoder is trainable
+        (its features change during training).
     """
     from speechbrain_blspkd.dataprep.feature_cache import (
         FeatureCache,
@@ -570,7 +571,11 @@ def prepare_features(hparams, encoder, device):
         encoder_checksum,
     )
 
-    if not hparams["use_feature_cache"] or not encoder.freeze:
+    if (
+        encoder is None
+        or not hparams["use_feature_cache"]
+        or not encoder.freeze
+    ):
         return None
     checksum = encoder_checksum(
         encoder, extra={"dynamic_length": encoder.dynamic_length}
@@ -673,22 +678,24 @@ def run_recipe(argv):
     )
     # 1. corpus -> manifests (idempotent)
     sb.utils.distributed.run_on_main(hparams["prepare"])
-    # 2. teacher continuations (idempotent, resumable)
-    sb.utils.distributed.run_on_main(
-        prepare_continuations, args=[hparams], kwargs={"device": device}
-    )
-    # 3. model
-    model = hparams["model"]
-    model.encoder.to(device)
-    cache = prepare_features(hparams, model.encoder, device)
-    datasets = dataio_prepare(hparams, feature_cache=cache)
-
-    stages = hparams["stages"]
+    stages = list(hparams["stages"] or [])
     names = [stage.name for stage in stages]
-    if not stages or len(set(names)) != len(names):
+    if len(set(names)) != len(names):
         raise ValueError(
             f"{hparams_file}: `stages` needs unique names, got {names}"
         )
+    # 2. teacher continuations (idempotent, resumable); a recipe without
+    # training stages (the cascade) only decodes, which needs none
+    if stages:
+        sb.utils.distributed.run_on_main(
+            prepare_continuations, args=[hparams], kwargs={"device": device}
+        )
+    # 3. model
+    model = hparams["model"]
+    if model.encoder is not None:
+        model.encoder.to(device)
+    cache = prepare_features(hparams, model.encoder, device)
+    datasets = dataio_prepare(hparams, feature_cache=cache) if stages else {}
     checkpointer = hparams["checkpointer"]
     for stage in stages:  # every stage's progress is in every checkpoint
         checkpointer.add_recoverable(f"epochs_{stage.name}", stage.epochs)
@@ -701,7 +708,7 @@ def run_recipe(argv):
     )
     out = hparams["output_folder"]
     fresh = checkpointer.find_checkpoint() is None
-    final = stages[-1]  # its objective scores the test split
+    final = stages[-1] if stages else None  # its objective scores the test
 
     def parity(tag):
         # A sharded LLM is gathered whole for decoding: the ranks decode
@@ -709,7 +716,7 @@ def run_recipe(argv):
         with sharding.gathered(brain.model):
             return evaluate_parity(
                 brain.model,
-                hparams["test_csv"],
+                hparams["test_manifest"],
                 hparams["data_root"],
                 tasks=hparams["eval_tasks"],
                 out_folder=os.path.join(out, "eval", tag),
@@ -725,6 +732,7 @@ def run_recipe(argv):
     untrained_path = os.path.join(out, "eval", "untrained", "summary.json")
     if (
         hparams["eval_untrained"]
+        and stages
         and fresh
         and not os.path.isfile(untrained_path)
     ):
@@ -759,19 +767,22 @@ def run_recipe(argv):
             datasets["valid"],
             valid_loader_kwargs=hparams["valid_dataloader_opts"],
         )
-    # 6. test: the final objective's stats + parity decoding
-    brain.stage = final
-    brain.evaluate(
-        datasets["test"],
-        max_key=None,
-        min_key=None,
-        test_loader_kwargs=hparams["test_dataloader_opts"],
-    )
+    # 6. test: the final objective's stats (recovers the latest checkpoint)
+    # + parity decoding
+    if final is not None:
+        brain.stage = final
+        brain.evaluate(
+            datasets["test"],
+            max_key=None,
+            min_key=None,
+            test_loader_kwargs=hparams["test_dataloader_opts"],
+        )
     trained = parity("trained")
-    _merge_json(
-        os.path.join(out, "eval", "trained", "summary.json"),
-        {"adapter": brain.test_stats},
-    )
+    if final is not None:
+        _merge_json(
+            os.path.join(out, "eval", "trained", "summary.json"),
+            {"adapter": brain.test_stats},
+        )
     # 7. export the inference folder (main process) + plots
     _export(brain, hparams)
     if sb.utils.distributed.if_main_process():

@@ -16,7 +16,7 @@ Chinese and Japanese (``language`` starting with ``zh``, ``ja``, ``cmn`` or
 runs of other characters (Latin words, digits) stay whole words.  The WER of
 such a language is therefore a character error rate (CER).
 
-Speech-vs-text parity (DESIGN 2.8, 2.9) is measured as the agreement of the
+Speech-vs-text parity (docs/algorithms.md §2.8, §2.9.8) is measured as the agreement of the
 response to the spoken instruction with the teacher's response to the same
 instruction as text (:func:`parity_agreement`), beside a shuffled-pair
 baseline.  The KL part of parity is computed with the losses.
@@ -638,7 +638,7 @@ def collapse_rate(nearest_ids):
     """Fraction of outputs whose nearest token is the most common one.
 
     A collapsed adapter maps (almost) every position to the same token
-    (DESIGN 2.9 measured 90-100 %); a healthy one stays low.
+    (docs/algorithms.md §2.9.2 measured 90-100 %); a healthy one stays low.
 
     Arguments
     ---------

@@ -7,13 +7,12 @@ import pytest
 import speechbrain as sb
 import torch
 from speechbrain.dataio.batch import PaddedBatch
-
 from speechbrain.utils.epoch_loop import EpochCounter
 
 from speechbrain_blspkd.brain import SpeechLLMBrain
+from speechbrain_blspkd.models.trainable import trainable_state_dict
 from speechbrain_blspkd.objectives import BLSPKDObjective
 from speechbrain_blspkd.stages import Stage
-from speechbrain_blspkd.models.trainable import trainable_state_dict
 from speechbrain_blspkd.utils.testing import tiny_speech_llm
 
 

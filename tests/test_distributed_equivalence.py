@@ -92,18 +92,17 @@ def _model():
 
 def worker(data, out, batch_size):
     """Decode the test split, train both stages, save what each rank has."""
-    import speechbrain as sb
-    from speechbrain.utils.epoch_loop import EpochCounter
-
     from functools import partial
 
+    import speechbrain as sb
+    from speechbrain.utils.epoch_loop import EpochCounter
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     from speechbrain_blspkd.brain import SpeechLLMBrain, dataio_prepare
     from speechbrain_blspkd.evaluation import evaluate_parity
+    from speechbrain_blspkd.models.trainable import trainable_state_dict
     from speechbrain_blspkd.objectives import BLSPKDObjective
     from speechbrain_blspkd.stages import Stage
-    from speechbrain_blspkd.models.trainable import trainable_state_dict
 
     data, out = pathlib.Path(data), pathlib.Path(out)
     run_opts = {

@@ -1,6 +1,6 @@
 """Static checks of the recipes' hyperparameter files (no model is loaded).
 
-For every ``recipes/*/blsp_kd/hparams/*.yaml``:
+For every ``recipes/*/speech_llm/hparams/*.yaml``:
 
 * every top-level key is used: referenced with ``!ref``/``!copy`` in the
   same file, read by :mod:`speechbrain_blspkd.brain` (found by walking the
@@ -22,7 +22,7 @@ from hyperpyyaml import resolve_references
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BRAIN = ROOT / "speechbrain_blspkd" / "brain.py"
-RECIPE_YAMLS = sorted(ROOT.glob("recipes/*/blsp_kd/hparams/*.yaml"))
+RECIPE_YAMLS = sorted(ROOT.glob("recipes/*/speech_llm/hparams/*.yaml"))
 IDS = [str(p.relative_to(ROOT / "recipes")) for p in RECIPE_YAMLS]
 
 #: Values of attribute placeholders in brain.py f-strings that no loop in

@@ -175,10 +175,9 @@ def _speech_batch(rank, step):
 def _trained_brain(strategy, folder):
     """A SpeechLLMBrain trained for 4 micro-batches (2 optimiser steps) on this
     rank's data, checkpointed to ``folder``."""
-    from speechbrain.utils.checkpoints import Checkpointer
-
     from functools import partial
 
+    from speechbrain.utils.checkpoints import Checkpointer
     from speechbrain.utils.epoch_loop import EpochCounter
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 

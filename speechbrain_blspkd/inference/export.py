@@ -54,6 +54,9 @@ __all__ = [
     "config_from_model",
     "export_model",
     "build_adapter",
+    "build_encoder",
+    "build_model",
+    "build_transcriber",
     "render_hparams",
     "resolve_source",
 ]
@@ -72,8 +75,14 @@ class ModelFolderError(FileNotFoundError):
 #: The values of ``hyperparams.yaml``: (section comment, {key: default}).
 CONFIG_SECTIONS = (
     (
+        "The model class (speechbrain_blspkd.models.speech_llm.SpeechLLMModel"
+        ", or speechbrain_blspkd.models.cascade.CascadeModel)",
+        {"model_class": "speechbrain_blspkd.models.speech_llm.SpeechLLMModel"},
+    ),
+    (
         "Pretrained bases: an asset name (python -m speechbrain_blspkd."
-        "assets list) or a local transformers folder",
+        "assets list) or a local transformers folder; encoder_source null: "
+        "no speech encoder (the adapter reads audio features itself)",
         {
             "llm_source": "smollm2-135m-instruct",
             "encoder_source": "whisper-base",
@@ -150,6 +159,11 @@ CONFIG_SECTIONS = (
         },
     ),
     (
+        "Speech recogniser of a cascade (speechbrain_blspkd.nnet.whisper_asr"
+        ".WhisperTranscriber); null: none",
+        {"transcriber_source": None, "transcriber_options": {}},
+    ),
+    (
         "Audio input and generation defaults",
         {
             "sample_rate": 16000,
@@ -172,24 +186,28 @@ WIRING = """\
 # speechbrain_blspkd.inference.SpeechLLM.from_hparams(source=FOLDER), which
 # reads FOLDER/model.ckpt (the learned weights) through the pretrainer.
 # ----------------------------------------------------------------------------
-encoder: !new:speechbrain_blspkd.nnet.whisper_encoder.WhisperEncoder
-    source: !apply:speechbrain_blspkd.inference.export.resolve_source
-        - !ref <encoder_source>
+encoder: !apply:speechbrain_blspkd.inference.export.build_encoder
+    source: !ref <encoder_source>
     freeze: !ref <encoder_freeze>
     dynamic_length: !ref <encoder_dynamic_length>
     mask_padding: !ref <encoder_mask_padding>
-    dtype: !apply:speechbrain_blspkd.utils.precision.resolve_dtype
-        - !ref <encoder_dtype>
+    dtype: !ref <encoder_dtype>
 
 adapter: !apply:speechbrain_blspkd.inference.export.build_adapter
     - !ref <adapter_class>
     - !ref <adapter_options>
 
-model: !new:speechbrain_blspkd.models.speech_llm.SpeechLLMModel
+transcriber: !apply:speechbrain_blspkd.inference.export.build_transcriber
+    - !ref <transcriber_source>
+    - !ref <transcriber_options>
+
+model: !apply:speechbrain_blspkd.inference.export.build_model
+    class_path: !ref <model_class>
     llm: !apply:speechbrain_blspkd.inference.export.resolve_source
         - !ref <llm_source>
     adapter: !ref <adapter>
     encoder: !ref <encoder>
+    transcriber: !ref <transcriber>
     system_prompt: !apply:operator.getitem [!ref <prompts>, system_prompt]
     instruction: !apply:operator.getitem [!ref <prompts>, instruction]
     audio_instruction: !apply:operator.getitem
@@ -253,6 +271,90 @@ def resolve_source(name_or_path):
     )
 
 
+def build_encoder(source, **options):
+    """The speech encoder of an exported model, or None without one.
+
+    Arguments
+    ---------
+    source : str or None
+        Asset name or Whisper folder (None: no encoder).
+    **options
+        ``freeze``, ``dynamic_length``, ``mask_padding``, ``dtype`` of
+        :class:`~speechbrain_blspkd.nnet.whisper_encoder.WhisperEncoder`.
+
+    Returns
+    -------
+    WhisperEncoder or None
+
+    Example
+    -------
+    >>> build_encoder(None) is None
+    True
+    """
+    if source is None:
+        return None
+    from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
+
+    return WhisperEncoder(resolve_source(source), **options)
+
+
+def build_transcriber(source, options):
+    """The recogniser of an exported cascade, or None.
+
+    Example
+    -------
+    >>> build_transcriber(None, {}) is None
+    True
+    """
+    if source is None:
+        return None
+    from speechbrain_blspkd.nnet.whisper_asr import WhisperTranscriber
+
+    return WhisperTranscriber(resolve_source(source), **dict(options or {}))
+
+
+def build_model(class_path, transcriber=None, **kwargs):
+    """The exported model from its class path and parts.
+
+    Arguments
+    ---------
+    class_path : str
+        A :class:`~speechbrain_blspkd.models.speech_llm.SpeechLLMModel`
+        (sub)class.
+    transcriber : WhisperTranscriber, optional
+        For the cascade (passed only when given).
+    **kwargs
+        The constructor arguments (``adapter``/``encoder``/``plora`` None
+        are dropped for the cascade, which takes none of them).
+
+    Returns
+    -------
+    SpeechLLMModel
+    """
+    from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
+
+    cls = _import_class(class_path, "model_class")
+    if not issubclass(cls, SpeechLLMModel):
+        raise TypeError(f"model_class {class_path} is not a SpeechLLMModel")
+    if transcriber is not None:
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        return cls(kwargs.pop("llm"), transcriber, **kwargs)
+    return cls(**kwargs)
+
+
+def _import_class(class_path, what):
+    import importlib
+
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"{what} {class_path!r}: {err}") from err
+    if not isinstance(cls, type):
+        raise TypeError(f"{what} {class_path} is not a class")
+    return cls
+
+
 def build_adapter(class_path, options):
     """An adapter from its dotted class path and constructor arguments.
 
@@ -280,16 +382,12 @@ def build_adapter(class_path, options):
     ...
     TypeError: adapter_class torch.nn.Linear is not a SpeechAdapter
     """
-    import importlib
-
     from speechbrain_blspkd.nnet.adapter import SpeechAdapter
 
-    module, _, name = str(class_path).rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"adapter_class {class_path!r}: {err}") from err
-    if not (isinstance(cls, type) and issubclass(cls, SpeechAdapter)):
+    if class_path is None:
+        return None
+    cls = _import_class(class_path, "adapter_class")
+    if not issubclass(cls, SpeechAdapter):
         raise TypeError(f"adapter_class {class_path} is not a SpeechAdapter")
     return cls(**dict(options or {}))
 
@@ -336,9 +434,25 @@ def config_from_model(model):
             encoder_dynamic_length=bool(enc.dynamic_length),
             encoder_mask_padding=bool(enc.mask_padding),
         )
+    config["model_class"] = _class_path(model)
+    if enc is None:
+        config["encoder_source"] = None
     ad = model.adapter
-    config["adapter_class"] = f"{type(ad).__module__}.{type(ad).__qualname__}"
-    config["adapter_options"] = ad.export_hparams()
+    if ad is None:
+        config.update(adapter_class=None, adapter_options={})
+    else:
+        config["adapter_class"] = _class_path(ad)
+        config["adapter_options"] = ad.export_hparams()
+    asr = getattr(model, "transcriber", None)
+    if asr is not None:
+        asr_name = getattr(asr.config, "_name_or_path", "") or ""
+        if asr_name and pathlib.Path(asr_name).is_dir():
+            config["transcriber_source"] = asr_name
+        config["transcriber_options"] = dict(
+            language=asr.language,
+            max_new_tokens=int(asr.max_new_tokens),
+            num_beams=int(asr.num_beams),
+        )
     if model.has_plora:
         plora = plora_lib.plora_config(model.llm)
         plora["target_modules"] = _plora_targets(model.llm)
@@ -352,6 +466,10 @@ def config_from_model(model):
         transcript_separator=model.prompts.transcript_separator,
     )
     return config
+
+
+def _class_path(obj):
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 def _plora_targets(llm):
@@ -421,7 +539,7 @@ def render_hparams(config=None):
     >>> render_hparams({"n_posts": 2})
     Traceback (most recent call last):
     ...
-    ValueError: render_hparams: unknown key(s) n_posts; known: llm_source, ...
+    ValueError: render_hparams: unknown key(s) n_posts; known: model_class, ...
     """
     config = _merge_config(DEFAULT_CONFIG, config or {}, "render_hparams")
     lines = [
@@ -498,21 +616,21 @@ def export_model(model, folder, config=None, overwrite=False):
     from speechbrain_blspkd.version import __version__
 
     folder = pathlib.Path(folder)
-    if model.encoder is None:
-        raise ValueError(
-            "export_model: the model has no speech encoder; an inference "
-            "model needs one"
-        )
     values = _merge_config(
         config_from_model(model), config or {}, "export_model"
     )
-    for key in ("llm_source", "encoder_source"):
+    needed = ["llm_source"]
+    if model.encoder is not None:
+        needed.append("encoder_source")
+    if getattr(model, "transcriber", None) is not None:
+        needed.append("transcriber_source")
+    for key in needed:
         if not values.get(key):
             raise ValueError(
                 f"export_model: give config[{key!r}] (an asset name or a "
                 "folder); it cannot be read off the model"
             )
-    for key in ("llm_source", "encoder_source"):
+    for key in needed:
         if isinstance(values[key], pathlib.PurePath) or os.sep in str(
             values[key]
         ):

@@ -180,9 +180,10 @@ class SpeechLLMModel(nn.Module):
     llm : transformers.PreTrainedModel or str or pathlib.Path
         A causal LM or a local transformers folder (loaded with
         ``AutoModelForCausalLM``).
-    adapter : speechbrain_blspkd.nnet.adapter.SpeechAdapter
+    adapter : speechbrain_blspkd.nnet.adapter.SpeechAdapter or None
         Maps encoder frames to LLM embeddings; its ``output_size()`` must be
-        the LLM hidden size.
+        the LLM hidden size. None only for models that do not feed speech
+        embeddings to the LLM (the cascade).
     encoder : torch.nn.Module, optional
         ``encoder(wavs, wav_lens) -> (feats, feat_lens)``, e.g.
         :class:`~speechbrain_blspkd.nnet.whisper_encoder.WhisperEncoder`.
@@ -285,7 +286,7 @@ class SpeechLLMModel(nn.Module):
         self.instruction = instruction
         self.audio_instruction = audio_instruction
         hidden = llm.config.get_text_config().hidden_size
-        out_size = adapter.output_size()
+        out_size = hidden if adapter is None else adapter.output_size()
         if out_size != hidden:
             raise ValueError(
                 f"SpeechLLMModel: adapter output_size {out_size} != LLM "
@@ -567,6 +568,10 @@ class SpeechLLMModel(nn.Module):
         >>> out.tokens.shape
         torch.Size([1, 3, 64])
         """
+        if self.adapter is None:
+            raise ValueError(
+                f"{type(self).__name__}: no adapter (it does not embed speech)"
+            )
         if feats is None:
             if wavs is None:
                 raise ValueError("encode_speech: give `wavs` or `feats`")

@@ -46,7 +46,7 @@ def trainable_state_dict(model):
     Returns
     -------
     dict
-        ``adapter.*`` (CFormer), ``plora.*`` (PLoRA A/B matrices) and
+        ``adapter.*`` (the speech adapter, if any), ``plora.*`` (PLoRA A/B matrices) and
         ``encoder.*`` when the encoder is trainable; full tensors on CPU.
         A sharded model's PLoRA matrices are all-gathered: every process of
         the group must call this (in the same order).
@@ -59,7 +59,11 @@ def trainable_state_dict(model):
     >>> sorted({k.split(".")[0] for k in sd})
     ['adapter', 'plora']
     """
-    out = {f"adapter.{k}": v for k, v in model.adapter.state_dict().items()}
+    out = {}
+    if model.adapter is not None:
+        out.update(
+            {f"adapter.{k}": v for k, v in model.adapter.state_dict().items()}
+        )
     if model.has_plora:
         sd = plora_lib.plora_state_dict(model.llm)
         out.update({f"plora.{k}": v for k, v in sd.items()})
@@ -82,13 +86,20 @@ def load_trainable_state_dict(model, state, source="state dict"):
         if head not in parts:
             raise WeightsMismatchError(f"{source}: unexpected key {key!r}")
         parts[head][rest] = value
-    try:
-        model.adapter.load_state_dict(parts["adapter"], strict=True)
-    except RuntimeError as e:
-        raise WeightsMismatchError(
-            f"{source}: adapter weights do not fit the configured CFormer "
-            f"(check the hyperparameters): {e}"
-        ) from None
+    if model.adapter is None:
+        if parts["adapter"]:
+            raise WeightsMismatchError(
+                f"{source}: holds adapter weights but the model has no adapter"
+            )
+    else:
+        try:
+            model.adapter.load_state_dict(parts["adapter"], strict=True)
+        except RuntimeError as e:
+            name = type(model.adapter).__name__
+            raise WeightsMismatchError(
+                f"{source}: adapter weights do not fit the configured {name} "
+                f"(check the hyperparameters): {e}"
+            ) from None
     if model.has_plora:
         if not parts["plora"]:
             raise WeightsMismatchError(f"{source}: no PLoRA weights")

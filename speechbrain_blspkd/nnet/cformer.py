@@ -1,6 +1,6 @@
 """CFormer: a CIF adapter from speech-encoder frames to LLM-space tokens.
 
-The adapter (DESIGN 2.2) runs ``n_pre`` transformer layers over the encoder
+The adapter (docs/algorithms.md §2.2) runs ``n_pre`` transformer layers over the encoder
 output, reads one weight per frame from the last channel of the
 (layer-normalised) result, integrates the other d - 1 channels into N tokens
 with continuous integrate-and-fire (:mod:`speechbrain_blspkd.nnet.cif`),
@@ -10,7 +10,7 @@ tokens and projects them into the LLM embedding space.
 The weight channel sees no dropout: the pre layers are dropout-free by
 default (``pre_dropout=0``) and dropout is applied to the integrated channels
 only, so the alphas, hence the predicted token count, are the same in train
-and eval mode (DESIGN 2.9: with dropout on the weight path sum(alpha) was
+and eval mode (docs/algorithms.md §2.9.3: with dropout on the weight path sum(alpha) was
 0.88 N in training and 0.08 N at inference).
 
 Authors
@@ -186,7 +186,7 @@ class CFormer(SpeechAdapter):
         If given, the output projection starts with weights drawn from
         N(0, out_init_std^2 / d) and zero bias, so that its outputs (of
         layer-normalised inputs) have about the std of the LLM embeddings
-        (e.g. 0.136 for SmolLM2-135M; DESIGN 2.9). None: PyTorch default.
+        (e.g. 0.136 for SmolLM2-135M; docs/algorithms.md §2.9.5). None: PyTorch default.
     weight_norm : bool
         Take the weight channel from the layer-normalised pre-layer output
         (True, recommended) or from the raw residual stream (ablation).
@@ -451,7 +451,7 @@ class CFormer(SpeechAdapter):
 
         Accepts ``torch.nn.TransformerEncoderLayer`` modules or Hugging Face
         Whisper encoder layers (``WhisperEncoderLayer``: pre-norm, GELU, no
-        key bias), e.g. the top layers of the speech encoder (DESIGN 2.9).
+        key bias), e.g. the top layers of the speech encoder (docs/algorithms.md §2.9.6).
         Shapes must match (width d, feed-forward width, and the layers must
         use the same activation as this model).
 

@@ -18,8 +18,9 @@ Why it is written here rather than taken from a pipeline:
   ``"de"``), rows without one are left to Whisper's language detection,
   and an English-only model (``*.en``) is never given a language token;
 * **offline assets** -- the model and tokenizer are read from a local
-  folder or a project asset (:func:`speechbrain_blspkd.inference.export.\
-resolve_source`); no hub is contacted;
+  folder or a project asset (resolved by
+  :func:`speechbrain_blspkd.inference.export.resolve_source`); no hub is
+  contacted;
 * **the project's features** -- the log-mel spectrogram is
   :func:`speechbrain_blspkd.nnet.whisper_encoder.whisper_log_mel`, computed
   in torch on the model's device for the whole batch, padded to 30 s (3000
@@ -28,9 +29,9 @@ resolve_source`); no hub is contacted;
   speech LLM's frozen encoder, not for Whisper's own decoder).
 
 The decoding itself (greedy or beam search, the Whisper prompt tokens,
-token suppression) is transformers' ``WhisperForConditionalGeneration.
-generate``; nothing of it is re-implemented here.  Timestamps are off and
-the task is always ``transcribe``.
+token suppression) is transformers' Whisper ``generate``; nothing of it is
+re-implemented here.  Timestamps are off and the task is always
+``transcribe``.
 
 A randomly initialised model (unit tests, doctests) is built from a
 ``WhisperConfig`` with a tokenizer passed explicitly: its generation
@@ -540,11 +541,18 @@ class WhisperTranscriber(nn.Module):
 
         from speechbrain_blspkd.dataio.audio import load_audio
 
+        limit = self.max_samples / SAMPLE_RATE
         try:
             info = sf.info(str(path))
-            return info.frames / info.samplerate
-        except Exception:  # let load_audio raise its AudioError
-            return load_audio(path).numel() / SAMPLE_RATE
+            seconds = info.frames / info.samplerate
+        except Exception:
+            seconds = None
+        if seconds is None or seconds == 0 or seconds > limit:
+            # missing, unreadable, empty or too long: load_audio raises its
+            # AudioError naming the file
+            wav = load_audio(path, SAMPLE_RATE, max_seconds=limit)
+            seconds = wav.numel() / SAMPLE_RATE
+        return seconds
 
     def _load_batch(self, paths):
         """(B, S) zero-padded waveforms and their relative lengths."""

@@ -1,6 +1,8 @@
 """Training objectives, one module per method (see :mod:`.base`)."""
 
 from speechbrain_blspkd.objectives.base import Objective
+from speechbrain_blspkd.objectives.blsp import BLSPObjective
 from speechbrain_blspkd.objectives.blsp_kd import BLSPKDObjective
+from speechbrain_blspkd.objectives.diva import DiVAObjective
 
-__all__ = ["BLSPKDObjective", "Objective"]
+__all__ = ["BLSPKDObjective", "BLSPObjective", "DiVAObjective", "Objective"]

@@ -41,19 +41,26 @@ __all__ = ["BLSPKDObjective", "alignment_loss", "nearest_token_accuracy"]
 LLM_TERMS = ("input_kl", "response_kl", "response_ce")
 
 
-def _aligned(output, transcript_ids):
+def _aligned(output, transcript_ids, transcript_mask=None):
     """Predictions and targets at the positions an aligned adapter filled."""
     mask = output.token_mask
-    if mask.shape[1] > transcript_ids.shape[1]:
+    counts = output.token_counts.tolist()
+    wanted = counts
+    if transcript_mask is not None:
+        wanted = transcript_mask.sum(1).tolist()
+    if mask.shape[1] > transcript_ids.shape[1] or counts != wanted:
         raise ValueError(
-            "alignment: the adapter emitted more embeddings than the "
-            "transcript has tokens; it needs one per token (CIF)"
+            "alignment: the adapter must emit one embedding per transcript "
+            f"token (a CIF adapter); it emitted {counts} for transcripts of "
+            f"{wanted} tokens"
         )
     ids = transcript_ids.to(mask.device)[:, : mask.shape[1]][mask]
     return output.tokens[mask].float(), ids
 
 
-def alignment_loss(model, output, transcript_ids, temperature=0.05):
+def alignment_loss(
+    model, output, transcript_ids, temperature=0.05, transcript_mask=None
+):
     """Pull an aligned adapter's outputs towards the transcript embeddings.
 
     Arguments
@@ -66,6 +73,9 @@ def alignment_loss(model, output, transcript_ids, temperature=0.05):
         (B, N) target ids.
     temperature : float
         Temperature of the cosine logits.
+    transcript_mask : torch.Tensor, optional
+        (B, N) bool; when given, each row's embedding count must equal its
+        transcript length.
 
     Returns
     -------
@@ -85,7 +95,7 @@ def alignment_loss(model, output, transcript_ids, temperature=0.05):
     >>> bool(loss > 0), 0 <= float(acc) <= 1
     (True, True)
     """
-    pred, ids = _aligned(output, transcript_ids)
+    pred, ids = _aligned(output, transcript_ids, transcript_mask)
     table, var = model.embedding_table(pred.device)
     with torch.no_grad():
         target = model.embed_tokens(ids).float()
@@ -98,7 +108,7 @@ def alignment_loss(model, output, transcript_ids, temperature=0.05):
 
 
 @torch.no_grad()
-def nearest_token_accuracy(model, output, transcript_ids):
+def nearest_token_accuracy(model, output, transcript_ids, transcript_mask=None):
     """Share of aligned adapter outputs whose nearest embedding (cosine) is
     the transcript token at their position.
 
@@ -106,7 +116,7 @@ def nearest_token_accuracy(model, output, transcript_ids):
     -------
     float
     """
-    pred, ids = _aligned(output, transcript_ids)
+    pred, ids = _aligned(output, transcript_ids, transcript_mask)
     if ids.numel() == 0:
         return 0.0
     table, _ = model.embedding_table(pred.device)
@@ -182,7 +192,7 @@ class BLSPKDObjective(Objective):
 
     def _kl(self, outputs, span):
         student, teacher = outputs.student, outputs.teacher
-        if student.logits[span].shape != teacher.logits[span].shape:
+        if not torch.equal(student.masks[span], teacher.masks[span]):
             raise ValueError(
                 f"BLSPKDObjective: {span}_kl needs as many speech "
                 "embeddings as transcript tokens (a CIF adapter); got "
@@ -216,17 +226,32 @@ class BLSPKDObjective(Objective):
                 adapter.alphas, adapter.frame_mask, outputs.targets.num_tokens
             )
         terms["align"] = lambda: alignment_loss(
-            model, adapter, outputs.transcript_ids, self.align_temperature
+            model,
+            adapter,
+            outputs.transcript_ids,
+            self.align_temperature,
+            outputs.transcript_mask,
         )[0]
         return terms
 
     def metrics(self, outputs, model, stage):
-        """KL values (when the passes ran) and the token accuracy."""
+        """KL values (when the passes ran) and the token accuracy; the
+        input KL and the token accuracy only for an adapter that emitted
+        one embedding per transcript token."""
         values = {}
-        if outputs.teacher is not None and outputs.student is not None:
-            values["input_kl"] = lambda: self._kl(outputs, "input")
-            values["response_kl"] = lambda: self._kl(outputs, "response")
-        values["token_acc"] = lambda: nearest_token_accuracy(
-            model, outputs.adapter, outputs.transcript_ids
+        aligned = torch.equal(
+            outputs.adapter.token_counts.cpu(),
+            outputs.transcript_mask.sum(1).cpu(),
         )
+        if outputs.teacher is not None and outputs.student is not None:
+            values["response_kl"] = lambda: self._kl(outputs, "response")
+            if aligned:
+                values["input_kl"] = lambda: self._kl(outputs, "input")
+        if aligned:
+            values["token_acc"] = lambda: nearest_token_accuracy(
+                model,
+                outputs.adapter,
+                outputs.transcript_ids,
+                outputs.transcript_mask,
+            )
         return values

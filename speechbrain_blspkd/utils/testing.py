@@ -288,3 +288,34 @@ def tiny_saved_speech_llm(folder, seed=0, **kwargs):
             if p.requires_grad and p.abs().sum() == 0:
                 p.normal_(0, 0.2)
     return model
+
+
+def tiny_cascade(seed=0, **kwargs):
+    """A tiny random cascade (random Whisper ASR + tiny LLM).
+
+    Example
+    -------
+    >>> tiny_cascade().transcriber.max_new_tokens
+    4
+    """
+    import torch
+
+    from speechbrain_blspkd.models.cascade import CascadeModel
+    from speechbrain_blspkd.nnet.whisper_asr import (
+        WhisperTranscriber,
+        build_test_whisper_tokenizer,
+        whisper_token_settings,
+    )
+
+    torch.manual_seed(seed)
+    text = tiny_speech_llm(whisper=False, plora=None)
+    tok = build_test_whisper_tokenizer()
+    config = tiny_whisper_config(
+        decoder_layers=1,
+        decoder_attention_heads=4,
+        decoder_ffn_dim=128,
+        max_target_positions=32,
+        **whisper_token_settings(tok),
+    )
+    asr = WhisperTranscriber(config, tokenizer=tok, max_new_tokens=4)
+    return CascadeModel(text.llm, asr, tokenizer=text.tokenizer, **kwargs)
