@@ -368,7 +368,7 @@ class SpeechLLMBrain(sb.Brain):
         else:
             self.test_stats = stats
             self.hparams.train_logger.log_stats(
-                stats_meta={"stage": self.stage.name},
+                stats_meta={"objective of stage": self.stage.name},
                 test_stats=stats,
             )
 
@@ -408,8 +408,6 @@ def resolve_run_precision(hparams, run_opts):
         opts["eval_precision"] = precision_lib.resolve_precision(
             evaluation, device
         )
-    if str(train).lower() != "auto":
-        logger.info("precision %s (explicit)", opts["precision"])
     return opts
 
 
@@ -663,6 +661,7 @@ def run_recipe(argv):
         text = fin.read()
     check_overrides(text, overrides, hparams_file)
     hparams = load_hyperpyyaml(text, overrides)
+    requested_precision = run_opts.get("precision") or hparams.get("precision")
     run_opts = resolve_run_precision(hparams, run_opts)
     # refuse an unsupported sharding set-up before the data preparation
     sharding.resolve_strategy(
@@ -675,6 +674,15 @@ def run_recipe(argv):
         experiment_directory=hparams["output_folder"],
         hyperparams_to_save=hparams_file,
         overrides=overrides,
+    )
+    auto = precision_lib.choose(torch.device(device).type)
+    logger.info(
+        "precision %s (requested %s); dtype auto on %s: %s (%s)",
+        run_opts["precision"],
+        requested_precision,
+        device,
+        auto.precision,
+        auto.reason,
     )
     # 1. corpus -> manifests (idempotent)
     sb.utils.distributed.run_on_main(hparams["prepare"])

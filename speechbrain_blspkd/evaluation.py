@@ -312,6 +312,8 @@ def plot_adapter_examples(model, rows, out_folder, feature_cache, sample_rate):
 
     device = model.embed_tokens.weight.device
     written = []
+    if model.adapter is None:
+        return written
     was_training = model.training
     model.eval()
     try:

@@ -232,14 +232,15 @@ def tiny_saved_speech_llm(folder, seed=0, **kwargs):
     """A tiny random SpeechLLMModel whose bases are saved in ``folder``.
 
     For tests and doctests: the LLM (+ tokenizer) goes to ``folder/llm``, the
-    Whisper model to ``folder/whisper``, and the model is built from these
+    Whisper model (encoder, 2 decoder layers, a test tokenizer: usable by
+    the Q-Former and the cascade's recogniser) to ``folder/whisper``, and
+    the model is built from these
     folders, so that an export of it can be loaded with
     :meth:`~speechbrain_blspkd.inference.SpeechLLM.from_hparams`.
     """
     import pathlib
 
     import torch
-    from transformers import WhisperModel
 
     from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
     from speechbrain_blspkd.nnet.cformer import CFormer
@@ -250,21 +251,24 @@ def tiny_saved_speech_llm(folder, seed=0, **kwargs):
     base = tiny_speech_llm(whisper=False, plora=None)
     base.llm.save_pretrained(folder / "llm")
     base.tokenizer.save_pretrained(folder / "llm")
-    whisper = WhisperModel(
+    from transformers import WhisperForConditionalGeneration
+
+    from speechbrain_blspkd.nnet.whisper_asr import (
+        build_test_whisper_tokenizer,
+        whisper_token_settings,
+    )
+
+    asr_tokenizer = build_test_whisper_tokenizer()
+    whisper = WhisperForConditionalGeneration(
         tiny_whisper_config(
-            decoder_layers=1,
+            decoder_layers=2,
             decoder_attention_heads=4,
             decoder_ffn_dim=64,
-            vocab_size=64,
             max_target_positions=16,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=1,
-            decoder_start_token_id=1,
-            begin_suppress_tokens=None,
-            suppress_tokens=None,
+            **whisper_token_settings(asr_tokenizer),
         )
     )
+    asr_tokenizer.save_pretrained(folder / "whisper")
     whisper.save_pretrained(folder / "whisper")
     adapter = kwargs.pop("adapter", None)
     if adapter is None:
