@@ -1,7 +1,6 @@
 """Tests of the objectives (speechbrain_blspkd.objectives): the generic
 weighting of :class:`Objective` and the BLSP-KD objective on a tiny model."""
 
-import contextlib
 import math
 
 import pytest
@@ -14,7 +13,7 @@ from speechbrain_blspkd.nnet.adapter import AdapterOutput
 from speechbrain_blspkd.nnet.cif import quantity_loss
 from speechbrain_blspkd.nnet.qformer import QFormer
 from speechbrain_blspkd.objectives import BLSPKDObjective, Objective, blsp_kd
-from speechbrain_blspkd.utils.testing import tiny_speech_llm
+from speechbrain_blspkd.utils.testing import count_llm_calls, tiny_speech_llm
 
 TRAIN, VALID, TEST = sb.Stage.TRAIN, sb.Stage.VALID, sb.Stage.TEST
 TRANSCRIPTS = ["the cat sat on the mat", "a dog", "hello world how are you"]
@@ -44,19 +43,6 @@ def boom(name):
         raise AssertionError(f"{name} was computed")
 
     return raise_
-
-
-@contextlib.contextmanager
-def count_llm_calls(model):
-    """Counts the forward calls of the LLM backbone (a list to read)."""
-    calls = []
-    handle = model.llm.base_model.register_forward_hook(
-        lambda *args: calls.append(1)
-    )
-    try:
-        yield calls
-    finally:
-        handle.remove()
 
 
 def batch(n=3, seed=1):

@@ -1,6 +1,5 @@
 """Tests of the Whisper encoder wrapper and the BLSP-KD speech LLM (tiny)."""
 
-import contextlib
 import copy
 
 import pytest
@@ -34,6 +33,7 @@ from speechbrain_blspkd.objectives.blsp_kd import (
 from speechbrain_blspkd.prompt import ContextLengthError
 from speechbrain_blspkd.utils.testing import (
     build_test_tokenizer,
+    count_llm_calls,
     tiny_llm_config,
     tiny_speech_llm,
     tiny_whisper_config,
@@ -157,19 +157,6 @@ def locate(full, ids, before):
         start -= 1
         assert start >= 0, "transcript span not found"
     return start
-
-
-@contextlib.contextmanager
-def count_llm_calls(model):
-    """Counts the forward calls of the LLM backbone (a list to read)."""
-    calls = []
-    handle = model.llm.base_model.register_forward_hook(
-        lambda *args: calls.append(1)
-    )
-    try:
-        yield calls
-    finally:
-        handle.remove()
 
 
 def test_forward_shapes_and_finite(pristine_and_model):

@@ -181,6 +181,23 @@ class SpeechAdapter(nn.Module):
         """
         return False
 
+    def check_sizes(self, **sizes):
+        """Raise ``ValueError`` unless every size is an int >= 1.
+
+        Example
+        -------
+        >>> SpeechAdapter().check_sizes(input_size=4, num_layers=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: SpeechAdapter: `num_layers` must be an int >= 1, got 0
+        """
+        for name, value in sizes.items():
+            if int(value) != value or value < 1:
+                raise ValueError(
+                    f"{type(self).__name__}: `{name}` must be an int >= 1, "
+                    f"got {value}"
+                )
+
     @staticmethod
     def frame_mask(feats, lengths):
         """(B, T) bool mask of the real frames of ``feats``.

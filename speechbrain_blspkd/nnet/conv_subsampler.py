@@ -89,19 +89,15 @@ class ConvSubsampler(SpeechAdapter):
         super().__init__()
         if hidden_size is None:
             hidden_size = input_size
-        for name, value in (
-            ("input_size", input_size),
-            ("output_size", output_size),
-            ("hidden_size", hidden_size),
-            ("num_layers", num_layers),
-            ("kernel_size", kernel_size),
-            ("stride", stride),
-            ("bottleneck", bottleneck),
-        ):
-            if int(value) != value or value < 1:
-                raise ValueError(
-                    f"ConvSubsampler: `{name}` must be an int >= 1, got {value}"
-                )
+        self.check_sizes(
+            input_size=input_size,
+            output_size=output_size,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            kernel_size=kernel_size,
+            stride=stride,
+            bottleneck=bottleneck,
+        )
         self.input_size = int(input_size)
         self.hidden_size = int(hidden_size)
         self.kernel_size = int(kernel_size)

@@ -133,16 +133,12 @@ class QFormer(SpeechAdapter):
         activation="gelu",
     ):
         super().__init__()
-        for name, value in (
-            ("input_size", input_size),
-            ("output_size", output_size),
-            ("num_queries", num_queries),
-            ("num_layers", num_layers),
-        ):
-            if int(value) != value or value < 1:
-                raise ValueError(
-                    f"QFormer: `{name}` must be an int >= 1, got {value}"
-                )
+        self.check_sizes(
+            input_size=input_size,
+            output_size=output_size,
+            num_queries=num_queries,
+            num_layers=num_layers,
+        )
         source = None
         if init_from is not None:
             source = _load_whisper_decoder(init_from)

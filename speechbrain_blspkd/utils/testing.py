@@ -323,3 +323,22 @@ def tiny_cascade(seed=0, **kwargs):
     )
     asr = WhisperTranscriber(config, tokenizer=tok, max_new_tokens=4)
     return CascadeModel(text.llm, asr, tokenizer=text.tokenizer, **kwargs)
+
+
+def count_llm_calls(model):
+    """Context manager counting the forward calls of ``model``'s LLM
+    backbone: yields a list that grows by one per call."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def counting():
+        calls = []
+        handle = model.llm.base_model.register_forward_hook(
+            lambda *args: calls.append(1)
+        )
+        try:
+            yield calls
+        finally:
+            handle.remove()
+
+    return counting()
