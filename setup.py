@@ -31,7 +31,6 @@ setup(
         "sentencepiece",
         "sacrebleu>=2.4",
         "soundfile>=0.12",
-        "jiwer>=3.0",
         "gguf",
         "tqdm",
         "safetensors",

@@ -77,8 +77,12 @@ class SpeechLLMBrain(sb.Brain):
         checkpointer=None,
     ):
         run_opts = resolve_run_precision(hparams, run_opts)
-        # run options win over hparams, as in speechbrain's Brain
-        opts = {**(hparams or {}), **run_opts}
+        # given run options win over hparams, as in speechbrain's Brain
+        given = getattr(run_opts, "overridden_args", run_opts)
+        opts = {
+            **(hparams or {}),
+            **{k: v for k, v in run_opts.items() if k in given},
+        }
         strategy, cpu_offload = "ddp", False
         if hparams is not None:
             strategy = hparams.get("distributed_strategy", "ddp")
@@ -376,39 +380,53 @@ class SpeechLLMBrain(sb.Brain):
 def resolve_run_precision(hparams, run_opts):
     """Run options with ``precision``/``eval_precision`` ``auto`` resolved.
 
-    The run option wins over the YAML value (as in speechbrain's Brain);
-    ``auto`` becomes ``bf16`` where the run's device computes it fast and
-    ``fp32`` otherwise (:mod:`speechbrain_blspkd.utils.precision`, which
-    logs the decision and its reason once).
+    The run option wins over the YAML value when it was given (as in
+    speechbrain's Brain: ``RunOptions.overridden_args``); ``auto`` becomes
+    ``bf16`` where the run's device computes it fast and ``fp32`` otherwise
+    (:mod:`speechbrain_blspkd.utils.precision`). The resolved value is
+    marked as given, so the Brain uses it; every other option keeps its
+    status (a default stays a default, below the YAML).
 
     Arguments
     ---------
     hparams : dict or None
         The YAML values.
-    run_opts : dict or None
-        speechbrain run options (``--device``, ``--precision``...).
+    run_opts : speechbrain.utils.run_opts.RunOptions or dict or None
+        speechbrain run options (a dict: every key counts as given).
 
     Returns
     -------
-    dict
-        A copy of ``run_opts`` with ``precision`` (and ``eval_precision``
-        when one is given; speechbrain's default is fp32) explicit.
+    RunOptions or dict
+        A copy of ``run_opts`` (same type) with ``precision`` (and
+        ``eval_precision`` when one is given; speechbrain's default is
+        fp32) explicit.
 
     Example
     -------
     >>> resolve_run_precision({"precision": "bfloat16"}, {"device": "cpu"})
     {'device': 'cpu', 'precision': 'bf16'}
+    >>> from speechbrain.utils.run_opts import RunOptions
+    >>> opts = resolve_run_precision({"precision": "bf16"}, RunOptions())
+    >>> opts.precision, sorted(opts.overridden_args), opts.max_grad_norm
+    ('bf16', ['precision'], 5.0)
     """
-    hparams, opts = hparams or {}, dict(run_opts or {})
-    device = opts.get("device") or sb.utils.distributed.infer_device()
-    train = opts.get("precision") or hparams.get("precision")
-    opts["precision"] = precision_lib.resolve_precision(train, device)
-    evaluation = opts.get("eval_precision") or hparams.get("eval_precision")
-    if evaluation is not None:
-        opts["eval_precision"] = precision_lib.resolve_precision(
-            evaluation, device
-        )
-    return opts
+    import dataclasses
+
+    hparams = hparams or {}
+    if run_opts is None:
+        run_opts = {}
+    given = set(getattr(run_opts, "overridden_args", run_opts))
+    device = run_opts.get("device") or sb.utils.distributed.infer_device()
+    resolved = {}
+    for key in ("precision", "eval_precision"):
+        value = run_opts.get(key) if key in given else hparams.get(key)
+        if value is not None:  # else speechbrain's default (fp32)
+            resolved[key] = precision_lib.resolve_precision(value, device)
+    if isinstance(run_opts, dict):
+        return {**run_opts, **resolved}
+    return dataclasses.replace(
+        run_opts, **resolved, overridden_args=given | set(resolved)
+    )
 
 
 def _all_finite(loss):
@@ -605,12 +623,15 @@ def prepare_continuations(hparams, device="cpu"):
     continuation, which is the costly part of data preparation.  Results are
     resumable (see :mod:`speechbrain_blspkd.dataprep.continuations`).
     ``continuation_device: null`` runs the LLM on the run's ``device``.
+    The prompt is the model's text-teacher prompt: ``instruction`` with the
+    model's system prompt and transcript separator.
     """
     from speechbrain_blspkd.dataio.manifest import read_manifest, write_manifest
     from speechbrain_blspkd.dataprep.continuations import (
         generate_continuations,
     )
 
+    prompts = hparams["model"].prompts
     subset = hparams["kd_train_subset"]
     train_src = hparams["train_manifest"]
     if subset:
@@ -631,7 +652,9 @@ def prepare_continuations(hparams, device="cpu"):
             model_dir=hparams["llm_source"],
             batch_size=hparams["continuation_batch_size"],
             max_new_tokens=hparams["continuation_max_new_tokens"],
-            prompt_template=hparams["continuation_template"],
+            instruction=hparams["instruction"],
+            system_prompt=prompts.system_prompt,
+            transcript_separator=prompts.transcript_separator,
             device=hparams["continuation_device"] or device,
             dtype=hparams["continuation_dtype"],
         )
@@ -661,7 +684,11 @@ def run_recipe(argv):
         text = fin.read()
     check_overrides(text, overrides, hparams_file)
     hparams = load_hyperpyyaml(text, overrides)
-    requested_precision = run_opts.get("precision") or hparams.get("precision")
+    requested_precision = (
+        run_opts.get("precision")
+        if "precision" in getattr(run_opts, "overridden_args", run_opts)
+        else hparams.get("precision")
+    )
     run_opts = resolve_run_precision(hparams, run_opts)
     # refuse an unsupported sharding set-up before the data preparation
     sharding.resolve_strategy(

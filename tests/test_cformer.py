@@ -5,11 +5,7 @@ import os
 import pytest
 import torch
 
-from speechbrain_blspkd.nnet.cformer import (
-    CFormer,
-    CFormerOutput,
-    relative_lengths_to_mask,
-)
+from speechbrain_blspkd.nnet.cformer import CFormer, CFormerOutput
 from speechbrain_blspkd.nnet.cif import quantity_loss
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -50,15 +46,52 @@ def test_mask_argument_equals_lengths():
     model = tiny().eval()
     hidden = torch.randn(2, 10, D_IN)
     lengths = torch.tensor([1.0, 0.7])
-    mask = relative_lengths_to_mask(lengths, 10)
+    mask = torch.arange(10)[None, :] < torch.tensor([[10], [7]])
     n = torch.tensor([3, 2])
     a = model(hidden, lengths=lengths, num_tokens=n)
     b = model(hidden, mask=mask, num_tokens=n)
+    torch.testing.assert_close(a.frame_mask, b.frame_mask)
     torch.testing.assert_close(a.tokens, b.tokens)
     with pytest.raises(ValueError, match="not both"):
         model(hidden, lengths=lengths, mask=mask)
     with pytest.raises(ValueError, match="num_tokens"):
         model(hidden, num_tokens=torch.tensor([0, 2]))
+
+
+def test_relative_lengths_to_frame_mask():
+    """Relative lengths -> the first round(length * T) frames, at least one
+    (SpeechBrain's length_to_mask through SpeechAdapter.frame_mask)."""
+    model = tiny().eval()
+    hidden = torch.randn(5, 10, D_IN)
+    lengths = torch.tensor([1.0, 0.74, 0.76, 0.01, 0.25])
+    mask = model._frame_mask(hidden, lengths, None)
+    assert mask.dtype == torch.bool
+    assert mask.sum(1).tolist() == [10, 7, 8, 1, 2]  # 2.5 rounds to even
+    expected = torch.arange(10)[None, :] < mask.sum(1)[:, None]
+    assert torch.equal(mask, expected)  # a prefix of each row
+    assert torch.equal(mask, model.frame_mask(hidden, lengths))
+    assert model._frame_mask(hidden, None, None).all()
+    assert model._frame_mask(hidden, [1.0] * 5, None).all()  # a list
+
+
+def test_frame_mask_arguments_are_checked():
+    model = tiny().eval()
+    hidden = torch.randn(2, 10, D_IN)
+    with pytest.raises(
+        ValueError, match=r"`lengths` must be \(2,\), got \(3,\)"
+    ):
+        model(hidden, lengths=torch.tensor([1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"`lengths` must be \(2,\)"):
+        model(hidden, lengths=torch.ones(2, 1))
+    for bad in ([1.0, 0.0], [1.0, -0.5], [1.5, 1.0]):
+        with pytest.raises(ValueError, match=r"must be in \(0, 1\]"):
+            model(hidden, lengths=torch.tensor(bad))
+    with pytest.raises(ValueError, match=r"`mask` must be \(2, 10\)"):
+        model(hidden, mask=torch.ones(2, 9, dtype=torch.bool))
+    no_frame = torch.ones(2, 10, dtype=torch.bool)
+    no_frame[1] = False
+    with pytest.raises(ValueError, match="every row of `mask` needs a frame"):
+        model(hidden, mask=no_frame)
 
 
 def test_predicted_count_is_rounded_alpha_sum():

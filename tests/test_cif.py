@@ -216,3 +216,33 @@ def test_fire_positions_match_reference_fires():
                 fires.append(t)
         got = [p for p in positions[b].tolist() if p >= 0]
         assert got == fires
+
+
+def test_fire_positions_one_utterance():
+    # (T,) input (tensor or list): the frames of the fired tokens, in order
+    alphas = torch.tensor([0.3, 0.3, 0.5, 0.1, 0.9, 0.2, 1.7])
+    # cumsum: .3 .6 1.1 1.2 2.1 2.3 4.0 -> fires at 2, 4, 6, 6
+    assert fire_positions(alphas).tolist() == [2, 4, 6, 6]
+    assert fire_positions(alphas.tolist()).tolist() == [2, 4, 6, 6]
+    assert fire_positions([0.2, 0.2]).tolist() == []
+    assert fire_positions([]).tolist() == []
+    # scaled alphas summing to N up to rounding still fire N times
+    assert len(fire_positions(torch.full((30,), 0.1))) == 3
+    # float64 running sum 1.9999999999999998: fires 2 only with the slack
+    rounded = [0.2, 0.2, 0.1, 0.1, 0.7, 0.7]
+    assert fire_positions(rounded).tolist() == [4, 5]
+    assert fire_positions(rounded, tolerance=0.0).tolist() == [4]
+    assert fire_positions([0.6, 0.6], threshold=0.5).tolist() == [0, 1]
+    # a row of a batch and the same utterance alone agree
+    batch = torch.stack([alphas, torch.zeros(7)])
+    assert fire_positions(batch)[0].tolist() == [2, 4, 6, 6]
+    assert fire_positions(batch)[1].tolist() == [-1, -1, -1, -1]
+
+
+def test_fire_positions_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"\(B, T\) or \(T,\)"):
+        fire_positions(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="threshold"):
+        fire_positions([0.5], threshold=0.0)
+    with pytest.raises(ValueError, match="sequence of numbers"):
+        fire_positions(["a", "b"])

@@ -8,6 +8,8 @@ import pytest
 
 from speechbrain_blspkd.dataio.manifest import read_manifest, write_manifest
 from speechbrain_blspkd.dataprep import continuations as cont
+from speechbrain_blspkd.prompt import PromptBuilder
+from speechbrain_blspkd.utils.testing import save_toy_llm, toy_word_tokenizer
 
 WORDS = (
     "the cat sat on a mat dog ran far away in house big small red blue sun "
@@ -25,14 +27,15 @@ SENTENCES = [
     "snow on the old house",
     "the dog and the cat ran away in the rain",
 ]
-TEMPLATE = "continue : {transcript}"
-OPTS = dict(max_new_tokens=6, prompt_template=TEMPLATE, dtype="float32")
+INSTRUCTION = "continue :"
+OPTS = dict(max_new_tokens=6, instruction=INSTRUCTION, dtype="float32")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("cont")
-    model_dir = cont._toy_model(d / "lm", WORDS + ["continue", ":", "and"])
+    tok = toy_word_tokenizer(WORDS + ["continue", ":", "and"])
+    model_dir = save_toy_llm(d / "lm", tok)
     rows = [
         dict(
             ID=f"utt{k:02d}",
@@ -57,7 +60,8 @@ def _pick_eos_word(setup):
     d, model_dir = setup
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    ids = torch.tensor([cont.continuation_prompt(tok, SENTENCES[0], TEMPLATE)])
+    prompt = PromptBuilder(tok).build(INSTRUCTION, transcript=SENTENCES[0])
+    ids = torch.tensor([prompt.input_ids])
     with torch.no_grad():
         first = int(model(ids).logits[0, -1].argmax())
     model.generation_config.eos_token_id = [tok.eos_token_id, first]
@@ -66,17 +70,109 @@ def _pick_eos_word(setup):
     return d / "lm_eos", first
 
 
-def test_prompt_uses_chat_template(setup):
-    from transformers import AutoTokenizer
+@pytest.fixture
+def fed_prompts(monkeypatch):
+    """Records the unpadded prompt ids every ``generate`` call gets."""
+    from transformers import LlamaForCausalLM
 
-    _, model_dir = setup
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = cont.continuation_prompt(tok, "a bird", TEMPLATE)
-    text = tok.decode(ids)
-    assert text.startswith("<|im_start|> user continue : a bird <|im_end|>")
-    assert text.endswith("<|im_start|> assistant")
-    with pytest.raises(ValueError, match="transcript"):
-        cont.continuation_prompt(tok, "a bird", "no field")
+    fed = []
+    generate = LlamaForCausalLM.generate
+
+    def recording(self, *args, input_ids=None, attention_mask=None, **kw):
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            start = mask.index(1)
+            assert mask[start:] == [1] * (len(mask) - start)  # left padding
+            fed.append(ids[start:])
+        return generate(
+            self,
+            *args,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            **kw,
+        )
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", recording)
+    return fed
+
+
+@pytest.mark.parametrize(
+    "settings, text",
+    [
+        (
+            dict(instruction=INSTRUCTION),
+            "<|im_start|> user continue : a bird <|im_end|> "
+            "<|im_start|> assistant",
+        ),
+        (
+            dict(
+                instruction="continue",
+                system_prompt="the sun",
+                transcript_separator=" : ",
+            ),
+            "<|im_start|> system the sun <|im_end|> "
+            "<|im_start|> user continue : a bird <|im_end|> "
+            "<|im_start|> assistant",
+        ),
+        (
+            dict(instruction="continue {transcript} and"),
+            "<|im_start|> user continue a bird and <|im_end|> "
+            "<|im_start|> assistant",
+        ),
+    ],
+)
+def test_prompt_is_the_text_teacher_prompt(
+    setup, tmp_path, fed_prompts, settings, text
+):
+    """The LLM is fed, token for token, the text-teacher prompt of training
+    (PromptBuilder's generation prompt, the model's teacher pass)."""
+    from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
+
+    d, model_dir = setup
+    out = tmp_path / "out.csv"
+    cont.generate_continuations(
+        d / "in.csv",
+        out,
+        model_dir,
+        batch_size=4,
+        max_new_tokens=3,
+        dtype="float32",
+        **settings,
+    )
+    assert len(fed_prompts) == len(SENTENCES)
+    model = SpeechLLMModel(
+        str(model_dir),
+        None,
+        system_prompt=settings.get("system_prompt"),
+        transcript_separator=settings.get("transcript_separator", " "),
+    )
+    builder = PromptBuilder(
+        model.tokenizer,
+        system_prompt=settings.get("system_prompt"),
+        transcript_separator=settings.get("transcript_separator", " "),
+    )
+    expected = [
+        builder.build_batch(settings["instruction"], transcripts=[t])[
+            0
+        ].input_ids
+        for t in SENTENCES
+    ]
+    assert sorted(fed_prompts) == sorted(expected)
+    # longest prompts first
+    assert [len(p) for p in fed_prompts] == sorted(
+        (len(p) for p in expected), reverse=True
+    )
+    # the chat template, system prompt, instruction and separator
+    assert model.tokenizer.decode(expected[4]) == text
+    # the teacher's training sequence starts with this very prompt
+    rows = read_manifest(out)
+    teacher = model.teacher_pass(
+        SENTENCES,
+        [r["continuation"] for r in rows],
+        settings["instruction"],
+        add_eot=[r["truncated"] != "1" for r in rows],
+    )
+    for p, ids in zip(teacher.prompts, expected):
+        assert p.input_ids[: p.prompt_length] == ids
 
 
 def test_batched_equals_one_by_one_and_truncation(setup, tmp_path):
@@ -128,10 +224,17 @@ def test_shards_merge_equal_single_run(setup, tmp_path):
 
 
 def test_kill_and_resume(setup, tmp_path):
+    """Also: the CLI passes --instruction, --system-prompt and
+    --transcript-separator on (else the resume refuses its progress file)."""
     d, model_dir = setup
+    opts = OPTS | dict(
+        instruction="continue",
+        system_prompt="the sun",
+        transcript_separator=" : ",
+    )
     ref = tmp_path / "ref.csv"
     cont.generate_continuations(
-        d / "in.csv", ref, model_dir, batch_size=3, **OPTS
+        d / "in.csv", ref, model_dir, batch_size=3, **opts
     )
     out = tmp_path / "out.csv"
     cmd = [
@@ -146,8 +249,12 @@ def test_kill_and_resume(setup, tmp_path):
         "3",
         "--max-new-tokens",
         "6",
-        "--template",
-        TEMPLATE,
+        "--instruction",
+        "continue",
+        "--system-prompt",
+        "the sun",
+        "--transcript-separator",
+        " : ",
         "--dtype",
         "float32",
         "--stop-after-batches",
@@ -163,7 +270,7 @@ def test_kill_and_resume(setup, tmp_path):
     with open(progress, "a") as f:  # a torn write of the next record
         f.write('{"ID": "utt0')
     info = cont.generate_continuations(
-        d / "in.csv", out, model_dir, batch_size=3, **OPTS
+        d / "in.csv", out, model_dir, batch_size=3, **opts
     )
     assert info["generated"] == 7
     assert read_manifest(out) == read_manifest(ref)
@@ -174,18 +281,69 @@ def test_kill_and_resume(setup, tmp_path):
     assert sorted(ids) == sorted(set(ids)) and len(ids) == 10
     # a finished run is a no-op
     assert (
-        cont.generate_continuations(d / "in.csv", out, model_dir, **OPTS)[
+        cont.generate_continuations(d / "in.csv", out, model_dir, **opts)[
             "generated"
         ]
         == 0
     )
 
 
-def test_changed_settings_are_refused(setup, tmp_path):
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"max_new_tokens": 7},
+        {"instruction": "continue : :"},
+        {"system_prompt": "the sun"},
+        {"transcript_separator": "  "},
+    ],
+)
+def test_changed_settings_are_refused(setup, tmp_path, change):
     d, model_dir = setup
     out = tmp_path / "out.csv"
     cont.generate_continuations(d / "in.csv", out, model_dir, **OPTS)
     with pytest.raises(ValueError, match="other settings"):
         cont.generate_continuations(
-            d / "in.csv", out, model_dir, **(OPTS | {"max_new_tokens": 7})
+            d / "in.csv", out, model_dir, **(OPTS | change)
         )
+
+
+def test_recipe_prepares_with_the_model_prompt(setup, tmp_path, fed_prompts):
+    """brain.prepare_continuations prompts with the recipe's instruction and
+    the model's system prompt and transcript separator."""
+    import types
+
+    from transformers import AutoTokenizer
+
+    from speechbrain_blspkd.brain import prepare_continuations
+
+    d, model_dir = setup
+    prompts = PromptBuilder(
+        AutoTokenizer.from_pretrained(model_dir),
+        system_prompt="the sun",
+        transcript_separator=" : ",
+    )
+    hparams = dict(
+        model=types.SimpleNamespace(prompts=prompts),
+        instruction="continue",
+        kd_train_subset=2,
+        train_manifest=d / "in.csv",
+        valid_manifest=d / "in.csv",
+        test_manifest=d / "in.csv",
+        train_csv=str(tmp_path / "train.csv"),
+        valid_csv=str(tmp_path / "valid.csv"),
+        test_csv=str(tmp_path / "test.csv"),
+        llm_source=str(model_dir),
+        continuation_batch_size=4,
+        continuation_max_new_tokens=2,
+        continuation_device=None,
+        continuation_dtype="float32",
+    )
+    prepare_continuations(hparams)
+    assert len(read_manifest(tmp_path / "train.csv")) == 2
+    expected = [
+        p.input_ids
+        for p in prompts.build_batch(
+            "continue", transcripts=SENTENCES[:2] + SENTENCES * 2
+        )
+    ]
+    assert sorted(fed_prompts) == sorted(expected)

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from speechbrain_blspkd.nnet import cif as cif_module
 from speechbrain_blspkd.utils import plotting
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -22,18 +23,7 @@ def _is_png(path):
     return len(data) > 100 and data[:8] == PNG_SIGNATURE
 
 
-def test_cif_fire_frames():
-    alphas = torch.tensor([0.3, 0.3, 0.5, 0.1, 0.9, 0.2, 1.7])
-    # cumsum: .3 .6 1.1 1.2 2.1 2.3 4.0 -> fires at 2, 4, 6, 6
-    assert plotting.cif_fire_frames(alphas) == [2, 4, 6, 6]
-    assert plotting.cif_fire_frames([0.2, 0.2]) == []
-    # scaled alphas summing to N up to rounding still fire N times
-    scaled = torch.full((30,), 0.1)
-    assert len(plotting.cif_fire_frames(scaled)) == 3
-    assert plotting.cif_fire_frames([0.6, 0.6], threshold=0.5) == [0, 1]
-
-
-def test_plot_cif_weights(tmp_path):
+def test_plot_cif_weights(tmp_path, monkeypatch):
     torch.manual_seed(0)
     alphas = torch.rand(120) * 0.2
     out = plotting.plot_cif_weights(
@@ -41,6 +31,18 @@ def test_plot_cif_weights(tmp_path):
     )
     assert out == tmp_path / "cif.png"
     assert _is_png(out)
+    # fire_frames=None draws the frames nnet.cif.fire_positions computes
+    seen = []
+    real_fire_positions = cif_module.fire_positions
+    monkeypatch.setattr(
+        cif_module,
+        "fire_positions",
+        lambda *a, **k: seen.append((a, k)) or real_fire_positions(*a, **k),
+    )
+    plotting.plot_cif_weights(
+        [0.6, 0.6, 0.9], None, ["x", "y"], tmp_path / "t.png", threshold=0.5
+    )
+    assert seen and seen[0][0][1] == 0.5
     # explicit fire frames, more firings than tokens, list input
     out2 = plotting.plot_cif_weights(
         [0.5, 0.7, 0.9], [1, 2], ["a"], tmp_path / "sub" / "b.png"

@@ -190,3 +190,27 @@ def test_restricted_isa_environment_is_never_bf16_when_slow():
     assert choice in ("fp32", "bf16")
     if choice == "bf16":
         assert ratio > 1.0
+
+
+def test_parsed_run_options_keep_their_defaults_below_the_yaml(monkeypatch):
+    """speechbrain's parser fills every run option with a default; only the
+    given ones (and the resolved precision) may override the YAML."""
+    import speechbrain as sb
+
+    from speechbrain_blspkd.brain import SpeechLLMBrain, resolve_run_precision
+    from speechbrain_blspkd.utils.testing import tiny_speech_llm
+
+    mock_cpu(monkeypatch, native=True, speedup=3.0)
+    _, parsed, _ = sb.parse_arguments(["x.yaml", "--device=cpu"])
+    hparams = {"precision": "auto", "max_grad_norm": 1.0}
+    opts = resolve_run_precision(hparams, parsed)
+    assert opts.precision == "bf16"  # the YAML's auto, not the parser's fp32
+    brain = SpeechLLMBrain(
+        modules={"model": tiny_speech_llm(whisper=False)},
+        hparams=hparams,
+        run_opts=opts,
+    )
+    assert brain.precision == "bf16"
+    assert brain.max_grad_norm == 1.0  # not the parser default 5.0
+    _, parsed, _ = sb.parse_arguments(["x.yaml", "--precision=fp32"])
+    assert resolve_run_precision(hparams, parsed).precision == "fp32"

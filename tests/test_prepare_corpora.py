@@ -473,6 +473,27 @@ def test_audio_mlqa_rewrites_incomplete_wav(tmp_path):
     assert sf.info(str(wav)).frames > 1000
 
 
+def test_audio_mlqa_tts_errors_name_the_program_and_question(tmp_path):
+    make_mlqa(
+        tmp_path / "mlqa", layout={"en": [("Ctx.", [("q1", "Why?", ["x"])])]}
+    )
+    with pytest.raises(PrepareError, match="^no-such-sox not found; install"):
+        audio_mlqa.prepare_audio_mlqa(
+            tmp_path / "mlqa", tmp_path / "s", languages="en", sox="no-such-sox"
+        )
+    if shutil.which("espeak-ng") and shutil.which("sox"):
+        with pytest.raises(
+            PrepareError, match=r"qas\[0\]: espeak-ng failed .*exit 1"
+        ):
+            audio_mlqa.prepare_audio_mlqa(
+                tmp_path / "mlqa",
+                tmp_path / "s",
+                languages="en",
+                voices={"en": "zzzz"},
+            )
+    assert not (tmp_path / "s" / "test.csv").exists()
+
+
 def test_audio_mlqa_malformed(tmp_path):
     root = tmp_path / "mlqa"
     make_mlqa(root, layout={"en": [("C", [("q1", "Q?", ["a"])])]})

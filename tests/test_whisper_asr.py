@@ -13,12 +13,12 @@ import soundfile as sf
 import torch
 
 from speechbrain_blspkd.dataio.audio import AudioError
-from speechbrain_blspkd.nnet.whisper_asr import (
-    WhisperTranscriber,
+from speechbrain_blspkd.nnet.whisper_asr import WhisperTranscriber
+from speechbrain_blspkd.utils.testing import (
     build_test_whisper_tokenizer,
+    tiny_whisper_config,
     whisper_token_settings,
 )
-from speechbrain_blspkd.utils.testing import tiny_whisper_config
 
 SR = 16000
 
@@ -229,8 +229,8 @@ needs_espeak = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def spoken(tmp_path_factory):
     """espeak-ng clips of EN (6 voices) then DE, through the project's
-    own synthesis function."""
-    from speechbrain_blspkd.dataprep.synthspeech import synthesise
+    own TTS wrapper."""
+    from speechbrain_blspkd.dataprep.tts import synthesise
 
     folder = tmp_path_factory.mktemp("spoken")
     utts = [
@@ -243,7 +243,7 @@ def spoken(tmp_path_factory):
     paths = []
     for i, utt in enumerate(utts):
         path = folder / f"utt{i}.wav"
-        synthesise(utt, path)
+        synthesise(utt.pop("text"), path, **utt)
         paths.append(path)
     return paths
 

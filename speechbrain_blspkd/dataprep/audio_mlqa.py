@@ -9,11 +9,8 @@ holding ``id``, ``question`` and ``answers[].text``.  ``data_folder`` may
 also be the ``MLQA_V1`` folder itself.  Only same-language pairs are used.
 
 Each question is synthesised with espeak-ng (:data:`VOICES` gives the voice
-per language) and converted with sox to 16-kHz mono 16-bit wav
-(``vol 0.9`` keeps it from clipping)::
-
-    espeak-ng -v <voice> -w raw.wav --stdin < question
-    sox raw.wav -r 16000 -c 1 -b 16 out.wav vol 0.9
+per language) and converted with sox to 16-kHz mono 16-bit wav, by the
+project's TTS wrapper :func:`speechbrain_blspkd.dataprep.tts.synthesise`.
 
 Files go to ``<audio_folder>/<lang>/<voice tag>/<question id>.wav``
 (``audio_folder`` defaults to ``<save_folder>/audio`` and is what
@@ -40,12 +37,8 @@ import concurrent.futures
 import logging
 import pathlib
 import re
-import shutil
-import subprocess
-import tempfile
 
-import soundfile as sf
-
+from speechbrain_blspkd.dataprep import tts
 from speechbrain_blspkd.dataprep.common import (
     PrepareError,
     check_folder,
@@ -62,7 +55,6 @@ from speechbrain_blspkd.dataprep.common import (
     start_preparation,
     write_split,
 )
-from speechbrain_blspkd.utils.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +76,6 @@ INSTRUCTION = (
     "Read the passage below, then answer the spoken question with a short "
     "phrase taken from the passage.\n\nPassage: {context}"
 )
-SAMPLE_RATE = 16000
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -185,76 +176,9 @@ def read_mlqa(path, max_questions=None):
     return out
 
 
-def synthesize(text, voice, path, speed=None, espeak="espeak-ng", sox="sox"):
-    """Speak ``text`` with espeak-ng into a 16-kHz mono 16-bit wav at ``path``.
-
-    The file appears only when complete (written through a temporary file).
-
-    Arguments
-    ---------
-    text : str
-        What to say.
-    voice : str
-        espeak-ng voice (``en-us``, ``de``, ``cmn`` ...).
-    path : str or pathlib.Path
-        Output wav.
-    speed : int, optional
-        Words per minute (espeak-ng ``-s``; its default is 175).
-    espeak, sox : str
-        The programs to run.
-
-    Example
-    -------
-    >>> import tempfile, pathlib
-    >>> p = pathlib.Path(tempfile.mkdtemp()) / "hi.wav"
-    >>> synthesize("hello", "en-us", p)
-    >>> info = sf.info(str(p))
-    >>> info.samplerate, info.channels, info.subtype
-    (16000, 1, 'PCM_16')
-    """
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tts.") as tmp:
-        raw = pathlib.Path(tmp) / "raw.wav"
-        cmd = [espeak, "-v", voice, "-w", str(raw), "--stdin"]
-        if speed is not None:
-            cmd[1:1] = ["-s", str(int(speed))]
-        _run(cmd, text.encode("utf-8"), f"speaking {text[:40]!r}")
-        with atomic_path(path) as out:
-            _run(
-                [sox, str(raw), "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16"]
-                + ["-t", "wav", str(out), "vol", "0.9"],
-                None,
-                f"converting {raw}",
-            )
-
-
-def _run(cmd, stdin, what):
-    try:
-        done = subprocess.run(cmd, input=stdin, capture_output=True)
-    except FileNotFoundError:
-        raise PrepareError(
-            f"{cmd[0]} not found; install it (Debian: apt-get install "
-            "espeak-ng sox)"
-        ) from None
-    if done.returncode != 0:
-        err = done.stderr.decode("utf-8", "replace").strip()
-        raise PrepareError(
-            f"{' '.join(cmd[:3])}... failed while {what} "
-            f"(exit {done.returncode}): {err}"
-        )
-
-
 def _voice_tag(voice, speed):
     tag = re.sub(r"[^A-Za-z0-9_.+-]", "_", voice)
     return tag if speed is None else f"{tag}_s{int(speed)}"
-
-
-def _complete(path):
-    try:
-        return sf.info(str(path)).frames > 0
-    except Exception:
-        return False
 
 
 def prepare_audio_mlqa(
@@ -359,12 +283,10 @@ def prepare_audio_mlqa(
         save_folder, CORPUS, options, manifests, "Audio-MLQA", logger
     ):
         return manifests
-    for tool in (espeak, sox):
-        if shutil.which(tool) is None:
-            raise PrepareError(
-                f"{tool} not found; install it (Debian: apt-get install "
-                "espeak-ng sox)"
-            )
+    try:
+        tts.check_tools(espeak, sox)
+    except tts.TTSError as e:
+        raise PrepareError(str(e)) from None
     questions = {}
     for split in splits:
         for lang in languages:
@@ -377,7 +299,7 @@ def prepare_audio_mlqa(
         folder = audio_folder / lang / _voice_tag(voices[lang], speed)
         for item in items:
             item["wav"] = folder / f"{item['id']}.wav"
-            if not _complete(item["wav"]):
+            if not tts.is_complete_wav(item["wav"]):
                 jobs.append((item, voices[lang]))
     logger.info(
         "Audio-MLQA: %d questions, %d to synthesise",
@@ -418,8 +340,15 @@ def _synthesize_all(jobs, speed, espeak, sox, num_workers):
     def one(job):
         item, voice = job
         try:
-            synthesize(item["question"], voice, item["wav"], speed, espeak, sox)
-        except PrepareError as e:
+            tts.synthesise(
+                item["question"],
+                item["wav"],
+                voice=voice,
+                speed=speed,
+                espeak=espeak,
+                sox=sox,
+            )
+        except tts.TTSError as e:
             raise PrepareError(f"{item['where']}: {e}") from None
 
     workers = max(1, int(num_workers))

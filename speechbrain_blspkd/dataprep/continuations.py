@@ -1,7 +1,11 @@
 """Teacher continuations: the instruction LLM continues every transcript.
 
-For each manifest row the teacher LLM gets one user turn built by
-:func:`continuation_prompt` (the chat template with the generation prompt),
+For each manifest row the teacher LLM gets the generation prompt of
+:class:`~speechbrain_blspkd.prompt.PromptBuilder` for the instruction and
+the transcript (the chat template, system prompt, ``instruction`` +
+``transcript_separator`` + transcript, then the assistant header): token
+for token the prompt of the text teacher in training and decoding, so the
+continuation is the answer the training teacher would give.  The LLM
 decodes greedily up to ``max_new_tokens`` and the answer is stored in the
 ``continuation`` column; ``truncated`` is ``1`` when the limit was reached
 before the end-of-turn token (training then appends no end-of-turn token).
@@ -19,7 +23,8 @@ Command line::
 
     python -m speechbrain_blspkd.dataprep.continuations IN.csv OUT.csv \\
         [--model-dir DIR] [--batch-size 16] [--max-new-tokens 48] \\
-        [--shard 0/2] [--dtype auto] [--device cpu]
+        [--shard 0/2] [--dtype auto] [--device cpu] \\
+        [--instruction TEXT] [--system-prompt TEXT]
     python -m speechbrain_blspkd.dataprep.continuations IN.csv OUT.csv \\
         --merge --shard 0/2
 """
@@ -41,83 +46,15 @@ from speechbrain_blspkd.dataio.manifest import (
     read_manifest,
     write_manifest,
 )
+from speechbrain_blspkd.prompt import PromptBuilder
 from speechbrain_blspkd.utils.cli import report_error, setup_logging
 from speechbrain_blspkd.utils.precision import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATE = (
-    "Continue the following text in a coherent style: {transcript}"
-)
+DEFAULT_INSTRUCTION = "Continue the following text in a coherent style:"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DTYPES = ("auto", "bfloat16", "float32")
-
-
-def continuation_prompt(tokenizer, transcript, template=DEFAULT_TEMPLATE):
-    """Build the teacher prompt for one transcript (the one way to do it).
-
-    The instruction ``template.format(transcript=...)`` becomes a single
-    user turn of the tokenizer's chat template, followed by the generation
-    prompt (the opening of the assistant turn).
-
-    Arguments
-    ---------
-    tokenizer : transformers.PreTrainedTokenizerBase
-        A tokenizer with a chat template.
-    transcript : str
-        The text to continue.
-    template : str
-        Instruction with a ``{transcript}`` field.
-
-    Returns
-    -------
-    list of int
-        Prompt token ids (special tokens come from the template only).
-
-    Example
-    -------
-    >>> tok = _toy_tokenizer(["hello", "world"])
-    >>> ids = continuation_prompt(tok, "hello world", "{transcript}")
-    >>> tok.decode(ids)
-    '<|im_start|> user hello world <|im_end|> <|im_start|> assistant'
-    """
-    if "{transcript}" not in template:
-        raise ValueError(
-            f"prompt template {template!r} has no {{transcript}} field"
-        )
-    messages = [
-        {"role": "user", "content": template.format(transcript=transcript)}
-    ]
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True
-    )
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _toy_tokenizer(words):
-    """A tiny word-level tokenizer with a ChatML template (doctests, tests)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
-    vocab = {w: i for i, w in enumerate(specials)}
-    for w in ["user", "assistant", "system"] + list(words):
-        vocab.setdefault(w, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        pad_token="<pad>",
-        eos_token="<|im_end|>",
-        unk_token="<unk>",
-        additional_special_tokens=["<|im_start|>"],
-    )
-    tok.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-        "{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    return tok
 
 
 def _eos_ids(model, tokenizer):
@@ -153,7 +90,8 @@ def finish_sequence(tokenizer, new_ids, eos_ids, max_new_tokens):
 
     Example
     -------
-    >>> tok = _toy_tokenizer(["a", "b"])
+    >>> from speechbrain_blspkd.utils.testing import toy_word_tokenizer
+    >>> tok = toy_word_tokenizer(["a", "b"])
     >>> a, b, eos = tok.convert_tokens_to_ids(["a", "b", "<|im_end|>"])
     >>> finish_sequence(tok, [a, b, eos, 0], [eos], 4)
     ('a b', 0, 3)
@@ -282,7 +220,9 @@ def generate_continuations(
     batch_size=16,
     max_new_tokens=48,
     shard=(0, 1),
-    prompt_template=DEFAULT_TEMPLATE,
+    instruction=DEFAULT_INSTRUCTION,
+    system_prompt=None,
+    transcript_separator=" ",
     device="cpu",
     dtype="auto",
     stop_after_batches=None,
@@ -307,15 +247,27 @@ def generate_continuations(
         Generation limit.
     shard : tuple of int
         ``(i, n)``: this run handles rows ``i, i + n, ...``.
-    prompt_template : str
-        Instruction with a ``{transcript}`` field.
+    instruction : str
+        The teacher's instruction; the transcript follows it (joined with
+        ``transcript_separator``) or replaces a ``{transcript}`` field in
+        it.  Use the training ``instruction`` of the recipe, so that the
+        continuation answers the text-teacher prompt of training.
+    system_prompt : str, optional
+        System message; None keeps the chat template's default (SmolLM2
+        then adds its own).  See :class:`~speechbrain_blspkd.prompt.
+        PromptBuilder`; use the model's ``prompts.system_prompt``.
+    transcript_separator : str
+        Text joining the instruction and the transcript (the model's
+        ``prompts.transcript_separator``).
     device : str or torch.device
         Where the model runs.
     dtype : str
         ``"auto"`` (bfloat16 where ``device`` computes it fast, e.g. CPUs
         with AMX, else float32; :mod:`speechbrain_blspkd.utils.precision`),
         ``"bfloat16"`` or ``"float32"``.  The resolved dtype is part of the
-        resume check: a run continues only with the same one.
+        resume check: a run continues only with the same one (as are the
+        model, instruction, system prompt, separator, ``max_new_tokens``,
+        shard and input rows).
     stop_after_batches : int, optional
         Debugging aid for resume tests: kill this process (SIGKILL) right
         after that many batches were saved.
@@ -330,14 +282,17 @@ def generate_continuations(
     -------
     >>> import tempfile
     >>> from speechbrain_blspkd.dataio.manifest import write_manifest
+    >>> from speechbrain_blspkd.utils.testing import (
+    ...     doctest_tokenizer, save_toy_llm)
     >>> d = pathlib.Path(tempfile.mkdtemp())
-    >>> model_dir = _toy_model(d / "lm", ["hello", "world"])
+    >>> model_dir = save_toy_llm(d / "lm", doctest_tokenizer())
     >>> write_manifest(d / "in.csv", [dict(ID="u1", wav="x.wav",
     ...     duration=1, transcript="hello world", language="en", speaker="s")])
     >>> info = generate_continuations(d / "in.csv", d / "out.csv", model_dir,
-    ...     max_new_tokens=3, dtype="float32")
-    >>> read_manifest(d / "out.csv")[0]["truncated"] in ("0", "1")
-    True
+    ...     max_new_tokens=3, instruction="Repeat:", dtype="float32")
+    >>> row = read_manifest(d / "out.csv")[0]
+    >>> info["generated"], row["transcript"], row["truncated"] in ("0", "1")
+    (1, 'hello world', True)
     """
     i, n = shard
     if not (0 <= i < n):
@@ -346,9 +301,16 @@ def generate_continuations(
         raise ValueError("batch_size and max_new_tokens must be >= 1")
     rows = read_manifest(manifest_in)[i::n]
     model, tokenizer, model_name = _load_model(model_dir, device, dtype)
+    builder = PromptBuilder(
+        tokenizer,
+        system_prompt=system_prompt,
+        transcript_separator=transcript_separator,
+    )
     meta = dict(
         model=model_name,
-        template=prompt_template,
+        instruction=instruction,
+        system_prompt=system_prompt,
+        transcript_separator=transcript_separator,
         max_new_tokens=max_new_tokens,
         dtype=str(resolve_dtype(dtype, device)).replace("torch.", ""),
         shard=[i, n],
@@ -376,7 +338,8 @@ def generate_continuations(
         progress,
         batch_size,
         max_new_tokens,
-        prompt_template,
+        builder,
+        instruction,
         stop_after_batches,
     )
     done = _load_progress(progress, meta)
@@ -398,7 +361,8 @@ def _generate(
     progress,
     batch_size,
     max_new_tokens,
-    template,
+    builder,
+    instruction,
     stop_after_batches,
 ):
     from tqdm import tqdm
@@ -415,8 +379,12 @@ def _generate(
         eos_token_id=eos_ids,
         pad_token_id=pad_id,
     )
+    # the text-teacher generation prompts of training and decoding
     prompts = [
-        continuation_prompt(tokenizer, r["transcript"], template) for r in todo
+        p.input_ids
+        for p in builder.build_batch(
+            instruction, transcripts=[r["transcript"] for r in todo]
+        )
     ]
     # longest first: similar lengths share a batch, memory peaks early
     order = sorted(range(len(todo)), key=lambda k: (-len(prompts[k]), k))
@@ -510,23 +478,6 @@ def merge_continuations(manifest_in, manifest_out, num_shards):
     return pathlib.Path(manifest_out)
 
 
-def _toy_model(folder, words, seed=0):
-    """Save a tiny random Llama with :func:`_toy_tokenizer` (tests, doctests)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from speechbrain_blspkd.utils.testing import tiny_llm_config
-
-    tok = _toy_tokenizer(words)
-    torch.manual_seed(seed)
-    config = tiny_llm_config(
-        tok, hidden_size=32, intermediate_size=64, max_position_embeddings=256
-    )
-    model = LlamaForCausalLM(LlamaConfig(**config))
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return pathlib.Path(folder)
-
-
 def _parse_shard(text):
     try:
         i, n = (int(x) for x in text.split("/"))
@@ -550,7 +501,23 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--shard", type=_parse_shard, default=(0, 1))
-    parser.add_argument("--template", default=DEFAULT_TEMPLATE)
+    parser.add_argument(
+        "--instruction",
+        default=DEFAULT_INSTRUCTION,
+        help="the teacher's instruction; the transcript follows it (or "
+        "replaces a {transcript} field in it); default: %(default)r",
+    )
+    parser.add_argument(
+        "--system-prompt",
+        default=None,
+        help="system message (default: the chat template's own)",
+    )
+    parser.add_argument(
+        "--transcript-separator",
+        default=" ",
+        help="text between the instruction and the transcript "
+        "(default: one space)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", choices=sorted(_DTYPES))
     parser.add_argument(
@@ -586,7 +553,9 @@ def main(argv=None):
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
             shard=args.shard,
-            prompt_template=args.template,
+            instruction=args.instruction,
+            system_prompt=args.system_prompt,
+            transcript_separator=args.transcript_separator,
             device=args.device,
             dtype=args.dtype,
             stop_after_batches=args.stop_after_batches,

@@ -45,14 +45,14 @@ import os
 import pathlib
 import random
 import re
-import shutil
 import struct
 import subprocess
 import sys
 import unicodedata
 
 from speechbrain_blspkd.dataio.manifest import read_manifest, write_manifest
-from speechbrain_blspkd.utils.atomic import atomic_path, atomic_write_text
+from speechbrain_blspkd.dataprep import tts
+from speechbrain_blspkd.utils.atomic import atomic_write_text
 from speechbrain_blspkd.utils.cli import report_error, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -469,7 +469,7 @@ def check_requirements(languages):
     -------
     >>> check_requirements([])  # tools only
     """
-    missing = [t for t in ("espeak-ng", "sox") if shutil.which(t) is None]
+    missing = tts.missing_tools()
     for lang in languages:
         if lang not in LANGUAGES:
             raise ValueError(
@@ -654,26 +654,24 @@ def _remove_unplanned_wavs(save_folder, plan):
         logger.info("removed %d wavs of an earlier plan", removed)
 
 
-def _wav_ok(path):
-    import soundfile as sf
-
-    try:
-        info = sf.info(str(path))
-    except Exception:
-        return False
-    return info.frames > 0 and info.samplerate == 16000 and info.channels == 1
-
-
 def synthesise(utt, path):
-    """Speak ``utt`` with espeak-ng and write a 16 kHz mono wav atomically.
+    """Speak the plan entry ``utt`` into a 16 kHz mono wav, atomically.
+
+    A thin adapter from a plan entry to :func:`.tts.synthesise` (the
+    project's one espeak-ng + sox wrapper).
 
     Arguments
     ---------
     utt : dict
         A plan entry (``text``, ``voice``, ``variant``, ``speed``,
-        ``pitch``).
+        ``pitch``; ``ID`` names it in errors).
     path : str or pathlib.Path
         Destination wav file.
+
+    Raises
+    ------
+    speechbrain_blspkd.dataprep.tts.TTSError
+        (a ``RuntimeError``) naming the utterance and the failing program.
 
     Example
     -------
@@ -684,53 +682,19 @@ def synthesise(utt, path):
     >>> soundfile.info(str(p)).samplerate
     16000
     """
-    voice = f"{utt['voice']}+{utt['variant']}"
-    espeak = [
-        "espeak-ng",
-        "-v",
-        voice,
-        "-s",
-        str(utt["speed"]),
-        "-p",
-        str(utt["pitch"]),
-        "--stdout",
-        "--",
-        utt["text"],
-    ]
-    with atomic_path(path) as tmp:
-        sox = [
-            "sox",
-            "-q",
-            "-t",
-            "wav",
-            "-",
-            "-t",
-            "wav",
-            "-r",
-            "16000",
-            "-c",
-            "1",
-            "-b",
-            "16",
-            "-e",
-            "signed-integer",
-            str(tmp),
-            "vol",
-            "0.9",
-        ]
-        p1 = subprocess.Popen(espeak, stdout=subprocess.PIPE)
-        p2 = subprocess.run(sox, stdin=p1.stdout, capture_output=True)
-        p1.stdout.close()
-        rc1 = p1.wait()
-        if rc1 != 0 or p2.returncode != 0:
-            raise RuntimeError(
-                f"synthesis of {utt.get('ID', path)} failed (espeak-ng rc "
-                f"{rc1}, sox rc {p2.returncode}: {p2.stderr.decode()[-300:]})"
-            )
-        if not _wav_ok(tmp):
-            raise RuntimeError(
-                f"synthesis of {utt.get('ID', path)} gave no audio"
-            )
+    try:
+        tts.synthesise(
+            utt["text"],
+            path,
+            voice=utt["voice"],
+            variant=utt["variant"],
+            speed=utt["speed"],
+            pitch=utt["pitch"],
+        )
+    except tts.TTSError as e:
+        raise tts.TTSError(
+            f"synthesis of {utt.get('ID', path)} failed: {e}"
+        ) from None
 
 
 def _remove_stray_tmp(folder, recursive=True):
@@ -868,7 +832,7 @@ def prepare_synthspeech(
     todo = [
         u
         for u in plan["utterances"]
-        if not _wav_ok(save_folder / wav_relpath(u))
+        if not tts.is_complete_wav(save_folder / wav_relpath(u))
     ]
     logger.info(
         "SynthSpeech: %d of %d wavs to synthesise in %s",

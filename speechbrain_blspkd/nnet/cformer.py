@@ -33,7 +33,6 @@ __all__ = [
     "CFormer",
     "CFormerOutput",
     "pool_frames",
-    "relative_lengths_to_mask",
 ]
 
 
@@ -63,43 +62,6 @@ class CFormerOutput(AdapterOutput):
     frame_mask: torch.Tensor
     num_tokens: torch.Tensor
     alpha_sum: torch.Tensor
-
-
-def relative_lengths_to_mask(lengths, max_len):
-    """Turns SpeechBrain relative lengths into a (B, T) bool frame mask.
-
-    Arguments
-    ---------
-    lengths : torch.Tensor
-        (B,) lengths relative to ``max_len``, in (0, 1].
-    max_len : int
-        Number of frames T.
-
-    Returns
-    -------
-    torch.Tensor
-        (B, T) bool, True for the first round(length * T) frames (at least
-        one).
-
-    Example
-    -------
-    >>> relative_lengths_to_mask(torch.tensor([1.0, 0.5]), 4)
-    tensor([[ True,  True,  True,  True],
-            [ True,  True, False, False]])
-    """
-    lengths = torch.as_tensor(lengths)
-    if lengths.dim() != 1:
-        raise ValueError(
-            f"CFormer: `lengths` must be (B,), got {tuple(lengths.shape)}"
-        )
-    if bool(((lengths <= 0) | (lengths > 1 + 1e-6)).any()):
-        raise ValueError(
-            "CFormer: relative `lengths` must be in (0, 1], "
-            f"got {lengths.tolist()}"
-        )
-    frames = torch.round(lengths.double() * max_len).long().clamp(1, max_len)
-    positions = torch.arange(max_len, device=lengths.device)
-    return positions[None, :] < frames[:, None]
 
 
 def pool_frames(hidden, frame_mask, stride):
@@ -418,8 +380,13 @@ class CFormer(SpeechAdapter):
             alpha_sum=alpha_sum,
         )
 
-    @staticmethod
-    def _frame_mask(hidden, lengths, mask):
+    def _frame_mask(self, hidden, lengths, mask):
+        """Checked (B, T) bool frame mask from ``mask`` or ``lengths``.
+
+        Relative ``lengths`` go through :meth:`SpeechAdapter.frame_mask`
+        (SpeechBrain's ``length_to_mask``: the first round(length * T)
+        frames, at least one).
+        """
         batch, time, _ = hidden.shape
         if mask is not None and lengths is not None:
             raise ValueError("CFormer: give `lengths` or `mask`, not both")
@@ -443,7 +410,12 @@ class CFormer(SpeechAdapter):
                 f"CFormer: `lengths` must be ({batch},), "
                 f"got {tuple(lengths.shape)}"
             )
-        return relative_lengths_to_mask(lengths, time)
+        if bool(((lengths <= 0) | (lengths > 1 + 1e-6)).any()):
+            raise ValueError(
+                "CFormer: relative `lengths` must be in (0, 1], "
+                f"got {lengths.tolist()}"
+            )
+        return self.frame_mask(hidden, lengths)
 
     @torch.no_grad()
     def init_pre_layers_from(self, layers):

@@ -255,32 +255,52 @@ def fire_positions(alphas, threshold=1.0, tolerance=1e-6):
 
     Token k fires at the first frame t where the running sum of alphas
     reaches (k + 1) * threshold (within ``tolerance``, so that scaled alphas
-    summing to N up to round-off fire N tokens).
+    summing to N up to round-off fire N tokens). A frame whose alpha spans
+    several levels fires several tokens (its index repeats). The running sum
+    is taken in float64 whatever the dtype of ``alphas``.
 
     Arguments
     ---------
-    alphas : torch.Tensor
-        Masked weights, (B, T).
+    alphas : torch.Tensor or sequence of float
+        Masked, non-negative weights: (B, T) for a batch or (T,) for one
+        utterance (a list of floats is accepted too).
     threshold : float
-        Firing threshold.
+        Firing threshold (> 0).
     tolerance : float
         Slack on each crossing, in units of ``threshold``.
 
     Returns
     -------
     torch.Tensor
-        (B, K) long, K the largest number of fires in the batch; -1 where
-        a row fires fewer than K tokens.
+        For (B, T) input: (B, K) long, K the largest number of fires in the
+        batch; -1 where a row fires fewer than K tokens. For (T,) input:
+        (K,) long, the frame of each fired token in order.
 
     Example
     -------
     >>> fire_positions(torch.tensor([[0.5, 0.75, 0.5, 0.25], [2., 0, 0, 0]]))
     tensor([[1, 3],
             [0, 0]])
+    >>> fire_positions([0.5, 0.6, 0.2, 0.9, 0.4]).tolist()
+    [1, 3]
     """
+    if not torch.is_tensor(alphas):
+        try:
+            alphas = torch.as_tensor(alphas, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(
+                "fire_positions: `alphas` must be a tensor or a sequence "
+                "of numbers"
+            ) from err
+    if threshold <= 0:
+        raise ValueError(
+            f"fire_positions: `threshold` must be > 0, got {threshold}"
+        )
+    if alphas.dim() == 1:
+        return fire_positions(alphas[None], threshold, tolerance)[0]
     if alphas.dim() != 2:
         raise ValueError(
-            "fire_positions: `alphas` must be (B, T), "
+            "fire_positions: `alphas` must be (B, T) or (T,), "
             f"got {tuple(alphas.shape)}"
         )
     cum = torch.cumsum(alphas.detach().to(torch.float64), dim=1) / threshold

@@ -36,8 +36,9 @@ re-implemented here.  Timestamps are off and the task is always
 A randomly initialised model (unit tests, doctests) is built from a
 ``WhisperConfig`` with a tokenizer passed explicitly: its generation
 settings (start-of-transcript, language, task and no-timestamps tokens) are
-read from the tokenizer's special tokens; :func:`build_test_whisper_tokenizer`
-makes a tiny one.
+read from the tokenizer's special tokens;
+:func:`speechbrain_blspkd.utils.testing.build_test_whisper_tokenizer` makes a
+tiny one.
 
 Authors
  * speechbrain-blspkd contributors 2026
@@ -58,11 +59,7 @@ from speechbrain_blspkd.nnet.whisper_encoder import (
 )
 from speechbrain_blspkd.utils.precision import resolve_dtype
 
-__all__ = [
-    "WhisperTranscriber",
-    "build_test_whisper_tokenizer",
-    "whisper_token_settings",
-]
+__all__ = ["WhisperTranscriber"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,73 +72,15 @@ _NO_TIMESTAMPS = "<|notimestamps|>"
 _TASKS = ("transcribe", "translate")
 
 
-def build_test_whisper_tokenizer(languages=("en", "de")):
-    """A tiny tokenizer with Whisper's special tokens (tests, doctests).
+def _config_token_settings(generation):
+    """The token settings a ``WhisperConfig`` shares with ``generation``.
 
-    The byte-level BPE of
-    :func:`speechbrain_blspkd.utils.testing.build_test_tokenizer`
-    plus ``<|startoftranscript|>``, one ``<|xx|>`` token per language,
-    ``<|translate|>``, ``<|transcribe|>`` and, last of all,
-    ``<|notimestamps|>`` (Whisper's generation reads every later id as a
-    timestamp); its end-of-text token is ``<|endoftext|>``.
-
-    Arguments
-    ---------
-    languages : sequence of str
-        Language codes that get a token.
-
-    Returns
-    -------
-    transformers.PreTrainedTokenizerFast
-
-    Example
-    -------
-    >>> tok = build_test_whisper_tokenizer()
-    >>> tok.convert_tokens_to_ids("<|notimestamps|>") == len(tok) - 1
-    True
-    >>> tok.decode(tok("the cat <|de|>")["input_ids"], skip_special_tokens=True)
-    'the cat '
+    ``generation`` is the ``GenerationConfig`` of
+    :func:`_generation_config_from_tokenizer`; a random model's config gets
+    these values so that it refers to its tokenizer's ids (Whisper's
+    defaults are ids of its 51865-token vocabulary).
     """
-    from speechbrain_blspkd.utils.testing import build_test_tokenizer
-
-    specials = [_SOT]
-    specials += [f"<|{code}|>" for code in languages]
-    specials += [f"<|{task}|>" for task in reversed(_TASKS)]
-    tokenizer = build_test_tokenizer(extra_special_tokens=specials)
-    tokenizer.add_tokens([_NO_TIMESTAMPS], special_tokens=True)
-    return tokenizer
-
-
-def whisper_token_settings(tokenizer):
-    """The config values that tie a random Whisper model to ``tokenizer``.
-
-    For a ``WhisperConfig`` built for tests (e.g. with
-    :func:`speechbrain_blspkd.utils.testing.tiny_whisper_config`): the
-    vocabulary size, the special token ids and the suppressed tokens, so
-    that the config matches the tokenizer (Whisper's defaults refer to ids
-    of its 51865-token vocabulary).
-
-    Arguments
-    ---------
-    tokenizer : transformers tokenizer
-        With Whisper's special tokens (:func:`build_test_whisper_tokenizer`).
-
-    Returns
-    -------
-    dict
-
-    Example
-    -------
-    >>> tok = build_test_whisper_tokenizer()
-    >>> settings = whisper_token_settings(tok)
-    >>> settings["vocab_size"] == len(tok)
-    True
-    >>> settings["eos_token_id"] in settings["suppress_tokens"]
-    False
-    """
-    generation = _generation_config_from_tokenizer(tokenizer, None)
     return dict(
-        vocab_size=len(tokenizer),
         decoder_start_token_id=generation.decoder_start_token_id,
         bos_token_id=generation.bos_token_id,
         eos_token_id=generation.eos_token_id,
@@ -165,13 +104,15 @@ def _generation_config_from_tokenizer(tokenizer, config):
         raise ValueError(
             "WhisperTranscriber: the tokenizer of a model built from a "
             f"config needs Whisper's special tokens (missing: "
-            f"{', '.join(missing)}); see build_test_whisper_tokenizer"
+            f"{', '.join(missing)}); see speechbrain_blspkd.utils."
+            "testing.build_test_whisper_tokenizer"
         )
     if vocab[_NO_TIMESTAMPS] != max(vocab.values()):
         raise ValueError(
             "WhisperTranscriber: <|notimestamps|> must be the tokenizer's "
             "last token (Whisper's generation reads every later id as a "
-            "timestamp); see build_test_whisper_tokenizer"
+            "timestamp); see speechbrain_blspkd.utils."
+            "testing.build_test_whisper_tokenizer"
         )
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -252,12 +193,16 @@ class WhisperTranscriber(nn.Module):
     tokenizer : transformers tokenizer or str or pathlib.Path, optional
         The tokenizer (or its folder).  Default: the one in ``source``'s
         folder.  Required with a config; it must then hold Whisper's special
-        tokens (:func:`build_test_whisper_tokenizer`), which set the
+        tokens (e.g.
+        :func:`speechbrain_blspkd.utils.testing.build_test_whisper_tokenizer`),
+        which set the
         generation settings, and ``config.vocab_size`` must cover it.
 
     Example
     -------
-    >>> from speechbrain_blspkd.utils.testing import tiny_whisper_config
+    >>> from speechbrain_blspkd.utils.testing import (
+    ...     build_test_whisper_tokenizer, tiny_whisper_config,
+    ...     whisper_token_settings)
     >>> tok = build_test_whisper_tokenizer()
     >>> config = tiny_whisper_config(decoder_layers=1,
     ...     decoder_attention_heads=4, decoder_ffn_dim=128,
@@ -295,7 +240,8 @@ class WhisperTranscriber(nn.Module):
             if tokenizer is None:
                 raise ValueError(
                     "WhisperTranscriber: a model built from a WhisperConfig "
-                    "needs `tokenizer=` (e.g. build_test_whisper_tokenizer())"
+                    "needs `tokenizer=` (e.g. speechbrain_blspkd.utils."
+                    "testing.build_test_whisper_tokenizer())"
                 )
             config = copy.deepcopy(source)
             if config.vocab_size < len(tokenizer):
@@ -307,9 +253,8 @@ class WhisperTranscriber(nn.Module):
             generation_config = _generation_config_from_tokenizer(
                 tokenizer, config
             )
-            for key, value in whisper_token_settings(tokenizer).items():
-                if key != "vocab_size":
-                    setattr(config, key, value)
+            for key, value in _config_token_settings(generation_config).items():
+                setattr(config, key, value)
             model = WhisperForConditionalGeneration(config).to(dtype)
             model.generation_config = generation_config
         else:

@@ -44,41 +44,6 @@ def _to_float_list(values, what):
         raise ValueError(f"{what}: expected a 1-D sequence of numbers") from err
 
 
-def cif_fire_frames(alphas, threshold=1.0, tolerance=1e-4):
-    """Frames where CIF fires: token k fires when cumsum(alpha) >= (k+1) t.
-
-    A small ``tolerance`` absorbs float rounding (alphas scaled to sum to
-    exactly N may add up to N - 1e-7).
-
-    Arguments
-    ---------
-    alphas : torch.Tensor or sequence of float
-        (T,) CIF weights of one utterance.
-    threshold : float
-        The CIF firing threshold.
-    tolerance : float
-        Slack on each firing level.
-
-    Returns
-    -------
-    list of int
-        The frame index of each fired token, in order.
-
-    Example
-    -------
-    >>> cif_fire_frames([0.5, 0.6, 0.2, 0.9, 0.4])
-    [1, 3]
-    """
-    alphas = _to_float_list(alphas, "cif_fire_frames")
-    fires, total, level = [], 0.0, 1
-    for t, a in enumerate(alphas):
-        total += a
-        while total >= level * threshold - tolerance:
-            fires.append(t)
-            level += 1
-    return fires
-
-
 def plot_cif_weights(
     alphas,
     fire_frames,
@@ -100,7 +65,7 @@ def plot_cif_weights(
         (T,) CIF weights (padding already removed).
     fire_frames : sequence of int or None
         Frame of each fired token; None computes them with
-        :func:`cif_fire_frames` from the cumulative sum.
+        :func:`speechbrain_blspkd.nnet.cif.fire_positions`.
     token_strings : sequence of str
         Transcript tokens, in order (labels of the markers).  Extra tokens
         without a firing, or firings without a token ("?"), are noted in
@@ -133,7 +98,9 @@ def plot_cif_weights(
     if frame_rate <= 0:
         raise ValueError(f"plot_cif_weights: bad frame_rate {frame_rate}")
     if fire_frames is None:
-        fire_frames = cif_fire_frames(alphas, threshold)
+        from speechbrain_blspkd.nnet.cif import fire_positions
+
+        fire_frames = fire_positions(alphas, threshold).tolist()
     fire_frames = [int(f) for f in _to_float_list(fire_frames, "fire_frames")]
     tokens = [str(t) for t in token_strings]
 

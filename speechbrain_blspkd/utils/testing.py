@@ -253,11 +253,6 @@ def tiny_saved_speech_llm(folder, seed=0, **kwargs):
     base.tokenizer.save_pretrained(folder / "llm")
     from transformers import WhisperForConditionalGeneration
 
-    from speechbrain_blspkd.nnet.whisper_asr import (
-        build_test_whisper_tokenizer,
-        whisper_token_settings,
-    )
-
     asr_tokenizer = build_test_whisper_tokenizer()
     whisper = WhisperForConditionalGeneration(
         tiny_whisper_config(
@@ -305,11 +300,7 @@ def tiny_cascade(seed=0, **kwargs):
     import torch
 
     from speechbrain_blspkd.models.cascade import CascadeModel
-    from speechbrain_blspkd.nnet.whisper_asr import (
-        WhisperTranscriber,
-        build_test_whisper_tokenizer,
-        whisper_token_settings,
-    )
+    from speechbrain_blspkd.nnet.whisper_asr import WhisperTranscriber
 
     torch.manual_seed(seed)
     text = tiny_speech_llm(whisper=False, plora=None)
@@ -342,3 +333,182 @@ def count_llm_calls(model):
             handle.remove()
 
     return counting()
+
+
+def toy_word_tokenizer(words):
+    """A tiny word-level tokenizer with a ChatML template (tests, doctests).
+
+    One token per whitespace-separated word, so the number of generated
+    tokens can be read off the decoded text. Special tokens: ``<pad>``,
+    ``<|im_start|>``, ``<|im_end|>`` (eos) and ``<unk>``; the template has
+    no default system prompt.
+
+    Arguments
+    ---------
+    words : list of str
+        The vocabulary (``user``, ``assistant`` and ``system`` are added).
+
+    Returns
+    -------
+    transformers.PreTrainedTokenizerFast
+
+    Example
+    -------
+    >>> tok = toy_word_tokenizer(["hello", "world"])
+    >>> tok.decode(tok("hello world nope")["input_ids"])
+    'hello world <unk>'
+    >>> tok.apply_chat_template([{"role": "user", "content": "hello"}],
+    ...     tokenize=False, add_generation_prompt=True)
+    '<|im_start|>user\\nhello<|im_end|>\\n<|im_start|>assistant\\n'
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials)}
+    for w in ["user", "assistant", "system"] + list(words):
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="<pad>",
+        eos_token="<|im_end|>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return tok
+
+
+def save_toy_llm(folder, tokenizer, seed=0, **overrides):
+    """Save a tiny random Llama (32 wide, 2 layers) and ``tokenizer``.
+
+    The folder is a standard transformers causal-LM folder, loadable with
+    ``from_pretrained`` (tests and doctests of code that takes a model
+    folder, e.g. :mod:`speechbrain_blspkd.dataprep.continuations`).
+
+    Arguments
+    ---------
+    folder : str or pathlib.Path
+        Where to save (created).
+    tokenizer : transformers tokenizer
+        E.g. :func:`toy_word_tokenizer` or :func:`build_test_tokenizer`.
+    seed : int
+        Seed of the random weights.
+    **overrides
+        Config values (see :func:`tiny_llm_config`).
+
+    Returns
+    -------
+    pathlib.Path
+        ``folder``.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> from transformers import AutoModelForCausalLM
+    >>> folder = save_toy_llm(tempfile.mkdtemp(), toy_word_tokenizer(["hi"]))
+    >>> AutoModelForCausalLM.from_pretrained(folder).config.hidden_size
+    32
+    """
+    import pathlib
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = dict(
+        hidden_size=32, intermediate_size=64, max_position_embeddings=256
+    )
+    config.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(
+        LlamaConfig(**tiny_llm_config(tokenizer, **config))
+    )
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return pathlib.Path(folder)
+
+
+def build_test_whisper_tokenizer(languages=("en", "de")):
+    """A tiny tokenizer with Whisper's special tokens (tests, doctests).
+
+    The byte-level BPE of :func:`build_test_tokenizer` plus
+    ``<|startoftranscript|>``, one ``<|xx|>`` token per language,
+    ``<|translate|>``, ``<|transcribe|>`` and, last of all,
+    ``<|notimestamps|>`` (Whisper's generation reads every later id as a
+    timestamp); its end-of-text token is ``<|endoftext|>``.  With
+    :func:`whisper_token_settings` it lets
+    :class:`speechbrain_blspkd.nnet.whisper_asr.WhisperTranscriber` run a
+    random Whisper model built from a config.
+
+    Arguments
+    ---------
+    languages : sequence of str
+        Language codes that get a token.
+
+    Returns
+    -------
+    transformers.PreTrainedTokenizerFast
+
+    Example
+    -------
+    >>> tok = build_test_whisper_tokenizer()
+    >>> tok.convert_tokens_to_ids("<|notimestamps|>") == len(tok) - 1
+    True
+    >>> tok.decode(tok("the cat <|de|>")["input_ids"], skip_special_tokens=True)
+    'the cat '
+    """
+    from speechbrain_blspkd.nnet.whisper_asr import (
+        _NO_TIMESTAMPS,
+        _SOT,
+        _TASKS,
+    )
+
+    specials = [_SOT]
+    specials += [f"<|{code}|>" for code in languages]
+    specials += [f"<|{task}|>" for task in reversed(_TASKS)]
+    tokenizer = build_test_tokenizer(extra_special_tokens=specials)
+    tokenizer.add_tokens([_NO_TIMESTAMPS], special_tokens=True)
+    return tokenizer
+
+
+def whisper_token_settings(tokenizer):
+    """The config values that tie a random Whisper model to ``tokenizer``.
+
+    For a ``WhisperConfig`` built for tests (e.g. with
+    :func:`tiny_whisper_config`): the vocabulary size, the special token ids
+    and the suppressed tokens, so that the config matches the tokenizer
+    (Whisper's defaults refer to ids of its 51865-token vocabulary).  They
+    are the values ``WhisperTranscriber`` sets itself on a config it is
+    given (:mod:`speechbrain_blspkd.nnet.whisper_asr`).
+
+    Arguments
+    ---------
+    tokenizer : transformers tokenizer
+        With Whisper's special tokens (:func:`build_test_whisper_tokenizer`).
+
+    Returns
+    -------
+    dict
+
+    Example
+    -------
+    >>> tok = build_test_whisper_tokenizer()
+    >>> settings = whisper_token_settings(tok)
+    >>> settings["vocab_size"] == len(tok)
+    True
+    >>> settings["eos_token_id"] in settings["suppress_tokens"]
+    False
+    """
+    from speechbrain_blspkd.nnet.whisper_asr import (
+        _config_token_settings,
+        _generation_config_from_tokenizer,
+    )
+
+    generation = _generation_config_from_tokenizer(tokenizer, None)
+    return dict(vocab_size=len(tokenizer), **_config_token_settings(generation))

@@ -1,0 +1,128 @@
+"""Tests of the one TTS wrapper (espeak-ng + sox): dataprep/tts.py."""
+
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from speechbrain_blspkd.dataprep import synthspeech, tts
+
+needs_tts = pytest.mark.skipif(
+    shutil.which("espeak-ng") is None or shutil.which("sox") is None,
+    reason="needs espeak-ng and sox",
+)
+
+TEXT = "The quick brown fox jumps over the lazy dog."
+
+
+def _audio(path):
+    data, rate = sf.read(str(path), dtype="float64")
+    return data, rate
+
+
+def _say(folder, name, **options):
+    return tts.synthesise(TEXT, folder / f"{name}.wav", **options)
+
+
+@needs_tts
+def test_writes_16k_mono_16bit_atomically(tmp_path):
+    out = tmp_path / "sub" / "dir" / "a.wav"  # parents are created
+    assert tts.synthesise(TEXT, out) == out
+    info = sf.info(str(out))
+    assert (info.samplerate, info.channels, info.subtype) == (
+        16000,
+        1,
+        "PCM_16",
+    )
+    assert 1.0 < info.duration < 6.0
+    assert tts.is_complete_wav(out)
+    assert [p.name for p in out.parent.iterdir()] == ["a.wav"]  # no temps
+    # text that looks like an option is spoken, not parsed
+    dash = tts.synthesise("-v hello there", tmp_path / "dash.wav")
+    assert sf.info(str(dash)).duration > 0.3
+
+
+@needs_tts
+def test_options_reach_espeak_and_sox(tmp_path):
+    base, _ = _audio(_say(tmp_path, "base", voice="en-us"))
+    slow, _ = _audio(_say(tmp_path, "slow", voice="en-us", speed=90))
+    fast, _ = _audio(_say(tmp_path, "fast", voice="en-us", speed=300))
+    assert len(slow) > 1.5 * len(base) > 1.5 * 1.5 * len(fast)
+    for name, options in [
+        ("low", dict(pitch=5)),
+        ("high", dict(pitch=95)),
+        ("f1", dict(variant="f1")),
+        ("m3", dict(variant="m3")),
+        ("de", dict(voice="de")),
+    ]:
+        other, _ = _audio(_say(tmp_path, name, **options))
+        same = len(other) == len(base) and np.allclose(other, base)
+        assert not same, name
+    low, _ = _audio(tmp_path / "low.wav")
+    high, _ = _audio(tmp_path / "high.wav")
+    assert not (len(low) == len(high) and np.allclose(low, high))
+    # the same options give the same audio up to sox's dither (+-2 LSB)
+    again, _ = _audio(_say(tmp_path, "again", voice="en-us"))
+    np.testing.assert_allclose(again, base, rtol=0, atol=2.5 / 32768)
+    # sox's gain: half the volume, half the peak
+    quiet, _ = _audio(_say(tmp_path, "quiet", volume=0.45))
+    ratio = np.abs(quiet).max() / np.abs(base).max()
+    assert ratio == pytest.approx(0.5, abs=0.01)
+
+
+@needs_tts
+def test_failures_name_the_program_and_keep_the_old_file(tmp_path):
+    out = tmp_path / "a.wav"
+    out.write_bytes(b"old")
+    with pytest.raises(tts.TTSError, match=r"espeak-ng failed .*exit 1.*voice"):
+        tts.synthesise(TEXT, out, voice="zzzz")
+    with pytest.raises(tts.TTSError, match=r"^sox failed .*exit"):
+        tts.synthesise(TEXT, out, volume="not-a-number")
+    assert out.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.wav"]
+    # synthspeech's plan-entry adapter adds the utterance ID
+    utt = dict(
+        ID="synth_x_1",
+        text="Hi.",
+        voice="zzzz",
+        variant="f1",
+        speed=1,
+        pitch=1,
+    )
+    with pytest.raises(RuntimeError, match=r"synth_x_1 failed: espeak-ng"):
+        synthspeech.synthesise(utt, tmp_path / "b.wav")
+    assert not (tmp_path / "b.wav").exists()
+
+
+def test_missing_programs_are_named_with_the_apt_command(tmp_path):
+    out = tmp_path / "a.wav"
+    assert tts.missing_tools("no-espeak", "no-sox") == ["no-espeak", "no-sox"]
+    with pytest.raises(
+        tts.TTSError,
+        match=r"^no-espeak and no-sox not found; install them "
+        r"\(Debian: apt-get install .*espeak-ng sox\)",
+    ):
+        tts.synthesise(TEXT, out, espeak="no-espeak", sox="no-sox")
+    with pytest.raises(tts.TTSError, match="^no-sox not found; install it"):
+        tts.check_tools(sox="no-sox")
+    assert not out.exists()
+    assert isinstance(tts.TTSError("x"), RuntimeError)
+
+
+def test_is_complete_wav(tmp_path):
+    good = tmp_path / "good.wav"
+    sf.write(str(good), np.zeros(160), 16000, subtype="PCM_16")
+    assert tts.is_complete_wav(good)
+    for name, data, rate, subtype in [
+        ("empty", np.zeros(0), 16000, "PCM_16"),
+        ("rate", np.zeros(160), 22050, "PCM_16"),
+        ("stereo", np.zeros((160, 2)), 16000, "PCM_16"),
+        ("float", np.zeros(160), 16000, "FLOAT"),
+    ]:
+        path = tmp_path / f"{name}.wav"
+        sf.write(str(path), data, rate, subtype=subtype)
+        assert not tts.is_complete_wav(path), name
+    (tmp_path / "half.wav").write_bytes(b"RIFF")
+    assert not tts.is_complete_wav(tmp_path / "half.wav")
+    assert not tts.is_complete_wav(tmp_path / "absent.wav")
