@@ -31,6 +31,7 @@ setup(
         "sentencepiece",
         "sacrebleu>=2.4",
         "soundfile>=0.12",
+        "tensorboard>=2.21",
         "gguf",
         "tqdm",
         "safetensors",

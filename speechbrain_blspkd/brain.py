@@ -317,29 +317,48 @@ class SpeechLLMBrain(sb.Brain):
             self._tensorboard(row, self.optimizer_step, prefix="train_step")
 
     def _tensorboard(self, stats, step, prefix):
-        """Also log ``stats`` to TensorBoard when it is installed.
+        """Also log the numbers of ``stats`` to TensorBoard.
 
-        Events go to ``<step_log folder>/tensorboard``; without the
+        Through speechbrain's ``TensorboardLogger`` (created on first use;
+        events go to ``<step_log folder>/tensorboard``): each number becomes
+        the scalar ``<prefix>/<key>`` at the optimiser step ``step``, so the
+        training steps (``train_step/...``) and the validations of each
+        stage (``valid_<stage>/...``) share one x axis.  Without the
         ``tensorboard`` package this does nothing (said once in the log).
+
+        Arguments
+        ---------
+        stats : dict
+            Name -> value; values that are not numbers, and ``step``, are
+            left out.
+        step : int
+            The optimiser step the values belong to.
+        prefix : str
+            Tag prefix.
         """
-        writer = getattr(self, "_tb_writer", None)
-        if writer is None:
+        tb = getattr(self, "_tb_logger", None)
+        if tb is None:
+            from speechbrain.utils.train_logger import TensorboardLogger
+
+            folder = os.path.join(
+                os.path.dirname(self.hparams.step_log), "tensorboard"
+            )
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                self._tb_logger = tb = TensorboardLogger(folder)
             except ImportError:
                 logger.info("tensorboard not installed: step log only")
-                self._tb_writer = writer = False
-            else:
-                folder = os.path.join(
-                    os.path.dirname(self.hparams.step_log), "tensorboard"
-                )
-                self._tb_writer = writer = SummaryWriter(folder)
-        if writer is False:
+                self._tb_logger = tb = False
+        if tb is False or tb.writer is None:
             return
-        for key, value in stats.items():
-            if isinstance(value, (int, float)) and key != "step":
-                writer.add_scalar(f"{prefix}/{key}", value, step)
-        writer.flush()
+        scalars = {
+            f"{prefix}/{key}": value
+            for key, value in stats.items()
+            if isinstance(value, (int, float)) and key != "step"
+        }
+        # log_stats writes stats_meta at global_step["meta"] + 1
+        tb.global_step["meta"] = step - 1
+        tb.log_stats(stats_meta=scalars)
+        tb.writer.flush()
 
     def on_fit_batch_start(self, batch, should_step):
         """Advance the stage's schedule before each optimiser step."""
@@ -557,14 +576,12 @@ def dataio_prepare(hparams, feature_cache=None):
 def _encoder_fn(encoder, device):
     """``wavs (list of 1-D) -> list of (frames, d)`` for the feature cache."""
 
+    from speechbrain.utils.data_utils import batch_pad_right
+
     @torch.no_grad()
     def encode(wavs):
-        lens = torch.tensor([w.numel() for w in wavs])
-        batch = torch.zeros(len(wavs), int(lens.max()))
-        for i, w in enumerate(wavs):
-            batch[i, : w.numel()] = w
-        rel = (lens.float() / lens.max()).to(device)
-        feats, feat_lens = encoder(batch.to(device), rel)
+        batch, rel = batch_pad_right([w.float() for w in wavs])
+        feats, feat_lens = encoder(batch.to(device), rel.to(device))
         frames = torch.round(feat_lens * feats.shape[1]).long().clamp(min=1)
         return [f[: int(n)].float().cpu() for f, n in zip(feats, frames)]
 

@@ -118,31 +118,62 @@ def test_same_seed_gives_identical_losses(tmp_path):
     assert runs[0] == runs[1]
 
 
-def test_steps_go_to_tensorboard_when_installed(tmp_path, monkeypatch):
-    import sys
-    import types
+def _scalar_events(folder):
+    from tensorboard.backend.event_processing.event_accumulator import (
+        EventAccumulator,
+    )
 
-    events = []
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+    }
 
-    class Writer:
-        def __init__(self, folder):
-            events.append(("folder", folder))
 
-        def add_scalar(self, tag, value, step):
-            events.append((tag, value, step))
+def test_steps_go_to_tensorboard(tmp_path):
+    """Real event files (speechbrain's TensorboardLogger) read back: one
+    scalar per number of the step log, at the optimiser step."""
+    import json
 
-        def flush(self):
-            pass
-
-    fake = types.ModuleType("torch.utils.tensorboard")
-    fake.SummaryWriter = Writer
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
     brain = _brain(tmp_path)
-    brain.fit_batch(_batch())
-    assert events[0] == ("folder", str(tmp_path / "tensorboard"))
-    tags = {e[0] for e in events[1:]}
-    assert {"train_step/loss", "train_step/input_kl", "train_step/lr"} <= tags
-    assert all(e[2] == 1 for e in events[1:])
+    brain.hparams.log_every_n_steps = 2
+    for seed in range(5):
+        brain.fit_batch(_batch(seed))
+    brain._tensorboard(
+        {"loss": 0.25, "wer": 12, "stage": "kd", "step": 99}, 5, "valid_kd"
+    )
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "steps.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in rows] == [2, 4]
+    scalars = _scalar_events(tmp_path / "tensorboard")
+    numbers = [k for k, v in rows[0].items() if k not in ("stage", "step")]
+    assert {"loss", "input_kl", "lr"} <= set(numbers)
+    expected = {f"train_step/{k}" for k in numbers}
+    assert set(scalars) == expected | {"valid_kd/loss", "valid_kd/wer"}
+    for key in numbers:
+        got = scalars[f"train_step/{key}"]
+        assert [step for step, _ in got] == [2, 4], key
+        assert [value for _, value in got] == pytest.approx(
+            [float(r[key]) for r in rows], rel=1e-6, abs=1e-7
+        ), key
+    assert scalars["valid_kd/loss"] == [(5, 0.25)]
+    assert scalars["valid_kd/wer"] == [(5, 12.0)]
+
+
+def test_without_tensorboard_only_the_step_log(tmp_path, monkeypatch, caplog):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    brain = _brain(tmp_path)
+    with caplog.at_level("INFO", logger="speechbrain_blspkd.brain"):
+        brain.fit_batch(_batch())
+        brain.fit_batch(_batch())
+    assert caplog.text.count("tensorboard not installed") == 1
+    assert len((tmp_path / "steps.jsonl").read_text().splitlines()) == 2
+    assert not (tmp_path / "tensorboard").exists()
 
 
 def test_dynamic_batching_buckets_by_duration_and_follows_the_epoch():
@@ -234,3 +265,37 @@ def test_validation_stats_come_from_the_objective_and_the_adapter(tmp_path):
         assert key in summary, key
     assert 0.0 <= summary["exact_count"] <= 1.0
     assert summary["input_kl"] > 0
+
+
+def test_encoder_fn_pads_right_and_crops_each_row():
+    """Feature-cache encoding: right zero-padding with SpeechBrain relative
+    lengths in, each row cut back to its own frames out."""
+    from speechbrain_blspkd.brain import _encoder_fn
+
+    calls = []
+
+    def encoder(batch, rel):  # one frame per 10 samples: (sum, frame index)
+        calls.append((batch.clone(), rel.clone()))
+        sums = batch.reshape(batch.shape[0], -1, 10).sum(-1)
+        index = torch.arange(sums.shape[1]).expand_as(sums).float()
+        return torch.stack([sums, index], -1), rel
+
+    encode = _encoder_fn(encoder, "cpu")
+    wavs = [torch.full((30,), 1.0), torch.full((50,), 2.0, dtype=torch.float64)]
+    wavs.append(torch.full((20,), 3.0))
+    feats = encode(wavs)
+    batch, rel = calls[0]
+    assert batch.shape == (3, 50) and batch.dtype == torch.float32
+    assert torch.equal(batch[0, 30:], torch.zeros(20))  # padding is zeros
+    assert torch.equal(
+        batch[2], torch.cat([torch.full((20,), 3.0), torch.zeros(30)])
+    )
+    torch.testing.assert_close(rel, torch.tensor([0.6, 1.0, 0.4]))
+    assert [f.shape for f in feats] == [(3, 2), (5, 2), (2, 2)]
+    assert feats[1][:, 0].tolist() == [20.0] * 5
+    assert feats[2][:, 1].tolist() == [0.0, 1.0]
+    assert all(f.dtype == torch.float32 for f in feats)
+    # a batch of one
+    (alone,) = encode([torch.ones(40)])
+    assert alone.shape == (4, 2)
+    torch.testing.assert_close(calls[1][1], torch.tensor([1.0]))

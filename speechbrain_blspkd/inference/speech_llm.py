@@ -196,15 +196,29 @@ class SpeechLLM(Pretrained):
         ------
         speechbrain_blspkd.prompt.ContextLengthError
             See :meth:`generate_file`.
+
+        Example
+        -------
+        >>> import tempfile, pathlib, numpy, soundfile
+        >>> from speechbrain_blspkd.inference.export import export_model
+        >>> from speechbrain_blspkd.utils.testing import tiny_saved_speech_llm
+        >>> tmp = pathlib.Path(tempfile.mkdtemp())
+        >>> folder = export_model(tiny_saved_speech_llm(tmp), tmp / "model")
+        >>> llm = SpeechLLM.from_hparams(source=folder,
+        ...     run_opts={"device": "cpu"})
+        >>> for name, samples in [("a.wav", 8000), ("b.wav", 4000)]:
+        ...     soundfile.write(tmp / name, numpy.zeros(samples), 16000)
+        >>> answers = llm.generate_files([tmp / "a.wav", tmp / "b.wav"],
+        ...     ["Repeat it.", "Say it again."], max_new_tokens=3)
+        >>> len(answers), all(isinstance(a, str) for a in answers)
+        (2, True)
         """
+        from speechbrain.utils.data_utils import batch_pad_right
+
         wavs = [self.load_file(p) for p in paths]
         if not wavs:
             return []
-        longest = max(w.numel() for w in wavs)
-        batch = torch.zeros(len(wavs), longest)
-        for i, w in enumerate(wavs):
-            batch[i, : w.numel()] = w
-        lens = torch.tensor([w.numel() / longest for w in wavs])
+        batch, lens = batch_pad_right([w.float() for w in wavs])
         names = [str(p) for p in paths]
         return self._generate(batch, lens, instructions, names, "file", gen)
 
