@@ -6,7 +6,8 @@ builder: from the **speech** (student) and from the **transcript** (the text
 teacher: the same LLM with PLoRA off).  The agreement of the two answers
 (chrF and WER, speech answer scored against the teacher's) is reported
 beside a shuffled-pair baseline (teacher answers matched to the wrong
-utterances), with the CIF exact-count rate of the predicted token counts.
+utterances), with the number of speech embeddings against the transcript's
+token count.
 Rows with a ``translation`` or ``answer`` column are also scored against
 those references (BLEU/chrF, QA accuracy) through
 :class:`~speechbrain_blspkd.metrics.EvalSummary`.
@@ -237,7 +238,7 @@ def evaluate_parity(
     Writes ``rows.jsonl`` (one line per utterance and task) and
     ``summary.json`` into ``out_folder`` (main process, atomically), and
     ``adapter_<ID>.png`` figures of the first ``plot_utterances``
-    utterances when the adapter draws any (CIF weights for the CFormer).
+    utterances when the adapter draws any (:meth:`SpeechAdapter.plot`).
 
     Returns
     -------

@@ -1,9 +1,9 @@
 """Training stages declared in the YAML.
 
-A recipe trains through a list of :class:`Stage` objects in order (e.g.
-BLSP-KD's alignment stage, then KD); each names its objective, its
-training manifest, its epoch counter, its data-loader options, its peak
-learning rate and its learning-rate schedule.  The Brain runs whatever
+A recipe trains through a list of :class:`Stage` objects in order; each
+names its objective, its training manifest, its epoch counter, its
+data-loader options, its peak learning rate and its learning-rate
+schedule.  The Brain runs whatever
 stages the YAML lists and knows none of them by name::
 
     stages:

@@ -35,7 +35,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="blspkd-infer",
         description="Answer audio files (and transcripts) with an exported "
-        "BLSP-KD speech LLM folder.",
+        "speech LLM folder (any method).",
     )
     parser.add_argument("--model", required=True, help="exported model folder")
     parser.add_argument(

@@ -1,4 +1,4 @@
-"""SpeechBrain inference interface of a BLSP-KD speech LLM.
+"""SpeechBrain inference interface of an exported speech LLM (any method).
 
 :class:`SpeechLLM` loads a folder written by
 :func:`speechbrain_blspkd.inference.export.export_model` (``hyperparams.yaml``
