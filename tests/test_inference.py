@@ -349,3 +349,29 @@ def test_every_method_exports_and_loads(tmp_path):
     loaded = SpeechLLM.from_hparams(source=str(folder))
     assert isinstance(loaded.model, CascadeModel)
     assert loaded.generate_batch(wav, max_new_tokens=5) == want
+
+
+def test_cascade_transcribes_the_same_speech_once(monkeypatch):
+    """Evaluation answers each clip to several instructions: the cascade
+    reuses the transcripts of the same audio (and only of the same)."""
+    import torch
+
+    from speechbrain_blspkd.utils.testing import tiny_cascade
+
+    cascade = tiny_cascade()
+    calls = []
+    real = cascade.transcriber.transcribe
+
+    def counting(wavs, wav_lens=None, languages=None):
+        calls.append(wavs.shape[0])
+        return real(wavs, wav_lens)
+
+    monkeypatch.setattr(cascade.transcriber, "transcribe", counting)
+    wavs = torch.randn(2, 8000) * 0.1
+    first = cascade.generate(wavs, instructions="Repeat:", max_new_tokens=2)
+    cascade.generate(wavs, instructions="Continue:", max_new_tokens=2)
+    assert calls == [2]
+    cascade.generate(wavs * 0.5, instructions="Repeat:", max_new_tokens=2)
+    assert calls == [2, 2]
+    again = cascade.generate(wavs, instructions="Repeat:", max_new_tokens=2)
+    assert again == first

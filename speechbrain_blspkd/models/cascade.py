@@ -50,6 +50,7 @@ class CascadeModel(SpeechLLMModel):
                 raise ValueError(f"CascadeModel: takes no `{key}`")
         super().__init__(llm, None, encoder=None, plora=None, **kwargs)
         self.transcriber = transcriber
+        self._transcripts = {}
 
     def forward(self, *args, **kwargs):
         """The cascade trains nothing (its recipe declares no stage)."""
@@ -57,8 +58,18 @@ class CascadeModel(SpeechLLMModel):
 
     @torch.no_grad()
     def transcribe(self, wavs, wav_lens=None):
-        """The transcripts the LLM will answer (list of str)."""
-        return self.transcriber.transcribe(wavs, wav_lens)
+        """The transcripts the LLM will answer (list of str).
+
+        The transcripts of the last few batches are remembered (keyed by
+        the audio itself), so answering the same speech to several
+        instructions, as evaluation does, transcribes it once.
+        """
+        key = _audio_key(wavs, wav_lens)
+        if key not in self._transcripts:
+            if len(self._transcripts) >= 64:
+                self._transcripts.clear()
+            self._transcripts[key] = self.transcriber.transcribe(wavs, wav_lens)
+        return list(self._transcripts[key])
 
     @torch.no_grad()
     def generate(
@@ -131,3 +142,14 @@ class CascadeModel(SpeechLLMModel):
     def trainable_parameters(self):
         """None: the cascade has nothing to train."""
         return []
+
+
+def _audio_key(wavs, wav_lens):
+    import hashlib
+
+    digest = hashlib.sha1()
+    digest.update(wavs.detach().float().cpu().numpy().tobytes())
+    digest.update(str(tuple(wavs.shape)).encode())
+    if wav_lens is not None:
+        digest.update(torch.as_tensor(wav_lens).float().cpu().numpy().tobytes())
+    return digest.hexdigest()
