@@ -34,9 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from speechbrain_blspkd.assets import asset_path
-from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
+from speechbrain_blspkd.models.speech_llm import PassRequest, SpeechLLMModel
 from speechbrain_blspkd.nnet import plora as plora_lib
 from speechbrain_blspkd.nnet.cformer import CFormer
+from speechbrain_blspkd.objectives.blsp_kd import alignment_loss
 from speechbrain_blspkd.utils.precision import choose, resolve_dtype
 
 SENTENCES = [
@@ -132,16 +133,21 @@ def main():
     feats = torch.randn(args.batch, frames, 512, device=device)
     lens = torch.linspace(0.6, 1.0, args.batch, device=device)
 
+    kd_request = PassRequest(
+        teacher=True, student=True, logits=("input", "response")
+    )
+
     def kd_step():
         with torch.autocast(**amp):
-            out = model.compute_kd_inputs(
-                transcripts=texts,
-                continuations=[CONTINUATION] * args.batch,
+            out = model(
+                texts,
+                [CONTINUATION] * args.batch,
                 feats=feats,
                 feat_lens=lens,
+                request=kd_request,
             )
-            loss = out["student_response_logits"].logsumexp(-1).mean()
-            loss = loss + out["student_input_logits"].logsumexp(-1).mean()
+            loss = out.student.logits["response"].logsumexp(-1).mean()
+            loss = loss + out.student.logits["input"].logsumexp(-1).mean()
         loss.backward()
         model.zero_grad(set_to_none=True)
 
@@ -157,16 +163,15 @@ def main():
         def run():
             model.adapter = adapter
             with torch.autocast(**amp):
-                out = model.compute_kd_inputs(
-                    transcripts=align_texts,
-                    feats=align_feats,
-                    feat_lens=align_lens,
-                    run_teacher=False,
-                    run_student=False,
+                out = model(
+                    align_texts, feats=align_feats, feat_lens=align_lens
                 )
-                loss = model.alignment_loss(
-                    out["adapter"], out["transcript_ids"]
-                )["loss"]
+                loss = alignment_loss(
+                    model,
+                    out.adapter,
+                    out.transcript_ids,
+                    transcript_mask=out.transcript_mask,
+                )[0]
             loss.backward()
             adapter.zero_grad(set_to_none=True)
             model.adapter = plain

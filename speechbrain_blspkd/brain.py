@@ -301,8 +301,13 @@ class SpeechLLMBrain(sb.Brain):
         return {k: v / n for k, v in self._eval_sums.items() if k != "loss"}
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
-        """Step-level log (JSONL) for the training curves."""
-        if not should_step or not sb.utils.distributed.if_main_process():
+        """Step-level log (JSONL, main process) for the training curves.
+
+        Every process calls the TensorBoard logger (speechbrain's loggers
+        broadcast from the main process, a collective); only the main
+        process writes.
+        """
+        if not should_step:
             return
         every = self.hparams.log_every_n_steps
         if every and self.optimizer_step % every == 0:
@@ -313,7 +318,8 @@ class SpeechLLMBrain(sb.Brain):
                 "loss": float(loss.detach()),
             }
             row["lr"] = self.optimizer.param_groups[0]["lr"]
-            _append_jsonl(self.hparams.step_log, row)
+            if sb.utils.distributed.if_main_process():
+                _append_jsonl(self.hparams.step_log, row)
             self._tensorboard(row, self.optimizer_step, prefix="train_step")
 
     def _tensorboard(self, stats, step, prefix):
@@ -348,7 +354,7 @@ class SpeechLLMBrain(sb.Brain):
             except ImportError:
                 logger.info("tensorboard not installed: step log only")
                 self._tb_logger = tb = False
-        if tb is False or tb.writer is None:
+        if tb is False:
             return
         scalars = {
             f"{prefix}/{key}": value
@@ -357,8 +363,9 @@ class SpeechLLMBrain(sb.Brain):
         }
         # log_stats writes stats_meta at global_step["meta"] + 1
         tb.global_step["meta"] = step - 1
-        tb.log_stats(stats_meta=scalars)
-        tb.writer.flush()
+        tb.log_stats(stats_meta=scalars)  # main process only (broadcast)
+        if tb.writer is not None:
+            tb.writer.flush()
 
     def on_fit_batch_start(self, batch, should_step):
         """Advance the stage's schedule before each optimiser step."""
@@ -378,10 +385,10 @@ class SpeechLLMBrain(sb.Brain):
                 train_stats=self.train_stats,
                 valid_stats=stats,
             )
-            if sb.utils.distributed.if_main_process():
-                self._tensorboard(
-                    stats, self.optimizer_step, f"valid_{self.stage.name}"
-                )
+            # every process: speechbrain's loggers are collectives
+            self._tensorboard(
+                stats, self.optimizer_step, f"valid_{self.stage.name}"
+            )
             self.checkpointer.save_and_keep_only(
                 meta={"loss": stage_loss, "stage": self.stage.name},
                 min_keys=["loss"],

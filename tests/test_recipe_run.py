@@ -120,7 +120,7 @@ def _check_outputs(out):
         "model.ckpt",
     }
     assert list((out / "eval" / "trained").glob("adapter_*.png"))
-    assert (out / "train_log.txt").read_text().count("stage: kd") == 1
+    assert (out / "train_log.txt").read_text().count("stage: kd, epoch") == 1
     return rows
 
 
@@ -146,8 +146,8 @@ def test_recipe_single_process_and_resume(tiny_bases, tmp_path):
     # A rerun finds everything done: no new epoch, same evaluation rows.
     log_before = (out / "train_log.txt").read_text()
     _run(cmd, RECIPE)
-    assert (out / "train_log.txt").read_text().count("stage: kd") == 1
-    assert log_before.count("stage: align") == 1
+    assert (out / "train_log.txt").read_text().count("stage: kd, epoch") == 1
+    assert log_before.count("stage: align, epoch") == 1
     assert _check_outputs(out) == rows
 
 

@@ -339,10 +339,19 @@ def _worker(out):
     TrainableWeights(plain).load(out / "single.ckpt")
     model.eval()
     plain.eval()
+    from speechbrain_blspkd.models.speech_llm import PassRequest
+
+    request = PassRequest(teacher=True, student=True, logits=("input",))
     with torch.no_grad():
-        a, b = model(**batch), plain(**batch)
-    for key in ("teacher_input_logits", "student_input_logits"):
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+        a = model(**batch, request=request)
+        b = plain(**batch, request=request)
+    for side in ("teacher", "student"):
+        torch.testing.assert_close(
+            getattr(a, side).logits["input"],
+            getattr(b, side).logits["input"],
+            rtol=0,
+            atol=0,
+        )
     checks.append("teacher_student_passes")
 
     # decoding under the sharded model: every rank in step (HF synced_gpus)
@@ -365,9 +374,12 @@ def _worker(out):
     checks.append("generate_rank_local")
     assert sharding.is_dtensor(lora)
     with torch.no_grad():
-        again = model(**batch)
+        again = model(**batch, request=request)
     torch.testing.assert_close(
-        again["student_input_logits"], b["student_input_logits"], rtol=0, atol=0
+        again.student.logits["input"],
+        b.student.logits["input"],
+        rtol=0,
+        atol=0,
     )
     checks.append("resharded")
     (out / f"rank{rank}.json").write_text(json.dumps({"checks": checks}))

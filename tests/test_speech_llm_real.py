@@ -9,13 +9,12 @@ pytestmark = pytest.mark.slow
 def test_real_models_finite_losses_and_steps_reduce_loss(real_asset):
     WHISPER = real_asset("whisper-base")
     SMOLLM2 = real_asset("smollm2-135m-instruct")
+    import speechbrain as sb
+
     from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
     from speechbrain_blspkd.nnet.cformer import CFormer
     from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
-    from speechbrain_blspkd.utils.testing import (
-        LOGIT_KEYS,
-        distillation_loss,
-    )
+    from speechbrain_blspkd.objectives import BLSPKDObjective
 
     torch.manual_seed(0)
     encoder = WhisperEncoder(WHISPER, dtype="auto")
@@ -43,13 +42,23 @@ def test_real_models_finite_losses_and_steps_reduce_loss(real_asset):
     transcripts = ["he was not an ill disposed young man", "the birch canoe"]
     continuations = ["He lived in a small town.", "slid on the planks"]
     opt = torch.optim.Adam(model.trainable_parameters(), lr=1e-3)
+    objective = BLSPKDObjective(
+        {"input_kl": 1.0, "response_kl": 1.0, "response_ce": 1.0, "cif": 1.0}
+    )
     losses = []
     for _ in range(3):
-        out = model(wavs, lens, transcripts, continuations)
-        for key in LOGIT_KEYS:
-            assert torch.isfinite(out[key]).all(), key
-        assert out["student_input_logits"].shape[-1] == 49152
-        loss = distillation_loss(out)
+        out = model(
+            transcripts,
+            continuations,
+            wavs=wavs,
+            wav_lens=lens,
+            request=objective.request(sb.Stage.TRAIN),
+        )
+        for passed in (out.teacher, out.student):
+            for span, logits in passed.logits.items():
+                assert torch.isfinite(logits).all(), span
+        assert out.student.logits["input"].shape[-1] == 49152
+        loss, _ = objective(out, model, sb.Stage.TRAIN)
         assert torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()
