@@ -403,6 +403,27 @@ class SpeechLLMBrain(sb.Brain):
             )
 
 
+def requested_option(hparams, run_opts, key):
+    """A run option as requested: the command line's when it was given
+    there, else the YAML's (None when neither sets it).
+
+    speechbrain's parser fills every option with a default; only the
+    options in ``RunOptions.overridden_args`` were given (a plain dict:
+    every key was).
+
+    Example
+    -------
+    >>> requested_option({"precision": "auto"}, {}, "precision")
+    'auto'
+    >>> requested_option({"precision": "auto"}, {"precision": "fp32"}, "precision")
+    'fp32'
+    """
+    given = getattr(run_opts, "overridden_args", run_opts)
+    if key in given:
+        return run_opts.get(key)
+    return (hparams or {}).get(key)
+
+
 def resolve_run_precision(hparams, run_opts):
     """Run options with ``precision``/``eval_precision`` ``auto`` resolved.
 
@@ -445,7 +466,7 @@ def resolve_run_precision(hparams, run_opts):
     device = run_opts.get("device") or sb.utils.distributed.infer_device()
     resolved = {}
     for key in ("precision", "eval_precision"):
-        value = run_opts.get(key) if key in given else hparams.get(key)
+        value = requested_option(hparams, run_opts, key)
         if value is not None:  # else speechbrain's default (fp32)
             resolved[key] = precision_lib.resolve_precision(value, device)
     if isinstance(run_opts, dict):
@@ -708,11 +729,7 @@ def run_recipe(argv):
         text = fin.read()
     check_overrides(text, overrides, hparams_file)
     hparams = load_hyperpyyaml(text, overrides)
-    requested_precision = (
-        run_opts.get("precision")
-        if "precision" in getattr(run_opts, "overridden_args", run_opts)
-        else hparams.get("precision")
-    )
+    requested_precision = requested_option(hparams, run_opts, "precision")
     run_opts = resolve_run_precision(hparams, run_opts)
     # refuse an unsupported sharding set-up before the data preparation
     sharding.resolve_strategy(

@@ -28,7 +28,6 @@ from tqdm import tqdm
 from speechbrain_blspkd import metrics
 from speechbrain_blspkd.dataio.audio import load_row_audio
 from speechbrain_blspkd.dataio.manifest import read_manifest
-from speechbrain_blspkd.prompt import context_limit
 from speechbrain_blspkd.utils.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -116,14 +115,12 @@ def decode_rows(
     """
     device = model.embed_tokens.weight.device
     teacher_cache = {} if teacher_cache is None else teacher_cache
-    limit = context_limit(model.llm)
     for instruction in tasks.values():  # the text prompts, up front
-        model.prompts.check_fits(
-            limit,
+        model.check_fits(
             instruction,
+            max_new_tokens,
             transcripts=[r["transcript"] for r in rows],
-            max_new_tokens=max_new_tokens,
-            ids=[r["ID"] for r in rows],
+            names=[r["ID"] for r in rows],
             source=source,
         )
     out = []

@@ -67,24 +67,13 @@ METHOD_OVERRIDES = {
 
 
 def _overrides(bases, data, out):
-    return [
-        f"--output_folder={out}",
-        f"--data_folder={data}",
-        f"--llm_asset={bases / 'llm'}",
+    """The tiny BLSP-KD run (``blsp_kd.yaml``)."""
+    return _common(bases, data, out) + [
         f"--encoder_asset={bases / 'whisper'}",
         "--encoder_dim=64",
         "--llm_dim=64",
         "--cformer_layers_pre=1",
         "--cformer_layers_post=1",
-        "--num_train=8",
-        "--num_valid=4",
-        "--num_test=4",
-        "--languages=[en, de]",
-        "--kd_train_subset=4",
-        "--continuation_max_new_tokens=4",
-        "--eval_max_new_tokens=4",
-        "--eval_max_utterances=4",
-        "--plot_utterances=1",
         "--align_dataloader_opts={batch_size: 4, shuffle: True}",
         "--kd_dataloader_opts={batch_size: 2, shuffle: True}",
         "--align_epochs_limit=1",

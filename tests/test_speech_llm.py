@@ -607,7 +607,7 @@ def test_generate_checks_the_context_length(pristine_and_model, monkeypatch):
     longest = max(len(p.input_ids) for p in prompts)
     limit = model.llm.config.max_position_embeddings
     fits = limit - longest
-    model.check_fits(counts.tolist(), INSTRUCTION, fits)  # no error
+    model.check_fits(INSTRUCTION, fits, n_speech=counts.tolist())  # no error
 
     def never(*args, **kwargs):
         raise AssertionError("generated although the context is too short")

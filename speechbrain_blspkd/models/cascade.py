@@ -109,22 +109,18 @@ class CascadeModel(SpeechLLMModel):
         transcripts = self.transcribe(wavs, wav_lens)
         n = len(transcripts)
         instructions = self._instructions(instructions, n, audio=True)
-        limit_check = [" " if not t else t for t in transcripts]
-        from speechbrain_blspkd.prompt import context_limit
-
-        limit = context_limit(self.llm)
-        if limit is not None:
-            self.prompts.check_fits(
-                limit,
-                instructions,
-                transcripts=limit_check,
-                max_new_tokens=max_new_tokens,
-                ids=names,
-                source=source,
-                item=item,
-            )
+        # an empty transcript (silence) is answered as a blank one
+        texts = [t or " " for t in transcripts]
+        self.check_fits(
+            instructions,
+            max_new_tokens,
+            transcripts=texts,
+            names=names,
+            source=source,
+            item=item,
+        )
         answers = self.generate_text(
-            limit_check,
+            texts,
             instructions=instructions,
             max_new_tokens=max_new_tokens,
             num_beams=num_beams,
@@ -133,7 +129,7 @@ class CascadeModel(SpeechLLMModel):
         )
         out = [answers]
         if return_num_tokens:
-            counts = [len(x) for x in self.transcript_ids(limit_check)]
+            counts = [len(x) for x in self.transcript_ids(texts)]
             out.append(torch.tensor(counts, dtype=torch.long))
         if return_transcripts:
             out.append(transcripts)

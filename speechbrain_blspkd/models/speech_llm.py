@@ -883,22 +883,29 @@ class SpeechLLMModel(nn.Module):
 
     def check_fits(
         self,
-        counts,
         instructions,
         max_new_tokens,
+        n_speech=None,
+        transcripts=None,
         names=None,
         source=None,
         item="row",
     ):
-        """Raise ``ContextLengthError`` when a speech prompt plus
-        ``max_new_tokens`` exceeds the LLM context (the item named)."""
+        """Raise ``ContextLengthError`` when a prompt plus
+        ``max_new_tokens`` exceeds the LLM context (the item named).
+
+        The prompts are speech prompts of ``n_speech`` embeddings, or text
+        prompts of ``transcripts``
+        (:meth:`~speechbrain_blspkd.prompt.PromptBuilder.check_fits`).
+        """
         limit = context_limit(self.llm)
         if limit is None:
             return
         self.prompts.check_fits(
             limit,
             instructions,
-            n_speech=list(counts),
+            n_speech=None if n_speech is None else list(n_speech),
+            transcripts=transcripts,
             max_new_tokens=max_new_tokens,
             ids=names,
             source=source,
@@ -971,12 +978,12 @@ class SpeechLLMModel(nn.Module):
             n = counts.shape[0]
             instructions = self._instructions(instructions, n, audio=True)
             self.check_fits(
-                counts.tolist(),
                 instructions,
                 max_new_tokens,
-                names,
-                source,
-                item,
+                n_speech=counts.tolist(),
+                names=names,
+                source=source,
+                item=item,
             )
             prompts = self.prompts.build_batch(
                 instructions, n_speech=counts.tolist()
