@@ -662,6 +662,108 @@ def collapse_rate(nearest_ids):
     return float(counts.max()) / ids.numel()
 
 
+def positional_token_accuracy(predicted_ids, target_ids):
+    """Token accuracy of predicted id sequences, position by position.
+
+    For utterance ``b`` with ``N^_b`` predicted ids (e.g. the nearest tokens
+    of the adapter outputs at the count it predicted itself, what the LLM
+    sees at inference) and ``N_b`` true ids, positions
+    ``0 <= i < max(N^_b, N_b)`` are scored.  Position ``i`` is correct when
+    ``i < min(N^_b, N_b)`` and ``predicted[b][i] == target[b][i]``; a
+    missing position (``N^_b < N_b``) and an extra one (``N^_b > N_b``)
+    are errors.  The accuracy is::
+
+        sum_b correct_b / sum_b max(N^_b, N_b)
+
+    Positions are not re-aligned: one token missing early shifts every
+    later one, which is what a count error does to the speech tokens the
+    LLM reads.  With ``N^_b = N_b`` for every ``b`` it is the plain share
+    of correct positions (the nearest-token accuracy at the true count).
+
+    Arguments
+    ---------
+    predicted_ids : list of (list of int)
+        Per utterance, the predicted token ids.
+    target_ids : list of (list of int)
+        Per utterance, the true token ids, same number of utterances.
+
+    Returns
+    -------
+    dict
+        ``accuracy`` (fraction, 0.0 when no position is scored),
+        ``correct`` and ``positions`` (the sums above) and ``n``
+        (utterances).
+
+    Example
+    -------
+    One of four tokens is missing at position 1: the two later tokens are
+    right but one place early, so only position 0 counts as correct.
+
+    >>> out = positional_token_accuracy([[7, 9, 4]], [[7, 8, 9, 4]])
+    >>> out["accuracy"], out["correct"], out["positions"]
+    (0.25, 1, 4)
+    >>> positional_token_accuracy([[1, 2], [3]], [[1, 5], [3]])["accuracy"]
+    0.666...
+    """
+    pred, true = _check_pair(
+        predicted_ids, target_ids, "positional_token_accuracy"
+    )
+    correct = positions = 0
+    for p, t in zip(pred, true):
+        p, t = [int(x) for x in p], [int(x) for x in t]
+        positions += max(len(p), len(t))
+        correct += sum(a == b for a, b in zip(p, t))
+    return {
+        "accuracy": correct / positions if positions else 0.0,
+        "correct": correct,
+        "positions": positions,
+        "n": len(pred),
+    }
+
+
+def vocabulary_coverage(test_ids, train_ids):
+    """Share of test tokens whose id occurs in the training token ids.
+
+    A speech model can hardly produce a token it never heard; this tells
+    how much of a test set is in the training vocabulary at all.
+
+    Arguments
+    ---------
+    test_ids : list of (list of int)
+        Token ids of each test transcript (e.g. under the LLM tokenizer).
+    train_ids : iterable of (list of int)
+        Token ids of each training transcript.
+
+    Returns
+    -------
+    dict
+        ``token_coverage``: fraction of test token occurrences whose id is
+        in the training ids; ``type_coverage``: the same over distinct test
+        ids; ``tokens`` and ``types`` (test occurrences and distinct ids);
+        ``unseen_types`` (the distinct test ids never seen in training,
+        sorted).
+
+    Example
+    -------
+    >>> out = vocabulary_coverage([[1, 2, 2], [3]], [[1, 2], [4]])
+    >>> out["token_coverage"], out["type_coverage"], out["unseen_types"]
+    (0.75, 0.666..., [3])
+    """
+    known = {int(i) for ids in train_ids for i in ids}
+    flat = [int(i) for ids in test_ids for i in ids]
+    if not flat:
+        raise ValueError("vocabulary_coverage: no test tokens given")
+    types = set(flat)
+    unseen = sorted(types - known)
+    return {
+        "token_coverage": sum(i in known for i in flat) / len(flat),
+        "type_coverage": 1 - len(unseen) / len(types),
+        "tokens": len(flat),
+        "types": len(types),
+        "unseen_types": unseen,
+    }
+
+
 def spoken_qa_accuracy(hyps, answers_lists, language="en"):
     """Spoken-QA accuracy: containment and exact match of the answer.
 

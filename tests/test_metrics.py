@@ -265,3 +265,45 @@ def test_eval_summary_groups_languages_and_tensors(tmp_path):
     assert summary["asr/zh"]["wer"] == 100.0
     s.write_rows(tmp_path / "r.jsonl")
     assert metrics.EvalSummary.load_rows(tmp_path / "r.jsonl")[2]["n"] == 3
+
+
+def test_positional_token_accuracy_counts_a_shift_as_errors():
+    target = [[10, 11, 12, 13, 14]]
+    # the true count: plain share of correct positions
+    same = metrics.positional_token_accuracy([[10, 11, 99, 13, 14]], target)
+    assert (same["correct"], same["positions"]) == (4, 5)
+    # one token missing at position 1: the three later ones are right but
+    # one place early, so they count as errors, and so does the gap
+    missing = metrics.positional_token_accuracy([[10, 12, 13, 14]], target)
+    assert (missing["correct"], missing["positions"]) == (1, 5)
+    assert missing["accuracy"] == pytest.approx(0.2)
+    # an extra token at the end is scored as an error (max(N^, N) positions)
+    extra = metrics.positional_token_accuracy(
+        [[10, 11, 12, 13, 14, 15]], target
+    )
+    assert (extra["correct"], extra["positions"]) == (5, 6)
+    # summed over utterances, not averaged per utterance
+    both = metrics.positional_token_accuracy(
+        [[10, 12, 13, 14], [7]], target + [[7]]
+    )
+    assert both["accuracy"] == pytest.approx(2 / 6)
+    assert both["n"] == 2
+    # tensors or lists, and an empty prediction scores only errors
+    empty = metrics.positional_token_accuracy([[]], [torch.tensor([1, 2])])
+    assert (empty["correct"], empty["positions"]) == (0, 2)
+    with pytest.raises(ValueError, match="1 hypotheses but 2"):
+        metrics.positional_token_accuracy([[1]], [[1], [2]])
+
+
+def test_vocabulary_coverage_hand_case():
+    train = [[1, 2, 3], [3, 4]]
+    test = [[1, 1, 5], [4, 6, 6, 6]]
+    out = metrics.vocabulary_coverage(test, train)
+    # occurrences: 1, 1, 4 seen; 5, 6, 6, 6 not -> 3 / 7
+    assert out["token_coverage"] == pytest.approx(3 / 7)
+    # distinct: {1, 4} of {1, 4, 5, 6}
+    assert out["type_coverage"] == pytest.approx(0.5)
+    assert (out["tokens"], out["types"], out["unseen_types"]) == (7, 4, [5, 6])
+    assert metrics.vocabulary_coverage([[2]], train)["token_coverage"] == 1.0
+    with pytest.raises(ValueError, match="no test tokens"):
+        metrics.vocabulary_coverage([[]], train)

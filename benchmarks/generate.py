@@ -1,0 +1,53 @@
+"""Generation throughput: new tokens per second at batch 1, 8 and 32.
+
+Greedy decoding of SmolLM2-135M-Instruct through the project's one
+generation path (:meth:`~speechbrain_blspkd.models.speech_llm.SpeechLLMModel.generate_text`,
+which the teacher continuations and the evaluation's text answers use;
+speech answers go through the same decoder after the adapter). Every row
+generates exactly ``new_tokens`` tokens (end of turn suppressed until then),
+so the count is fixed. The KV-cache implementations are timed in the same
+run: ``transformers``' dynamic cache and its static (preallocated) cache.
+
+Utilisation: the executed FLOPs of one call (counted, see
+:func:`benchmarks.common.count_flops`) per second, over the machine's peak.
+"""
+
+from benchmarks.common import compare, count_flops, demo_model, texts
+
+
+def run(args, peak_gflops):
+    """Figures per batch size and cache: tokens/s, GFLOP/s, utilisation."""
+    model = demo_model(args.dtype, args.device)
+    model.eval()
+    n_new = args.new_tokens
+    caches = {"dynamic": {}, "static": {"cache_implementation": "static"}}
+    out = {"new_tokens": n_new, "dtype": str(args.dtype).split(".")[-1]}
+    for batch in args.gen_batches:
+        transcripts = texts(batch)
+
+        def call(extra, transcripts=transcripts):
+            return lambda: model.generate_text(
+                transcripts,
+                max_new_tokens=n_new,
+                min_new_tokens=n_new,
+                **extra,
+            )
+
+        configs = {name: call(extra) for name, extra in caches.items()}
+        flops = count_flops(configs["dynamic"])
+        timing = compare(configs, args.rounds, args.device)
+        for name, t in timing.items():
+            key = f"b{batch}.{name}"
+            out[f"{key}.tokens_per_s"] = batch * n_new / t.best
+            out[f"{key}.gflops"] = flops / t.best / 1e9
+            out[f"{key}.utilisation"] = flops / t.best / 1e9 / peak_gflops
+        best = max(
+            caches, key=lambda name: out[f"b{batch}.{name}.tokens_per_s"]
+        )
+        out[f"b{batch}.best_cache"] = best
+        out[f"b{batch}.tokens_per_s"] = out[f"b{batch}.{best}.tokens_per_s"]
+        out[f"b{batch}.utilisation"] = out[f"b{batch}.{best}.utilisation"]
+    top = max(args.gen_batches)
+    out["tokens_per_s"] = out[f"b{top}.tokens_per_s"]
+    out["utilisation"] = out[f"b{top}.utilisation"]
+    return out

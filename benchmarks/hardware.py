@@ -1,0 +1,44 @@
+"""Hardware reference: matrix-product throughput in fp32 and bf16.
+
+The denominator of every utilisation figure of the suite. "Peak" is the
+faster of the two precisions on this machine (on an AVX2-only CPU bf16 is
+emulated and fp32 is the peak; with AMX or a GPU bf16 usually wins), measured
+on square products at two sizes, keeping the best.
+"""
+
+import torch
+
+from benchmarks.common import compare
+
+
+def matmul_throughput(size, dtype, device, rounds):
+    """Best GFLOP/s of a ``size``^3 product in ``dtype`` (``rounds`` tries)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(device, dtype)
+    b = torch.randn(size, size, generator=gen).to(device, dtype)
+    repeat = max(1, int(2e9 // (2 * size**3)))
+
+    def run():
+        for _ in range(repeat):
+            torch.mm(a, b)
+
+    best = compare({"mm": run}, rounds, device)["mm"].best
+    return 2 * size**3 * repeat / best / 1e9
+
+
+def run(args):
+    """Figures: ``gflops_fp32``, ``gflops_bf16``, ``peak_gflops``,
+    ``peak_dtype`` and the bf16/fp32 ratio."""
+    sizes = (512, 1024) if args.quick else (1024, 2048)
+    rounds = 2 if args.quick else 4
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        out[f"gflops_{name}"] = max(
+            matmul_throughput(s, dtype, args.device, rounds) for s in sizes
+        )
+    out["bf16_over_fp32"] = out["gflops_bf16"] / out["gflops_fp32"]
+    peak = "bf16" if out["gflops_bf16"] > out["gflops_fp32"] else "fp32"
+    out["peak_dtype"] = peak
+    out["peak_gflops"] = out[f"gflops_{peak}"]
+    out["sizes"] = list(sizes)
+    return out

@@ -1,0 +1,78 @@
+"""Inference latency: speech LLM vs cascade vs text-only LLM.
+
+Per utterance, at batch 1 and 8, from raw 16-kHz audio (no feature cache:
+what a user's request costs):
+
+* ``speech_llm``: Whisper-base encoder -> CFormer -> SmolLM2 with PLoRA
+  (:meth:`~speechbrain_blspkd.models.speech_llm.SpeechLLMModel.generate`);
+* ``cascade``: Whisper-base decoding, then the same LLM on the transcript
+  (:class:`~speechbrain_blspkd.models.cascade.CascadeModel`; its transcript
+  memo is cleared before every call);
+* ``text``: the LLM on the transcript alone (a lower bound: no audio).
+
+Each answer is exactly ``answer_tokens`` long (end of turn suppressed until
+then), so the three do the same LLM work after the prompt. Time to first
+token is the same call with one new token. Real-time factor: seconds per
+second of audio. The ratio ``speech_llm_over_cascade`` at batch 1 is the
+issue's target (<= 0.6).
+"""
+
+import tempfile
+
+from benchmarks.common import (
+    INSTRUCTION,
+    SENTENCES,
+    compare,
+    demo_model,
+    encoder_path,
+    llm_path,
+    speech_clip,
+)
+from speechbrain_blspkd.models.cascade import CascadeModel
+from speechbrain_blspkd.nnet.whisper_asr import WhisperTranscriber
+
+
+def run(args):
+    """Figures per batch: seconds per utterance, TTFT, RTF, ratios."""
+    device, dtype = args.device, args.dtype
+    speech = demo_model(dtype, device, encoder=True).eval()
+    transcriber = WhisperTranscriber(encoder_path(), dtype=dtype, language="en")
+    cascade = CascadeModel(
+        llm_path(), transcriber, instruction=INSTRUCTION, llm_dtype=dtype
+    ).to(device)
+    cascade.eval()
+    seconds = args.clip_seconds
+    n_new = args.answer_tokens
+    out = {"clip_seconds": seconds, "answer_tokens": n_new}
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = speech_clip(seconds, tmp)
+    for batch in (1, 8):
+        wavs = clip[None].repeat(batch, 1).to(device)
+        transcripts = [SENTENCES[0]] * batch
+
+        def calls(tokens, wavs=wavs, transcripts=transcripts):
+            gen = dict(max_new_tokens=tokens, min_new_tokens=tokens)
+
+            def cascade_call():
+                cascade._transcripts.clear()
+                return cascade.generate(wavs, **gen)
+
+            return {
+                "speech_llm": lambda: speech.generate(wavs, **gen),
+                "cascade": cascade_call,
+                "text": lambda: speech.generate_text(transcripts, **gen),
+            }
+
+        full = compare(calls(n_new), args.rounds, device)
+        first = compare(calls(1), args.rounds, device)
+        for name in full:
+            key = f"b{batch}.{name}"
+            per_utt = full[name].best / batch
+            out[f"{key}.seconds_per_utterance"] = per_utt
+            out[f"{key}.time_to_first_token"] = first[name].best
+            out[f"{key}.rtf"] = per_utt / seconds
+        out[f"b{batch}.speech_llm_over_cascade"] = (
+            full["speech_llm"].best / full["cascade"].best
+        )
+    out["speech_llm_over_cascade"] = out["b1.speech_llm_over_cascade"]
+    return out
