@@ -41,7 +41,7 @@ lint: install
 	$(VENV)/bin/ruff format --check speechbrain_blspkd recipes tests benchmarks tools
 
 bench: install
-	$(PY) benchmarks/bench_cif.py
+	$(PY) -m benchmarks.run --json results/bench.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

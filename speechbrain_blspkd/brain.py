@@ -264,13 +264,19 @@ class SpeechLLMBrain(sb.Brain):
         return {"wavs": wavs, "wav_lens": wav_lens}
 
     def compute_forward(self, batch, stage):
-        """One model call computing what the stage's objective requests."""
+        """One model call computing what the stage's objective requests.
+
+        The utterance languages go to the model as indices (``languages``)
+        when the adapter declares its language codes (the datasets then
+        carry ``language_id``, see :func:`dataio_prepare`).
+        """
         batch = batch.to(self.device)
         return self.modules.model(
             transcripts=batch.transcript,
             continuations=batch.continuation,
             add_eot=[not t for t in batch.truncated_flag],
             request=self.stage.objective.request(stage),
+            languages=getattr(batch, "language_id", None),
             **self._speech_inputs(batch),
         )
 
@@ -368,9 +374,32 @@ class SpeechLLMBrain(sb.Brain):
             tb.writer.flush()
 
     def on_fit_batch_start(self, batch, should_step):
-        """Advance the stage's schedule before each optimiser step."""
+        """Advance the stage's schedule before each optimiser step, and
+        tell the adapter how far the stage is
+        (:meth:`~speechbrain_blspkd.nnet.adapter.SpeechAdapter.
+        set_training_progress`)."""
         if should_step:
             Stage.step(self.scheduler)
+        adapter = getattr(self.model, "adapter", None)
+        if adapter is not None:
+            adapter.set_training_progress(self.stage_progress())
+
+    def stage_progress(self):
+        """Fraction of the current stage's optimiser steps done, in [0, 1).
+
+        ``(epoch - 1) * steps_per_epoch + steps done in this epoch`` over
+        ``epochs.limit * steps_per_epoch``, from the stage's epoch counter
+        and the batch counter of the epoch, so a resumed run continues from
+        where it stopped. 0 when the steps per epoch are unknown.
+        """
+        steps = getattr(self, "steps_per_epoch", None)
+        limit = self.stage.epochs.limit if self.stage is not None else 0
+        if not steps or not limit:
+            return 0.0
+        epoch = max(int(self.stage.epochs.current), 1)
+        in_epoch = max(self.step - 1, 0) // self.grad_accumulation_factor
+        done = (epoch - 1) * steps + min(in_epoch, steps - 1)
+        return min(max(done / (limit * steps), 0.0), 1.0)
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         """Log and checkpoint (keep the best by valid loss)."""
@@ -510,10 +539,18 @@ def dataio_prepare(hparams, feature_cache=None):
     Returns
     -------
     dict of DynamicItemDataset
-        One per stage name, plus ``valid`` and ``test``.
+        One per stage name, plus ``valid`` and ``test``.  When the model's
+        adapter declares its languages
+        (:meth:`~speechbrain_blspkd.nnet.adapter.SpeechAdapter.
+        language_codes`), items also carry ``language_id``, the row's
+        language as an index into that list.
 
     Raises
     ------
+    ValueError
+        Before any training, when a row's language is not one of the
+        adapter's languages (the message names the manifest, the code and
+        the row).
     speechbrain_blspkd.prompt.ContextLengthError
         Before any training, when a row of a manifest with continuations
         (the LLM passes: teacher and student sequences with the
@@ -533,6 +570,7 @@ def dataio_prepare(hparams, feature_cache=None):
             )
         datasets[name] = ds
     model = hparams.get("model")
+    language_ids = _language_ids(model, datasets, sources)
     if model is not None:  # every LLM pass must fit in the LLM context
         from speechbrain_blspkd.prompt import context_limit
 
@@ -592,11 +630,38 @@ def dataio_prepare(hparams, feature_cache=None):
     if audio_pipeline is not None:
         sb.dataio.dataset.add_dynamic_item(all_sets, audio_pipeline)
     sb.dataio.dataset.add_dynamic_item(all_sets, flag_pipeline)
-    sb.dataio.dataset.set_output_keys(
-        all_sets,
-        ["id", speech_key, "transcript", "continuation", "truncated_flag"],
-    )
+    keys = ["id", speech_key, "transcript", "continuation", "truncated_flag"]
+    if language_ids is not None:
+
+        @sb.utils.data_pipeline.takes("language")
+        @sb.utils.data_pipeline.provides("language_id")
+        def language_pipeline(language):
+            return language_ids[language]
+
+        sb.dataio.dataset.add_dynamic_item(all_sets, language_pipeline)
+        keys.append("language_id")
+    sb.dataio.dataset.set_output_keys(all_sets, keys)
     return datasets
+
+
+def _language_ids(model, datasets, sources):
+    """``{code: index}`` for an adapter that declares its languages.
+
+    None when the model has no adapter or its adapter uses no language;
+    every row of every dataset is checked (ValueError naming the manifest,
+    the unknown code and a row that has it).
+    """
+    from speechbrain_blspkd.nnet.adapter import language_index
+
+    adapter = getattr(model, "adapter", None)
+    codes = None if adapter is None else adapter.language_codes()
+    if codes is None:
+        return None
+    index = None
+    for name, ds in datasets.items():
+        rows = [dict(ds.data[uid], ID=uid) for uid in ds.data_ids]
+        index = language_index(codes, rows, source=sources[name])
+    return index
 
 
 # ----------------------------------------------------------------------

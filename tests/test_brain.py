@@ -9,11 +9,10 @@ import torch
 from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.utils.epoch_loop import EpochCounter
 
-from speechbrain_blspkd.brain import SpeechLLMBrain
 from speechbrain_blspkd.models.trainable import trainable_state_dict
 from speechbrain_blspkd.objectives import BLSPKDObjective
 from speechbrain_blspkd.stages import Stage
-from speechbrain_blspkd.utils.testing import tiny_speech_llm
+from speechbrain_blspkd.utils.testing import tiny_brain, tiny_speech_llm
 
 
 def _batch(seed=0):
@@ -44,23 +43,15 @@ def _stages():
     ]
 
 
-def _brain(tmp_path, patience=3, seed=0):
+def _brain(tmp_path, patience=3, seed=0, adapter=None, **run_opts):
     torch.manual_seed(seed)
-    model = tiny_speech_llm()
-    hparams = dict(
-        log_every_n_steps=1,
-        step_log=str(tmp_path / "steps.jsonl"),
+    return tiny_brain(
+        tiny_speech_llm(adapter=adapter),
+        _stages()[1],
+        str(tmp_path / "steps.jsonl"),
+        nonfinite_patience=patience,
+        **run_opts,
     )
-    brain = SpeechLLMBrain(
-        modules={"model": model},
-        opt_class=lambda params: torch.optim.AdamW(params, lr=1e-3),
-        hparams=hparams,
-        run_opts={"device": "cpu", "nonfinite_patience": patience},
-    )
-    brain.stage = _stages()[1]
-    brain.init_optimizers()
-    brain.on_stage_start(None)
-    return brain
 
 
 def test_kd_and_align_stages_train(tmp_path):
@@ -299,3 +290,33 @@ def test_encoder_fn_pads_right_and_crops_each_row():
     (alone,) = encode([torch.ones(40)])
     assert alone.shape == (4, 2)
     torch.testing.assert_close(calls[1][1], torch.tensor([1.0]))
+
+
+def test_the_adapter_is_told_the_fraction_of_the_stage_done(tmp_path):
+    """The generic progress hook: before every training batch the adapter
+    gets the optimiser steps done over the stage's total (here 1 epoch of
+    2 steps, gradient accumulation 2: 4 batches); evaluation never calls
+    it."""
+    from speechbrain_blspkd.nnet.cformer import CFormer
+
+    told = []
+
+    class Recording(CFormer):
+        def set_training_progress(self, fraction):
+            told.append(fraction)
+
+    brain = _brain(
+        tmp_path,
+        adapter=Recording(64, 64, n_pre=1, n_post=1, nhead=4, d_ffn=128),
+        grad_accumulation_factor=2,
+    )
+    brain.steps_per_epoch = 2
+    brain.stage.epochs.current = 1
+    for step in range(1, 5):
+        brain.step = step
+        brain.fit_batch(_batch())
+    assert told == [0.0, 0.0, 0.5, 0.5]
+    brain.on_stage_start(sb.Stage.VALID)
+    with torch.no_grad():
+        brain.evaluate_batch(_batch(), sb.Stage.VALID)
+    assert len(told) == 4

@@ -62,6 +62,23 @@ METHOD_OVERRIDES = {
         "--diva_epochs_limit=1",
         "--diva_dataloader_opts={batch_size: 2, shuffle: True}",
     ],
+    "lad": [
+        "--encoder_dim=64",
+        "--llm_dim=64",
+        "--num_queries=4",
+        "--qformer_layers=1",
+        "--gate_size=16",
+        "--lad_epochs_limit=1",
+        "--lad_dataloader_opts={batch_size: 2, shuffle: True}",
+    ],
+    "diva_multilingual": [
+        "--encoder_dim=64",
+        "--llm_dim=64",
+        "--num_queries=4",
+        "--qformer_layers=1",
+        "--diva_epochs_limit=1",
+        "--diva_dataloader_opts={batch_size: 2, shuffle: True}",
+    ],
     "cascade": ["--asr_max_new_tokens=6"],
 }
 
@@ -215,9 +232,10 @@ def test_killed_training_resumes_to_the_same_weights(tiny_bases, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHOD_OVERRIDES))
 def test_every_method_runs_from_its_yaml(method, tiny_bases, tmp_path):
-    """BLSP, DiVA and the cascade through the same train.py: training (if
-    any), parity decoding on the test split, export, and the exported
-    folder answers through the inference interface like the recipe."""
+    """BLSP, DiVA, LAD, the multilingual DiVA baseline and the cascade
+    through the same train.py: training (if any), parity decoding on the
+    test split, export, and the exported folder answers through the
+    inference interface like the recipe."""
     from speechbrain_blspkd.inference import SpeechLLM
 
     data, out = tmp_path / "data", tmp_path / "out"

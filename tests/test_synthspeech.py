@@ -180,3 +180,75 @@ def test_missing_texts_name_the_apt_command(tmp_path, monkeypatch):
 def test_skip_prep(tmp_path):
     assert ss.prepare_synthspeech(tmp_path / "x", skip_prep=True) == {}
     assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------
+# the non-Latin scripts of the multilingual corpus (zh, hi, ar)
+def test_script_languages_keep_their_script_only():
+    good = {
+        "zh": "无法打开这个文件。",
+        "hi": "फ़ाइल खोली नहीं जा सकी।",
+        "ar": "لا يمكن فتح هذا الملف.",
+    }
+    for language, sentence in good.items():
+        assert ss.clean_sentence(f"  {sentence} ", language) == sentence
+    for language, bad in [
+        ("zh", "GNOME 设置无法打开。"),  # a Latin word
+        ("zh", "打开文件"),  # no final mark
+        ("zh", "好。"),  # too short (5-40 characters)
+        ("zh", "共有３个文件。"),  # a digit
+        ("hi", "फ़ाइल नहीं"),  # no final mark, too short
+        ("hi", "फ़ाइल १ खोली नहीं जा सकी।"),  # a Devanagari digit
+        ("ar", "لا يمكن فتح الملف %s."),  # a placeholder
+        ("ar", "لا يمكن فتح ٣ ملفات."),  # an Arabic-Indic digit
+    ]:
+        assert ss.clean_sentence(bad, language) is None, bad
+    # the Latin rules still reject caseless text for a Latin language
+    assert ss.clean_sentence(good["zh"], "en") is None
+
+
+def test_equal_shares_of_every_language():
+    assert ss._split_counts(9, ["en", "zh", "hi"], None) == {
+        "en": 3,
+        "zh": 3,
+        "hi": 3,
+    }
+    sents = {
+        lang: [f"{lang}{i}" for i in range(12)] for lang in ("en", "zh", "ar")
+    }
+    plan = ss.make_plan(6, 3, 3, ["en", "zh", "ar"], 1, None, sents)
+    for split in ss.SPLITS:
+        codes = [
+            u["language"] for u in plan["utterances"] if u["split"] == split
+        ]
+        assert sorted(set(codes)) == ["ar", "en", "zh"], split
+    assert {
+        u["voice"] for u in plan["utterances"] if u["language"] == "zh"
+    } == {"cmn"}
+    assert plan["options"]["en_fraction"] is None
+
+
+def test_script_languages_are_spoken(tmp_path):
+    """One utterance per split and language in zh, hi and ar: espeak-ng
+    speaks them with held-out voices in valid and test."""
+    for language in ("zh", "hi", "ar"):
+        if len(ss.language_sentences(language)) < 8:
+            pytest.skip(f"too few {language} gettext sentences installed")
+    ss.prepare_synthspeech(
+        tmp_path, 3, 3, 3, ["zh", "hi", "ar"], seed=3, en_fraction=None
+    )
+    rows = _rows(tmp_path)
+    for split in ss.SPLITS:
+        assert sorted(r["language"] for r in rows[split]) == ["ar", "hi", "zh"]
+        for r in rows[split]:
+            assert 0.5 < r["duration"] < 20
+            assert ss.clean_sentence(r["transcript"], r["language"])
+    train_variants = {r["speaker"].split("+")[1] for r in rows["train"]}
+    assert not train_variants & {
+        r["speaker"].split("+")[1] for r in rows["test"]
+    }
+
+
+def test_cli_accepts_equal_shares():
+    assert ss._fraction_or_equal("equal") is None
+    assert ss._fraction_or_equal("0.5") == 0.5

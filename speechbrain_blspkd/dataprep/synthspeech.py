@@ -3,11 +3,18 @@
 Sentences come from texts that Debian packages install (the ``fortunes``
 collections in English, German, Spanish, Italian and Brazilian Portuguese,
 and the human translations in the gettext ``.mo`` catalogues under
-``/usr/share/locale`` for French and as a supplement for the others).
-They are cleaned (3-25 words, letters and basic punctuation only, no URLs,
-code or digits), deduplicated, and spoken by ``espeak-ng`` with many voices,
-voice variants (``+f1`` .. ``+m7`` and named variants), speeds and pitches,
-then converted by ``sox`` to 16 kHz mono 16-bit wav.
+``/usr/share/locale`` for French, Mandarin Chinese, Hindi and Arabic, and as
+a supplement for the others).
+They are cleaned (3-25 words, or 5-40 characters for Chinese; letters of
+the language's script and basic punctuation only, no URLs, code or digits),
+deduplicated, and spoken by ``espeak-ng`` with many voices, voice variants
+(``+f1`` .. ``+m7`` and named variants), speeds and pitches, then converted
+by ``sox`` to 16 kHz mono 16-bit wav.
+
+Languages (:data:`LANGUAGES`): ``en de es fr it pt`` in Latin script, and
+``zh`` (Mandarin, espeak-ng's ``cmn`` voice, Han characters), ``hi``
+(Devanagari) and ``ar`` (Arabic script), whose sentences are checked
+against their script (:data:`SCRIPTS`) by :func:`clean_sentence`.
 
 Splits: ``train``, ``valid`` and ``test``.  The sentences of the three splits
 are disjoint, and so are their voice variants: valid and test are spoken
@@ -31,7 +38,8 @@ Command line::
 
     python -m speechbrain_blspkd.dataprep.synthspeech SAVE_FOLDER \\
         [--num-train 8000] [--num-valid 300] [--num-test 300] \\
-        [--languages en,de,es,fr,it,pt] [--seed 1234] [--num-workers 2]
+        [--languages en,de,es,fr,it,pt] [--seed 1234] [--num-workers 2] \\
+        [--en-fraction 0.8|equal]
 """
 
 import argparse
@@ -132,7 +140,41 @@ LANGUAGES = {
     "fr": (("fr-fr", "fr-be", "fr-ch"), (), None),
     "it": (("it",), ("it",), "fortunes-it"),
     "pt": (("pt-br", "pt"), ("brasil",), "fortunes-br"),
+    # gettext translations only (the locale packages of the base system)
+    "zh": (("cmn",), (), None),
+    "hi": (("hi",), (), None),
+    "ar": (("ar",), (), None),
 }
+
+#: Gettext locale folder of a language, where it is not the code itself.
+LOCALES = {"zh": "zh_CN"}
+
+#: Script of the languages not written in the Latin alphabet: the Unicode
+#: blocks their letters (and combining marks) must come from, the
+#: characters that may end a sentence, the punctuation allowed besides
+#: :data:`_ALLOWED_PUNCT`, and whether length is counted in characters (no
+#: spaces between words) or in words.
+SCRIPTS = {
+    "zh": dict(
+        blocks=((0x3400, 0x4DBF), (0x4E00, 0x9FFF)),
+        final="\u3002\uff01\uff1f",  # 。！？
+        punct="\uff0c\u3001\uff1b\uff1a\u201c\u201d\u2018\u2019",
+        by_characters=True,
+    ),
+    "hi": dict(
+        blocks=((0x0900, 0x0963), (0x0970, 0x097F)),  # without digits
+        final=".!?\u0964",  # danda
+        punct="",
+        by_characters=False,
+    ),
+    "ar": dict(
+        blocks=((0x0620, 0x065F), (0x066E, 0x06D3)),  # without digits
+        final=".!\u061f",  # Arabic question mark
+        punct="\u060c\u061b",  # Arabic comma, semicolon
+        by_characters=False,
+    ),
+}
+_MIN_CHARS, _MAX_CHARS = 5, 40
 
 #: Voice variants (``espeak-ng -v VOICE+VARIANT``) by split.  Valid and
 #: test variants are never used in training.
@@ -176,18 +218,28 @@ def _read_text(path):
         return raw.decode("latin-1")
 
 
-def clean_sentence(text):
+def _normalise(text):
+    text = unicodedata.normalize("NFC", " ".join(text.split()))
+    text = text.replace("``", '"').replace("''", '"')
+    return text.replace("\u201c", '"').replace("\u201d", '"')
+
+
+def clean_sentence(text, language=None):
     """Return ``text`` as one clean speakable sentence, or ``None``.
 
     Whitespace is collapsed; the sentence must hold 3-25 words, start with
     a letter (or opening quote/mark), end with ``.``, ``!`` or ``?``, and
     contain only letters, spaces and basic punctuation: no digits, URLs,
-    code, markup, or control characters.
+    code, markup, or control characters.  A language of :data:`SCRIPTS`
+    follows its script's rules instead (:func:`clean_script_sentence`).
 
     Arguments
     ---------
     text : str
         A candidate sentence.
+    language : str, optional
+        Its language code (None or a Latin-script language: the rules
+        above).
 
     Returns
     -------
@@ -202,10 +254,12 @@ def clean_sentence(text):
     True
     >>> clean_sentence("Too short.") is None
     True
+    >>> clean_sentence("无法打开这个文件。", "zh")
+    '无法打开这个文件。'
     """
-    text = unicodedata.normalize("NFC", " ".join(text.split()))
-    text = text.replace("``", '"').replace("''", '"')
-    text = text.replace("\u201c", '"').replace("\u201d", '"')
+    if language in SCRIPTS:
+        return clean_script_sentence(text, language)
+    text = _normalise(text)
     words = text.split()
     if not (_MIN_WORDS <= len(words) <= _MAX_WORDS):
         return None
@@ -230,6 +284,65 @@ def clean_sentence(text):
     if upper > 0.5 * letters:  # shouting, acronyms, headers
         return None
     if any(len(w) > 25 for w in words):
+        return None
+    return text
+
+
+def clean_script_sentence(text, language):
+    """:func:`clean_sentence` for a language of :data:`SCRIPTS`.
+
+    Every letter and combining mark must belong to the language's script
+    (no Latin words, no digits of any script); the sentence ends with one
+    of the script's final marks, holds 3-25 words (5-40 letters for a
+    script written without spaces), starts with a letter or an opening
+    quote, and is at least 70 % letters.  Scripts with upper case also
+    follow the capital-letter rules of :func:`clean_sentence`.
+
+    Arguments
+    ---------
+    text : str
+        A candidate sentence.
+    language : str
+        A key of :data:`SCRIPTS`.
+
+    Returns
+    -------
+    str or None
+
+    Example
+    -------
+    >>> clean_script_sentence("फ़ाइल खोली नहीं जा सकी।", "hi")
+    'फ़ाइल खोली नहीं जा सकी।'
+    >>> clean_script_sentence("GNOME 设置无法打开。", "zh") is None
+    True
+    """
+    script = SCRIPTS[language]
+    text = _normalise(text)
+    if not text or text[-1] not in script["final"]:
+        return None
+    if ".." in text or "--" in text:
+        return None
+    allowed = _ALLOWED_PUNCT | set(script["final"]) | set(script["punct"])
+
+    def in_script(ch):
+        return any(lo <= ord(ch) <= hi for lo, hi in script["blocks"])
+
+    letters = 0
+    for ch in text:
+        if in_script(ch) and unicodedata.category(ch)[0] in "LM":
+            letters += 1
+        elif ch != " " and ch not in allowed:
+            return None
+    if not (in_script(text[0]) or text[0] in "\"'\u00ab"):
+        return None
+    if script["by_characters"]:
+        if not (_MIN_CHARS <= letters <= _MAX_CHARS):
+            return None
+    elif not (_MIN_WORDS <= len(text.split()) <= _MAX_WORDS):
+        return None
+    if letters < 0.7 * len(text):
+        return None
+    if text.count('"') % 2:
         return None
     return text
 
@@ -304,8 +417,8 @@ def fortune_sentences(sources):
     return out
 
 
-def _add_sentence(cand, out, seen):
-    s = clean_sentence(cand)
+def _add_sentence(cand, out, seen, language=None):
+    s = clean_sentence(cand, language)
     if s is None:
         return
     key = re.sub(r"[^\w]+", " ", s.lower()).strip()
@@ -389,7 +502,9 @@ def gettext_sentences(language, locale_dir=LOCALE_DIR):
     Arguments
     ---------
     language : str
-        Locale folder name (``fr``, ``de`` ...).
+        Language code (``fr``, ``de`` ...); its locale folder is the code
+        itself or the one :data:`LOCALES` names (``zh`` -> ``zh_CN``).
+        Sentences are cleaned with the rules of the language's script.
     locale_dir : str or pathlib.Path
         Root of the locale tree.
 
@@ -403,7 +518,11 @@ def gettext_sentences(language, locale_dir=LOCALE_DIR):
     >>> isinstance(gettext_sentences("xx-none"), list)
     True
     """
-    folder = pathlib.Path(locale_dir) / language / "LC_MESSAGES"
+    folder = (
+        pathlib.Path(locale_dir)
+        / LOCALES.get(language, language)
+        / "LC_MESSAGES"
+    )
     out, seen = [], set()
     if not folder.is_dir():
         return out
@@ -414,7 +533,7 @@ def gettext_sentences(language, locale_dir=LOCALE_DIR):
             continue
         for msgid, msgstr in sorted(catalog.items()):
             if msgstr and msgstr != msgid:
-                _add_sentence(msgstr, out, seen)
+                _add_sentence(msgstr, out, seen, language)
     return out
 
 
@@ -430,7 +549,7 @@ def _language_sentences(language):
     seen = {re.sub(r"[^\w]+", " ", s.lower()).strip() for s in out}
     if language != "en":
         for s in gettext_sentences(language):
-            _add_sentence(s, out, seen)
+            _add_sentence(s, out, seen, language)
     return tuple(out)
 
 
@@ -501,7 +620,22 @@ def _espeak_variants():
 
 
 def _split_counts(total, languages, en_fraction):
-    """Utterances per language: ``en_fraction`` English, the rest shared."""
+    """Utterances per language: ``en_fraction`` English, the rest shared
+    (``en_fraction`` None: every language an equal share).
+
+    Example
+    -------
+    >>> _split_counts(10, ["en", "de", "zh"], 0.8)
+    {'en': 8, 'de': 1, 'zh': 1}
+    >>> _split_counts(10, ["en", "de", "zh"], None)
+    {'en': 4, 'de': 3, 'zh': 3}
+    """
+    if en_fraction is None:
+        n, extra = divmod(total, len(languages))
+        return {
+            lang: n + (1 if i < extra else 0)
+            for i, lang in enumerate(languages)
+        }
     if "en" in languages and len(languages) > 1:
         n_en = round(total * en_fraction)
     elif "en" in languages:
@@ -538,8 +672,9 @@ def make_plan(
     seed : int
         Random seed; the plan is a pure function of the arguments and of
         the sentences available.
-    en_fraction : float
-        Share of English utterances when English is among several languages.
+    en_fraction : float or None
+        Share of English utterances when English is among several
+        languages; None: every language gets an equal share.
     sentences : dict, optional
         ``{language: [sentence, ...]}``; default: :func:`language_sentences`.
 
@@ -756,8 +891,10 @@ def prepare_synthspeech(
         Seed of the plan.
     num_workers : int
         Concurrent synthesis processes.
-    en_fraction : float
-        Share of English utterances (when other languages are included).
+    en_fraction : float or None
+        Share of English utterances (when other languages are included);
+        None: every language gets an equal share (the multilingual
+        recipes).
     skip_prep : bool
         Do nothing.
 
@@ -889,6 +1026,10 @@ def _write_manifests(plan, save_folder, manifests):
         write_manifest(manifests[split], rows[split])
 
 
+def _fraction_or_equal(text):
+    return None if text == "equal" else float(text)
+
+
 def main(argv=None):
     """Command-line entry point (see the module docstring)."""
     parser = argparse.ArgumentParser(
@@ -905,7 +1046,13 @@ def main(argv=None):
     )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--num-workers", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--en-fraction", type=float, default=0.8)
+    parser.add_argument(
+        "--en-fraction",
+        type=_fraction_or_equal,
+        default=0.8,
+        help="share of English utterances, or 'equal' (every language the "
+        "same share)",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     try:

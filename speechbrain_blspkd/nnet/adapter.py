@@ -31,7 +31,17 @@ Besides ``forward``, an adapter answers:
 * :meth:`SpeechAdapter.diagnostics`: per-batch numbers evaluation shows
   (e.g. CIF count accuracy), from an output;
 * :meth:`SpeechAdapter.plot`: a figure of one utterance for the
-  evaluation report, or None when the adapter has nothing to draw.
+  evaluation report, or None when the adapter has nothing to draw;
+* :meth:`SpeechAdapter.language_codes`: the language codes that
+  ``targets.language`` indexes, for an adapter that uses the utterance
+  language (None, the default: it uses none).  The training loop then maps
+  every manifest row's ``language`` to its position in this list
+  (:func:`language_index`, which refuses a code the list lacks) and passes
+  the indices as ``AdapterTargets.language``;
+* :meth:`SpeechAdapter.set_training_progress`: the training loop calls it
+  before every training batch with the fraction of the current stage done
+  (0 at its first step, approaching 1 at its last), for adapters whose
+  behaviour follows a schedule over training (default: ignored).
 
 Authors
  * speechbrain-blspkd contributors 2026
@@ -44,7 +54,12 @@ import inspect
 import torch
 from torch import nn
 
-__all__ = ["AdapterOutput", "AdapterTargets", "SpeechAdapter"]
+__all__ = [
+    "AdapterOutput",
+    "AdapterTargets",
+    "SpeechAdapter",
+    "language_index",
+]
 
 
 @dataclasses.dataclass
@@ -181,6 +196,31 @@ class SpeechAdapter(nn.Module):
         """
         return False
 
+    def language_codes(self):
+        """Language codes that ``targets.language`` indexes, or None.
+
+        Returns
+        -------
+        list of str or None
+            Position k is the language of index k (None, the default: the
+            adapter uses no language).
+        """
+        return None
+
+    def set_training_progress(self, fraction):
+        """Told before each training batch how far the stage is (a hook).
+
+        The default ignores it; an adapter whose behaviour follows a
+        schedule over training (e.g. a teacher-forcing probability)
+        overrides it.  Evaluation and inference never call it.
+
+        Arguments
+        ---------
+        fraction : float
+            Optimiser steps of the current stage done, over the stage's
+            total, in [0, 1).
+        """
+
     def check_sizes(self, **sizes):
         """Raise ``ValueError`` unless every size is an int >= 1.
 
@@ -224,3 +264,57 @@ class SpeechAdapter(nn.Module):
         return length_to_mask(
             absolute.clamp(min=1), max_len=frames, device=feats.device
         ).bool()
+
+
+def language_index(languages, rows, source="manifest"):
+    """``{code: index}`` of ``languages``, checked against manifest rows.
+
+    Arguments
+    ---------
+    languages : sequence of str
+        An adapter's :meth:`SpeechAdapter.language_codes` (index order).
+    rows : iterable of dict
+        Manifest rows (``ID`` and ``language``).
+    source : str
+        Name of the manifest, for the message.
+
+    Returns
+    -------
+    dict
+        Language code -> index.
+
+    Raises
+    ------
+    ValueError
+        Naming each language code of ``rows`` that ``languages`` lacks
+        and the first row that has it.
+
+    Example
+    -------
+    >>> rows = [dict(ID="a", language="de"), dict(ID="b", language="en")]
+    >>> language_index(["en", "de"], rows)
+    {'en': 0, 'de': 1}
+    >>> language_index(["en"], rows, "train.csv")
+    Traceback (most recent call last):
+    ...
+    ValueError: train.csv: language 'de' (row a) is not one of the adapter's languages ['en']; add it to the languages of the YAML or remove those rows
+    """
+    index = {}
+    for i, code in enumerate(languages):
+        if code in index:
+            raise ValueError(f"language {code!r} is listed twice")
+        index[str(code)] = i
+    unknown = {}
+    for row in rows:
+        code = row["language"]
+        if code not in index:
+            unknown.setdefault(code, row["ID"])
+    if unknown:
+        named = ", ".join(f"{c!r} (row {uid})" for c, uid in unknown.items())
+        which = "is not one" if len(unknown) == 1 else "are not"
+        raise ValueError(
+            f"{source}: language {named} {which} of the adapter's "
+            f"languages {list(index)}; add it to the languages of the YAML "
+            "or remove those rows"
+        )
+    return index

@@ -261,22 +261,69 @@ class QFormer(SpeechAdapter):
             ``tokens`` (B, num_queries, output_size) and an all-True
             ``token_mask`` (B, num_queries).
         """
+        frames, valid = self.prepare_frames(feats, lengths)
+        queries = self.queries[None].expand(frames.shape[0], -1, -1)
+        tokens = self.attend(queries, frames, valid)
+        return AdapterOutput(tokens=tokens, token_mask=self.all_tokens(tokens))
+
+    def prepare_frames(self, feats, lengths=None):
+        """Checked frames in the queries' dtype, padding zeroed.
+
+        Arguments
+        ---------
+        feats : torch.Tensor
+            (B, T, input_size) encoder frames.
+        lengths : torch.Tensor, optional
+            (B,) relative lengths (None: all frames real).
+
+        Returns
+        -------
+        frames : torch.Tensor
+            (B, T, input_size), 0 beyond each row's length.
+        valid : torch.Tensor
+            (B, T) bool, True on the real frames.
+        """
         if feats.dim() != 3 or feats.shape[-1] != self.input_size:
             raise ValueError(
-                f"QFormer: `feats` must be (B, T, {self.input_size}), "
-                f"got {tuple(feats.shape)}"
+                f"{type(self).__name__}: `feats` must be (B, T, "
+                f"{self.input_size}), got {tuple(feats.shape)}"
             )
-        batch = feats.shape[0]
-        dtype = self.queries.dtype
         valid = self.frame_mask(feats, lengths)
         # zero the padding too: masked frames still pass through k/v
         # projections, and non-finite garbage would reach the output
-        frames = feats.to(dtype).masked_fill(~valid[..., None], 0.0)
+        frames = feats.to(self.queries.dtype).masked_fill(
+            ~valid[..., None], 0.0
+        )
+        return frames, valid
+
+    def attend(self, queries, frames, valid):
+        """The decoder layers over ``queries`` reading ``frames``.
+
+        Arguments
+        ---------
+        queries : torch.Tensor
+            (B, num_queries, input_size) query vectors (before the
+            positional embeddings, which are added here).
+        frames : torch.Tensor
+            (B, T, input_size) from :meth:`prepare_frames`.
+        valid : torch.Tensor
+            (B, T) bool, the frames the cross-attention may read.
+
+        Returns
+        -------
+        torch.Tensor
+            (B, num_queries, output_size) speech embeddings.
+        """
+        dtype = frames.dtype
         cross_mask = torch.zeros(
-            batch, 1, 1, frames.shape[1], dtype=dtype, device=frames.device
+            frames.shape[0],
+            1,
+            1,
+            frames.shape[1],
+            dtype=dtype,
+            device=frames.device,
         ).masked_fill(~valid[:, None, None, :], torch.finfo(dtype).min)
-        x = (self.queries + self.positions)[None].expand(batch, -1, -1)
-        x = self.dropout(x)
+        x = self.dropout(queries + self.positions)
         for layer in self.layers:
             x = layer(
                 x,
@@ -286,8 +333,11 @@ class QFormer(SpeechAdapter):
                 past_key_values=None,
                 use_cache=False,
             )
-        tokens = self.out_proj(self.layer_norm(x))
-        token_mask = torch.ones(
-            batch, self.num_queries, dtype=torch.bool, device=tokens.device
+        return self.out_proj(self.layer_norm(x))
+
+    @staticmethod
+    def all_tokens(tokens):
+        """(B, L) all-True mask: every query is a speech embedding."""
+        return torch.ones(
+            tokens.shape[:2], dtype=torch.bool, device=tokens.device
         )
-        return AdapterOutput(tokens=tokens, token_mask=token_mask)

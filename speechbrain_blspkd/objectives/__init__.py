@@ -4,5 +4,12 @@ from speechbrain_blspkd.objectives.base import Objective
 from speechbrain_blspkd.objectives.blsp import BLSPObjective
 from speechbrain_blspkd.objectives.blsp_kd import BLSPKDObjective
 from speechbrain_blspkd.objectives.diva import DiVAObjective
+from speechbrain_blspkd.objectives.lad import LADObjective
 
-__all__ = ["BLSPKDObjective", "BLSPObjective", "DiVAObjective", "Objective"]
+__all__ = [
+    "BLSPKDObjective",
+    "BLSPObjective",
+    "DiVAObjective",
+    "LADObjective",
+    "Objective",
+]
