@@ -51,8 +51,28 @@ def _pad(tensors):
     return batch_pad_right([t.float() for t in tensors])
 
 
-def _speech_batch(rows, feature_cache, sample_rate, device, source=None):
-    """Model keyword arguments for the speech of ``rows``."""
+def speech_batch(rows, feature_cache, sample_rate, device, source=None):
+    """Model keyword arguments for the speech of ``rows``.
+
+    Arguments
+    ---------
+    rows : list of dict
+        Manifest rows (``ID``, ``wav`` ...).
+    feature_cache : FeatureCache or None
+        Cached encoder features (read by row ID) instead of the audio.
+    sample_rate : int
+        Rate the audio is loaded at.
+    device : str or torch.device
+        Where the tensors go.
+    source : str or pathlib.Path, optional
+        The manifest, named in bad-audio errors.
+
+    Returns
+    -------
+    dict
+        ``feats``/``feat_lens`` (cache) or ``wavs``/``wav_lens``: padded
+        batches and SpeechBrain relative lengths.
+    """
     if feature_cache is not None:
         feats, rel = _pad([feature_cache.get(r["ID"]) for r in rows])
         return {"feats": feats.to(device), "feat_lens": rel.to(device)}
@@ -130,7 +150,7 @@ def decode_rows(
     ]
     for name, instruction in tasks.items():
         for chunk in tqdm(batches, desc=f"decode {name}", leave=False):
-            speech = _speech_batch(
+            speech = speech_batch(
                 chunk, feature_cache, sample_rate, device, source
             )
             hyps, counts = model.generate(
@@ -316,7 +336,7 @@ def plot_adapter_examples(model, rows, out_folder, feature_cache, sample_rate):
     model.eval()
     try:
         for r in rows:
-            speech = _speech_batch([r], feature_cache, sample_rate, device)
+            speech = speech_batch([r], feature_cache, sample_rate, device)
             ids = model.transcript_ids([r["transcript"]])[0]
             targets = AdapterTargets(num_tokens=torch.tensor([len(ids)]))
             out = model.encode_speech(targets=targets, **speech)

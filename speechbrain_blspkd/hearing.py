@@ -69,8 +69,8 @@ from speechbrain_blspkd import metrics
 from speechbrain_blspkd.dataio.audio import load_row_audio
 from speechbrain_blspkd.dataio.manifest import read_manifest
 from speechbrain_blspkd.evaluation import (
-    _speech_batch,
     decode_rows,
+    speech_batch,
     summarize_parity,
 )
 from speechbrain_blspkd.utils.atomic import atomic_write_text
@@ -291,7 +291,7 @@ def adapter_token_accuracy(
         order = sorted(rows, key=lambda r: (r["duration"], r["ID"]))
         for i in range(0, len(order), batch_size):
             chunk = order[i : i + batch_size]
-            speech = _speech_batch(chunk, None, sample_rate, device, source)
+            speech = speech_batch(chunk, None, sample_rate, device, source)
             feats, feat_lens = model.encoder(speech["wavs"], speech["wav_lens"])
             ids = model.transcript_ids([r["transcript"] for r in chunk])
             num = torch.tensor([len(x) for x in ids], device=device)

@@ -104,14 +104,14 @@ def test_feature_cache_build_names_manifest_and_row(corpus, tmp_path):
 
 def test_decoding_names_manifest_and_row(corpus):
     from speechbrain_blspkd.dataio.manifest import read_manifest
-    from speechbrain_blspkd.evaluation import _speech_batch
+    from speechbrain_blspkd.evaluation import speech_batch
 
     folder, paths = corpus
     rows = read_manifest(paths["test"], data_root=str(folder))
-    speech = _speech_batch(rows[:1], None, 16000, "cpu", paths["test"])
+    speech = speech_batch(rows[:1], None, 16000, "cpu", paths["test"])
     assert speech["wavs"].shape == (1, 16000)
     for i, (uid, what) in enumerate(BAD.items(), start=1):
         with pytest.raises(AudioError) as err:
-            _speech_batch([rows[0], rows[i]], None, 16000, "cpu", paths["test"])
+            speech_batch([rows[0], rows[i]], None, 16000, "cpu", paths["test"])
         msg = str(err.value)
         assert msg.startswith(f"{paths['test']}, row '{uid}': ") and what in msg

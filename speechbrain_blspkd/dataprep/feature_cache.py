@@ -12,7 +12,6 @@ each written atomically, so an interrupted :func:`build_feature_cache`
 resumes with the utterances that are still missing.
 """
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -24,7 +23,11 @@ import torch
 
 from speechbrain_blspkd.dataio.audio import load_row_audio
 from speechbrain_blspkd.dataio.manifest import read_manifest
-from speechbrain_blspkd.utils.atomic import atomic_path, atomic_write_text
+from speechbrain_blspkd.utils.atomic import (
+    atomic_path,
+    atomic_write_text,
+    remove_stray_tmp,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -222,12 +225,6 @@ class FeatureCache:
             torch.save({"uid": uid, "feats": half.clone()}, tmp)
 
 
-def _remove_stray_tmp(folder):
-    for p in pathlib.Path(folder).glob("feats/*/.*.tmp"):
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-
-
 def build_feature_cache(
     manifest,
     folder,
@@ -293,7 +290,7 @@ def build_feature_cache(
     if data_root is None:
         data_root = str(manifest.parent)
     cache = FeatureCache(folder, checksum, overwrite=overwrite)
-    _remove_stray_tmp(cache.folder)
+    remove_stray_tmp(cache.folder, "feats/*/.*.tmp", recursive=False)
     rows = read_manifest(manifest, data_root=data_root)
     todo = [r for r in rows if r["ID"] not in cache]
     todo.sort(key=lambda r: (r["duration"], r["ID"]))

@@ -60,7 +60,7 @@ import unicodedata
 
 from speechbrain_blspkd.dataio.manifest import read_manifest, write_manifest
 from speechbrain_blspkd.dataprep import tts
-from speechbrain_blspkd.utils.atomic import atomic_write_text
+from speechbrain_blspkd.utils.atomic import atomic_write_text, remove_stray_tmp
 from speechbrain_blspkd.utils.cli import report_error, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -833,13 +833,7 @@ def synthesise(utt, path):
 
 
 def _remove_stray_tmp(folder, recursive=True):
-    removed = 0
-    folder = pathlib.Path(folder)
-    found = folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")
-    for p in found:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-            removed += 1
+    removed = remove_stray_tmp(folder, recursive=recursive)
     if removed:
         logger.info("removed %d unfinished temporary files", removed)
 

@@ -48,7 +48,7 @@ import sys
 from speechbrain_blspkd.dataio.manifest import read_manifest, write_manifest
 from speechbrain_blspkd.dataprep import synthspeech, tts
 from speechbrain_blspkd.metrics import normalize_text
-from speechbrain_blspkd.utils.atomic import atomic_write_text
+from speechbrain_blspkd.utils.atomic import atomic_write_text, remove_stray_tmp
 from speechbrain_blspkd.utils.cli import report_error, setup_logging
 
 __all__ = [
@@ -298,7 +298,7 @@ def prepare_unseen_engine_test(
     plan_path = save_folder / PLAN_FILE
     manifest = save_folder / MANIFEST
     if save_folder.is_dir():
-        synthspeech._remove_stray_tmp(save_folder)
+        remove_stray_tmp(save_folder)
     plan = None
     if plan_path.is_file():
         try:

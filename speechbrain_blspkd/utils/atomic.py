@@ -74,3 +74,44 @@ def atomic_write_bytes(path, data):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+
+
+def remove_stray_tmp(folder, pattern=".*.tmp", recursive=True):
+    """Delete the temporary files that killed writers left in ``folder``.
+
+    :func:`atomic_path` names its temporary files ``.<name>.<random>.tmp``
+    beside their destination; a run killed mid-write leaves one behind
+    (never a half-written destination). Resumable writers call this on
+    start.
+
+    Arguments
+    ---------
+    folder : str or pathlib.Path
+        Where to look (nothing happens when it does not exist).
+    pattern : str
+        Glob of the temporary files, relative to ``folder``.
+    recursive : bool
+        Also look in every subfolder.
+
+    Returns
+    -------
+    int
+        The number of files removed.
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (d / ".a.wav.x1.tmp").write_text("half")
+    >>> _ = (d / "a.wav").write_text("whole")
+    >>> remove_stray_tmp(d), sorted(p.name for p in d.iterdir())
+    (1, ['a.wav'])
+    """
+    folder = pathlib.Path(folder)
+    found = folder.rglob(pattern) if recursive else folder.glob(pattern)
+    removed = 0
+    for p in list(found):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed += 1
+    return removed
