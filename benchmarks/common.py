@@ -173,7 +173,19 @@ def count_flops(fn):
 
 
 def peak_rss_mib():
-    """Peak resident memory of this process so far (MiB, Linux/macOS)."""
+    """Peak resident memory of this process so far (MiB).
+
+    Linux: ``VmHWM`` of ``/proc/self/status`` (reset by ``exec``, unlike
+    ``getrusage``'s ``ru_maxrss``, which a child started by ``subprocess``
+    inherits from its parent); elsewhere ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if platform.system() == "Darwin":
         return peak / 2**20

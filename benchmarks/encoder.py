@@ -5,8 +5,9 @@
   on disk) against encoding the same clips.
 * **Dynamic length vs 30-s padding** on 2, 5 and 10-s clips: the encoder run
   at the clip's own length (``dynamic_length=True``, the project's default)
-  against Whisper's fixed 30-s input, with the largest difference of the
-  clip's frames between the two (relative to their scale).
+  against Whisper's fixed 30-s input, with how much the clip's frames
+  differ between the two (relative L2 difference, mean and smallest cosine
+  similarity of the frames).
 
 The clips are spoken by espeak-ng (the project's one TTS wrapper), repeated
 to the wanted length, so the output difference is measured on speech.
@@ -42,7 +43,9 @@ def run(args):
             if isinstance(a, tuple):
                 a, b = a[0], b[0]
             n = min(a.shape[1], b.shape[1])
-            diff = (a[:, :n] - b[:, :n]).abs().max() / b[:, :n].abs().max()
+            a, b = a[:, :n].float(), b[:, :n].float()
+            rel_l2 = (a - b).norm() / b.norm()
+            cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1)
             timing = compare(
                 {
                     "dynamic": lambda w=wav: dynamic(w),
@@ -57,7 +60,9 @@ def run(args):
             out[f"{key}.padded_over_dynamic"] = (
                 timing["padded"].best / timing["dynamic"].best
             )
-            out[f"{key}.max_rel_diff"] = float(diff)
+            out[f"{key}.relative_l2_diff"] = float(rel_l2)
+            out[f"{key}.mean_frame_cosine"] = float(cosine.mean())
+            out[f"{key}.min_frame_cosine"] = float(cosine.min())
 
         batch = args.kd_batch
         wavs = torch.stack([speech_clip(4, tmp) for _ in range(batch)])

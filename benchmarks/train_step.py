@@ -13,8 +13,9 @@ frames (the demo trains from the feature cache):
   teacher: :func:`~speechbrain_blspkd.losses.kd_kl_topk`, no teacher
   forward), and a CE-only step (BLSP's objective, no teacher).
 
-For each step: seconds, LLM tokens per second (real positions of every LLM
-sequence the step runs: teacher and student), executed FLOPs
+For each step: seconds, tokens per second (real positions of every LLM
+sequence the step runs, teacher and student; for the alignment step, which
+runs no LLM, the transcript tokens), executed FLOPs
 (:func:`benchmarks.common.count_flops`), achieved GFLOP/s and model FLOP
 utilisation (MFU: achieved / the machine's peak from
 :mod:`benchmarks.hardware`). ``--profile`` prints where the KD step's time
@@ -77,13 +78,15 @@ def dense_plora():
         cls.forward = sparse
 
 
-def _llm_tokens(out):
-    """Real positions of every LLM sequence of one forward pass."""
+def _tokens(out):
+    """Real positions of every LLM sequence of one forward pass; without
+    an LLM pass (the alignment stage), the transcript tokens the loss
+    reads."""
     total = 0
     for side in (out.teacher, out.student):
         if side is not None:
             total += sum(len(p.input_ids) for p in side.prompts)
-    return total
+    return total or int(out.transcript_mask.sum())
 
 
 class Steps:
@@ -125,7 +128,7 @@ class Steps:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.tokens[name] = _llm_tokens(out)
+        self.tokens[name] = _tokens(out)
 
     def _objective_step(self, name, objective, align=False):
         request = objective.request(sb.Stage.TRAIN)
