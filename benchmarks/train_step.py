@@ -119,7 +119,14 @@ class Steps:
         self.tokens = {}
         self._topk = None
 
-    def _forward(self, texts_, conts, feats, lens, request):
+    def _forward(self, request, align=False):
+        """The model on the KD batch (or the alignment batch)."""
+        if align:
+            texts_, conts = self.align_texts, None
+            feats, lens = self.align_feats, self.align_lens
+        else:
+            texts_, conts = self.kd_texts, self.continuations
+            feats, lens = self.kd_feats, self.kd_lens
         return self.runner(
             texts_, conts, feats=feats, feat_lens=lens, request=request
         )
@@ -133,22 +140,7 @@ class Steps:
     def _objective_step(self, name, objective, align=False):
         request = objective.request(sb.Stage.TRAIN)
         with autocast(self.device, self.dtype):
-            if align:
-                out = self._forward(
-                    self.align_texts,
-                    None,
-                    self.align_feats,
-                    self.align_lens,
-                    request,
-                )
-            else:
-                out = self._forward(
-                    self.kd_texts,
-                    self.continuations,
-                    self.kd_feats,
-                    self.kd_lens,
-                    request,
-                )
+            out = self._forward(request, align)
             loss, _ = objective(out, self.model, sb.Stage.TRAIN)
         self._finish(name, loss, out)
 
@@ -196,13 +188,7 @@ class Steps:
             teacher=True, response=True, logits=("input", "response")
         )
         with torch.no_grad(), autocast(self.device, self.dtype):
-            out = self._forward(
-                self.kd_texts,
-                self.continuations,
-                self.kd_feats,
-                self.kd_lens,
-                request,
-            )
+            out = self._forward(request)
         self._topk = {
             span: out.teacher.logits[span].float().log_softmax(-1).topk(k, -1)
             for span in ("input", "response")
@@ -215,13 +201,7 @@ class Steps:
             student=True, response=True, logits=("input", "response")
         )
         with autocast(self.device, self.dtype):
-            out = self._forward(
-                self.kd_texts,
-                self.continuations,
-                self.kd_feats,
-                self.kd_lens,
-                request,
-            )
+            out = self._forward(request)
             loss = 0.0
             for span in ("input", "response"):
                 values, indices = self._topk[span]

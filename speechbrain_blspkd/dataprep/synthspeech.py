@@ -838,6 +838,42 @@ def _remove_stray_tmp(folder, recursive=True):
         logger.info("removed %d unfinished temporary files", removed)
 
 
+def load_saved_plan(plan_path, options):
+    """The plan saved at ``plan_path`` when it was made with ``options``.
+
+    Arguments
+    ---------
+    plan_path : str or pathlib.Path
+        A plan file (JSON with an ``options`` entry).
+    options : dict
+        The options of the build now.
+
+    Returns
+    -------
+    dict or None
+        None when the file is missing, unreadable or was made with other
+        options (the build then makes a new plan).
+
+    Example
+    -------
+    >>> import tempfile
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "plan.json"
+    >>> _ = p.write_text(json.dumps({"options": {"n": 2}, "utts": []}))
+    >>> load_saved_plan(p, {"n": 2})["utts"], load_saved_plan(p, {"n": 3})
+    ([], None)
+    """
+    plan_path = pathlib.Path(plan_path)
+    if not plan_path.is_file():
+        return None
+    try:
+        saved = json.loads(plan_path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    if isinstance(saved, dict) and saved.get("options") == options:
+        return saved
+    return None
+
+
 def _manifests_done(save_folder, plan):
     for split in SPLITS:
         path = pathlib.Path(save_folder) / f"{split}.csv"
@@ -924,23 +960,12 @@ def prepare_synthspeech(
     # beside them (never trusted, but it would stay forever)
     if save_folder.is_dir():
         _remove_stray_tmp(save_folder, recursive=False)
-    plan = None
-    if plan_path.is_file():
-        try:
-            saved = json.loads(plan_path.read_text(encoding="utf-8"))
-        except ValueError:
-            saved = None
-        if saved is not None and saved.get("options") == options:
-            plan = saved
-            if _manifests_done(save_folder, plan):
-                logger.info(
-                    "SynthSpeech in %s is complete, skipping", save_folder
-                )
-                return manifests
-        else:
-            logger.info(
-                "SynthSpeech options changed: new plan for %s", save_folder
-            )
+    plan = load_saved_plan(plan_path, options)
+    if plan is not None and _manifests_done(save_folder, plan):
+        logger.info("SynthSpeech in %s is complete, skipping", save_folder)
+        return manifests
+    if plan is None and plan_path.is_file():
+        logger.info("SynthSpeech options changed: new plan for %s", save_folder)
     if plan is None:
         for path in manifests.values():  # stale manifests of another plan
             with contextlib.suppress(FileNotFoundError):

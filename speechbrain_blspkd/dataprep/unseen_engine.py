@@ -299,14 +299,7 @@ def prepare_unseen_engine_test(
     manifest = save_folder / MANIFEST
     if save_folder.is_dir():
         remove_stray_tmp(save_folder)
-    plan = None
-    if plan_path.is_file():
-        try:
-            saved = json.loads(plan_path.read_text(encoding="utf-8"))
-        except ValueError:
-            saved = None
-        if saved is not None and saved.get("options") == options:
-            plan = saved
+    plan = synthspeech.load_saved_plan(plan_path, options)
     if plan is None:
         manifest.unlink(missing_ok=True)
         texts = held_out_sentences(synth_plan, num, pool=pool, seed=seed)
