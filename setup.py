@@ -37,10 +37,15 @@ setup(
         "safetensors",
         "numpy",
     ],
+    extras_require={
+        # the browser demo (blspkd-demo-ui); the core install stays lean
+        "demo": ["gradio>=6.0"],
+    },
     entry_points={
         "console_scripts": [
             "blspkd-assets=speechbrain_blspkd.assets.__main__:main",
             "blspkd-infer=speechbrain_blspkd.inference.cli:main",
+            "blspkd-demo-ui=speechbrain_blspkd.inference.demo_ui:main",
         ]
     },
     classifiers=[

@@ -140,15 +140,38 @@ class SpeechLLMBrain(sb.Brain):
             return
         super()._wrap_distributed()
 
+    def _objective_parameters(self):
+        """The current stage objective's own trainable parameters (e.g.
+        projection heads; :meth:`~speechbrain_blspkd.objectives.Objective.
+        trainable_parameters`), or none."""
+        objective = getattr(self.stage, "objective", None)
+        params = getattr(objective, "trainable_parameters", None)
+        return list(params()) if params is not None else []
+
+    def _place_objective(self, stage=None):
+        """Move the stage's objective (its heads, a frozen teacher) to the
+        run's device; train mode only in training."""
+        objective = getattr(self.stage, "objective", None)
+        if isinstance(objective, torch.nn.Module):
+            objective.to(self.device)
+            objective.train(stage == sb.Stage.TRAIN)
+
     def init_optimizers(self):
         """The stage's optimiser (trainable parameters only) and schedule.
 
-        The schedule is registered in the checkpointer under the stage's
-        name (optional on load: a checkpoint of an earlier stage has none).
+        The optimiser trains the model's trainable parameters and those the
+        stage's objective owns (training-only heads, never exported).  The
+        schedule is registered in the checkpointer under the stage's name
+        (optional on load: a checkpoint of an earlier stage has none).
         """
         if self.opt_class is None:
             return
+        self._place_objective(sb.Stage.TRAIN)
         params = [p for p in self.modules.parameters() if p.requires_grad]
+        known = {id(p) for p in params}
+        params += [
+            p for p in self._objective_parameters() if id(p) not in known
+        ]
         self.optimizer = self.opt_class(params)
         self.optimizers_dict = {"opt_class": self.optimizer}
         self.scheduler = None
@@ -183,6 +206,8 @@ class SpeechLLMBrain(sb.Brain):
         ``max_grad_norm`` as in one process.
         """
         if not self.sharded:
+            # the objective's own parameters are outside DDP: average here
+            sharding.sync_replicated_grads(self._objective_parameters())
             return super().optimizers_step()
         params = [
             p for group in self.optimizer.param_groups for p in group["params"]
@@ -298,8 +323,9 @@ class SpeechLLMBrain(sb.Brain):
         return loss
 
     def on_stage_start(self, stage, epoch=None):
-        """Reset the evaluation accumulators."""
+        """Reset the evaluation accumulators; the objective on the device."""
         self._eval_sums, self._eval_count = {}, 0
+        self._place_objective(stage)
 
     def eval_summary(self):
         """Per-utterance means of the stats of the last valid/test pass."""
@@ -840,6 +866,12 @@ def run_recipe(argv):
     checkpointer = hparams["checkpointer"]
     for stage in stages:  # every stage's progress is in every checkpoint
         checkpointer.add_recoverable(f"epochs_{stage.name}", stage.epochs)
+        # and what an objective trains itself (training-only heads)
+        owned = getattr(stage.objective, "trainable_parameters", None)
+        if owned is not None and owned():
+            checkpointer.add_recoverable(
+                f"objective_{stage.name}", stage.objective
+            )
     brain = SpeechLLMBrain(
         modules=hparams["modules"],
         opt_class=hparams["opt_class"],

@@ -320,3 +320,37 @@ def test_the_adapter_is_told_the_fraction_of_the_stage_done(tmp_path):
     with torch.no_grad():
         brain.evaluate_batch(_batch(), sb.Stage.VALID)
     assert len(told) == 4
+
+
+def test_objective_owned_parameters_are_trained_and_checkpointed(tmp_path):
+    """An objective may own modules (a frozen teacher, trainable heads):
+    the Brain optimises the trainable ones with the model and places the
+    objective on its device; the checkpoint hooks save those only."""
+
+    class WithHead(BLSPKDObjective):
+        def __init__(self):
+            super().__init__({"response_kl": 1.0})
+            self.head = torch.nn.Parameter(torch.ones(()))
+            self.teacher = torch.nn.Linear(2, 2).requires_grad_(False)
+
+        def terms(self, outputs, model, stage):
+            terms = super().terms(outputs, model, stage)
+            kl = terms["response_kl"]
+            terms["response_kl"] = lambda: kl() * self.head
+            return terms
+
+    objective = WithHead()
+    stage = Stage("kd", objective, "train_kd.csv", EpochCounter(1), {}, lr=0.1)
+    torch.manual_seed(0)
+    brain = tiny_brain(tiny_speech_llm(), stage, str(tmp_path / "s.jsonl"))
+    params = [p for g in brain.optimizer.param_groups for p in g["params"]]
+    assert any(p is objective.head for p in params)
+    assert not any(p is objective.teacher.weight for p in params)
+    assert objective.head.device == torch.device(brain.device)
+    brain.fit_batch(_batch())
+    assert objective.head.item() != 1.0
+    objective.save_trainable(tmp_path / "objective.ckpt")
+    assert list(torch.load(tmp_path / "objective.ckpt")) == ["head"]
+    other = WithHead()
+    other.load_trainable(tmp_path / "objective.ckpt")
+    assert other.head.item() == objective.head.item()

@@ -77,6 +77,7 @@ def test_template_is_rendered_defaults():
 def test_export_folder_contents(exported):
     folder = exported["folder"]
     assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
         "export.json",
         "hyperparams.yaml",
         "model.ckpt",
@@ -171,9 +172,11 @@ def test_cli_prints_answers(exported, loaded, capsys):
 def test_cli_bad_inputs(exported, capsys):
     folder = exported["folder"]
     missing = exported["tmp"] / "missing.wav"
-    assert cli_main(["--model", str(folder), "--wav", str(missing)]) == 2
-    err = capsys.readouterr().err
-    assert "missing.wav" in err and len(err.strip().splitlines()) == 1
+    # a bad input fails alone (exit 1), named, before the model loads
+    assert cli_main(["--model", str(folder), "--wav", str(missing)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "missing.wav" in err[0] and "1 failed" in err[-1]
+    assert len(err) == 2
     nowhere = exported["tmp"] / "nowhere"
     assert cli_main(["--model", str(nowhere), "--text", "x"]) == 2
     assert "nowhere" in capsys.readouterr().err

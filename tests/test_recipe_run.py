@@ -80,6 +80,16 @@ METHOD_OVERRIDES = {
         "--diva_dataloader_opts={batch_size: 2, shuffle: True}",
     ],
     "cascade": ["--asr_max_new_tokens=6"],
+    "aura": [
+        "--encoder_dim=64",
+        "--llm_dim=64",
+        "--llm_layers=[1, 2]",
+        "--teacher_layers=[1, 2]",
+        "--distill_epochs_limit=1",
+        "--aura_epochs_limit=1",
+        "--distill_dataloader_opts={batch_size: 4, shuffle: True}",
+        "--aura_dataloader_opts={batch_size: 2, shuffle: True}",
+    ],
 }
 
 
@@ -125,6 +135,11 @@ def _check_outputs(out):
         "hyperparams.yaml",
         "model.ckpt",
     }
+    # the model card names the run: its stages, steps and evaluation
+    card = (model / "README.md").read_text(encoding="utf-8")
+    assert "| align | BLSPKDObjective | align 1, cif 1 | 1 |" in card
+    assert "| trained | repeat | 4 |" in card
+    assert "synthetic speech only" in card
     assert list((out / "eval" / "trained").glob("adapter_*.png"))
     assert (out / "train_log.txt").read_text().count("stage: kd, epoch") == 1
     return rows
@@ -232,10 +247,11 @@ def test_killed_training_resumes_to_the_same_weights(tiny_bases, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHOD_OVERRIDES))
 def test_every_method_runs_from_its_yaml(method, tiny_bases, tmp_path):
-    """BLSP, DiVA, LAD, the multilingual DiVA baseline and the cascade
-    through the same train.py: training (if any), parity decoding on the
-    test split, export, and the exported folder answers through the
-    inference interface like the recipe."""
+    """BLSP, DiVA, LAD, the multilingual DiVA baseline, AuRA and the
+    cascade through the same train.py: training (if any), parity decoding
+    on the test split, export, and the exported folder answers through the
+    inference interface like the recipe (AuRA's without a speech
+    encoder)."""
     from speechbrain_blspkd.inference import SpeechLLM
 
     data, out = tmp_path / "data", tmp_path / "out"
@@ -262,6 +278,10 @@ def test_every_method_runs_from_its_yaml(method, tiny_bases, tmp_path):
         json.loads(line)
         for line in (out / "eval" / "trained" / "rows.jsonl").open()
     ]
+    if method == "aura":  # encoder-free: the front end only, no Whisper
+        exported = (out / "model" / "hyperparams.yaml").read_text()
+        assert "\nencoder_source: null\n" in exported
+        assert "WhisperLogMel" in exported
     llm = SpeechLLM.from_hparams(
         source=str(out / "model"), overrides={"max_new_tokens": 4}
     )

@@ -241,6 +241,22 @@ def test_default_request_runs_the_adapter_only(pristine_and_model):
     assert out.teacher is None and out.student is None
     n = [len(x) for x in model.transcript_ids(TRANSCRIPTS)]
     assert out.adapter.token_counts.tolist() == n
+    # the outputs carry the frames the adapter read (the encoder's, or the
+    # cached features given), for objectives that distil from them
+    feats, feat_lens = model.encoder(wavs, lens)
+    torch.testing.assert_close(out.feats, feats)
+    torch.testing.assert_close(out.feat_lens, feat_lens)
+    cached = model(TRANSCRIPTS, feats=feats * 2, feat_lens=feat_lens)
+    assert torch.equal(cached.feats, feats * 2)
+    with pytest.raises(ValueError, match=r"hidden layer\(s\) \[3\]"):
+        model(
+            TRANSCRIPTS,
+            wavs=wavs,
+            wav_lens=lens,
+            request=PassRequest(
+                student=True, response=False, hidden=((3, "input"),)
+            ),
+        )
 
 
 def test_pass_request_checks():

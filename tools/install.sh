@@ -3,9 +3,11 @@
 #
 # Creates $VENV (default .venv) with uv, installs torch (CPU or CUDA build),
 # torchaudio, the pinned requirements and the package itself (editable,
-# bytecode compiled), installs the Debian tools the data preparation needs
-# (espeak-ng, sox) when they are missing, and makes torchaudio usable beside
-# a CPU-only torch (tools/fix_torchaudio.py).  A second run only checks.
+# bytecode compiled) with the browser demo's packages (requirements-demo.txt),
+# installs the Debian tools the data preparation needs (espeak-ng, sox) and,
+# as root, Debian's chromium for the browser tests, when they are missing,
+# and makes torchaudio usable beside a CPU-only torch
+# (tools/fix_torchaudio.py).  A second run only checks.
 #
 # Environment:
 #   VENV            venv folder (default .venv)
@@ -23,7 +25,7 @@ TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 TORCHAUDIO_VERSION=${TORCHAUDIO_VERSION:-2.11.0}
 PY=${PYTHON:-python3}
 stamp="$VENV/.blspkd-installed"
-want="$(cat requirements.txt setup.py tools/install.sh tools/fix_torchaudio.py | sha256sum | cut -c1-16)-$TORCH-$TORCH_VERSION"
+want="$(cat requirements.txt requirements-demo.txt setup.py tools/install.sh tools/fix_torchaudio.py | sha256sum | cut -c1-16)-$TORCH-$TORCH_VERSION"
 
 # --- Debian tools -----------------------------------------------------------
 if [ "${SKIP_APT:-0}" != 1 ]; then
@@ -40,6 +42,20 @@ if [ "${SKIP_APT:-0}" != 1 ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  # Debian's chromium for the browser demo's tests (driven by playwright's
+  # Python package through executable_path; no browser download). Installed
+  # only as root (CI runs as root) and never fatal: without it the browser
+  # tests skip, saying why.
+  if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+      echo "[install] apt-get install chromium (browser tests)"
+      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+          apt-get install -y -qq chromium fonts-dejavu-core >/dev/null; } \
+        || echo "[install] warning: chromium could not be installed; the browser tests will skip" >&2
+    else
+      echo "[install] note: chromium missing (not root); the browser tests will skip" >&2
+    fi
   fi
 fi
 
@@ -82,8 +98,9 @@ echo "[install] $spec"
 # --- the rest, with torch held to what is installed ---------------------------
 cons=$(mktemp)
 "$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)" >"$cons"
-echo "[install] requirements.txt + package (editable)"
-"${UV[@]}" -q -c "$cons" "${torch_args[@]}" -r requirements.txt -e .
+echo "[install] requirements.txt + requirements-demo.txt + package (editable)"
+"${UV[@]}" -q -c "$cons" "${torch_args[@]}" -r requirements.txt \
+  -r requirements-demo.txt -e .
 rm -f "$cons"
 
 # --- torchaudio beside a CPU-only torch ---------------------------------------

@@ -2,25 +2,125 @@
 
 ::
 
-    blspkd-infer --model FOLDER --wav a.wav [--wav b.wav ...] \\
-        [--instruction TEXT] [--text TRANSCRIPT] [--max-new-tokens N] \\
-        [--beams N] [--device cpu|cuda]
+    blspkd-infer --model FOLDER [--wav a.wav ...] [--wav-list FILE] \\
+        [--manifest CSV [--data-root DIR]] [--text TRANSCRIPT ...] \\
+        [--instruction TEXT] [--out ANSWERS.jsonl] [--batch-size N] \\
+        [--format auto|text|jsonl] [--max-new-tokens N] [--beams N] \\
+        [--device cpu|cuda] [--no-progress] [--overwrite]
 
-Prints one answer per input: the bare answer for a single input, else
-``<input>: <answer>`` lines (``--wav`` files first, then ``--text``). Bad
-inputs (missing model folder or file, unreadable audio, weights that do not
-fit) give a one-line error on stderr and exit status 2.
+Inputs
+    ``--wav`` (repeatable), ``--wav-list`` (a text file, one audio path a
+    line; blank lines and lines starting with ``#`` are skipped; relative
+    paths are relative to the current folder) and ``--manifest`` (a CSV of
+    the project's manifest schema, :mod:`speechbrain_blspkd.dataio.manifest`;
+    ``$data_root`` in its ``wav`` column becomes ``--data-root``, default
+    the manifest's folder) can be combined; ``--text`` also answers a
+    transcript as text (the teacher side). The id of a ``--wav`` /
+    ``--wav-list`` input is its path as given, of a manifest row its ``ID``,
+    of a ``--text`` its text. An input given twice is answered once.
+
+Instruction
+    ``--instruction`` for every input; else a manifest row's
+    ``instruction`` column when it is set; else the model's own.
+
+Decoding
+    Audio is decoded in batches of ``--batch-size`` files of similar length
+    (sorted longest first, so a batch pads little) through
+    :meth:`SpeechLLM.generate_waveforms
+    <speechbrain_blspkd.inference.speech_llm.SpeechLLM.generate_waveforms>`:
+    the answers are those of one-by-one decoding. A batch that fails (a
+    prompt too long for the LLM context ...) is decoded again file by file,
+    so only the files at fault fail. A progress bar runs on stderr
+    (``--no-progress``: none).
+
+Output
+    JSON lines, one per answered input, in decoding order::
+
+        {"id": ..., "file": ..., "instruction": ..., "answer": ...,
+         "seconds": ...}
+
+    ``seconds`` is the audio's duration (``file`` and ``seconds`` are null,
+    and ``text`` holds the transcript, for a ``--text`` input). They go to
+    ``--out`` (each line appended whole once its batch is decoded) or to
+    stdout. ``--format text`` prints ``<input>: <answer>`` lines in input
+    order instead (the bare answer for one input); ``auto`` (default) is
+    ``text`` when only ``--wav`` / ``--text`` are given without ``--out``,
+    else ``jsonl``.
+
+Resuming
+    When ``--out`` exists the inputs whose id it already holds are skipped
+    (a truncated last line, from an interrupted run, is dropped first), so
+    rerunning the same command finishes an interrupted job; ``--overwrite``
+    starts the file afresh.
+
+Errors
+    A bad input (missing, unreadable or too long audio, a prompt longer than
+    the LLM context) is reported on stderr as ``blspkd-infer: error: ...``
+    naming it; the others are still answered, the failures are counted at
+    the end and the exit status is 1. A bad invocation (missing model
+    folder, unreadable ``--wav-list`` / ``--manifest``, weights that do not
+    fit) is a one-line error and exit status 2. Otherwise 0.
 
 Authors
  * speechbrain-blspkd contributors 2025
 """
 
 import argparse
+import dataclasses
+import json
+import logging
+import os
+import pathlib
 import sys
+import time
 
 from speechbrain_blspkd.utils.cli import report_error
 
-__all__ = ["build_parser", "main"]
+__all__ = [
+    "Input",
+    "JsonlWriter",
+    "build_parser",
+    "collect_inputs",
+    "length_sorted_batches",
+    "main",
+    "read_done_ids",
+]
+
+PROG = "blspkd-infer"
+
+logger = logging.getLogger(__name__)
+
+
+class InputError(ValueError):
+    """A ``--wav-list`` or ``--manifest`` cannot be read."""
+
+
+@dataclasses.dataclass
+class Input:
+    """One thing to answer.
+
+    Arguments
+    ---------
+    id : str
+        Its id in the output (resuming skips ids already written).
+    file : str, optional
+        The audio file (None for a transcript).
+    text : str, optional
+        The transcript (for a text input).
+    instruction : str, optional
+        Its own instruction (None: ``--instruction`` or the model's).
+    seconds : float, optional
+        Audio duration, once known.
+    wav : torch.Tensor, optional
+        The loaded audio while its batch is decoded.
+    """
+
+    id: str
+    file: str = None
+    text: str = None
+    instruction: str = None
+    seconds: float = None
+    wav: object = dataclasses.field(default=None, repr=False)
 
 
 def build_parser():
@@ -29,13 +129,13 @@ def build_parser():
     Example
     -------
     >>> args = build_parser().parse_args(["--model", "m", "--wav", "a.wav"])
-    >>> args.wav, args.beams
-    (['a.wav'], None)
+    >>> args.wav, args.beams, args.batch_size
+    (['a.wav'], None, 8)
     """
     parser = argparse.ArgumentParser(
-        prog="blspkd-infer",
+        prog=PROG,
         description="Answer audio files (and transcripts) with an exported "
-        "speech LLM folder (any method).",
+        "speech LLM folder (any method), in length-sorted batches.",
     )
     parser.add_argument("--model", required=True, help="exported model folder")
     parser.add_argument(
@@ -43,12 +143,34 @@ def build_parser():
         action="append",
         default=[],
         metavar="FILE",
-        help="audio file (repeat for several; decoded as one batch)",
+        help="audio file (repeat for several)",
+    )
+    parser.add_argument(
+        "--wav-list",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="text file with one audio path a line (# comments)",
+    )
+    parser.add_argument(
+        "--manifest",
+        action="append",
+        default=[],
+        metavar="CSV",
+        help="manifest CSV (ID, wav, duration, ...; optional instruction)",
+    )
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        metavar="DIR",
+        help="replaces $data_root in manifest wav paths (default: the "
+        "manifest's folder)",
     )
     parser.add_argument(
         "--instruction",
         default=None,
-        help="instruction (default: the model's own)",
+        help="instruction for every input (default: a manifest row's, else "
+        "the model's own)",
     )
     parser.add_argument(
         "--text",
@@ -56,6 +178,30 @@ def build_parser():
         default=[],
         metavar="TRANSCRIPT",
         help="also answer this transcript as text (the teacher side)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE",
+        help="append JSON lines here (resumes: ids already there are "
+        "skipped); default stdout",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start --out afresh instead of resuming it",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("auto", "text", "jsonl"),
+        default="auto",
+        help="stdout format (auto: text for plain --wav/--text, else jsonl)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="files decoded together"
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar"
     )
     parser.add_argument(
         "--max-new-tokens", type=int, default=None, help="generation limit"
@@ -70,11 +216,384 @@ def build_parser():
 
 
 def _fail(message):
-    return report_error(message, prog="blspkd-infer", status=2)
+    return report_error(message, prog=PROG, status=2)
+
+
+def read_wav_list(path):
+    """The audio paths of a ``--wav-list`` file.
+
+    Arguments
+    ---------
+    path : str or pathlib.Path
+        Text file: one path a line; blank lines and ``#`` comments skipped.
+
+    Returns
+    -------
+    list of str
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "list.txt"
+    >>> _ = p.write_text("# mine\\na.wav\\n\\n  b c.wav  \\n")
+    >>> read_wav_list(p)
+    ['a.wav', 'b c.wav']
+    """
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: wav list not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: cannot read the wav list ({err})") from None
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            out.append(line)
+    return out
+
+
+def collect_inputs(
+    wavs=(), wav_lists=(), manifests=(), texts=(), data_root=None
+):
+    """Every input of a command line, in order, each id once.
+
+    Arguments
+    ---------
+    wavs : list of str
+        ``--wav`` paths.
+    wav_lists : list of str
+        ``--wav-list`` files.
+    manifests : list of str
+        ``--manifest`` CSV files.
+    texts : list of str
+        ``--text`` transcripts.
+    data_root : str, optional
+        ``$data_root`` of the manifests (default: each manifest's folder).
+
+    Returns
+    -------
+    list of Input
+
+    Raises
+    ------
+    InputError
+        A wav list or manifest cannot be read (the message names it).
+
+    Example
+    -------
+    >>> [i.id for i in collect_inputs(["a.wav", "b.wav", "a.wav"],
+    ...     texts=["hello"])]
+    ['a.wav', 'b.wav', 'hello']
+    """
+    from speechbrain_blspkd.dataio.manifest import ManifestError, read_manifest
+
+    found = [Input(id=str(w), file=str(w)) for w in wavs]
+    for path in wav_lists:
+        found += [Input(id=w, file=w) for w in read_wav_list(path)]
+    for path in manifests:
+        root = data_root
+        if root is None:
+            root = str(pathlib.Path(path).resolve().parent)
+        try:
+            rows = read_manifest(path, data_root=root)
+        except ManifestError as err:
+            raise InputError(str(err)) from None
+        for row in rows:
+            found.append(
+                Input(
+                    id=row["ID"],
+                    file=row["wav"],
+                    instruction=(row.get("instruction") or "").strip() or None,
+                    seconds=row["duration"],
+                )
+            )
+    found += [Input(id=str(t), text=str(t)) for t in texts]
+    seen, out = set(), []
+    for item in found:
+        if item.id in seen:
+            logger.warning("%s: given more than once; answered once", item.id)
+            continue
+        seen.add(item.id)
+        out.append(item)
+    return out
+
+
+def read_done_ids(path):
+    """Ids already answered in a JSON-lines output; repair its end.
+
+    A last line without its newline (a write interrupted mid-line) is cut
+    off the file, so appending goes on from a complete line. Lines that are
+    not JSON objects with an ``id`` are ignored (with a warning).
+
+    Arguments
+    ---------
+    path : str or pathlib.Path
+        The ``--out`` file (missing: nothing done).
+
+    Returns
+    -------
+    set of str
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "out.jsonl"
+    >>> _ = p.write_text('{"id": "a", "answer": "x"}\\n{"id": "b", "ans')
+    >>> sorted(read_done_ids(p)), p.read_text()
+    (['a'], '{"id": "a", "answer": "x"}\\n')
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return set()
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        logger.warning(
+            "%s: dropping a truncated last line (%d bytes) before resuming",
+            path,
+            len(data) - end,
+        )
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+    done = set()
+    for number, line in enumerate(data[:end].split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+            done.add(str(record["id"]))
+        except (ValueError, KeyError, TypeError):
+            logger.warning(
+                "%s line %d: not an answer record; ignored", path, number
+            )
+    return done
+
+
+class JsonlWriter:
+    """Appends JSON lines to a file (each line whole, synced) or stdout.
+
+    Arguments
+    ---------
+    path : str or pathlib.Path, optional
+        The file (created when missing; None: stdout).
+    overwrite : bool
+        Empty the file first.
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "out.jsonl"
+    >>> with JsonlWriter(p) as out:
+    ...     out.write([{"id": "a", "answer": "ü"}])
+    >>> p.read_text(encoding="utf-8")
+    '{"id": "a", "answer": "ü"}\\n'
+    """
+
+    def __init__(self, path=None, overwrite=False):
+        self.path = None if path is None else pathlib.Path(path)
+        self._fd = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+            if overwrite:
+                flags |= os.O_TRUNC
+            self._fd = os.open(self.path, flags, 0o644)
+
+    def write(self, records):
+        """Write ``records`` (dicts), one line each, and sync.
+
+        Arguments
+        ---------
+        records : list of dict
+            JSON-serialisable records.
+        """
+        lines = [
+            json.dumps(r, ensure_ascii=False, default=str) + "\n"
+            for r in records
+        ]
+        if self._fd is None:
+            sys.stdout.write("".join(lines))
+            sys.stdout.flush()
+            return
+        for line in lines:
+            data = line.encode("utf-8")
+            # one write per line: an interruption can only cut the last one
+            while data:
+                written = os.write(self._fd, data)
+                data = data[written:]
+        os.fsync(self._fd)
+
+    def close(self):
+        """Close the file."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def length_sorted_batches(items, batch_size):
+    """Batches of at most ``batch_size`` items, longest first.
+
+    Arguments
+    ---------
+    items : list of Input
+        Each with ``seconds`` (audio) or ``text``.
+    batch_size : int
+        Largest batch.
+
+    Returns
+    -------
+    list of list of Input
+
+    Example
+    -------
+    >>> items = [Input(str(s), file="x", seconds=s) for s in (1, 5, 3, 4)]
+    >>> [[i.seconds for i in b] for b in length_sorted_batches(items, 3)]
+    [[5, 4, 3], [1]]
+    """
+
+    def length(item):
+        if item.text is not None:
+            return len(item.text)
+        return item.seconds or 0.0
+
+    ordered = sorted(items, key=length, reverse=True)
+    return [
+        ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)
+    ]
+
+
+def _probe(item):
+    """Fill ``item.seconds`` from the audio header; an error message or None."""
+    import soundfile
+
+    path = pathlib.Path(item.file)
+    if not path.is_file():
+        return f"{path}: audio file not found"
+    try:
+        info = soundfile.info(str(path))
+    except Exception as err:  # soundfile raises several types
+        return f"{path}: cannot read audio ({err})"
+    if not info.frames:
+        return f"{path}: zero-length audio"
+    item.seconds = info.frames / float(info.samplerate)
+    return None
+
+
+class _Run:
+    """Decodes batches, writes records, counts failures."""
+
+    def __init__(self, model, args, writer, bar, text_mode):
+        self.model = model
+        self.args = args
+        self.writer = writer
+        self.bar = bar
+        self.text_mode = text_mode
+        self.gen = {}
+        if args.max_new_tokens is not None:
+            self.gen["max_new_tokens"] = args.max_new_tokens
+        if args.beams is not None:
+            self.gen["num_beams"] = args.beams
+        self.answers = {}
+        self.failed = []
+
+    def instruction(self, item):
+        if self.args.instruction is not None:
+            return self.args.instruction
+        if item.instruction is not None:
+            return item.instruction
+        return self.model.default_instruction(audio=item.text is None)
+
+    def fail(self, item, message):
+        self.failed.append(item.id)
+        text = f"{PROG}: error: {message}"
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr)
+
+    def record(self, item, instruction, answer, started):
+        return {
+            "id": item.id,
+            "file": item.file,
+            "instruction": instruction,
+            "answer": answer,
+            "seconds": None if item.seconds is None else round(item.seconds, 3),
+            **({"text": item.text} if item.text is not None else {}),
+            "decode_seconds": round(time.perf_counter() - started, 3),
+        }
+
+    def _decode(self, items, instructions):
+        if items[0].text is not None:
+            texts = [i.text for i in items]
+            return self.model.generate_text(texts, instructions, **self.gen)
+        wavs = [i.wav for i in items]
+        names = [i.file for i in items]
+        return self.model.generate_waveforms(
+            wavs, instructions, names, **self.gen
+        )
+
+    def run_batch(self, batch):
+        from speechbrain_blspkd.dataio.audio import AudioError
+
+        started = time.perf_counter()
+        ready = []
+        for item in batch:
+            if item.file is None:
+                ready.append(item)
+                continue
+            try:
+                item.wav = self.model.load_file(item.file)
+            except (AudioError, OSError) as err:
+                self.fail(item, err)
+                continue
+            ready.append(item)
+        instructions = [self.instruction(i) for i in ready]
+        done = []
+        if ready:
+            try:
+                answers = self._decode(ready, instructions)
+                done = list(zip(ready, instructions, answers))
+            except (ValueError, RuntimeError) as err:
+                if len(ready) == 1:
+                    self.fail(ready[0], _named(ready[0], err))
+                else:  # find the inputs at fault: one by one
+                    for item, instruction in zip(ready, instructions):
+                        try:
+                            answer = self._decode([item], [instruction])[0]
+                        except (ValueError, RuntimeError) as err:
+                            self.fail(item, _named(item, err))
+                            continue
+                        done.append((item, instruction, answer))
+        records = [self.record(i, ins, a, started) for i, ins, a in done]
+        for item in batch:
+            item.wav = None  # free the audio
+        for rec in records:
+            self.answers[rec["id"]] = rec["answer"]
+        if not self.text_mode and records:
+            self.writer.write(records)
+        if self.bar is not None:
+            self.bar.update(len(batch))
+
+
+def _named(item, err):
+    """The error message, naming the input when it does not already."""
+    message = str(err)
+    name = item.file or item.id
+    return message if name in message else f"{name}: {message}"
 
 
 def main(argv=None):
-    """Run ``blspkd-infer``; return the exit status (0, or 2 on bad input).
+    """Run ``blspkd-infer``; return the exit status (0, 1 or 2).
 
     Arguments
     ---------
@@ -84,6 +603,7 @@ def main(argv=None):
     Returns
     -------
     int
+        0: every input answered; 1: some inputs failed; 2: bad invocation.
 
     Example
     -------
@@ -93,12 +613,23 @@ def main(argv=None):
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.wav and not args.text:
-        parser.error("give at least one --wav FILE or --text TRANSCRIPT")
-    for name in ("max_new_tokens", "beams"):
+    if not (args.wav or args.wav_list or args.manifest or args.text):
+        parser.error(
+            "give at least one --wav FILE, --wav-list FILE, --manifest CSV "
+            "or --text TRANSCRIPT"
+        )
+    for name in ("max_new_tokens", "beams", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.overwrite and not args.out:
+        parser.error("--overwrite needs --out")
+    text_mode = args.format == "text" or (
+        args.format == "auto"
+        and not (args.out or args.wav_list or args.manifest)
+    )
+    if args.out and args.format == "text":
+        parser.error("--format text prints to stdout; drop --out")
 
     if args.device and args.device.startswith("cuda"):
         import torch
@@ -106,51 +637,104 @@ def main(argv=None):
         if not torch.cuda.is_available():
             return _fail(f"--device {args.device}: CUDA is not available")
 
-    from speechbrain_blspkd.dataio.audio import AudioError, load_audio
     from speechbrain_blspkd.inference.export import (
         ModelFolderError,
         check_model_folder,
     )
-    from speechbrain_blspkd.models.trainable import WeightsMismatchError
 
     try:
         check_model_folder(args.model)
-        for path in args.wav:  # fail fast, before loading the model
-            load_audio(path)
-    except (ModelFolderError, AudioError) as err:
+        items = collect_inputs(
+            args.wav, args.wav_list, args.manifest, args.text, args.data_root
+        )
+    except (ModelFolderError, InputError) as err:
         return _fail(err)
 
-    from speechbrain_blspkd.inference.speech_llm import SpeechLLM
+    done = set()
+    if args.out and not args.overwrite:
+        done = read_done_ids(args.out)
+    todo = [i for i in items if i.id not in done]
+    skipped = len(items) - len(todo)
+    if skipped:
+        print(
+            f"{PROG}: resuming {args.out}: {skipped} of {len(items)} inputs "
+            "already answered",
+            file=sys.stderr,
+        )
 
-    gen = {}
-    if args.max_new_tokens is not None:
-        gen["max_new_tokens"] = args.max_new_tokens
-    if args.beams is not None:
-        gen["num_beams"] = args.beams
+    failed_early = []
+    for item in todo:  # missing / unreadable files fail before the model loads
+        if item.file is not None:
+            message = _probe(item)
+            if message:
+                report_error(message, prog=PROG)
+                failed_early.append(item.id)
+    bad = set(failed_early)
+    todo = [i for i in todo if i.id not in bad]
+
+    writer = JsonlWriter(args.out, overwrite=args.overwrite)
+    try:
+        run = None
+        if todo:
+            run = _decode_all(args, todo, writer, text_mode)
+            if isinstance(run, int):
+                return run
+    finally:
+        writer.close()
+
+    failed = failed_early + (run.failed if run else [])
+    answered = len(todo) - len(run.failed if run else [])
+    if text_mode and run is not None:
+        outputs = [(i, run.answers[i.id]) for i in items if i.id in run.answers]
+        if len(items) == 1 and outputs:
+            print(outputs[0][1])
+        else:
+            for item, answer in outputs:
+                print(f"{item.id}: {answer}")
+    if not text_mode or failed:
+        where = f" to {args.out}" if args.out else ""
+        print(
+            f"{PROG}: {answered} answered{where}, {len(failed)} failed, "
+            f"{skipped} already done (of {len(items)} inputs)",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
+
+
+def _decode_all(args, todo, writer, text_mode):
+    """Load the model and decode ``todo``; the run, or an exit status."""
+    from speechbrain_blspkd.inference.export import ModelFolderError
+    from speechbrain_blspkd.inference.speech_llm import SpeechLLM
+    from speechbrain_blspkd.models.trainable import WeightsMismatchError
+
     run_opts = {"device": args.device} if args.device else None
     try:
         model = SpeechLLM.from_hparams(source=args.model, run_opts=run_opts)
-        outputs = []
-        if args.wav:
-            answers = model.generate_files(args.wav, args.instruction, **gen)
-            outputs += list(zip(args.wav, answers))
-        if args.text:
-            answers = model.generate_text(args.text, args.instruction, **gen)
-            outputs += list(zip(args.text, answers))
     except (
         ModelFolderError,
         WeightsMismatchError,
-        AudioError,
         FileNotFoundError,
         ValueError,
     ) as err:
         return _fail(err)
-    if len(outputs) == 1:
-        print(outputs[0][1])
-    else:
-        for label, answer in outputs:
-            print(f"{label}: {answer}")
-    return 0
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=len(todo), unit="input", file=sys.stderr, dynamic_ncols=True
+        )
+    try:
+        run = _Run(model, args, writer, bar, text_mode)
+        audio = [i for i in todo if i.file is not None]
+        texts = [i for i in todo if i.file is None]
+        for group in (audio, texts):
+            for batch in length_sorted_batches(group, args.batch_size):
+                run.run_batch(batch)
+    finally:
+        if bar is not None:
+            bar.close()
+    return run
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Export a trained speech LLM as a self-contained inference folder.
 
-A model folder holds three small files; the frozen bases (Whisper encoder,
+A model folder holds four small files; the frozen bases (Whisper encoder,
 LLM) are referenced by asset name or folder path, never copied:
 
 * ``hyperparams.yaml``: the HyperPyYAML that
@@ -8,7 +8,10 @@ LLM) are referenced by asset name or folder path, never copied:
   model from;
 * ``model.ckpt``: the learned weights only (adapter, PLoRA, unfrozen encoder),
   written by :class:`~speechbrain_blspkd.models.trainable.TrainableWeights`;
-* ``export.json``: what was exported, when, and the sha256 of each file.
+* ``export.json``: what was exported, when, and the sha256 of each file;
+* ``README.md``: the model card (method, base models and licences, the
+  training run and its evaluation when found, intended use and limits, the
+  commands that load it), :mod:`speechbrain_blspkd.inference.model_card`.
 
 How ``hyperparams.yaml`` is generated
 -------------------------------------
@@ -82,7 +85,7 @@ CONFIG_SECTIONS = (
     (
         "Pretrained bases: an asset name (python -m speechbrain_blspkd."
         "assets list) or a local transformers folder; encoder_source null: "
-        "no speech encoder (the adapter reads audio features itself)",
+        "no pretrained speech encoder (see encoder_class below)",
         {
             "llm_source": "smollm2-135m-instruct",
             "encoder_source": "whisper-base",
@@ -98,6 +101,13 @@ CONFIG_SECTIONS = (
             "encoder_mask_padding": True,
             "encoder_dtype": "auto",
         },
+    ),
+    (
+        "Speech encoder built from its constructor arguments alone, used "
+        "when encoder_source is null: a class and its options (e.g. the "
+        "log-mel front end speechbrain_blspkd.nnet.whisper_encoder."
+        "WhisperLogMel of an encoder-free model); null: none",
+        {"encoder_class": None, "encoder_options": {}},
     ),
     (
         "Speech adapter: a speechbrain_blspkd.nnet.adapter.SpeechAdapter "
@@ -192,6 +202,8 @@ encoder: !apply:speechbrain_blspkd.inference.export.build_encoder
     dynamic_length: !ref <encoder_dynamic_length>
     mask_padding: !ref <encoder_mask_padding>
     dtype: !ref <encoder_dtype>
+    encoder_class: !ref <encoder_class>
+    encoder_options: !ref <encoder_options>
 
 adapter: !apply:speechbrain_blspkd.inference.export.build_adapter
     - !ref <adapter_class>
@@ -271,28 +283,46 @@ def resolve_source(name_or_path):
     )
 
 
-def build_encoder(source, **options):
+def build_encoder(source, encoder_class=None, encoder_options=None, **options):
     """The speech encoder of an exported model, or None without one.
 
     Arguments
     ---------
     source : str or None
-        Asset name or Whisper folder (None: no encoder).
+        Asset name or Whisper folder of a pretrained encoder.
+    encoder_class : str, optional
+        With ``source`` None: the dotted class of an encoder built from
+        its constructor arguments alone (no pretrained weights; e.g.
+        :class:`~speechbrain_blspkd.nnet.whisper_encoder.WhisperLogMel`).
+    encoder_options : dict, optional
+        That class's constructor arguments (its ``export_hparams()``).
     **options
         ``freeze``, ``dynamic_length``, ``mask_padding``, ``dtype`` of
-        :class:`~speechbrain_blspkd.nnet.whisper_encoder.WhisperEncoder`.
+        :class:`~speechbrain_blspkd.nnet.whisper_encoder.WhisperEncoder`
+        (ignored without ``source``).
 
     Returns
     -------
-    WhisperEncoder or None
+    torch.nn.Module or None
 
     Example
     -------
     >>> build_encoder(None) is None
     True
+    >>> build_encoder(None, "speechbrain_blspkd.nnet.whisper_encoder."
+    ...     "WhisperLogMel", {"n_mels": 80}).n_mels
+    80
     """
+    if source is not None and encoder_class is not None:
+        raise ValueError(
+            "build_encoder: give encoder_source (a pretrained encoder) or "
+            f"encoder_class, not both (got {source!r} and {encoder_class!r})"
+        )
     if source is None:
-        return None
+        if encoder_class is None:
+            return None
+        cls = _import_class(encoder_class, "encoder_class")
+        return cls(**dict(encoder_options or {}))
     from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
 
     return WhisperEncoder(resolve_source(source), **options)
@@ -425,7 +455,14 @@ def config_from_model(model):
     if name and pathlib.Path(name).is_dir():
         config["llm_source"] = name
     enc = model.encoder
-    if enc is not None:
+    if callable(getattr(enc, "export_hparams", None)):
+        # built from its arguments alone (no pretrained weights)
+        config.update(
+            encoder_source=None,
+            encoder_class=_class_path(enc),
+            encoder_options=enc.export_hparams(),
+        )
+    elif enc is not None:
         enc_name = getattr(enc.config, "_name_or_path", "") or ""
         if enc_name and pathlib.Path(enc_name).is_dir():
             config["encoder_source"] = enc_name
@@ -610,7 +647,7 @@ def export_model(model, folder, config=None, overwrite=False):
     >>> model = tiny_saved_speech_llm(tmp)
     >>> folder = export_model(model, tmp / "exported")
     >>> sorted(p.name for p in folder.iterdir())
-    ['export.json', 'hyperparams.yaml', 'model.ckpt']
+    ['README.md', 'export.json', 'hyperparams.yaml', 'model.ckpt']
     """
     from speechbrain_blspkd.models.trainable import TrainableWeights
     from speechbrain_blspkd.version import __version__
@@ -621,7 +658,14 @@ def export_model(model, folder, config=None, overwrite=False):
     )
     needed = ["llm_source"]
     if model.encoder is not None:
-        needed.append("encoder_source")
+        if not values.get("encoder_class"):
+            needed.append("encoder_source")
+        elif values.get("encoder_source"):
+            raise ValueError(
+                "export_model: the model's encoder is built from its "
+                f"arguments ({values['encoder_class']}); drop "
+                f"encoder_source {values['encoder_source']!r}"
+            )
     if getattr(model, "transcriber", None) is not None:
         needed.append("transcriber_source")
     for key in needed:
@@ -668,6 +712,7 @@ def export_model(model, folder, config=None, overwrite=False):
         (tmp / INFO_FILE).write_text(
             json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8"
         )
+        _write_card(tmp, values, folder)
         os.chmod(tmp, 0o755)
         if folder.exists():
             old = pathlib.Path(
@@ -684,6 +729,21 @@ def export_model(model, folder, config=None, overwrite=False):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _write_card(tmp, values, folder):
+    """The model card (``README.md``, :mod:`.model_card`); a failure to
+    write it is logged and never stops an export."""
+    import logging
+
+    from speechbrain_blspkd.inference.model_card import write_model_card
+
+    try:
+        write_model_card(tmp, values, destination=folder)
+    except Exception as err:  # the card is documentation, not the model
+        logging.getLogger(__name__).warning(
+            "export_model: no model card written (%s)", err
+        )
 
 
 def check_model_folder(folder, hparams_file=HPARAMS_FILE):

@@ -125,6 +125,21 @@ class SpeechLLM(Pretrained):
         gen.setdefault("num_beams", int(self.hparams.num_beams))
         return gen
 
+    def default_instruction(self, audio=True):
+        """The instruction used when none is given.
+
+        Arguments
+        ---------
+        audio : bool
+            For a speech prompt (``audio_instruction`` when the model has
+            one, else ``instruction``) or a text prompt (``instruction``).
+
+        Returns
+        -------
+        str
+        """
+        return self.model._instructions(None, 1, audio=audio)[0]
+
     def load_file(self, path):
         """Load an audio file as the model expects it.
 
@@ -213,13 +228,55 @@ class SpeechLLM(Pretrained):
         >>> len(answers), all(isinstance(a, str) for a in answers)
         (2, True)
         """
+        wavs = [self.load_file(p) for p in paths]
+        names = [str(p) for p in paths]
+        return self.generate_waveforms(wavs, instructions, names, **gen)
+
+    def generate_waveforms(self, wavs, instructions=None, names=None, **gen):
+        """Answers to waveforms of different lengths, decoded as one batch.
+
+        What :meth:`generate_files` does after loading: the waveforms are
+        right-padded into one batch (the batch command line and the
+        browser demo load and check each file themselves, then call this).
+
+        Arguments
+        ---------
+        wavs : list of torch.Tensor
+            (samples,) waveforms at ``sample_rate`` (e.g. from
+            :meth:`load_file`).
+        instructions : str or list of str, optional
+            One instruction, or one per waveform.
+        names : list of str, optional
+            How each waveform is named in a context-length error (file
+            names; default: its index in the batch).
+        **gen
+            Generation options.
+
+        Returns
+        -------
+        list of str
+
+        Example
+        -------
+        >>> import tempfile, pathlib
+        >>> from speechbrain_blspkd.inference.export import export_model
+        >>> from speechbrain_blspkd.utils.testing import tiny_saved_speech_llm
+        >>> tmp = pathlib.Path(tempfile.mkdtemp())
+        >>> folder = export_model(tiny_saved_speech_llm(tmp), tmp / "model")
+        >>> llm = SpeechLLM.from_hparams(source=folder,
+        ...     run_opts={"device": "cpu"})
+        >>> len(llm.generate_waveforms([torch.zeros(800), torch.zeros(400)],
+        ...     max_new_tokens=2))
+        2
+        """
         from speechbrain.utils.data_utils import batch_pad_right
 
-        wavs = [self.load_file(p) for p in paths]
-        if not wavs:
+        if not len(wavs):
             return []
         batch, lens = batch_pad_right([w.float() for w in wavs])
-        names = [str(p) for p in paths]
+        if names is None:
+            return self._generate(batch, lens, instructions, None, "clip", gen)
+        names = [str(n) for n in names]
         return self._generate(batch, lens, instructions, names, "file", gen)
 
     def generate_batch(self, wavs, wav_lens=None, instructions=None, **gen):

@@ -152,6 +152,13 @@ class SpeechLLMOutput:
         The teacher pass, when requested.
     student : LLMPass or None
         The student pass, when requested.
+    feats : torch.Tensor or None
+        (B, T, d) the frames the adapter read: the encoder's output on the
+        waveforms, or the cached features given (for an objective that
+        distils another model's view of the same frames, e.g. AuRA's
+        Whisper teacher reading the adapter's log-mels).
+    feat_lens : torch.Tensor or None
+        (B,) relative lengths of ``feats``.
     """
 
     adapter: object
@@ -160,6 +167,8 @@ class SpeechLLMOutput:
     transcript_mask: torch.Tensor
     teacher: LLMPass = None
     student: LLMPass = None
+    feats: torch.Tensor = None
+    feat_lens: torch.Tensor = None
 
 
 @contextlib.contextmanager
@@ -572,16 +581,47 @@ class SpeechLLMModel(nn.Module):
             raise ValueError(
                 f"{type(self).__name__}: no adapter (it does not embed speech)"
             )
-        if feats is None:
-            if wavs is None:
-                raise ValueError("encode_speech: give `wavs` or `feats`")
-            if self.encoder is None:
-                raise ValueError(
-                    "encode_speech: the model has no encoder; pass cached "
-                    "`feats`"
-                )
-            feats, feat_lens = self.encoder(wavs, wav_lens)
+        feats, feat_lens = self.speech_features(
+            wavs, wav_lens, feats, feat_lens
+        )
         return self.adapter(feats, lengths=feat_lens, targets=targets)
+
+    def speech_features(
+        self, wavs=None, wav_lens=None, feats=None, feat_lens=None
+    ):
+        """The frames the adapter reads: ``feats`` when given, else the
+        encoder's output on ``wavs``.
+
+        Arguments
+        ---------
+        wavs, wav_lens : torch.Tensor, optional
+            (B, S) waveforms and (B,) relative lengths.
+        feats, feat_lens : torch.Tensor, optional
+            Cached encoder features and their relative lengths.
+
+        Returns
+        -------
+        feats : torch.Tensor
+            (B, T, d) frames.
+        feat_lens : torch.Tensor or None
+            (B,) relative lengths.
+
+        Example
+        -------
+        >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+        >>> feats, lens = tiny_speech_llm().speech_features(torch.randn(1, 4000))
+        >>> feats.shape
+        torch.Size([1, 13, 64])
+        """
+        if feats is not None:
+            return feats, feat_lens
+        if wavs is None:
+            raise ValueError("encode_speech: give `wavs` or `feats`")
+        if self.encoder is None:
+            raise ValueError(
+                "encode_speech: the model has no encoder; pass cached `feats`"
+            )
+        return self.encoder(wavs, wav_lens)
 
     def _speech_embeds(self, batch, adapter_out):
         """Prompt embeddings with the speech slots filled by the adapter."""
@@ -638,7 +678,15 @@ class SpeechLLMModel(nn.Module):
         )
 
     def _hidden_layers(self, request):
-        return tuple(sorted({layer for layer, _ in request.hidden} - {-1}))
+        layers = sorted({layer for layer, _ in request.hidden} - {-1})
+        depth = self.llm.config.get_text_config().num_hidden_layers
+        bad = [layer for layer in layers if not 0 <= layer <= depth]
+        if bad:
+            raise ValueError(
+                f"SpeechLLMModel: hidden layer(s) {bad} requested; the LLM "
+                f"has hidden states 0..{depth} (or -1)"
+            )
+        return tuple(layers)
 
     def teacher_pass(
         self,
@@ -810,14 +858,20 @@ class SpeechLLMModel(nn.Module):
             num_tokens=transcript_mask.sum(1),
             language=None if languages is None else languages.to(device),
         )
+        if self.adapter is not None:  # else encode_speech says why not
+            feats, feat_lens = self.speech_features(
+                wavs, wav_lens, feats, feat_lens
+            )
         adapter_out = self.encode_speech(
-            wavs, wav_lens, targets=targets, feats=feats, feat_lens=feat_lens
+            targets=targets, feats=feats, feat_lens=feat_lens
         )
         out = SpeechLLMOutput(
             adapter=adapter_out,
             targets=targets,
             transcript_ids=transcript_ids,
             transcript_mask=transcript_mask,
+            feats=feats,
+            feat_lens=feat_lens,
         )
         if request.teacher:
             out.teacher = self.teacher_pass(

@@ -24,6 +24,11 @@ paths:
 * ``dynamic_length=False``: the standard 30-s padded encoding, then sliced
   to the same number of frames as the dynamic path (same output shape).
 
+:class:`WhisperLogMel` is the front end alone (no weights): the frames the
+dynamic path feeds the convolutions, for a model whose adapter reads
+log-mels; :meth:`WhisperEncoder.layer_states` encodes such frames and
+returns the hidden states of chosen layers (a teacher distilled from).
+
 The 30-s path reproduces HF exactly (max abs difference 0.0 against
 ``WhisperModel.encoder`` on ``WhisperFeatureExtractor`` features). The
 dynamic path is not identical: in the 30-s version every frame also attends
@@ -57,7 +62,7 @@ from torch import nn
 
 from speechbrain_blspkd.utils.precision import resolve_dtype
 
-__all__ = ["WhisperEncoder", "whisper_log_mel"]
+__all__ = ["WhisperEncoder", "WhisperLogMel", "whisper_log_mel"]
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -135,6 +140,165 @@ def whisper_log_mel(wavs, num_frames, n_mels=80, filters=None):
     peak = log_spec.amax(dim=(1, 2), keepdim=True)
     log_spec = torch.maximum(log_spec, peak - 8.0)
     return (log_spec + 4.0) / 4.0
+
+
+def _mel_frames(num_samples):
+    """Mel frames holding clips of ``num_samples``: ceil(samples / 160)."""
+    return torch.div(num_samples + HOP - 1, HOP, rounding_mode="floor")
+
+
+def _batch_log_mel(wavs, wav_lens, n_mels, filters, max_frames, dynamic, who):
+    """The log-mels :class:`WhisperEncoder` feeds its convolutions.
+
+    Arguments
+    ---------
+    wavs : torch.Tensor
+        (B, S) 16-kHz waveforms, zero-padded on the right, at most 30 s.
+    wav_lens : torch.Tensor or None
+        (B,) relative lengths (None: all full).
+    n_mels : int
+        Mel bins.
+    filters : torch.Tensor
+        (n_mels, 201) mel filter bank.
+    max_frames : int
+        Encoder positions of a 30-s window (1500).
+    dynamic : bool
+        Batch length (plus two silent mel frames) instead of 30 s.
+    who : str
+        Class name for the messages.
+
+    Returns
+    -------
+    mel : torch.Tensor
+        (B, n_mels, M) float32.
+    mel_counts : torch.Tensor
+        (B,) long: mel frames holding each clip.
+    length : int
+        Encoder positions to compute (the longest clip's frames, or 1500).
+    """
+    if wavs.dim() != 2:
+        raise ValueError(
+            f"{who}: `wavs` must be (B, samples), got {tuple(wavs.shape)}"
+        )
+    batch, samples = wavs.shape
+    if wav_lens is None:
+        wav_lens = torch.ones(batch, device=wavs.device)
+    num_samples = torch.round(wav_lens.to(wavs.device) * samples).long()
+    num_samples = num_samples.clamp(min=1, max=samples)
+    max_samples = int(num_samples.max())
+    limit = CHUNK_SECONDS * SAMPLE_RATE
+    if max_samples > limit:
+        raise ValueError(
+            f"{who}: a clip of {max_samples / SAMPLE_RATE:.1f} s exceeds "
+            f"Whisper's {CHUNK_SECONDS} s window; split it first"
+        )
+    mel_counts = _mel_frames(num_samples)
+    out_frames = int(torch.div(mel_counts.max() + 1, 2, rounding_mode="floor"))
+    if dynamic:
+        # two extra (silent) mel frames: the convolutions at the end of
+        # the longest clip see silence, as in the 30-s version, so a
+        # clip's frames do not depend on the batch padding
+        num_mel = min(2 * out_frames + 2, 2 * max_frames)
+        length = out_frames
+    else:
+        num_mel = 2 * max_frames
+        length = max_frames
+    # zero the samples beyond each clip's length (padding may be garbage)
+    positions = torch.arange(samples, device=wavs.device)
+    wavs = wavs * (positions[None] < num_samples[:, None])
+    mel = whisper_log_mel(wavs, num_mel, n_mels, filters)
+    return mel, mel_counts, length
+
+
+class WhisperLogMel(nn.Module):
+    """Whisper's log-mel front end alone: waveforms -> mel frames (100/s).
+
+    The encoder slot of a model whose adapter reads log-mels instead of
+    encoder frames (AuRA's audio embedding layer, ``docs/algorithms.md``
+    section 2.7): no weights, nothing to load.  The frames are exactly
+    those :class:`WhisperEncoder` (``dynamic_length=True``) feeds its
+    convolutions, two silent frames after the longest clip included, so
+    :meth:`WhisperEncoder.layer_states` on them equals the encoder on the
+    waveforms (a teacher distilling from the same frames).
+
+    Arguments
+    ---------
+    n_mels : int
+        Mel bins (80, or 128 for large-v3).
+
+    Example
+    -------
+    >>> front_end = WhisperLogMel()
+    >>> mel, lens = front_end(torch.randn(2, 16000) * 0.1,
+    ...     torch.tensor([1.0, 0.5]))
+    >>> mel.shape, (lens * mel.shape[1]).round().tolist()
+    (torch.Size([2, 102, 80]), [100.0, 50.0])
+    >>> front_end.export_hparams()
+    {'n_mels': 80}
+    """
+
+    #: Nothing to train (export and the feature cache read these).
+    freeze = True
+    dynamic_length = True
+
+    def __init__(self, n_mels=80):
+        super().__init__()
+        if int(n_mels) != n_mels or n_mels < 1:
+            raise ValueError(f"WhisperLogMel: bad n_mels {n_mels!r}")
+        self.n_mels = int(n_mels)
+        self.max_frames = int(CHUNK_SECONDS * SAMPLE_RATE / HOP / 2)
+        self.register_buffer(
+            "mel_filters", _mel_filters(self.n_mels, "cpu"), persistent=False
+        )
+
+    @property
+    def output_size(self):
+        """Width of the frames (the mel bins)."""
+        return self.n_mels
+
+    def export_hparams(self):
+        """Constructor arguments that rebuild it (for the export)."""
+        return {"n_mels": self.n_mels}
+
+    @staticmethod
+    def frame_rate():
+        """Mel frames per second (100).
+
+        Example
+        -------
+        >>> WhisperLogMel.frame_rate()
+        100.0
+        """
+        return SAMPLE_RATE / HOP
+
+    @torch.no_grad()
+    def forward(self, wavs, wav_lens=None):
+        """Log-mel frames of a batch of waveforms.
+
+        Arguments
+        ---------
+        wavs : torch.Tensor
+            (B, S) 16-kHz waveforms, zero-padded on the right, at most 30 s.
+        wav_lens : torch.Tensor, optional
+            (B,) relative lengths (None: all full).
+
+        Returns
+        -------
+        mel : torch.Tensor
+            (B, M, n_mels) float32 frames.
+        lens : torch.Tensor
+            (B,) relative lengths of each clip's frames, ceil(samples / 160).
+        """
+        mel, counts, _ = _batch_log_mel(
+            wavs,
+            wav_lens,
+            self.n_mels,
+            self.mel_filters,
+            self.max_frames,
+            True,
+            type(self).__name__,
+        )
+        return mel.transpose(1, 2), counts.to(torch.float32) / mel.shape[-1]
 
 
 class WhisperEncoder(nn.Module):
@@ -246,7 +410,7 @@ class WhisperEncoder(nn.Module):
         >>> enc.num_frames(torch.tensor([16000, 161])).tolist()
         [50, 1]
         """
-        mel = torch.div(num_samples + HOP - 1, HOP, rounding_mode="floor")
+        mel = _mel_frames(num_samples)
         return torch.div(mel + 1, 2, rounding_mode="floor").long()
 
     def forward(self, wavs, wav_lens=None):
@@ -266,51 +430,127 @@ class WhisperEncoder(nn.Module):
         lens : torch.Tensor
             (B,) relative lengths of the real frames (SpeechBrain style).
         """
-        if wavs.dim() != 2:
-            raise ValueError(
-                f"WhisperEncoder: `wavs` must be (B, samples), got "
-                f"{tuple(wavs.shape)}"
-            )
-        batch, samples = wavs.shape
-        if wav_lens is None:
-            wav_lens = torch.ones(batch, device=wavs.device)
-        num_samples = torch.round(wav_lens.to(wavs.device) * samples).long()
-        num_samples = num_samples.clamp(min=1, max=samples)
-        max_samples = int(num_samples.max())
-        limit = CHUNK_SECONDS * SAMPLE_RATE
-        if max_samples > limit:
-            raise ValueError(
-                f"WhisperEncoder: a clip of {max_samples / SAMPLE_RATE:.1f} s "
-                f"exceeds Whisper's {CHUNK_SECONDS} s window; split it first"
-            )
-        frames = self.num_frames(num_samples)
-        out_frames = int(frames.max())
-        if self.dynamic_length:
-            # two extra (silent) mel frames: the convolutions at the end of
-            # the longest clip see silence, as in the 30-s version, so a
-            # clip's frames do not depend on the batch padding
-            mel_frames = min(2 * out_frames + 2, 2 * self.max_frames)
-            length = out_frames
-        else:
-            mel_frames = 2 * self.max_frames
-            length = self.max_frames
-        # zero the samples beyond each clip's length (padding may be garbage)
-        positions = torch.arange(samples, device=wavs.device)
-        wavs = wavs * (positions[None] < num_samples[:, None])
         grad = torch.is_grad_enabled() and not self.freeze
         with torch.set_grad_enabled(grad):
-            mel = whisper_log_mel(
-                wavs, mel_frames, self.n_mels, self.mel_filters
+            mel, mel_counts, length = _batch_log_mel(
+                wavs,
+                wav_lens,
+                self.n_mels,
+                self.mel_filters,
+                self.max_frames,
+                self.dynamic_length,
+                "WhisperEncoder",
             )
+            frames = torch.div(mel_counts + 1, 2, rounding_mode="floor")
             masked = self.dynamic_length and self.mask_padding
-            feats = self._encode(mel, length, frames if masked else None)
+            feats, _ = self._encode(mel, length, frames if masked else None)
+        out_frames = int(frames.max())
         feats = feats[:, :out_frames]
         if self.output_dtype is not None:
             feats = feats.to(self.output_dtype)
         return feats, frames.to(torch.float32) / out_frames
 
-    def _encode(self, mel, length, frames=None):
-        """Encoder on (B, n_mels, >= 2 T) features -> (B, T = length, d)."""
+    def layer_states(self, mel, mel_lens=None, layers=(-1,)):
+        """Hidden states at chosen layers, from :class:`WhisperLogMel` frames.
+
+        On the frames of :class:`WhisperLogMel` the last layer equals
+        :meth:`forward` on the same waveforms (the dynamic path), so a
+        model that reads log-mels can be distilled from this encoder on
+        exactly what it heard.  No gradient reaches a frozen encoder.
+
+        Arguments
+        ---------
+        mel : torch.Tensor
+            (B, M, n_mels) log-mel frames (100 per second).
+        mel_lens : torch.Tensor, optional
+            (B,) relative lengths of the clips' frames (None: all M).
+        layers : sequence of int
+            Hidden-state indices, as Hugging Face's
+            ``output_hidden_states``: 0 the input of the first layer
+            (convolutions + positions), ``k`` the output of layer ``k``,
+            the last (``encoder_layers``, or -1) after the final norm (what
+            :meth:`forward` returns).
+
+        Returns
+        -------
+        states : dict
+            layer -> (B, T, d) frames (``output_dtype``), T the longest
+            clip's encoder frames.
+        frames : torch.Tensor
+            (B,) long: each clip's encoder frames, ceil(mel frames / 2).
+
+        Example
+        -------
+        >>> from transformers import WhisperConfig
+        >>> enc = WhisperEncoder(WhisperConfig(d_model=8, encoder_layers=2,
+        ...     encoder_attention_heads=2, encoder_ffn_dim=8))
+        >>> wavs, lens = torch.randn(2, 8000) * 0.1, torch.tensor([1.0, 0.6])
+        >>> mel, mel_lens = WhisperLogMel()(wavs, lens)
+        >>> states, frames = enc.layer_states(mel, mel_lens, layers=(1, -1))
+        >>> states[1].shape, frames.tolist()
+        (torch.Size([2, 25, 8]), [25, 15])
+        >>> torch.equal(states[-1], enc(wavs, lens)[0])
+        True
+        """
+        if not self.dynamic_length:
+            raise ValueError(
+                "WhisperEncoder.layer_states: encoding log-mel frames needs "
+                "dynamic_length=True (the 30-s path pads the waveform)"
+            )
+        if mel.dim() != 3 or mel.shape[-1] != self.n_mels:
+            raise ValueError(
+                f"WhisperEncoder.layer_states: `mel` must be (B, M, "
+                f"{self.n_mels}), got {tuple(mel.shape)}"
+            )
+        count = len(self.encoder.layers)
+        wanted = []
+        for layer in layers:
+            if int(layer) != layer or not -1 <= layer <= count:
+                raise ValueError(
+                    f"WhisperEncoder.layer_states: layer {layer!r} is not in "
+                    f"0..{count} (or -1)"
+                )
+            wanted.append(int(layer))
+        total = mel.shape[1]
+        if mel_lens is None:
+            counts = torch.full((mel.shape[0],), total, device=mel.device)
+        else:
+            counts = torch.round(mel_lens.to(mel.device) * total).long()
+        counts = counts.clamp(min=1, max=total)
+        frames = torch.div(counts + 1, 2, rounding_mode="floor")
+        length = int(frames.max())
+        grad = torch.is_grad_enabled() and not self.freeze
+        with torch.set_grad_enabled(grad):
+            final, states = self._encode(
+                mel.transpose(1, 2).float(),
+                length,
+                frames if self.mask_padding else None,
+                [count if layer == -1 else layer for layer in wanted],
+            )
+        out = {}
+        for layer in wanted:
+            value = final if layer in (-1, count) else states[layer]
+            if self.output_dtype is not None:
+                value = value.to(self.output_dtype)
+            out[layer] = value
+        return out, frames
+
+    def mel_stride(self):
+        """Mel frames per encoder frame (the convolutions' strides: 2).
+
+        Example
+        -------
+        >>> from transformers import WhisperConfig
+        >>> WhisperEncoder(WhisperConfig(d_model=8, encoder_layers=1,
+        ...     encoder_attention_heads=2, encoder_ffn_dim=8)).mel_stride()
+        2
+        """
+        return int(self.encoder.conv1.stride[0] * self.encoder.conv2.stride[0])
+
+    def _encode(self, mel, length, frames=None, layers=()):
+        """Encoder on (B, n_mels, >= 2 T - 1) features -> (B, T = length, d),
+        and the hidden states of ``layers`` (0 .. number of layers - 1; the
+        last layer is the returned, normed output)."""
         enc = self.encoder
         dtype = enc.conv1.weight.dtype
         x = nn.functional.gelu(enc.conv1(mel.to(dtype)))
@@ -319,6 +559,11 @@ class WhisperEncoder(nn.Module):
             raise ValueError(
                 f"WhisperEncoder: {length} frames exceed the positional "
                 f"table ({self.max_frames})"
+            )
+        if x.shape[1] < length:
+            raise ValueError(
+                f"WhisperEncoder: {mel.shape[-1]} mel frames give "
+                f"{x.shape[1]} encoder frames, fewer than {length}"
             )
         x = x + enc.embed_positions.weight[:length].to(x.dtype)
         x = nn.functional.dropout(x, p=enc.dropout, training=enc.training)
@@ -333,9 +578,12 @@ class WhisperEncoder(nn.Module):
             attn_mask = attn_mask.masked_fill(
                 ~valid[:, None, None, :], torch.finfo(x.dtype).min
             )
-        for layer in enc.layers:
+        states = {0: x} if 0 in layers else {}
+        for index, layer in enumerate(enc.layers, start=1):
             x = layer(x, attn_mask)
-        return enc.layer_norm(x)
+            if index in layers:
+                states[index] = x
+        return enc.layer_norm(x), states
 
     @staticmethod
     def frame_rate():

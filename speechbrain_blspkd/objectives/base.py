@@ -22,6 +22,18 @@ Subclass :class:`Objective`, list the names of its weighted terms in
 and optionally :meth:`Objective.metrics` (numbers reported in validation
 and test, no gradient).  ``docs/adding_a_method.md`` walks through one.
 
+Objective-owned modules
+-----------------------
+An objective is an ``nn.Module`` and may own modules that exist for
+training only: a frozen teacher (AuRA's Whisper encoder) and small
+trainable heads (AuRA's linear maps between the LLM's and the teacher's
+widths).  The training loop moves the stage's objective to its device,
+trains the objective's :meth:`Objective.trainable_parameters` with the
+model's (one optimiser, one gradient clip; averaged over the processes of a
+distributed run) and checkpoints them (the checkpoint hooks below save the
+trainable parameters only, never a frozen teacher).  They are not part of
+the model, so the export never holds them.
+
 Authors
  * speechbrain-blspkd contributors 2026
 """
@@ -30,11 +42,19 @@ import math
 
 import speechbrain as sb
 import torch
+from speechbrain.utils.checkpoints import (
+    mark_as_loader,
+    mark_as_saver,
+    register_checkpoint_hooks,
+)
 from torch import nn
+
+from speechbrain_blspkd.utils.atomic import atomic_path
 
 __all__ = ["Objective"]
 
 
+@register_checkpoint_hooks
 class Objective(nn.Module):
     """Base class: a weighted sum of named terms and its statistics.
 
@@ -74,6 +94,78 @@ class Objective(nn.Module):
         self.weights = {k: float(v) for k, v in weights.items()}
         if not any(self.weights.values()):
             raise ValueError(f"{name}: every loss weight is 0")
+
+    def trainable_parameters(self):
+        """The parameters this objective trains itself (none by default).
+
+        Returns
+        -------
+        list of torch.nn.Parameter
+            Those with ``requires_grad`` (e.g. projection heads; a frozen
+            teacher has none).
+
+        Example
+        -------
+        >>> class Head(Objective):
+        ...     TERMS = ("a",)
+        ...     def __init__(self):
+        ...         super().__init__({"a": 1.0})
+        ...         self.head = nn.Linear(2, 2)
+        ...         self.teacher = nn.Linear(2, 2).requires_grad_(False)
+        >>> len(Head().trainable_parameters())
+        2
+        """
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @mark_as_saver
+    def save_trainable(self, path):
+        """Checkpoint hook: write the trainable parameters to ``path``.
+
+        Example
+        -------
+        >>> import tempfile, pathlib
+        >>> class Head(Objective):
+        ...     TERMS = ("a",)
+        ...     def __init__(self):
+        ...         super().__init__({"a": 1.0})
+        ...         self.head = nn.Linear(2, 2)
+        >>> a, b = Head(), Head()
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "objective.ckpt"
+        >>> a.save_trainable(path)
+        >>> b.load_trainable(path)
+        >>> torch.equal(a.head.weight, b.head.weight)
+        True
+        """
+        state = {
+            name: p.detach().cpu()
+            for name, p in self.named_parameters()
+            if p.requires_grad
+        }
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+
+    @mark_as_loader
+    def load_trainable(self, path, end_of_epoch=None):
+        """Checkpoint hook: load what :meth:`save_trainable` wrote.
+
+        Raises ``ValueError`` naming ``path`` when the names or shapes do
+        not match this objective's trainable parameters.
+        """
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        own = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        if set(state) != set(own):
+            raise ValueError(
+                f"{path}: objective parameters {sorted(state)} do not match "
+                f"{type(self).__name__}'s {sorted(own)}"
+            )
+        with torch.no_grad():
+            for name, value in state.items():
+                if value.shape != own[name].shape:
+                    raise ValueError(
+                        f"{path}: {name} has shape {tuple(value.shape)}, "
+                        f"expected {tuple(own[name].shape)}"
+                    )
+                own[name].copy_(value)
 
     def active(self, term):
         """Whether ``term`` has a nonzero weight (computed only then)."""

@@ -95,7 +95,8 @@ def tiny_speech_llm(llm_type="llama", whisper=True, init_std=0.3, **kwargs):
         LLM weight init std (large enough for varied greedy outputs).
     **kwargs
         Passed to :class:`~speechbrain_blspkd.models.speech_llm.
-        SpeechLLMModel` (``adapter=`` replaces the CFormer).
+        SpeechLLMModel` (``adapter=`` replaces the CFormer, ``encoder=``
+        the Whisper encoder).
 
     Returns
     -------
@@ -127,8 +128,8 @@ def tiny_speech_llm(llm_type="llama", whisper=True, init_std=0.3, **kwargs):
         llm = Qwen2ForCausalLM(Qwen2Config(**common))
     else:
         raise ValueError(f"tiny_speech_llm: unknown llm_type {llm_type!r}")
-    encoder = None
-    if whisper:
+    encoder = kwargs.pop("encoder", None)
+    if whisper and encoder is None:
         encoder = WhisperEncoder(tiny_whisper_config())
     adapter = kwargs.pop("adapter", None)
     if adapter is None:
@@ -237,6 +238,8 @@ def tiny_saved_speech_llm(folder, seed=0, **kwargs):
     the model is built from these
     folders, so that an export of it can be loaded with
     :meth:`~speechbrain_blspkd.inference.SpeechLLM.from_hparams`.
+    ``encoder=`` replaces the Whisper encoder (e.g. a log-mel front end),
+    ``adapter=`` the CFormer.
     """
     import pathlib
 
@@ -276,17 +279,86 @@ def tiny_saved_speech_llm(folder, seed=0, **kwargs):
             d_ffn=128,
         )
     kwargs.setdefault("plora", dict(r=4, alpha=8, dropout=0.0, scope="audio"))
+    encoder = kwargs.pop("encoder", None)
+    if encoder is None:
+        encoder = WhisperEncoder(str(folder / "whisper"))
     model = SpeechLLMModel(
-        str(folder / "llm"),
-        adapter,
-        encoder=WhisperEncoder(str(folder / "whisper")),
-        **kwargs,
+        str(folder / "llm"), adapter, encoder=encoder, **kwargs
     )
     with torch.no_grad():  # non-zero PLoRA B so that PLoRA changes outputs
         for p in model.parameters():
             if p.requires_grad and p.abs().sum() == 0:
                 p.normal_(0, 0.2)
     return model
+
+
+def tiny_aura(
+    stride=4,
+    scope="audio",
+    llm_layers=(1, 2),
+    teacher_layers=(1, 2),
+    weights=None,
+    seed=0,
+    **kwargs,
+):
+    """A tiny AuRA model and objective (64 wide, 2-layer LLM and teacher).
+
+    The model: the log-mel front end in the encoder slot, an
+    :class:`~speechbrain_blspkd.nnet.audio_embedding.AudioEmbedding` and
+    PLoRA (r 4) on a tiny random LLM.  The objective: a tiny random frozen
+    Whisper encoder as the teacher and a :class:`~speechbrain_blspkd.
+    objectives.aura.LayerMap` of ``llm_layers`` <- ``teacher_layers``.
+
+    Arguments
+    ---------
+    stride : int
+        Mel frames per LLM position.
+    scope : str
+        PLoRA scope (``"audio"`` or ``"global"``).
+    llm_layers, teacher_layers : sequence of int
+        The layer map.
+    weights : dict, optional
+        The objective's weights (default its own).
+    seed : int
+        Seed of the random weights.
+    **kwargs
+        More :class:`~speechbrain_blspkd.objectives.aura.AuRAObjective`
+        arguments (``time_alignment``, ``eval_kl`` ...).
+
+    Returns
+    -------
+    (SpeechLLMModel, AuRAObjective)
+
+    Example
+    -------
+    >>> model, objective = tiny_aura(stride=2)
+    >>> type(model.encoder).__name__, objective.layer_map.pairs
+    ('WhisperLogMel', [(1, 1), (2, 2)])
+    """
+    import torch
+
+    from speechbrain_blspkd.nnet.audio_embedding import AudioEmbedding
+    from speechbrain_blspkd.nnet.whisper_encoder import (
+        WhisperEncoder,
+        WhisperLogMel,
+    )
+    from speechbrain_blspkd.objectives.aura import AuRAObjective, LayerMap
+
+    torch.manual_seed(seed)
+    model = tiny_speech_llm(
+        whisper=False,
+        encoder=WhisperLogMel(),
+        adapter=AudioEmbedding(80, 64, stride=stride, out_init_std=0.3),
+        plora=dict(r=4, alpha=8, dropout=0.0, scope=scope),
+    )
+    teacher = WhisperEncoder(tiny_whisper_config())
+    objective = AuRAObjective(
+        teacher,
+        LayerMap(64, teacher.output_size, llm_layers, teacher_layers),
+        weights=weights,
+        **kwargs,
+    )
+    return model, objective
 
 
 def tiny_language_aware_qformer(languages=("en", "de"), **overrides):

@@ -1,0 +1,191 @@
+"""The browser demo's backend (no browser): input checks, streamed answers
+equal to SpeechLLM's, the cascade, the CIF plot, several models."""
+
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from speechbrain_blspkd.inference import demo_ui  # noqa: E402
+from speechbrain_blspkd.inference.demo_ui import (  # noqa: E402
+    DemoBackend,
+    DemoInputError,
+)
+from speechbrain_blspkd.inference.export import export_model  # noqa: E402
+from speechbrain_blspkd.utils.testing import (  # noqa: E402
+    tiny_saved_speech_llm,
+)
+
+CPU = {"device": "cpu"}
+
+
+def _speechlike(path, seconds, seed=0, sr=16000):
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    tone = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t))
+    data = (tone / 2 + 0.02 * rng.standard_normal(t.size)).astype("float32")
+    sf.write(path, data, sr)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from speechbrain_blspkd.inference import SpeechLLM
+    from speechbrain_blspkd.nnet.conv_subsampler import ConvSubsampler
+    from speechbrain_blspkd.nnet.whisper_asr import WhisperTranscriber
+
+    tmp = tmp_path_factory.mktemp("demo")
+    cif = tiny_saved_speech_llm(tmp / "cif", seed=0, instruction="Repeat:")
+    conv = tiny_saved_speech_llm(
+        tmp / "conv", seed=1, adapter=ConvSubsampler(64, 64, bottleneck=16)
+    )
+    folders = [
+        export_model(cif, tmp / "cif" / "model", {"max_new_tokens": 6}),
+        export_model(conv, tmp / "conv" / "model", {"max_new_tokens": 6}),
+    ]
+    models = [
+        (f.parent.name, SpeechLLM.from_hparams(source=f, run_opts=CPU))
+        for f in folders
+    ]
+    asr = WhisperTranscriber(tmp / "cif" / "whisper", max_new_tokens=8)
+    backend = DemoBackend(models, asr, plot_dir=tmp / "plots")
+    clip = _speechlike(tmp / "clip.wav", 1.2)
+    return {"backend": backend, "models": models, "tmp": tmp, "clip": clip}
+
+
+def test_bad_input_gets_a_message(setup):
+    backend, tmp = setup["backend"], setup["tmp"]
+    with pytest.raises(DemoInputError, match="No audio"):
+        backend.load_clip(None)
+    silent = tmp / "silent.wav"
+    sf.write(silent, np.zeros(16000, "float32"), 16000)
+    with pytest.raises(DemoInputError, match="silent .no signal"):
+        backend.load_clip(silent)
+    quiet = tmp / "quiet.wav"
+    sf.write(quiet, np.full(16000, 1e-4, "float32"), 16000)
+    with pytest.raises(DemoInputError, match=r"silent .peak -8\d dBFS"):
+        backend.load_clip(quiet)
+    long = _speechlike(tmp / "long.wav", 40, sr=8000)
+    with pytest.raises(DemoInputError, match="40.0 s long.*at most 30 s"):
+        backend.load_clip(long)
+    fake = tmp / "fake.wav"
+    fake.write_text("this is a note, not audio\n")
+    with pytest.raises(DemoInputError, match="'fake.wav' is not an audio"):
+        backend.load_clip(fake)
+    empty = tmp / "empty.wav"
+    sf.write(empty, np.zeros((0, 1), "float32"), 16000)
+    with pytest.raises(DemoInputError, match="empty"):
+        backend.load_clip(empty)
+    # a request with bad input yields one state: the message, no answers
+    states = [dict(s) for s in backend.respond(str(fake), "Repeat:")]
+    assert len(states) == 1
+    assert states[0]["status"].startswith("**Cannot answer:**")
+    assert states[0]["answers"] == ["", ""]
+
+
+def test_answers_stream_and_equal_generate_file(setup):
+    backend, clip = setup["backend"], setup["clip"]
+    wav = backend.load_clip(clip)
+    for i, (_, llm) in enumerate(setup["models"]):
+        for instruction in (None, "Say it again:"):
+            pieces = list(backend.stream_answer(i, wav, instruction))
+            want = llm.generate_file(clip, instruction=instruction)
+            assert pieces[-1] == want
+            # streamed token by token: the partial texts grow to the answer
+            assert len(pieces) >= 3, pieces
+            for a, b in zip(pieces[:-1], pieces[1:]):
+                assert b.startswith(a.strip()), (a, b)
+            assert pieces[-2].strip() == want.strip()
+
+
+def test_a_request_answers_every_model_and_the_cascade(setup):
+    backend, clip = setup["backend"], setup["clip"]
+    states = []
+    for state in backend.respond(str(clip), "Say it again:"):
+        states.append(
+            {k: list(v) if isinstance(v, list) else v for k, v in state.items()}
+        )
+    final = states[-1]
+    assert final["status"].startswith("**Done** in")
+    wav = backend.load_clip(clip)
+    transcript = backend.transcribe(wav)
+    for i, (_, llm) in enumerate(setup["models"]):
+        assert final["answers"][i] == llm.generate_file(
+            clip, instruction="Say it again:"
+        )
+        if transcript.strip():
+            assert final["cascade"][i] == llm.generate_text(
+                transcript, "Say it again:"
+            )
+    assert final["transcript"] == (transcript or "(Whisper heard nothing)")
+    # the CIF model has its plot, the convolutional one none
+    assert backend.has_cif == [True, False]
+    assert final["plots"][0].read_bytes()[:4] == b"\x89PNG"
+    assert final["plots"][1] is None
+    # the answers appeared step by step ("", partial texts, the final one)
+    assert len({s["answers"][0] for s in states}) > 2
+
+
+def test_a_failing_model_leaves_a_message_not_a_dead_server(setup, monkeypatch):
+    backend, clip = setup["backend"], setup["clip"]
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    llm = setup["models"][0][1]
+    monkeypatch.setattr(llm, "generate_waveforms", boom)
+    states = list(backend.respond(str(clip), None))
+    assert "Something went wrong" in states[-1]["status"]
+    assert "out of memory" in states[-1]["status"]
+    monkeypatch.undo()
+    assert list(backend.respond(str(clip), None))[-1]["status"].startswith(
+        "**Done**"
+    )
+
+
+def test_page_builds_with_one_column_per_model(setup):
+    pytest.importorskip("gradio", reason="gradio (the demo extra) missing")
+    app = demo_ui.build_app(setup["backend"], ["Tell me more:"])
+    ids = {getattr(block, "elem_id", None) for block in app.blocks.values()} - {
+        None
+    }
+    assert {"audio", "instruction", "answer", "status", "transcript"} <= ids
+    assert {"answer-0", "answer-1", "cascade-0", "cif-0", "cif-1"} <= ids
+    dropdown = next(
+        b for b in app.blocks.values() if b.elem_id == "instruction"
+    )
+    choices = [c[0] if isinstance(c, tuple) else c for c in dropdown.choices]
+    assert choices[0] == "Tell me more:" and "Repeat:" in choices
+
+
+def test_command_line_errors(tmp_path, capsys):
+    assert demo_ui.main(["--model", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+    args = demo_ui.build_parser().parse_args(
+        ["--model", "a", "--asr", "none", "--port", "0"]
+    )
+    assert demo_ui._asr_source(args, []) is None
+    assert demo_ui._labels(["x/model", "y/model", "z/other", "z/other"]) == [
+        "x/model",
+        "y/model",
+        "other (3)",
+        "other (4)",
+    ]
+
+
+def test_cif_plot_function(tmp_path):
+    out = demo_ui.plot_cif_over_waveform(
+        torch.randn(16000),
+        16000,
+        torch.full((50,), 0.2),
+        [4, 9, 14],
+        ["a", "b"],
+        50.0,
+        tmp_path / "p.png",
+        title="t",
+    )
+    assert out.read_bytes()[:4] == b"\x89PNG"
