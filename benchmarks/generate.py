@@ -8,8 +8,16 @@ generates exactly ``new_tokens`` tokens (end of turn suppressed until then),
 so the count is fixed. The KV-cache implementations are timed in the same
 run: ``transformers``' dynamic cache and its static (preallocated) cache.
 
-Utilisation: the executed FLOPs of one call (counted, see
-:func:`benchmarks.common.count_flops`) per second, over the machine's peak.
+Utilisation, two ways, both over the machine's peak:
+
+* ``utilisation``: the executed FLOPs of one call (counted, see
+  :func:`benchmarks.common.count_flops`: the prompt's prefill and every
+  decoding step) per second;
+* ``decode_utilisation``: the decoding loop alone, i.e. the FLOPs and the
+  time of the call beyond those of the same call with one new token (the
+  prefill and the first token), which is what the KV cache and the loop
+  decide. ``new_token_gflop`` is the forward FLOPs per generated token
+  (per row) of that loop.
 """
 
 from benchmarks.common import compare, count_flops, demo_model, texts
@@ -35,19 +43,36 @@ def run(args, peak_gflops):
 
         configs = {name: call(extra) for name, extra in caches.items()}
         flops = count_flops(configs["dynamic"])
+        first = lambda t=transcripts: model.generate_text(  # noqa: E731
+            t, max_new_tokens=1
+        )
+        first_flops = count_flops(first)
+        configs["first_token"] = first
         timing = compare(configs, args.rounds, args.device)
+        t_first = timing.pop("first_token").best
+        decode_flops = flops - first_flops
+        out[f"b{batch}.new_token_gflop"] = (
+            decode_flops / ((n_new - 1) * batch) / 1e9
+        )
         for name, t in timing.items():
             key = f"b{batch}.{name}"
             out[f"{key}.tokens_per_s"] = batch * n_new / t.best
             out[f"{key}.gflops"] = flops / t.best / 1e9
             out[f"{key}.utilisation"] = flops / t.best / 1e9 / peak_gflops
+            out[f"{key}.decode_utilisation"] = (
+                decode_flops / max(t.best - t_first, 1e-9) / 1e9 / peak_gflops
+            )
         best = max(
             caches, key=lambda name: out[f"b{batch}.{name}.tokens_per_s"]
         )
         out[f"b{batch}.best_cache"] = best
         out[f"b{batch}.tokens_per_s"] = out[f"b{batch}.{best}.tokens_per_s"]
         out[f"b{batch}.utilisation"] = out[f"b{batch}.{best}.utilisation"]
+        out[f"b{batch}.decode_utilisation"] = out[
+            f"b{batch}.{best}.decode_utilisation"
+        ]
     top = max(args.gen_batches)
     out["tokens_per_s"] = out[f"b{top}.tokens_per_s"]
     out["utilisation"] = out[f"b{top}.utilisation"]
+    out["decode_utilisation"] = out[f"b{top}.decode_utilisation"]
     return out
