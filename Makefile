@@ -4,6 +4,7 @@
 #   make test     the whole test suite (CI runs exactly this)
 #   make test-fast  the suite without @slow tests (developers)
 #   make lint     ruff
+#   make bench    the benchmark suite (benchmarks/RESULTS.md)
 #
 # Variables:
 #   TORCH=cpu|cuda   torch build to install (default cpu; cuda takes the
