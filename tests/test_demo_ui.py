@@ -189,3 +189,38 @@ def test_cif_plot_function(tmp_path):
         title="t",
     )
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def _method_model(method, folder):
+    """A tiny exported model of ``method`` (adapters not in ``setup``)."""
+    from speechbrain_blspkd.nnet.audio_embedding import AudioEmbedding
+    from speechbrain_blspkd.nnet.qformer import QFormer
+    from speechbrain_blspkd.nnet.whisper_encoder import WhisperLogMel
+    from speechbrain_blspkd.utils.testing import tiny_language_aware_qformer
+
+    options = {"instruction": "Repeat:"}
+    if method == "qformer":
+        options["adapter"] = QFormer(
+            64, 64, num_queries=4, num_layers=1, num_heads=4, ffn_size=128
+        )
+    elif method == "lad":
+        options["adapter"] = tiny_language_aware_qformer(("en", "de"))
+    else:  # aura: log-mel front end, no Whisper encoder at inference
+        options["adapter"] = AudioEmbedding(80, 64, stride=4, out_init_std=0.3)
+        options["encoder"] = WhisperLogMel()
+    model = tiny_saved_speech_llm(folder, seed=2, **options)
+    return export_model(model, folder / "model", {"max_new_tokens": 5})
+
+
+@pytest.mark.parametrize("method", ["qformer", "lad", "aura"])
+def test_every_method_answers_through_the_page_backend(method, setup, tmp_path):
+    from speechbrain_blspkd.inference import SpeechLLM
+
+    llm = SpeechLLM.from_hparams(
+        source=_method_model(method, tmp_path), run_opts=CPU
+    )
+    backend = DemoBackend([(method, llm)], None, plot_dir=tmp_path / "plots")
+    clip = setup["clip"]
+    pieces = list(backend.stream_answer(0, backend.load_clip(clip), None))
+    assert pieces, method
+    assert pieces[-1] == llm.generate_file(clip)
