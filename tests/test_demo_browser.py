@@ -19,9 +19,9 @@ import sys
 import time
 import urllib.request
 
-import numpy as np
 import pytest
-import soundfile as sf
+
+from speechbrain_blspkd.utils.testing import write_speechlike_wav
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -66,15 +66,6 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _speechlike(path, seconds, sr=16000):
-    rng = np.random.default_rng(0)
-    t = np.arange(int(seconds * sr)) / sr
-    tone = 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 4 * t))
-    data = (tone / 2 + 0.02 * rng.standard_normal(t.size)).astype("float32")
-    sf.write(path, data, sr)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +172,7 @@ def _upload_and_answer(page, path):
 def test_upload_answer_equals_generate_file(server, browser):
     from speechbrain_blspkd.inference import SpeechLLM
 
-    clip = _speechlike(server["tmp"] / "spoken.wav", 1.3)
+    clip = write_speechlike_wav(server["tmp"] / "spoken.wav", 1.3)
     page = _open(browser, server["url"])
     # type an instruction of one's own (the list offers the model's too)
     box = page.locator("#instruction input")
@@ -230,7 +221,7 @@ def test_non_audio_upload_gets_a_clear_message(server, browser):
     status = _status(page, "Done|Cannot answer|went wrong")
     assert "No audio" in status
     # the server lives on: a good clip is answered after the bad ones
-    clip = _speechlike(server["tmp"] / "again.wav", 0.8)
+    clip = write_speechlike_wav(server["tmp"] / "again.wav", 0.8)
     page.reload(wait_until="domcontentloaded")
     page.wait_for_selector("#answer")
     _upload_and_answer(page, clip)

@@ -18,18 +18,10 @@ from speechbrain_blspkd.inference.demo_ui import (  # noqa: E402
 from speechbrain_blspkd.inference.export import export_model  # noqa: E402
 from speechbrain_blspkd.utils.testing import (  # noqa: E402
     tiny_saved_speech_llm,
+    write_speechlike_wav,
 )
 
 CPU = {"device": "cpu"}
-
-
-def _speechlike(path, seconds, seed=0, sr=16000):
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * sr)) / sr
-    tone = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t))
-    data = (tone / 2 + 0.02 * rng.standard_normal(t.size)).astype("float32")
-    sf.write(path, data, sr)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +45,7 @@ def setup(tmp_path_factory):
     ]
     asr = WhisperTranscriber(tmp / "cif" / "whisper", max_new_tokens=8)
     backend = DemoBackend(models, asr, plot_dir=tmp / "plots")
-    clip = _speechlike(tmp / "clip.wav", 1.2)
+    clip = write_speechlike_wav(tmp / "clip.wav", 1.2)
     return {"backend": backend, "models": models, "tmp": tmp, "clip": clip}
 
 
@@ -69,7 +61,7 @@ def test_bad_input_gets_a_message(setup):
     sf.write(quiet, np.full(16000, 1e-4, "float32"), 16000)
     with pytest.raises(DemoInputError, match=r"silent .peak -8\d dBFS"):
         backend.load_clip(quiet)
-    long = _speechlike(tmp / "long.wav", 40, sr=8000)
+    long = write_speechlike_wav(tmp / "long.wav", 40, sample_rate=8000)
     with pytest.raises(DemoInputError, match="40.0 s long.*at most 30 s"):
         backend.load_clip(long)
     fake = tmp / "fake.wav"

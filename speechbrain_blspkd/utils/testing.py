@@ -701,3 +701,43 @@ def piper_unavailable():
         f"piper cannot run: missing {', '.join(missing)} "
         f"(pip install {PIPER_REQUIREMENT} {requirement})"
     )
+
+
+def write_speechlike_wav(path, seconds, seed=0, pitch=220.0, sample_rate=16000):
+    """Write a speech-like test clip: a modulated tone plus a little noise.
+
+    Arguments
+    ---------
+    path : str or pathlib.Path
+        Destination (16-bit-range float samples, mono).
+    seconds : float
+        Duration.
+    seed : int
+        Seed of the noise.
+    pitch : float
+        Tone frequency (Hz).
+    sample_rate : int
+        Samples per second.
+
+    Returns
+    -------
+    str or pathlib.Path
+        ``path``.
+
+    Example
+    -------
+    >>> import tempfile, pathlib, soundfile
+    >>> p = write_speechlike_wav(pathlib.Path(tempfile.mkdtemp()) / "a.wav", 0.5)
+    >>> soundfile.info(str(p)).frames
+    8000
+    """
+    import numpy as np
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    envelope = 1 + np.sin(2 * np.pi * 3 * t)
+    tone = 0.3 * np.sin(2 * np.pi * pitch * t) * envelope
+    data = (tone / 2 + 0.02 * rng.standard_normal(t.size)).astype("float32")
+    sf.write(str(path), data, sample_rate)
+    return path
