@@ -47,6 +47,7 @@ from speechbrain_blspkd.dataio.manifest import (
     write_manifest,
 )
 from speechbrain_blspkd.prompt import PromptBuilder
+from speechbrain_blspkd.utils.atomic import drop_unfinished_tail
 from speechbrain_blspkd.utils.cli import report_error, setup_logging
 from speechbrain_blspkd.utils.precision import resolve_dtype
 
@@ -164,16 +165,7 @@ def _load_progress(path, meta):
             done[rec["ID"]] = rec
         good_end = end
         pos = end
-    if good_end < len(raw):
-        logger.warning(
-            "%s: dropping %d bytes of an unfinished last line",
-            path,
-            len(raw) - good_end,
-        )
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
-            f.flush()
-            os.fsync(f.fileno())
+    drop_unfinished_tail(path, good_end)
     return done
 
 

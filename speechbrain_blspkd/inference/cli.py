@@ -74,6 +74,7 @@ import pathlib
 import sys
 import time
 
+from speechbrain_blspkd.utils.atomic import drop_unfinished_tail
 from speechbrain_blspkd.utils.cli import report_error
 
 __all__ = [
@@ -349,16 +350,7 @@ def read_done_ids(path):
         return set()
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
-    if end < len(data):
-        logger.warning(
-            "%s: dropping a truncated last line (%d bytes) before resuming",
-            path,
-            len(data) - end,
-        )
-        with open(path, "r+b") as f:
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())
+    drop_unfinished_tail(path, end, "a truncated last line")
     done = set()
     for number, line in enumerate(data[:end].split(b"\n"), start=1):
         if not line.strip():

@@ -115,3 +115,40 @@ def remove_stray_tmp(folder, pattern=".*.tmp", recursive=True):
             p.unlink()
             removed += 1
     return removed
+
+
+def drop_unfinished_tail(path, keep, what="an unfinished last line"):
+    """Cut ``path`` to its first ``keep`` bytes, durably (append-only logs).
+
+    Resumable writers append whole lines; a run killed mid-append leaves a
+    partial last line, which the reader drops before appending again.
+
+    Arguments
+    ---------
+    path : str or pathlib.Path
+        The file.
+    keep : int
+        Bytes to keep (the end of the last complete line).
+    what : str
+        How the dropped bytes are named in the log.
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "log.jsonl"
+    >>> _ = p.write_bytes(b'{"a": 1}\\n{"b"')
+    >>> drop_unfinished_tail(p, 9); p.read_bytes()
+    b'{"a": 1}\\n'
+    """
+    import logging
+
+    size = os.path.getsize(path)
+    if keep >= size:
+        return
+    logging.getLogger(__name__).warning(
+        "%s: dropping %d bytes of %s", path, size - keep, what
+    )
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
