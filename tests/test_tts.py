@@ -146,8 +146,10 @@ def test_piper_writes_16k_mono_16bit_atomically(tmp_path):
     assert tts.is_complete_wav(out)
     assert [p.name for p in out.parent.iterdir()] == ["piper.wav"]
     data, _ = _audio(out)
-    # speech, not silence; sox's gain 0.9 on piper's peak-normalised audio
-    assert 0.5 < np.abs(data).max() <= 0.91
+    # speech, not silence, and not clipped: sox's gain 0.9 on piper's
+    # peak-normalised audio; the resampler's ringing and dither may lift a
+    # peak a few per cent above 0.9 (0.913 seen on one machine)
+    assert 0.5 < np.abs(data).max() < 0.97
     # several sentences are joined; a slower voice speaks longer
     two = tts.synthesise_piper(
         "Hello there. How are you?", tmp_path / "two.wav", length_scale=1.5
