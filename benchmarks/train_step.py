@@ -8,10 +8,14 @@ frames (the demo trains from the feature cache):
   quantity loss, alignment term), teacher run online, AdamW step included;
 * ``align``: one alignment-stage step (adapter + alignment loss over the LLM
   embedding table, no LLM pass);
-* teacher cost (``teacher_*``): the KD step with the online teacher, with
-  the teacher's top-k distributions read from memory instead (the offline
-  teacher: :func:`~speechbrain_blspkd.losses.kd_kl_topk`, no teacher
-  forward), and a CE-only step (BLSP's objective, no teacher).
+* teacher cost (``teacher_*``): the KD step with the online teacher, the
+  same step with the offline teacher (``kd_offline``: the real training
+  path of ``teacher: offline``: the batch's top-k teacher, written
+  beforehand by :func:`~speechbrain_blspkd.dataprep.teacher_topk.
+  write_teacher_topk` into a temporary cache folder, is read from that
+  cache in the step and the objective computes the KL terms with
+  :func:`~speechbrain_blspkd.losses.kd_kl_topk`; no teacher forward), and
+  a CE-only step (BLSP's objective, no teacher).
 
 For each step: seconds, tokens per second (real positions of every LLM
 sequence the step runs, teacher and student; for the alignment step, which
@@ -30,6 +34,9 @@ alignment step with ``frame_stride`` 1 instead of the demo's 2.
 """
 
 import contextlib
+import pathlib
+import shutil
+import tempfile
 
 import speechbrain as sb
 import torch
@@ -44,8 +51,13 @@ from benchmarks.common import (
     demo_model,
     texts,
 )
-from speechbrain_blspkd.losses import kd_kl_topk
-from speechbrain_blspkd.models.speech_llm import PassRequest
+from speechbrain_blspkd.dataio.manifest import write_manifest
+from speechbrain_blspkd.dataprep.teacher_topk import (
+    TopKTeacherCache,
+    bytes_per_position,
+    teacher_settings,
+    write_teacher_topk,
+)
 from speechbrain_blspkd.nnet import plora as plora_lib
 from speechbrain_blspkd.objectives import BLSPKDObjective
 from speechbrain_blspkd.objectives.blsp import BLSPObjective
@@ -109,15 +121,20 @@ class Steps:
         self.align_texts = texts(align_batch)
         self.align_feats = torch.randn(align_batch, frames, 512, device=device)
         self.align_lens = torch.linspace(0.4, 1.0, align_batch, device=device)
-        self.kd_objective = BLSPKDObjective(
-            {"input_kl": 1.0, "response_kl": 1.0, "cif": 1.0, "align": 0.3}
-        )
+        self.kd_weights = {
+            "input_kl": 1.0,
+            "response_kl": 1.0,
+            "cif": 1.0,
+            "align": 0.3,
+        }
+        self.kd_objective = BLSPKDObjective(self.kd_weights)
         self.align_objective = BLSPKDObjective({"align": 1.0, "cif": 1.0})
         self.ce_objective = BLSPObjective()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=1e-5)
         self.tokens = {}
         self._topk = None
+        self.offline_objective = None
 
     def _forward(self, request, align=False):
         """The model on the KD batch (or the alignment batch)."""
@@ -182,38 +199,61 @@ class Steps:
         """CE-only step (BLSP's objective)."""
         self._objective_step("ce", self.ce_objective)
 
-    def topk_teacher(self, k):
-        """The teacher's top-k log-probs at both spans, computed once."""
-        request = PassRequest(
-            teacher=True, response=True, logits=("input", "response")
+    def topk_teacher(self, k, folder=None):
+        """Write the KD batch's top-k teacher with the real writer.
+
+        The rows (the KD batch's transcripts and continuation) go to a
+        manifest in ``folder`` (default: a new temporary folder) and
+        :func:`~speechbrain_blspkd.dataprep.teacher_topk.write_teacher_topk`
+        stores their teacher there; :meth:`kd_offline` reads it back.
+
+        Returns
+        -------
+        pathlib.Path
+            The cache folder.
+        """
+        folder = pathlib.Path(folder or tempfile.mkdtemp(prefix="topk_"))
+        self.kd_ids = [f"b{i}" for i in range(len(self.kd_texts))]
+        rows = [
+            dict(
+                ID=uid,
+                wav="unused.wav",
+                duration=1.0,
+                transcript=text,
+                language="en",
+                speaker="s",
+                continuation=cont,
+                truncated="0",
+            )
+            for uid, text, cont in zip(
+                self.kd_ids, self.kd_texts, self.continuations
+            )
+        ]
+        write_manifest(folder / "kd.csv", rows)
+        cache = folder / "cache"
+        with autocast(self.device, self.dtype):
+            write_teacher_topk(
+                self.model, folder / "kd.csv", cache, k=k, batch_size=len(rows)
+            )
+        self._topk = TopKTeacherCache(cache, teacher_settings(self.model, k))
+        self.offline_objective = BLSPKDObjective(
+            self.kd_weights,
+            teacher="offline",
+            teacher_cache=str(cache),
+            teacher_topk=k,
         )
-        with torch.no_grad(), autocast(self.device, self.dtype):
-            out = self._forward(request)
-        self._topk = {
-            span: out.teacher.logits[span].float().log_softmax(-1).topk(k, -1)
-            for span in ("input", "response")
-        }
+        return cache
 
     def kd_offline(self):
-        """The KD step against stored top-k teacher distributions."""
-        objective = self.kd_objective
-        request = PassRequest(
-            student=True, response=True, logits=("input", "response")
-        )
+        """The KD step of ``teacher: offline``: the stored top-k teacher
+        read from the cache, no teacher forward."""
+        objective = self.offline_objective
         with autocast(self.device, self.dtype):
-            out = self._forward(request)
-            loss = 0.0
-            for span in ("input", "response"):
-                values, indices = self._topk[span]
-                loss = loss + kd_kl_topk(
-                    out.student.logits[span],
-                    values,
-                    indices,
-                    out.student.masks[span],
-                    objective.temperature,
-                )
-            terms = objective.terms(out, self.model, sb.Stage.TRAIN)
-            loss = loss + terms["cif"]() + 0.3 * terms["align"]()
+            out = self._forward(objective.request(sb.Stage.TRAIN))
+            out.data = {
+                "teacher_topk": [self._topk.get(u) for u in self.kd_ids]
+            }
+            loss, _ = objective(out, self.model, sb.Stage.TRAIN)
         self._finish("kd_offline", loss, out)
 
 
@@ -242,7 +282,7 @@ def run(args, peak_gflops):
         align_batch=args.align_batch,
         seconds=args.clip_seconds,
     )
-    steps.topk_teacher(args.topk)
+    cache = steps.topk_teacher(args.topk)
     configs = {
         "kd": steps.kd,
         "align": steps.align,
@@ -273,6 +313,7 @@ def run(args, peak_gflops):
         out[f"{name}.gflops"] = gflops
         out[f"{name}.mfu"] = gflops / peak_gflops
     out["mfu"] = out["kd.mfu"]
+    out["kd_offline.bytes_per_position"] = bytes_per_position(args.topk)
     out["teacher.online_over_offline"] = (
         out["kd.seconds"] / out["kd_offline.seconds"]
     )
@@ -289,4 +330,5 @@ def run(args, peak_gflops):
         )
     if args.profile:
         profile_kd(steps)
+    shutil.rmtree(cache.parent, ignore_errors=True)
     return out

@@ -21,6 +21,7 @@ Under ``torchrun`` the model is data-parallel: ``distributed_strategy: ddp``
 import contextlib
 import logging
 import os
+import time
 
 import speechbrain as sb
 import torch
@@ -59,8 +60,11 @@ class SpeechLLMBrain(sb.Brain):
     data parallelism of a ``torchrun`` launch.  With ``"fsdp"`` the model's
     LLM decoder layers are sharded here, before the model moves to its
     device (so only the shards reach it), with
-    ``hparams["fsdp_cpu_offload"]`` (default False); training, evaluation,
-    checkpoints and decoding then follow
+    ``hparams["fsdp_cpu_offload"]`` (default False; with offload on a GPU
+    the layers are sharded right after speechbrain moved the model to the
+    device, so that the shards stay in CPU memory:
+    :func:`~speechbrain_blspkd.utils.sharding.shards_after_move`);
+    training, evaluation, checkpoints and decoding then follow
     :mod:`speechbrain_blspkd.utils.sharding`.  ``"fsdp"`` without a launch
     trains in one process (logged); unsupported combinations raise
     :class:`~speechbrain_blspkd.utils.sharding.ShardingError`.
@@ -83,7 +87,7 @@ class SpeechLLMBrain(sb.Brain):
             **(hparams or {}),
             **{k: v for k, v in run_opts.items() if k in given},
         }
-        strategy, cpu_offload = "ddp", False
+        strategy, cpu_offload, shard_later = "ddp", False, False
         if hparams is not None:
             strategy = hparams.get("distributed_strategy", "ddp")
             cpu_offload = bool(hparams.get("fsdp_cpu_offload", False))
@@ -102,11 +106,13 @@ class SpeechLLMBrain(sb.Brain):
             device = opts.get("device") or sb.utils.distributed.infer_device()
             if str(device).startswith("cuda:"):
                 torch.cuda.set_device(int(str(device).split(":")[1]))
-            sharding.shard_model(
-                model,
-                device=device,
-                cpu_offload=cpu_offload,
-            )
+            shard_later = sharding.shards_after_move(device, cpu_offload)
+            if not shard_later:  # only the shards reach the device
+                sharding.shard_model(
+                    model,
+                    device=device,
+                    cpu_offload=cpu_offload,
+                )
         super().__init__(
             modules=modules,
             opt_class=opt_class,
@@ -114,6 +120,11 @@ class SpeechLLMBrain(sb.Brain):
             run_opts=run_opts,
             checkpointer=checkpointer,
         )
+        if shard_later:
+            # speechbrain moved every module to the device; the offloaded
+            # shards must live in CPU memory: shard now (they leave the GPU)
+            sharding.shard_model(model, device=self.device, cpu_offload=True)
+            sharding.check_offloaded(model)
 
     @property
     def model(self):
@@ -293,17 +304,23 @@ class SpeechLLMBrain(sb.Brain):
 
         The utterance languages go to the model as indices (``languages``)
         when the adapter declares its language codes (the datasets then
-        carry ``language_id``, see :func:`dataio_prepare`).
+        carry ``language_id``, see :func:`dataio_prepare`).  The batch items
+        the objective declares (:meth:`~speechbrain_blspkd.objectives.
+        Objective.data_keys`) go to it as ``outputs.data``.
         """
         batch = batch.to(self.device)
-        return self.modules.model(
+        objective = self.stage.objective
+        out = self.modules.model(
             transcripts=batch.transcript,
             continuations=batch.continuation,
             add_eot=[not t for t in batch.truncated_flag],
-            request=self.stage.objective.request(stage),
+            request=objective.request(stage),
             languages=getattr(batch, "language_id", None),
             **self._speech_inputs(batch),
         )
+        keys = objective.data_keys() if hasattr(objective, "data_keys") else ()
+        out.data = {k: getattr(batch, k) for k in keys if hasattr(batch, k)}
+        return out
 
     def compute_objectives(self, predictions, batch, stage):
         """The stage objective's loss; its stats logged / accumulated."""
@@ -316,21 +333,34 @@ class SpeechLLMBrain(sb.Brain):
                     )
                 )
             n = len(batch.id)
+            # a stat that is a mean over positions is weighted by its
+            # positions (Objective.stat_counts), others by the utterances
+            counts = getattr(self.stage.objective, "stat_counts", None)
+            counts = counts(predictions) if counts is not None else {}
             for key, value in stats.items():
-                self._eval_sums[key] = self._eval_sums.get(key, 0.0) + value * n
+                w = counts.get(key, n)
+                self._eval_sums[key] = self._eval_sums.get(key, 0.0) + value * w
+                self._eval_weights[key] = self._eval_weights.get(key, 0) + w
             self._eval_count += n
         self._last_stats = stats
         return loss
 
     def on_stage_start(self, stage, epoch=None):
         """Reset the evaluation accumulators; the objective on the device."""
-        self._eval_sums, self._eval_count = {}, 0
+        self._eval_sums, self._eval_count, self._eval_weights = {}, 0, {}
         self._place_objective(stage)
 
     def eval_summary(self):
-        """Per-utterance means of the stats of the last valid/test pass."""
+        """Means of the stats of the last valid/test pass: over every
+        position for the stats an objective counts in positions (the KL
+        terms: the mean over all distilled positions of the pass), else
+        over the utterances."""
         n = max(self._eval_count, 1)
-        return {k: v / n for k, v in self._eval_sums.items() if k != "loss"}
+        return {
+            k: v / max(self._eval_weights.get(k, n), 1e-12)
+            for k, v in self._eval_sums.items()
+            if k != "loss"
+        }
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         """Step-level log (JSONL, main process) for the training curves.
@@ -350,6 +380,7 @@ class SpeechLLMBrain(sb.Brain):
                 "loss": float(loss.detach()),
             }
             row["lr"] = self.optimizer.param_groups[0]["lr"]
+            row["time"] = round(time.time(), 3)  # wall clock: s/step
             if sb.utils.distributed.if_main_process():
                 _append_jsonl(self.hparams.step_log, row)
             self._tensorboard(row, self.optimizer_step, prefix="train_step")
@@ -585,10 +616,12 @@ def dataio_prepare(hparams, feature_cache=None):
     """
     sources = {s.name: s.train_manifest for s in hparams["stages"]}
     sources.update(valid=hparams["valid_csv"], test=hparams["test_csv"])
-    training = {s.name for s in hparams["stages"]}
+    training = {s.name: s for s in hparams["stages"]}
     datasets = {}
     for name, path in sources.items():
         ds = manifest_to_dataset(path, hparams["data_root"], ["id"])
+        if name in training:
+            ds = training[name].select_rows(ds, source=path)
         if name in training and hparams["sorting"] != "random":
             ds = ds.filtered_sorted(
                 sort_key="duration",
@@ -667,6 +700,14 @@ def dataio_prepare(hparams, feature_cache=None):
         sb.dataio.dataset.add_dynamic_item(all_sets, language_pipeline)
         keys.append("language_id")
     sb.dataio.dataset.set_output_keys(all_sets, keys)
+    for stage in hparams["stages"]:  # what each objective reads per row
+        objective, ds = stage.objective, datasets[stage.name]
+        items = getattr(objective, "data_items", None)
+        items = items(model, ds, sources[stage.name]) if items else []
+        for item in items:
+            ds.add_dynamic_item(item)
+        if items:
+            ds.set_output_keys(keys + list(objective.data_keys()))
     return datasets
 
 
@@ -710,6 +751,21 @@ def _encoder_fn(encoder, device):
 def prepare_features(hparams, encoder, device):
     """Cache frozen-encoder features of every split (resumable, checked).
 
+    Call it on every rank: under ``torchrun`` the utterances are split
+    across all ranks and every node's ``feature_cache_folder`` receives the
+    whole cache through the process group (see
+    :func:`~speechbrain_blspkd.dataprep.feature_cache.build_feature_cache`).
+
+    Arguments
+    ---------
+    hparams : dict
+        The recipe's hyperparameters (``use_feature_cache``,
+        ``feature_cache_folder``, the manifests ...).
+    encoder : torch.nn.Module or None
+        The model's speech encoder, already on ``device``.
+    device : str or torch.device
+        This rank's device.
+
     Returns
     -------
     FeatureCache or None
@@ -733,39 +789,40 @@ def prepare_features(hparams, encoder, device):
         encoder, extra={"dynamic_length": encoder.dynamic_length}
     )
     folder = hparams["feature_cache_folder"]
-
-    def build():
-        for key in ("train_manifest", "valid_csv", "test_csv"):
-            build_feature_cache(
-                hparams[key],
-                folder,
-                _encoder_fn(encoder, device),
-                checksum,
-                batch_size=hparams["feature_batch_size"],
-                data_root=hparams["data_root"],
-                sample_rate=hparams["sample_rate"],
-                max_seconds=hparams["max_audio_seconds"],
-            )
-
-    sb.utils.distributed.run_on_main(build)
+    for key in ("train_manifest", "valid_csv", "test_csv"):
+        build_feature_cache(
+            hparams[key],
+            folder,
+            _encoder_fn(encoder, device),
+            checksum,
+            batch_size=hparams["feature_batch_size"],
+            data_root=hparams["data_root"],
+            sample_rate=hparams["sample_rate"],
+            max_seconds=hparams["max_audio_seconds"],
+        )
     return FeatureCache(folder, checksum)
 
 
-def prepare_continuations(hparams, device="cpu"):
+def prepare_continuations(hparams, device=None):
     """Teacher continuations of the KD training rows, valid and test.
 
     The KD stage trains on the first ``kd_train_subset`` utterances of
     ``train_manifest`` (all when it is null); only those need the LLM's
     continuation, which is the costly part of data preparation.  Results are
     resumable (see :mod:`speechbrain_blspkd.dataprep.continuations`).
-    ``continuation_device: null`` runs the LLM on the run's ``device``.
-    The prompt is the model's text-teacher prompt: ``instruction`` with the
-    model's system prompt and transcript separator.
+    ``continuation_device: null`` runs the LLM on the run's ``device``
+    (default: speechbrain's ``infer_device``, the rank's own GPU under
+    ``torchrun``).  The prompt is the model's text-teacher prompt:
+    ``instruction`` with the model's system prompt and transcript separator.
+
+    Call it on every rank: under ``torchrun`` every rank generates its
+    shard of the rows and every node writes the whole manifests
+    (:func:`~speechbrain_blspkd.dataprep.continuations.
+    generate_on_all_ranks`); a manifest that every node has already is
+    not generated again.
     """
     from speechbrain_blspkd.dataio.manifest import read_manifest, write_manifest
-    from speechbrain_blspkd.dataprep.continuations import (
-        generate_continuations,
-    )
+    from speechbrain_blspkd.dataprep.continuations import generate_on_all_ranks
 
     prompts = hparams["model"].prompts
     subset = hparams["kd_train_subset"]
@@ -773,16 +830,17 @@ def prepare_continuations(hparams, device="cpu"):
     if subset:
         rows = read_manifest(train_src)[: int(subset)]
         train_src = f"{hparams['train_csv']}.input.csv"
-        write_manifest(train_src, rows)
+        if sb.utils.distributed.is_local_rank_zero():  # one per node
+            write_manifest(train_src, rows)
+        sb.utils.distributed.ddp_barrier()
     jobs = [
         (train_src, hparams["train_csv"]),
         (hparams["valid_manifest"], hparams["valid_csv"]),
         (hparams["test_manifest"], hparams["test_csv"]),
     ]
+    device = hparams["continuation_device"] or device
     for src, dst in jobs:
-        if os.path.isfile(dst):
-            continue
-        generate_continuations(
+        generate_on_all_ranks(
             src,
             dst,
             model_dir=hparams["llm_source"],
@@ -791,7 +849,7 @@ def prepare_continuations(hparams, device="cpu"):
             instruction=hparams["instruction"],
             system_prompt=prompts.system_prompt,
             transcript_separator=prompts.transcript_separator,
-            device=hparams["continuation_device"] or device,
+            device=device or sb.utils.distributed.infer_device(),
             dtype=hparams["continuation_dtype"],
         )
 
@@ -853,15 +911,22 @@ def run_recipe(argv):
         )
     # 2. teacher continuations (idempotent, resumable); a recipe without
     # training stages (the cascade) only decodes, which needs none
+    # (every rank: each generates its shard of the rows)
     if stages:
-        sb.utils.distributed.run_on_main(
-            prepare_continuations, args=[hparams], kwargs={"device": device}
-        )
+        prepare_continuations(hparams, device=device)
     # 3. model
     model = hparams["model"]
     if model.encoder is not None:
         model.encoder.to(device)
-    cache = prepare_features(hparams, model.encoder, device)
+    cache = prepare_features(hparams, model.encoder, device)  # every rank
+    if stages:  # Whisper-decoder targets, when a stage weighs them
+        from speechbrain_blspkd.dataprep.whisper_targets import (
+            prepare_whisper_targets,
+        )
+
+        if sb.utils.distributed.is_local_rank_zero():  # one copy per node
+            prepare_whisper_targets(hparams, cache, device=device)
+        sb.utils.distributed.ddp_barrier()
     datasets = dataio_prepare(hparams, feature_cache=cache) if stages else {}
     checkpointer = hparams["checkpointer"]
     for stage in stages:  # every stage's progress is in every checkpoint
@@ -901,14 +966,18 @@ def run_recipe(argv):
                 plot_utterances=hparams["plot_utterances"],
             )
 
-    # 4. starting point (once, before any training)
+    # 4. starting point (once, before any training); the main process
+    # decides for all (the other nodes need not see its checkpoints/files)
     untrained_path = os.path.join(out, "eval", "untrained", "summary.json")
-    if (
-        hparams["eval_untrained"]
-        and stages
-        and fresh
-        and not os.path.isfile(untrained_path)
-    ):
+    untrained = sb.utils.distributed.ddp_broadcast(
+        bool(
+            hparams["eval_untrained"]
+            and stages
+            and fresh
+            and not os.path.isfile(untrained_path)
+        )
+    )
+    if untrained:
         brain.stage = final
         brain.evaluate(
             datasets["test"],

@@ -13,15 +13,23 @@ those references (BLEU/chrF, QA accuracy) through
 :class:`~speechbrain_blspkd.metrics.EvalSummary`.
 
 Decoding is split across ranks under ``torchrun`` (rank ``r`` takes rows
-``r::world``); each rank writes its rows, and the main process merges them
-in ID order, so distributed decoding gives exactly the rows of one process.
+``r::world``); the rows travel through the process group and every rank
+merges them in ID order, so distributed decoding gives exactly the rows of
+one process, and no node reads another node's files.
+
+The teacher's answers are cached beside the evaluation folders
+(``teacher_answers.json``) under a key of everything that changes them
+(:func:`teacher_keys`: the instruction, ``max_new_tokens``, the prompt
+settings, the LLM's configuration and weights, the device type): a changed
+setting or another LLM answers again instead of reusing old answers.
 """
 
+import hashlib
 import json
 import logging
-import os
 import pathlib
 
+import speechbrain as sb
 import torch
 from tqdm import tqdm
 
@@ -29,19 +37,159 @@ from speechbrain_blspkd import metrics
 from speechbrain_blspkd.dataio.audio import load_row_audio
 from speechbrain_blspkd.dataio.manifest import read_manifest
 from speechbrain_blspkd.utils.atomic import atomic_write_text
+from speechbrain_blspkd.utils.distributed import gather_results, shard
 
 logger = logging.getLogger(__name__)
 
+#: Format of ``teacher_answers.json``: ``{"version": 2, "answers": {key:
+#: {utterance ID: [transcript, answer]}}}``.  Version 1 (keyed by task and
+#: utterance only) is never reused.
+TEACHER_CACHE_VERSION = 2
 
-def _rank_world():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+
+def fingerprint(*parts):
+    """SHA-1 of JSON-able parts and of modules' weights (their bytes).
+
+    A module contributes every tensor of its state dict (name, dtype,
+    bytes) except PLoRA's (``lora_`` names), and a PLoRA-wrapped layer's
+    ``.base.`` weights count as the plain layer's: the base LLM has one
+    fingerprint with and without PLoRA.  Sharded (``DTensor``) weights are
+    gathered first, a collective: every rank computes the fingerprint.
+
+    Arguments
+    ---------
+    *parts : object
+        JSON-serialisable values (``str()`` for others) or
+        ``torch.nn.Module``.
+
+    Returns
+    -------
+    str
+        Hexadecimal digest.
+
+    Example
+    -------
+    >>> lin = torch.nn.Linear(2, 2)
+    >>> before = fingerprint("x", lin)
+    >>> before == fingerprint("x", lin), before == fingerprint("y", lin)
+    (True, False)
+    >>> with torch.no_grad():
+    ...     lin.bias[0] += 1
+    >>> before == fingerprint("x", lin)
+    False
+    """
+    from speechbrain_blspkd.utils.sharding import full_tensor
+
+    digest = hashlib.sha1()
+    for part in parts:
+        if not isinstance(part, torch.nn.Module):
+            digest.update(
+                json.dumps(part, sort_keys=True, default=str).encode()
+            )
+            continue
+        for name, tensor in sorted(part.state_dict().items()):
+            if "lora_" in name:  # PLoRA is not part of the base model
+                continue
+            digest.update(name.replace(".base.", ".").encode())
+            digest.update(str(tensor.dtype).encode())
+            data = full_tensor(tensor.detach()).cpu().contiguous()
+            digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
-def _barrier():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+def teacher_keys(model, tasks, max_new_tokens):
+    """The cache key of the teacher's answers for each task.
+
+    A key covers everything the text teacher's greedy answer depends on:
+    the task's instruction, ``max_new_tokens``, the system prompt and
+    transcript separator, the LLM's configuration and weights (PLoRA
+    excluded: the teacher runs without it) and the device type (bf16 GPU
+    kernels and CPU kernels may decode differently).  The LLM is hashed
+    once for all tasks.
+
+    Arguments
+    ---------
+    model : SpeechLLMModel
+        The model (its ``llm`` and ``prompts``).
+    tasks : dict
+        ``{task name: instruction}``.
+    max_new_tokens : int
+        Generation limit.
+
+    Returns
+    -------
+    dict
+        ``{task name: key}``.
+
+    Example
+    -------
+    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> model = tiny_speech_llm(whisper=False)
+    >>> a = teacher_keys(model, {"repeat": "Repeat:", "echo": "Repeat:"}, 8)
+    >>> a["repeat"] == a["echo"]
+    True
+    >>> a["repeat"] == teacher_keys(model, {"repeat": "Repeat:"}, 9)["repeat"]
+    False
+    """
+    llm = fingerprint(model.llm.config.to_dict(), model.llm)
+    settings = [
+        TEACHER_CACHE_VERSION,
+        model.prompts.system_prompt,
+        model.prompts.transcript_separator,
+        int(max_new_tokens),
+        model.embed_tokens.weight.device.type,
+        llm,
+    ]
+    return {
+        name: fingerprint(*settings, instruction)
+        for name, instruction in tasks.items()
+    }
+
+
+def load_teacher_answers(path):
+    """The answers stored in a ``teacher_answers.json`` (version 2).
+
+    Arguments
+    ---------
+    path : str or pathlib.Path
+
+    Returns
+    -------
+    dict
+        ``{key: {utterance ID: [transcript, answer]}}``; empty when the
+        file is missing, unreadable or of another version.
+    """
+    path = pathlib.Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != (
+        TEACHER_CACHE_VERSION
+    ):
+        return {}
+    return data.get("answers", {})
+
+
+def cached_teacher_answers(stored, keys, rows):
+    """``{(task, ID): answer}`` of the stored answers still valid for
+    ``rows``: same key (see :func:`teacher_keys`), same transcript.
+
+    Example
+    -------
+    >>> stored = {"k1": {"a": ["one", "One."], "b": ["two", "Two."]}}
+    >>> rows = [dict(ID="a", transcript="one"), dict(ID="b", transcript="2")]
+    >>> cached_teacher_answers(stored, {"repeat": "k1", "qa": "k2"}, rows)
+    {('repeat', 'a'): 'One.'}
+    """
+    out = {}
+    for task, key in keys.items():
+        answers = stored.get(key, {})
+        for r in rows:
+            entry = answers.get(r["ID"])
+            if entry is not None and entry[0] == r["transcript"]:
+                out[(task, r["ID"])] = entry[1]
+    return out
 
 
 def _pad(tensors):
@@ -252,10 +400,15 @@ def evaluate_parity(
 ):
     """Decode a test manifest on every rank, merge, score and write files.
 
-    Writes ``rows.jsonl`` (one line per utterance and task) and
-    ``summary.json`` into ``out_folder`` (main process, atomically), and
-    ``adapter_<ID>.png`` figures of the first ``plot_utterances``
-    utterances when the adapter draws any (:meth:`SpeechAdapter.plot`).
+    Call it on every rank (a collective): rank ``r`` of ``n`` decodes rows
+    ``r::n`` and the rows are merged through the process group.  Writes
+    ``rows.jsonl`` (one line per utterance and task) and ``summary.json``
+    into ``out_folder`` (main process, atomically), ``adapter_<ID>.png``
+    figures of the first ``plot_utterances`` utterances when the adapter
+    draws any (:meth:`SpeechAdapter.plot`), and the teacher's answers into
+    ``out_folder/../teacher_answers.json`` (the first process of every
+    node: each node keeps its own), reused by later evaluations with the
+    same :func:`teacher_keys`.
 
     Returns
     -------
@@ -263,45 +416,42 @@ def evaluate_parity(
         The summary (on every rank).
     """
     out_folder = pathlib.Path(out_folder)
-    rank, world = _rank_world()
     rows = read_manifest(manifest, data_root=data_root)
     if max_utterances:
         rows = rows[: int(max_utterances)]
+    keys = teacher_keys(model, tasks, max_new_tokens)
     teacher_file = out_folder.parent / "teacher_answers.json"
-    teacher_cache = {}
-    if teacher_file.is_file():
-        with open(teacher_file, encoding="utf-8") as f:
-            teacher_cache = {
-                tuple(k.split("\t", 1)): v for k, v in json.load(f).items()
-            }
-    mine = decode_rows(
+    stored = load_teacher_answers(teacher_file)
+    parts = gather_results(
+        decode_rows,
         model,
-        rows[rank::world],
+        shard(rows),
         tasks,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         feature_cache=feature_cache,
         sample_rate=sample_rate,
-        teacher_cache=teacher_cache,
+        teacher_cache=cached_teacher_answers(stored, keys, rows),
         source=str(manifest),
     )
-    out_folder.mkdir(parents=True, exist_ok=True)
-    shard = out_folder / f"rows.rank{rank}.jsonl"
-    atomic_write_text(shard, "".join(json.dumps(r) + "\n" for r in mine))
-    _barrier()
-    shards = [
-        metrics.EvalSummary.load_rows(out_folder / f"rows.rank{r}.jsonl")
-        for r in range(world)
-    ]
-    merged = metrics.EvalSummary.merge(shards).rows
+    merged = metrics.EvalSummary.merge(parts).rows
     summary = summarize_parity(merged)
-    _barrier()
-    if rank == 0:
+    if sb.utils.distributed.is_local_rank_zero():  # every node's own cache
+        for r in merged:
+            stored.setdefault(keys[r["task"]], {})[r["utt"]] = [
+                r["transcript"],
+                r["teacher"],
+            ]
+        atomic_write_text(
+            teacher_file,
+            json.dumps(
+                {"version": TEACHER_CACHE_VERSION, "answers": stored},
+                ensure_ascii=False,
+            ),
+        )
+    if sb.utils.distributed.if_main_process():
+        out_folder.mkdir(parents=True, exist_ok=True)
         metrics.EvalSummary(merged).write_rows(out_folder / "rows.jsonl")
-        for r in range(world):
-            os.remove(out_folder / f"rows.rank{r}.jsonl")
-        answers = {f"{r['task']}\t{r['utt']}": r["teacher"] for r in merged}
-        atomic_write_text(teacher_file, json.dumps(answers))
         atomic_write_text(
             out_folder / "summary.json", json.dumps(summary, indent=1)
         )

@@ -63,6 +63,7 @@ import logging
 import pathlib
 import sys
 
+import speechbrain as sb
 import torch
 
 from speechbrain_blspkd import metrics
@@ -73,6 +74,7 @@ from speechbrain_blspkd.evaluation import (
     speech_batch,
     summarize_parity,
 )
+from speechbrain_blspkd.evaluation import fingerprint as _fingerprint
 from speechbrain_blspkd.utils.atomic import atomic_write_text
 from speechbrain_blspkd.utils.cli import report_error, setup_logging
 
@@ -140,26 +142,6 @@ def resolve_model_folder(path):
         f"{path}: no exported model ({HPARAMS_FILE} + {WEIGHTS_FILE}) here "
         "or in model/"
     )
-
-
-def _fingerprint(*parts):
-    """sha1 of JSON-able parts and tensors / modules (their bytes)."""
-    digest = hashlib.sha1()
-    for part in parts:
-        if isinstance(part, torch.nn.Module):
-            for name, tensor in sorted(part.state_dict().items()):
-                if "lora_" in name:  # PLoRA is not part of the base model
-                    continue
-                # a PLoRA-wrapped layer keeps its base weights as `.base.`
-                digest.update(name.replace(".base.", ".").encode())
-                digest.update(str(tensor.dtype).encode())
-                data = tensor.detach().cpu().contiguous().reshape(-1)
-                digest.update(data.view(torch.uint8).numpy().tobytes())
-        else:
-            digest.update(
-                json.dumps(part, sort_keys=True, default=str).encode()
-            )
-    return digest.hexdigest()
 
 
 def _file_sha1(path):
@@ -460,6 +442,7 @@ def measure_set(
     max_new_tokens=32,
     source=None,
     teacher_key=None,
+    decode=True,
 ):
     """Every figure of one test set (see the module notes).
 
@@ -486,6 +469,10 @@ def measure_set(
     teacher_key : str, optional
         Cache key of the teacher answers (default: computed, which hashes
         the LLM weights).
+    decode : bool
+        Decode the tasks (agreement figures); False: only the adapter's
+        token and count figures (no LLM generation, no cascade; the quick
+        measurement of an ablation).
 
     Returns
     -------
@@ -495,6 +482,19 @@ def measure_set(
     """
     out_folder = pathlib.Path(out_folder)
     cache_dir = pathlib.Path(cache_dir)
+    test_ids = model.transcript_ids([r["transcript"] for r in rows])
+    coverage = metrics.vocabulary_coverage(test_ids, train_ids)
+    if not decode:
+        tokens = adapter_token_accuracy(model, rows, batch_size, source=source)
+        speech = {}
+        if tokens is not None:
+            speech = {
+                "count": tokens["count"],
+                "token_accuracy_true_count": tokens["true_count"],
+                "token_accuracy_predicted_count": tokens["predicted_count"],
+                "collapse_rate": tokens["collapse_rate"],
+            }
+        return {"n": len(rows), "coverage": coverage, "systems": {"speech": speech}}
     options = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
     key = teacher_key or _teacher_key(model, tasks, max_new_tokens)
     teacher_path = cache_dir / f"teacher_{key[:20]}.json"
@@ -506,7 +506,6 @@ def measure_set(
     _save_teacher(teacher_path, key, stored, decoded)
     metrics.EvalSummary(decoded).write_rows(out_folder / "speech_rows.jsonl")
     summary = summarize_parity(decoded)
-    test_ids = model.transcript_ids([r["transcript"] for r in rows])
     systems = {"teacher": _agreement(summary, "teacher")}
     speech = _agreement(summary, "speech")
     speech["count"] = summary["count"]
@@ -537,11 +536,7 @@ def measure_set(
             )
         )
         systems["cascade"] = cascade
-    return {
-        "n": len(rows),
-        "coverage": metrics.vocabulary_coverage(test_ids, train_ids),
-        "systems": systems,
-    }
+    return {"n": len(rows), "coverage": coverage, "systems": systems}
 
 
 def _english_rows(manifest, data_root, max_utterances):
@@ -571,6 +566,7 @@ def measure(
     max_new_tokens=32,
     max_utterances=None,
     device=None,
+    decode=True,
 ):
     """Measure an exported speech LLM on both test sets and write the report.
 
@@ -606,7 +602,10 @@ def measure(
     max_utterances : int, optional
         Use only the first rows of each set (quick checks).
     device : str, optional
-        ``cpu``, ``cuda`` ... (default: cuda when available).
+        ``cpu``, ``cuda`` ... (default: speechbrain's ``infer_device``:
+        the GPU when there is one).
+    decode : bool
+        False: only the token and count figures (see :func:`measure_set`).
 
     Returns
     -------
@@ -624,7 +623,7 @@ def measure(
     out_folder = pathlib.Path(out_folder)
     piper_folder = pathlib.Path(piper_folder or default_folder(synth_folder))
     train_manifest = pathlib.Path(train_manifest or synth_folder / "train.csv")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or sb.utils.distributed.infer_device()
     piper_manifest = prepare_unseen_engine_test(
         synth_folder, piper_folder, num=piper_num
     )
@@ -668,7 +667,8 @@ def measure(
         "tasks": tasks,
         "max_new_tokens": max_new_tokens,
         "train_manifest": str(train_manifest),
-        "cascade_asr": str(asr) if cascade else None,
+        "cascade_asr": str(asr) if cascade and decode else None,
+        "decoded": bool(decode),
         "sets": {},
     }
     for name, rows in set_rows.items():
@@ -680,11 +680,12 @@ def measure(
             train_ids,
             out_folder / name,
             cache_dir,
-            cascade_factory if cascade else None,
+            cascade_factory if cascade and decode else None,
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
             source=str(sets[name][0]),
             teacher_key=teacher_key,
+            decode=decode,
         )
         results["sets"][name]["manifest"] = str(sets[name][0])
     out_folder.mkdir(parents=True, exist_ok=True)
@@ -782,8 +783,8 @@ def build_parser():
     Example
     -------
     >>> args = build_parser().parse_args(["--model", "m", "--synth-folder", "d"])
-    >>> args.piper_num, args.cascade, args.max_new_tokens
-    (100, True, 32)
+    >>> args.piper_num, args.cascade, args.max_new_tokens, args.decode
+    (100, True, 32, True)
     """
     parser = argparse.ArgumentParser(
         prog="python -m speechbrain_blspkd.hearing",
@@ -824,6 +825,13 @@ def build_parser():
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--max-utterances", type=int, default=None)
     parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--tokens-only",
+        dest="decode",
+        action="store_false",
+        help="only the adapter's token and count figures (no decoding, no "
+        "cascade): the quick measurement of an ablation",
+    )
     return parser
 
 
@@ -856,6 +864,7 @@ def main(argv=None):
             max_new_tokens=args.max_new_tokens,
             max_utterances=args.max_utterances,
             device=args.device,
+            decode=args.decode,
         )
     except (
         ModelFolderError,

@@ -11,10 +11,15 @@ Units used throughout this module:
 * Rates and accuracies (exact count rate, nearest-token accuracy, collapse
   rate, spoken-QA accuracy) are fractions in [0, 1].
 
-Chinese and Japanese (``language`` starting with ``zh``, ``ja``, ``cmn`` or
-``yue``) are scored per character: every CJK character is one token, and
-runs of other characters (Latin words, digits) stay whole words.  The WER of
-such a language is therefore a character error rate (CER).
+Languages written without spaces between words (``language`` starting
+with ``zh``, ``ja``, ``cmn``, ``yue``, ``th``, ``lo``, ``km`` or ``my``) are
+scored per character: every character of those scripts (CJK, kana, Thai,
+Lao, Khmer, Myanmar) is one token, and runs of other characters (Latin
+words, digits) stay whole words.  The WER of such a language is therefore a
+character error rate (CER).  ``language=None`` (the default of :func:`wer`,
+:func:`bleu` and :func:`parity_agreement`) scores by script instead: the
+same per-character rule applied to every text, whatever its language, so a
+corpus that mixes languages is scored correctly without knowing them.
 
 Speech-vs-text parity (docs/algorithms.md §2.8, §2.9.8) is measured as the agreement of the
 response to the spoken instruction with the teacher's response to the same
@@ -35,7 +40,7 @@ from speechbrain_blspkd.utils.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-CHARACTER_LANGUAGES = ("zh", "ja", "cmn", "yue")
+CHARACTER_LANGUAGES = ("zh", "ja", "cmn", "yue", "th", "lo", "km", "my")
 
 # Apostrophes are deleted ("don't" -> "dont"); all other punctuation becomes
 # a space ("well-known" -> "well known").
@@ -52,11 +57,23 @@ _CJK_RANGES = (
     (0xF900, 0xFAFF),  # compatibility ideographs
     (0x20000, 0x2FA1F),  # extensions B+
 )
+# other scripts written without spaces between words
+_UNSPACED_RANGES = _CJK_RANGES + (
+    (0x0E00, 0x0EFF),  # Thai, Lao
+    (0x1000, 0x109F),  # Myanmar
+    (0x1780, 0x17FF),  # Khmer
+)
 
 
 def _is_cjk(char):
+    """Whether ``char`` is scored as one token (a script without spaces)."""
     code = ord(char)
-    return any(lo <= code <= hi for lo, hi in _CJK_RANGES)
+    return any(lo <= code <= hi for lo, hi in _UNSPACED_RANGES)
+
+
+def _by_character(language):
+    """Whether characters of unspaced scripts are tokens (None: always)."""
+    return language is None or is_character_language(language)
 
 
 def is_character_language(language):
@@ -88,15 +105,16 @@ def normalize_text(text, language="en"):
     Steps: Unicode NFKC, lowercase, apostrophes deleted, every other
     punctuation character (Unicode categories ``P*``) replaced by a space,
     whitespace collapsed and stripped.  CJK characters are kept; for
-    character languages (zh, ja) the spaces between CJK characters are
-    removed, so that "我 爱 你" and "我爱你" normalise alike.
+    character languages (zh, ja, th ...) and ``language=None`` (by script)
+    the spaces next to characters of unspaced scripts are removed, so that
+    "我 爱 你" and "我爱你" normalise alike.
 
     Arguments
     ---------
     text : str or None
         The text; None gives "".
-    language : str
-        Language code of the text.
+    language : str or None
+        Language code of the text; None: by script.
 
     Returns
     -------
@@ -126,7 +144,7 @@ def normalize_text(text, language="en"):
         else:
             chars.append(char)
     text = " ".join("".join(chars).split())
-    if is_character_language(language):
+    if _by_character(language):
         text = "".join(
             piece if piece != " " else _space_or_empty(text, i)
             for i, piece in enumerate(text)
@@ -143,15 +161,16 @@ def _space_or_empty(text, i):
 def tokenize(text, language="en"):
     """Split normalised text into scoring tokens.
 
-    Words split on whitespace; for character languages (zh, ja) each CJK
-    character is its own token and runs of other characters stay words.
+    Words split on whitespace; for character languages (zh, ja, th ...)
+    and ``language=None`` (by script) each character of an unspaced script
+    is its own token and runs of other characters stay words.
 
     Arguments
     ---------
     text : str
         Normalised text (see :func:`normalize_text`).
-    language : str
-        Language code.
+    language : str or None
+        Language code; None: by script.
 
     Returns
     -------
@@ -163,8 +182,10 @@ def tokenize(text, language="en"):
     ['hello', 'world']
     >>> tokenize("我用python写", language="zh")
     ['我', '用', 'python', '写']
+    >>> tokenize("hello 世界", language=None)
+    ['hello', '世', '界']
     """
-    if not is_character_language(language):
+    if not _by_character(language):
         return text.split()
     tokens = []
     for word in text.split():
@@ -193,7 +214,16 @@ def _check_pair(hyps, refs, what):
     return hyps, refs
 
 
-def wer(hyps, refs, language="en", ids=None, normalize=True):
+def _languages(language, n, what):
+    """One language (or None) per item from a code, None or a list."""
+    if isinstance(language, (list, tuple)):
+        if len(language) != n:
+            raise ValueError(f"{what}: {len(language)} languages for {n} items")
+        return list(language)
+    return [language] * n
+
+
+def wer(hyps, refs, language=None, ids=None, normalize=True):
     """Word error rate (character error rate for zh/ja) of a corpus.
 
     Uses SpeechBrain's ``ErrorRateStats`` on the tokens of
@@ -208,8 +238,10 @@ def wer(hyps, refs, language="en", ids=None, normalize=True):
         Hypotheses (system outputs).
     refs : list of str
         References, same length.
-    language : str
-        Language code (decides normalisation and tokenisation).
+    language : str or None or list
+        Language code (decides normalisation and tokenisation), one per
+        utterance (a list), or None (default): by script, each character of
+        an unspaced script (CJK, Thai ...) one token, whatever the language.
     ids : list of str, optional
         Utterance IDs for the details; default "0", "1", ...
     normalize : bool
@@ -228,6 +260,8 @@ def wer(hyps, refs, language="en", ids=None, normalize=True):
     >>> out = wer(["the cat sat"], ["the cat sat down"])
     >>> out["wer"], out["del"], out["num_words"]
     (25.0, 1, 4)
+    >>> wer(["我爱他"], ["我爱你"])["wer"]  # by script: per character
+    33.33...
     """
     from speechbrain.utils.metric_stats import ErrorRateStats
 
@@ -236,19 +270,20 @@ def wer(hyps, refs, language="en", ids=None, normalize=True):
         ids = [str(i) for i in range(len(hyps))]
     elif len(ids) != len(hyps):
         raise ValueError(f"wer: {len(ids)} ids for {len(hyps)} hypotheses")
-    sep = "" if is_character_language(language) else " "
+    langs = _languages(language, len(hyps), "wer")
+    seps = ["" if is_character_language(lang) else " " for lang in langs]
 
-    def prep(text):
-        text = normalize_text(text, language) if normalize else text or ""
-        return tokenize(text, language)
+    def prep(text, lang):
+        text = normalize_text(text, lang) if normalize else text or ""
+        return tokenize(text, lang)
 
-    hyp_tokens = [prep(h) for h in hyps]
-    ref_tokens = [prep(r) for r in refs]
+    hyp_tokens = [prep(h, lang) for h, lang in zip(hyps, langs)]
+    ref_tokens = [prep(r, lang) for r, lang in zip(refs, langs)]
     stats = ErrorRateStats()
     stats.append(list(ids), hyp_tokens, ref_tokens)
     details = []
     totals = {"ins": 0, "del": 0, "sub": 0, "num_words": 0}
-    for score in stats.scores:
+    for score, sep in zip(stats.scores, seps):
         row = {
             "id": score["key"],
             "wer": float(score["WER"]),
@@ -270,11 +305,13 @@ def wer(hyps, refs, language="en", ids=None, normalize=True):
     return {"wer": rate, **totals, "num_utts": len(hyps), "details": details}
 
 
-def bleu(hyps, refs, language="en"):
+def bleu(hyps, refs, language=None):
     """Corpus BLEU (sacrebleu) on raw, detokenised text.
 
-    sacrebleu's own tokeniser is used ("zh" for character languages, "13a"
-    otherwise); no extra normalisation, as is standard for BLEU.
+    sacrebleu's own tokeniser is used ("zh" for Chinese and Japanese, and
+    with ``language=None`` when a reference holds CJK characters; "char"
+    for Thai, Lao, Khmer and Myanmar; "13a" otherwise); no extra
+    normalisation, as is standard for BLEU.
 
     Arguments
     ---------
@@ -282,8 +319,8 @@ def bleu(hyps, refs, language="en"):
         Hypotheses.
     refs : list of str
         One reference per hypothesis.
-    language : str
-        Target language code.
+    language : str or None
+        Target language code; None: from the references' script.
 
     Returns
     -------
@@ -298,7 +335,14 @@ def bleu(hyps, refs, language="en"):
     import sacrebleu
 
     hyps, refs = _check_pair(hyps, refs, "bleu")
-    tok = "zh" if is_character_language(language) else "13a"
+    if language is None:
+        cjk = any(_is_cjk(c) for r in refs for c in (r or ""))
+        tok = "zh" if cjk else "13a"
+    elif not is_character_language(language):
+        tok = "13a"
+    else:  # sacrebleu's "zh" splits CJK only: the other scripts per char
+        base = re.split(r"[-_]", str(language).strip().lower())[0]
+        tok = "zh" if base in ("zh", "ja", "cmn", "yue") else "char"
     hyps = [h or "" for h in hyps]
     refs = [r or "" for r in refs]
     return float(sacrebleu.corpus_bleu(hyps, [refs], tokenize=tok).score)
@@ -365,7 +409,7 @@ def derangement(n, seed=0):
             return perm
 
 
-def parity_agreement(speech_responses, text_responses, seed=0, language="en"):
+def parity_agreement(speech_responses, text_responses, seed=0, language=None):
     """Agreement of speech-input responses with the text-input responses.
 
     The text-input (teacher) response to the same instruction is the
@@ -382,8 +426,11 @@ def parity_agreement(speech_responses, text_responses, seed=0, language="en"):
         Teacher responses given the instruction as text, same order.
     seed : int
         Seed of the derangement.
-    language : str
-        Language of the responses (WER normalisation).
+    language : str or None or list
+        Language of the responses (WER normalisation and tokenisation), one
+        per response (a list), or None (default): by script (each CJK or
+        other unspaced-script character one token), so that a corpus mixing
+        languages is scored correctly.
 
     Returns
     -------

@@ -62,6 +62,14 @@ class Stage:
         None: constant ``lr``.
     total_steps : int, optional
         Optimiser steps of the schedule (None: derived from the loader).
+    languages : list of str, optional
+        Train only on the manifest rows of these languages (its
+        ``language`` column); None: every row.  E.g. English-first data for
+        an English LLM.
+    max_utterances : int, optional
+        Train only on the first ``max_utterances`` rows (manifest order,
+        after the language filter); None: all.  Data-scaling curves use it
+        with a fixed corpus.
 
     Example
     -------
@@ -93,6 +101,8 @@ class Stage:
         lr,
         scheduler=None,
         total_steps=None,
+        languages=None,
+        max_utterances=None,
     ):
         if not name or not str(name).isidentifier():
             raise ValueError(
@@ -108,6 +118,77 @@ class Stage:
         self.lr = float(lr)
         self.scheduler = scheduler
         self.total_steps = total_steps
+        if isinstance(languages, str):
+            languages = [languages]
+        self.languages = None if languages is None else list(languages)
+        if self.languages is not None and not self.languages:
+            raise ValueError(f"Stage {name}: `languages` is empty")
+        if max_utterances is not None and int(max_utterances) < 1:
+            raise ValueError(
+                f"Stage {name}: max_utterances must be >= 1, "
+                f"got {max_utterances}"
+            )
+        self.max_utterances = (
+            None if max_utterances is None else int(max_utterances)
+        )
+
+    def select_rows(self, dataset, source=None):
+        """The rows this stage trains on (``languages``, then
+        ``max_utterances``).
+
+        Arguments
+        ---------
+        dataset : speechbrain.dataio.dataset.DynamicItemDataset
+            The stage's manifest as a dataset (rows in manifest order).
+        source : str, optional
+            The manifest, named in errors.
+
+        Returns
+        -------
+        speechbrain.dataio.dataset.DynamicItemDataset
+
+        Raises
+        ------
+        ValueError
+            When the manifest has no ``language`` column but ``languages``
+            is set, or when no row is left.
+
+        Example
+        -------
+        >>> from speechbrain.dataio.dataset import DynamicItemDataset
+        >>> from speechbrain.utils.epoch_loop import EpochCounter
+        >>> ds = DynamicItemDataset({
+        ...     "a": {"language": "en"}, "b": {"language": "de"},
+        ...     "c": {"language": "en"}, "d": {"language": "en"}})
+        >>> stage = Stage("align", None, "train.csv", EpochCounter(1), {},
+        ...     lr=1e-3, languages=["en"], max_utterances=2)
+        >>> stage.select_rows(ds).data_ids
+        ['a', 'c']
+        """
+        where = source or self.train_manifest
+        if self.languages is not None:
+            wanted = set(self.languages)
+            missing = [
+                uid for uid in dataset.data_ids[:1]
+                if "language" not in dataset.data[uid]
+            ]
+            if missing:
+                raise ValueError(
+                    f"Stage {self.name}: `languages` is set but {where} has "
+                    f"no `language` column (row {missing[0]!r})"
+                )
+            dataset = dataset.filtered_sorted(
+                key_test={"language": lambda code: code in wanted}
+            )
+        if self.max_utterances is not None:
+            dataset = dataset.filtered_sorted(select_n=self.max_utterances)
+        if not len(dataset):
+            raise ValueError(
+                f"Stage {self.name}: no row of {where} is left after "
+                f"languages={self.languages}, "
+                f"max_utterances={self.max_utterances}"
+            )
+        return dataset
 
     def __repr__(self):
         return (

@@ -347,3 +347,56 @@ def test_recipe_prepares_with_the_model_prompt(setup, tmp_path, fed_prompts):
         )
     ]
     assert sorted(fed_prompts) == sorted(expected)
+
+
+class _Loaded(Exception):
+    pass
+
+
+def test_the_model_runs_on_the_inferred_device(setup, monkeypatch, tmp_path):
+    """Without ``--device`` (the CLI, the function, the recipe's
+    ``continuation_device: null``) the LLM goes to speechbrain's
+    ``infer_device()`` (the rank's GPU), not to the CPU."""
+    from types import SimpleNamespace
+
+    import speechbrain as sb
+
+    from speechbrain_blspkd.brain import prepare_continuations
+
+    d, model_dir = setup
+    devices = []
+
+    def load(model_dir, device, dtype):
+        devices.append(str(device))
+        raise _Loaded
+
+    monkeypatch.setattr(sb.utils.distributed, "infer_device", lambda: "cuda:3")
+    monkeypatch.setattr(cont, "_load_model", load)
+    out = tmp_path / "out.csv"
+    with pytest.raises(_Loaded):
+        cont.main([str(d / "in.csv"), str(out), "--model-dir", str(model_dir)])
+    with pytest.raises(_Loaded):
+        cont.generate_continuations(d / "in.csv", out, model_dir, **OPTS)
+    hparams = dict(
+        model=SimpleNamespace(
+            prompts=SimpleNamespace(
+                system_prompt=None, transcript_separator=" "
+            )
+        ),
+        kd_train_subset=None,
+        train_manifest=str(d / "in.csv"),
+        valid_manifest=str(d / "in.csv"),
+        test_manifest=str(d / "in.csv"),
+        train_csv=str(tmp_path / "train.csv"),
+        valid_csv=str(tmp_path / "valid.csv"),
+        test_csv=str(tmp_path / "test.csv"),
+        llm_source=str(model_dir),
+        continuation_batch_size=2,
+        continuation_max_new_tokens=2,
+        instruction=INSTRUCTION,
+        continuation_device=None,
+        continuation_dtype="float32",
+    )
+    with pytest.raises(_Loaded):
+        prepare_continuations(hparams)
+    assert devices == ["cuda:3"] * 3

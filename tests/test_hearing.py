@@ -256,6 +256,25 @@ def test_command_end_to_end(
     again = json.loads((out / "hearing.json").read_text())
     assert again["sets"] == results["sets"]
 
+    # --tokens-only: no decoding at all (the refusing patches stay), the
+    # same token and count figures, only the speech row
+    quick = tmp_path / "quick"
+    args = _args(exported, synth_corpus, tmp_path, "--tokens-only")
+    args[args.index("--out") + 1] = str(quick)
+    assert hearing.main(args) == 0
+    tokens = json.loads((quick / "hearing.json").read_text())
+    assert tokens["decoded"] is False and tokens["cascade_asr"] is None
+    for name, entry in tokens["sets"].items():
+        assert list(entry["systems"]) == ["speech"]
+        speech, full = entry["systems"]["speech"], results["sets"][name]
+        assert entry["coverage"] == full["coverage"]
+        for key in (
+            "token_accuracy_true_count",
+            "token_accuracy_predicted_count",
+            "count",
+        ):
+            assert speech[key] == full["systems"]["speech"][key], key
+
 
 def test_command_errors_are_one_line(tmp_path, capsys):
     assert hearing.main(["--model", str(tmp_path), "--synth-folder", "x"]) == 2

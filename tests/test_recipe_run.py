@@ -172,9 +172,11 @@ def test_recipe_single_process_and_resume(tiny_bases, tmp_path):
     assert _check_outputs(out) == rows
 
 
-@pytest.mark.slow
-def test_recipe_two_processes_gloo(tiny_bases, tmp_path):
-    data, out = tmp_path / "data", tmp_path / "out"
+@pytest.fixture(scope="module")
+def one_node_two_processes(tiny_bases, tmp_path_factory):
+    """The tiny recipe on one node of two processes (torchrun, gloo)."""
+    tmp = tmp_path_factory.mktemp("one_node")
+    data, out = tmp / "data", tmp / "out"
     cmd = [
         sys.executable,
         "-m",
@@ -187,8 +189,92 @@ def test_recipe_two_processes_gloo(tiny_bases, tmp_path):
     ]
     cmd += _overrides(tiny_bases, data, out)
     _run(cmd, RECIPE)
+    return data, out
+
+
+@pytest.mark.slow
+def test_recipe_two_processes_gloo(one_node_two_processes):
+    data, out = one_node_two_processes
     _check_outputs(out)
     assert not list((out / "eval" / "trained").glob("rows.rank*.jsonl"))
+
+
+@pytest.mark.slow
+def test_two_nodes_train_and_decode_like_one_node(
+    tiny_bases, one_node_two_processes, tmp_path
+):
+    """A multi-node rehearsal: two torchrun launches (``--nnodes=2``, one
+    process each, static rendezvous on 127.0.0.1:29541) whose nodes share
+    only the corpus (manifests, audio) and the base models; each writes
+    its teacher continuations, feature cache, checkpoints and evaluation
+    into a folder of its own, and no path of one node's folder reaches the
+    other.  The trained weights and the decoded rows are those of one node
+    of two processes."""
+    import torch
+
+    from speechbrain_blspkd.dataio.manifest import read_manifest
+    from speechbrain_blspkd.utils.testing import run_together, torchrun_node
+
+    data, one_node = one_node_two_processes
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+
+    def node_args(folder):
+        work = folder / "work"  # what the shared data folder would hold
+        return [
+            "train.py",
+            "hparams/blsp_kd.yaml",
+            "--distributed_backend=gloo",
+            *_overrides(tiny_bases, data, folder / "out"),
+            f"--train_csv={work / 'train_kd.csv'}",
+            f"--valid_csv={work / 'valid.csv'}",
+            f"--test_csv={work / 'test.csv'}",
+            f"--feature_cache_folder={work / 'features'}",
+        ]
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    run_together(
+        [
+            torchrun_node(n, 2, 29541, *node_args(f))
+            for n, f in enumerate(nodes)
+        ],
+        cwd=RECIPE,
+        env=env,
+        timeout=900,
+    )
+    # every node prepared the whole data into its own folder, as one node
+    for name in ("train_kd.csv", "valid.csv", "test.csv"):
+        rows = [read_manifest(f / "work" / name) for f in nodes]
+        assert rows[0] == rows[1] and rows[0][0]["continuation"], name
+    expected = read_manifest(data / "test.csv")
+    assert [r["ID"] for r in rows[0]] == [r["ID"] for r in expected]
+    for folder in nodes:
+        assert len(list((folder / "work" / "features").glob("feats/*/*.pt")))
+        assert not list((folder / "work").glob("*shard*"))
+    # the trained weights: the checkpoint and the export
+    out = nodes[0] / "out"
+
+    def last_weights(run):
+        (ckpt,) = sorted((run / "save").glob("CKPT+kd-E1*"))
+        return torch.load(ckpt / "weights.ckpt")
+
+    for a, b in (
+        (last_weights(out), last_weights(one_node)),
+        (
+            torch.load(out / "model" / "model.ckpt"),
+            torch.load(one_node / "model" / "model.ckpt"),
+        ),
+    ):
+        assert a.keys() == b.keys() and len(a) > 0
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    # the decoded rows and scores (written by the main process, node 0)
+    for tag in ("untrained", "trained"):
+        got, want = (
+            (run / "eval" / tag / "rows.jsonl").read_text()
+            for run in (out, one_node)
+        )
+        assert got == want and got, tag
+    assert _check_outputs(out) == _check_outputs(one_node)
 
 
 @pytest.mark.slow

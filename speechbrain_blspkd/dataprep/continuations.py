@@ -17,13 +17,19 @@ a per-shard JSONL progress file and synced to disk; a restarted run skips the
 IDs already there (a half-written last line is cut off).  The output
 manifest is written atomically once every row is done; with several shards,
 each shard writes ``<out>.shard<i>of<n>.csv`` and :func:`merge_continuations`
-(CLI ``--merge``) joins them into ``<out>``.
+(CLI ``--merge``) joins them into ``<out>``.  Under ``torchrun``,
+:func:`generate_on_all_ranks` runs shard ``rank/world`` on every rank and
+merges the rows through the process group, so every node writes the whole
+``<out>`` without reading another node's files.
+
+The model runs on ``device`` (default: speechbrain's ``infer_device``: the
+rank's own GPU under ``torchrun``, else the first GPU, else the CPU).
 
 Command line::
 
     python -m speechbrain_blspkd.dataprep.continuations IN.csv OUT.csv \\
         [--model-dir DIR] [--batch-size 16] [--max-new-tokens 48] \\
-        [--shard 0/2] [--dtype auto] [--device cpu] \\
+        [--shard 0/2] [--dtype auto] [--device cuda:0] \\
         [--instruction TEXT] [--system-prompt TEXT]
     python -m speechbrain_blspkd.dataprep.continuations IN.csv OUT.csv \\
         --merge --shard 0/2
@@ -39,6 +45,7 @@ import signal
 import sys
 import time
 
+import speechbrain as sb
 import torch
 
 from speechbrain_blspkd.dataio.manifest import (
@@ -215,7 +222,7 @@ def generate_continuations(
     instruction=DEFAULT_INSTRUCTION,
     system_prompt=None,
     transcript_separator=" ",
-    device="cpu",
+    device=None,
     dtype="auto",
     stop_after_batches=None,
 ):
@@ -251,8 +258,8 @@ def generate_continuations(
     transcript_separator : str
         Text joining the instruction and the transcript (the model's
         ``prompts.transcript_separator``).
-    device : str or torch.device
-        Where the model runs.
+    device : str or torch.device, optional
+        Where the model runs (default: speechbrain's ``infer_device``).
     dtype : str
         ``"auto"`` (bfloat16 where ``device`` computes it fast, e.g. CPUs
         with AMX, else float32; :mod:`speechbrain_blspkd.utils.precision`),
@@ -292,6 +299,7 @@ def generate_continuations(
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be >= 1")
     rows = read_manifest(manifest_in)[i::n]
+    device = device or sb.utils.distributed.infer_device()
     model, tokenizer, model_name = _load_model(model_dir, device, dtype)
     builder = PromptBuilder(
         tokenizer,
@@ -418,6 +426,108 @@ def _generate(
     return stats
 
 
+def generate_on_all_ranks(manifest_in, manifest_out, **options):
+    """:func:`generate_continuations` split across the ranks of a run.
+
+    Call it on every rank (a collective).  Rank ``r`` of ``n`` generates
+    shard ``(r, n)`` (resumable as ever: its progress file is its own), the
+    rows travel through the process group
+    (:func:`~speechbrain_blspkd.utils.distributed.all_gather`, never
+    through files), the first process of every node writes the whole
+    ``manifest_out`` atomically, and each rank then deletes its own shard
+    files.  A rank whose node already has ``manifest_out`` contributes its
+    shard's rows from that file instead of generating them; when every
+    rank has it, nothing runs.  In one process this is
+    :func:`generate_continuations`.
+
+    Arguments
+    ---------
+    manifest_in : str or pathlib.Path
+        Input manifest (on every node).
+    manifest_out : str or pathlib.Path
+        Output manifest, written on every node (each node may have its own
+        folder).
+    **options
+        Passed to :func:`generate_continuations` (anything but ``shard``).
+
+    Returns
+    -------
+    dict
+        ``path`` (``manifest_out``), and this rank's ``generated`` rows,
+        ``tokens`` and ``seconds``.
+
+    Raises
+    ------
+    ValueError
+        When an existing ``manifest_out`` holds other rows than
+        ``manifest_in``.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> from speechbrain_blspkd.utils.testing import (
+    ...     doctest_tokenizer, save_toy_llm)
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> model_dir = save_toy_llm(d / "lm", doctest_tokenizer())
+    >>> write_manifest(d / "in.csv", [dict(ID="u1", wav="x.wav",
+    ...     duration=1, transcript="hello world", language="en", speaker="s")])
+    >>> opts = dict(model_dir=model_dir, max_new_tokens=2, dtype="float32")
+    >>> generate_on_all_ranks(d / "in.csv", d / "out.csv", **opts)["generated"]
+    1
+    >>> generate_on_all_ranks(d / "in.csv", d / "out.csv", **opts)["generated"]
+    0
+    """
+    from speechbrain_blspkd.utils.distributed import (
+        all_gather,
+        gather_results,
+        rank_world,
+        shard,
+        unshard,
+    )
+
+    if "shard" in options:
+        raise ValueError("generate_on_all_ranks chooses the shards itself")
+    out = pathlib.Path(manifest_out)
+    rank, world = rank_world()
+    have = all_gather(out.is_file())
+    if all(have):
+        return dict(path=out, generated=0, tokens=0, seconds=0.0)
+    if world == 1:
+        return generate_continuations(manifest_in, out, **options)
+
+    def my_rows():
+        if not have[rank]:
+            stats = generate_continuations(
+                manifest_in, out, shard=(rank, world), **options
+            )
+            return read_manifest(stats["path"]), stats
+        done = read_manifest(out)
+        wanted = [r["ID"] for r in read_manifest(manifest_in)]
+        if [r["ID"] for r in done] != wanted:
+            raise ValueError(
+                f"{out} holds other rows than {manifest_in}; delete it to "
+                "generate it again"
+            )
+        return shard(done, rank, world), dict(
+            generated=0, tokens=0, seconds=0.0
+        )
+
+    parts = gather_results(my_rows)
+    merged = unshard([rows for rows, _ in parts])
+    stats = parts[rank][1]
+    if not have[rank] and sb.utils.distributed.is_local_rank_zero():
+        write_manifest(out, merged)
+    sb.utils.distributed.ddp_barrier()  # the node's manifest is written
+    if not have[rank]:
+        for path in (
+            _shard_manifest_path(out, (rank, world)),
+            _progress_path(out, (rank, world)),
+        ):
+            path.unlink(missing_ok=True)
+    stats["path"] = out
+    return stats
+
+
 def merge_continuations(manifest_in, manifest_out, num_shards):
     """Join the progress files of ``num_shards`` shards into one manifest.
 
@@ -510,7 +620,12 @@ def main(argv=None):
         help="text between the instruction and the transcript "
         "(default: one space)",
     )
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1 ... (default: speechbrain's infer_device, "
+        "the GPU when there is one)",
+    )
     parser.add_argument("--dtype", default="auto", choices=sorted(_DTYPES))
     parser.add_argument(
         "--threads",

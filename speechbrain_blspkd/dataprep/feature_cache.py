@@ -10,6 +10,12 @@ encoder (:class:`StaleCacheError`) unless told to ``overwrite`` it.
 Features are stored as float16 ``.pt`` files (``feats/<xx>/<uid>.pt``),
 each written atomically, so an interrupted :func:`build_feature_cache`
 resumes with the utterances that are still missing.
+
+Under ``torchrun`` every rank calls :func:`build_feature_cache`: the
+utterances some node still lacks are split across all ranks, each batch's
+features travel to every rank through the process group, and the first
+process of each node writes them into that node's folder: nodes share no
+disk, each holds the whole cache.
 """
 
 import hashlib
@@ -19,6 +25,7 @@ import pathlib
 import re
 import shutil
 
+import speechbrain as sb
 import torch
 
 from speechbrain_blspkd.dataio.audio import load_row_audio
@@ -27,6 +34,12 @@ from speechbrain_blspkd.utils.atomic import (
     atomic_path,
     atomic_write_text,
     remove_stray_tmp,
+)
+from speechbrain_blspkd.utils.distributed import (
+    all_gather,
+    gather_results,
+    rank_world,
+    shard,
 )
 
 logger = logging.getLogger(__name__)
@@ -213,13 +226,7 @@ class FeatureCache:
         ValueError
             If the features are not finite or overflow float16.
         """
-        half = feats.detach().to("cpu", torch.float16).contiguous()
-        if not torch.isfinite(half).all():
-            raise ValueError(
-                f"features of {uid!r} are not finite in float16 (max |x| = "
-                f"{feats.detach().abs().max().item():.4g}); float16 holds up "
-                "to 65504"
-            )
+        half = _to_half(uid, feats)
         path = self.path(uid)
         with atomic_path(path) as tmp:
             torch.save({"uid": uid, "feats": half.clone()}, tmp)
@@ -240,6 +247,14 @@ def build_feature_cache(
 
     Rows are sorted by duration (similar lengths share a batch); cached
     utterances are skipped, so an interrupted build resumes.
+
+    Under ``torchrun`` call it on every rank (a collective) with the same
+    arguments (``folder`` may be a different disk on every node): the
+    utterances missing from any node's folder are split across the ranks
+    (rank ``r`` of ``n`` encodes rows ``r::n`` of them, in duration order),
+    every batch's features are gathered through the process group, and the
+    first process of each node writes them all into its ``folder``.  An
+    error on any rank (unreadable audio ...) is raised on every rank.
 
     Arguments
     ---------
@@ -268,7 +283,8 @@ def build_feature_cache(
     Returns
     -------
     dict
-        ``computed`` and ``skipped`` counts and the ``cache``.
+        ``computed`` (utterances this rank encoded), ``skipped`` (cached
+        on every node already) and the ``cache``.
 
     Example
     -------
@@ -289,33 +305,79 @@ def build_feature_cache(
     manifest = pathlib.Path(manifest)
     if data_root is None:
         data_root = str(manifest.parent)
-    cache = FeatureCache(folder, checksum, overwrite=overwrite)
-    remove_stray_tmp(cache.folder, "feats/*/.*.tmp", recursive=False)
+    rank, world = rank_world()
+    cache = _open_on_every_rank(folder, checksum, overwrite)
+    writer = world == 1 or sb.utils.distributed.is_local_rank_zero()
     rows = read_manifest(manifest, data_root=data_root)
-    todo = [r for r in rows if r["ID"] not in cache]
+    # what some node still lacks (each node checks its own folder)
+    missing = set()
+    for ids in all_gather([r["ID"] for r in rows if r["ID"] not in cache]):
+        missing.update(ids)
+    todo = [r for r in rows if r["ID"] in missing]
     todo.sort(key=lambda r: (r["duration"], r["ID"]))
+    mine = shard(todo, rank, world)
+    # every rank takes part in every gather, also with nothing left to do
+    steps = -(-len(shard(todo, 0, world)) // batch_size)
     stats = dict(computed=0, skipped=len(rows) - len(todo), cache=cache)
-    with tqdm(total=len(todo), desc="feature cache", unit="utt") as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            wavs = [
-                load_row_audio(
-                    r,
-                    manifest,
-                    sample_rate=sample_rate,
-                    max_seconds=max_seconds,
-                )
-                for r in batch
-            ]
-            with torch.no_grad():
-                feats = encoder_fn(wavs)
-            if len(feats) != len(batch):
-                raise ValueError(
-                    f"encoder_fn returned {len(feats)} feature tensors for "
-                    f"{len(batch)} waveforms"
-                )
-            for r, f in zip(batch, feats):
-                cache.put(r["ID"], f)
+
+    def encode(batch):
+        wavs = [
+            load_row_audio(
+                r, manifest, sample_rate=sample_rate, max_seconds=max_seconds
+            )
+            for r in batch
+        ]
+        with torch.no_grad():
+            feats = encoder_fn(wavs) if batch else []
+        if len(feats) != len(batch):
+            raise ValueError(
+                f"encoder_fn returned {len(feats)} feature tensors for "
+                f"{len(batch)} waveforms"
+            )
+        return [(r["ID"], _to_half(r["ID"], f)) for r, f in zip(batch, feats)]
+
+    with tqdm(total=len(mine), desc="feature cache", unit="utt") as bar:
+        for step in range(steps):
+            batch = mine[step * batch_size : (step + 1) * batch_size]
+            encoded = gather_results(encode, batch)
+            if writer:
+                for uid, half in (item for part in encoded for item in part):
+                    if uid not in cache:
+                        cache.put(uid, half)
             stats["computed"] += len(batch)
             bar.update(len(batch))
+    sb.utils.distributed.ddp_barrier()  # every node's cache is complete
     return stats
+
+
+def _open_on_every_rank(folder, checksum, overwrite):
+    """The :class:`FeatureCache` of ``folder`` on every rank.
+
+    The first process of each node opens it first (checks it, clears it
+    with ``overwrite``, removes stray temporary files), then the others;
+    an error on any rank is raised on every rank.
+    """
+    opened = {}
+
+    def open_first():
+        if sb.utils.distributed.is_local_rank_zero():
+            cache = FeatureCache(folder, checksum, overwrite=overwrite)
+            remove_stray_tmp(cache.folder, "feats/*/.*.tmp", recursive=False)
+            opened["cache"] = cache
+
+    gather_results(open_first)
+    if "cache" in opened:
+        return opened["cache"]
+    return FeatureCache(folder, checksum)
+
+
+def _to_half(uid, feats):
+    """``feats`` as the float16 CPU tensor the cache stores (checked)."""
+    half = feats.detach().to("cpu", torch.float16).contiguous()
+    if not torch.isfinite(half).all():
+        raise ValueError(
+            f"features of {uid!r} are not finite in float16 (max |x| = "
+            f"{feats.detach().abs().max().item():.4g}); float16 holds up "
+            "to 65504"
+        )
+    return half

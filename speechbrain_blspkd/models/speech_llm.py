@@ -51,6 +51,7 @@ from speechbrain_blspkd.models import positions as pos_lib
 from speechbrain_blspkd.nnet import plora as plora_lib
 from speechbrain_blspkd.nnet.adapter import AdapterTargets
 from speechbrain_blspkd.prompt import PromptBuilder, context_limit
+from speechbrain_blspkd.utils import sharding
 from speechbrain_blspkd.utils.precision import resolve_dtype
 
 __all__ = ["LLMPass", "PassRequest", "SpeechLLMModel", "SpeechLLMOutput"]
@@ -159,6 +160,10 @@ class SpeechLLMOutput:
         Whisper teacher reading the adapter's log-mels).
     feat_lens : torch.Tensor or None
         (B,) relative lengths of ``feats``.
+    data : dict
+        Per-utterance batch items the objective declared
+        (:meth:`~speechbrain_blspkd.objectives.Objective.data_keys`, e.g. a
+        stored teacher), set by the training loop; the model fills none.
     """
 
     adapter: object
@@ -169,6 +174,7 @@ class SpeechLLMOutput:
     student: LLMPass = None
     feats: torch.Tensor = None
     feat_lens: torch.Tensor = None
+    data: dict = dataclasses.field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -391,10 +397,13 @@ class SpeechLLMModel(nn.Module):
         attention_mask = batch["attention_mask"]
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         start = self._reusable_prefix(batch, plora_mask)
+        collective = self._collective_prefix()
+        if collective and not sharding.agree(start > 0, "all", embeds.device):
+            start = 0  # another process cannot reuse: none does
         past = None
         if start:
             past = self._prefix_keys_values(
-                batch["input_ids"][0, :start], embeds.shape[0]
+                batch["input_ids"][0, :start], embeds.shape[0], collective
             )
             embeds = embeds[:, start:]
             position_ids = position_ids[:, start:]
@@ -445,8 +454,28 @@ class SpeechLLMModel(nn.Module):
         )
         return start if frozen else 0
 
-    def _prefix_keys_values(self, prefix_ids, batch_size):
-        """A fresh cache holding the prefix keys/values for the batch."""
+    def _collective_prefix(self):
+        """Whether prefix reuse must be decided by every process together.
+
+        Under FSDP (the LLM's layers sharded across processes) every
+        forward all-gathers each layer, so all processes must run the same
+        layer calls.  Whether a process reuses a prefix (its batch may have
+        left padding or a shorter shared prefix) and whether its cache
+        misses (the prefix forward) are local facts; deciding them alone
+        would make one process run a prefix forward that the others never
+        join, and the run would hang.  So under FSDP the processes reuse a
+        prefix only when all can, and all recompute it when any misses.
+        """
+        if not sharding._process_group_ready():
+            return False
+        return sharding.is_sharded(self.llm)
+
+    def _prefix_keys_values(self, prefix_ids, batch_size, collective=False):
+        """A fresh cache holding the prefix keys/values for the batch.
+
+        ``collective``: the cache is (re)filled on every process when it
+        misses on any (:meth:`_collective_prefix`).
+        """
         from transformers import DynamicCache
 
         device = prefix_ids.device
@@ -459,7 +488,10 @@ class SpeechLLMModel(nn.Module):
             self.embed_tokens.weight.dtype,
             self.llm.training,
         )
-        if key not in self._prefix_cache:
+        missing = key not in self._prefix_cache
+        if collective:
+            missing = sharding.agree(missing, "any", device)
+        if missing:
             if len(self._prefix_cache) >= 8:
                 self._prefix_cache.clear()
             with torch.no_grad(), self.plora_off():

@@ -32,6 +32,7 @@ from speechbrain_blspkd.nnet.cif import cif, scale_alphas
 __all__ = [
     "CFormer",
     "CFormerOutput",
+    "init_pre_from_encoder",
     "pool_frames",
 ]
 
@@ -56,12 +57,25 @@ class CFormerOutput(AdapterOutput):
         predicted max(1, round(sum alpha)).
     alpha_sum : torch.Tensor
         (B,) sum of the unscaled alphas of each row.
+    frames : torch.Tensor, optional
+        (B, T, input_size - 1) the layer-normalised channels that CIF
+        integrates, before dropout, at the rate of ``alphas`` (what a
+        frame-level auxiliary loss such as CTC over the LLM vocabulary
+        reads: :mod:`speechbrain_blspkd.objectives.vocab_ctc`).
+    token_hidden : torch.Tensor, optional
+        (B, Nmax, input_size) the post-CIF token states after ``post_norm``,
+        before ``out_proj`` (zero beyond each row's count): what a
+        token-level auxiliary loss in the adapter's own width reads, e.g.
+        the Whisper-decoder targets
+        (:mod:`speechbrain_blspkd.objectives.whisper_target`).
     """
 
     alphas: torch.Tensor
     frame_mask: torch.Tensor
     num_tokens: torch.Tensor
     alpha_sum: torch.Tensor
+    frames: torch.Tensor = None
+    token_hidden: torch.Tensor = None
 
 
 def pool_frames(hidden, frame_mask, stride):
@@ -359,7 +373,8 @@ class CFormer(SpeechAdapter):
                 )
             num_tokens = num_tokens.long()
 
-        integrated = self.dropout(normed[..., :-1])
+        frames = normed[..., :-1]
+        integrated = self.dropout(frames)
         integrated = integrated.masked_fill(padding[..., None], 0.0)
         scaled = scale_alphas(alphas, num_tokens, self.threshold)
         tokens, token_mask = cif(
@@ -369,7 +384,8 @@ class CFormer(SpeechAdapter):
         y = self.token_proj(tokens)
         for layer in self.post_layers:
             y = layer(y, src_key_padding_mask=~token_mask)
-        y = self.out_proj(self.post_norm(y))
+        token_hidden = self.post_norm(y) * token_mask[..., None].to(y.dtype)
+        y = self.out_proj(token_hidden)
         y = y * token_mask[..., None].to(y.dtype)
         return CFormerOutput(
             tokens=y,
@@ -378,6 +394,8 @@ class CFormer(SpeechAdapter):
             frame_mask=frame_mask,
             num_tokens=num_tokens,
             alpha_sum=alpha_sum,
+            frames=frames,
+            token_hidden=token_hidden,
         )
 
     def _frame_mask(self, hidden, lengths, mask):
@@ -494,3 +512,73 @@ def _copy_whisper_layer(target, source):
     target.linear1.load_state_dict(source.fc1.state_dict())
     target.linear2.load_state_dict(source.fc2.state_dict())
     target.norm2.load_state_dict(source.final_layer_norm.state_dict())
+
+
+def init_pre_from_encoder(adapter, encoder, enabled=True):
+    """Start a CFormer's pre layers from the top layers of a Whisper encoder.
+
+    Meant for a recipe YAML, applied once the adapter and the encoder are
+    built (``!apply``; the recipe's ``init_pre_from_encoder`` switch): with
+    ``enabled`` the ``n_pre`` pre layers of ``adapter`` become copies of
+    the last ``n_pre`` layers of ``encoder``, in order (pre layer 0 from
+    encoder layer ``L - n_pre``, the last pre layer from the top layer),
+    through :meth:`CFormer.init_pre_layers_from`.  The copies are trained
+    with the adapter; the encoder is unchanged.  A run that resumes from a
+    checkpoint loads the trained pre layers over them.
+
+    Arguments
+    ---------
+    adapter : CFormer
+        The adapter (its ``d_ffn`` and width must be the encoder's).
+    encoder : speechbrain_blspkd.nnet.whisper_encoder.WhisperEncoder
+        The speech encoder (its Hugging Face encoder's ``layers``).
+    enabled : bool
+        False: nothing is copied.
+
+    Returns
+    -------
+    bool
+        Whether layers were copied.
+
+    Example
+    -------
+    >>> from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
+    >>> from speechbrain_blspkd.utils.testing import tiny_whisper_config
+    >>> encoder = WhisperEncoder(tiny_whisper_config(encoder_layers=3))
+    >>> adapter = CFormer(64, 8, n_pre=2, n_post=0, nhead=4, d_ffn=128)
+    >>> init_pre_from_encoder(adapter, encoder)
+    True
+    >>> top = encoder.encoder.layers[-1].fc1.weight
+    >>> torch.equal(adapter.pre_layers[1].linear1.weight, top)
+    True
+    >>> init_pre_from_encoder(adapter, encoder, enabled=False)
+    False
+    """
+    if not enabled:
+        return False
+    if not isinstance(adapter, CFormer):
+        raise TypeError(
+            "init_pre_from_encoder: the adapter must be a CFormer, got "
+            f"{type(adapter).__name__}"
+        )
+    layers = getattr(getattr(encoder, "encoder", None), "layers", None)
+    if layers is None:
+        raise TypeError(
+            "init_pre_from_encoder: the encoder must be a WhisperEncoder "
+            f"(transformer layers to copy), got {type(encoder).__name__}"
+        )
+    count = len(adapter.pre_layers)
+    if count == 0 or count > len(layers):
+        raise ValueError(
+            f"init_pre_from_encoder: the CFormer has {count} pre layers, the "
+            f"encoder {len(layers)}; need 1 to {len(layers)} pre layers"
+        )
+    heads = getattr(layers[0].self_attn, "num_heads", None)
+    if heads is not None and heads != adapter.pre_layers[0].self_attn.num_heads:
+        raise ValueError(
+            f"init_pre_from_encoder: the encoder layers have {heads} attention "
+            f"heads, the CFormer {adapter.pre_layers[0].self_attn.num_heads}; "
+            "the copies would compute another function"
+        )
+    adapter.init_pre_layers_from(list(layers)[-count:])
+    return True

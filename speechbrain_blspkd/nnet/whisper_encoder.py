@@ -104,14 +104,28 @@ def whisper_log_mel(wavs, num_frames, n_mels=80, filters=None):
     -------
     torch.Tensor
         (B, n_mels, num_frames) float32, equal to ``WhisperFeatureExtractor``
-        output on the same clips (its first ``num_frames`` frames).
+        output on the same clips (its first ``num_frames`` frames).  Always
+        computed in float32: an enclosing autocast (bf16 training with
+        features computed on the fly) is switched off here.
 
     Example
     -------
     >>> mel = whisper_log_mel(torch.randn(2, 16000) * 0.1, num_frames=100)
     >>> mel.shape
     torch.Size([2, 80, 100])
+    >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+    ...     whisper_log_mel(torch.randn(1, 1600), num_frames=10).dtype
+    torch.float32
     """
+    device_type = wavs.device.type
+    if torch.amp.is_autocast_available(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return _log_mel_fp32(wavs, num_frames, n_mels, filters)
+    return _log_mel_fp32(wavs, num_frames, n_mels, filters)
+
+
+def _log_mel_fp32(wavs, num_frames, n_mels, filters):
+    """:func:`whisper_log_mel` itself (float32, no autocast around it)."""
     wavs = wavs.to(torch.float32)
     if filters is None:
         filters = _mel_filters(n_mels, wavs.device)
@@ -135,7 +149,7 @@ def whisper_log_mel(wavs, num_frames, n_mels=80, filters=None):
         return_complex=True,
     )
     power = spec[..., :num_frames].abs() ** 2
-    mel = filters.to(power.device) @ power
+    mel = filters.to(power.device, torch.float32) @ power
     log_spec = torch.clamp(mel, min=1e-10).log10()
     peak = log_spec.amax(dim=(1, 2), keepdim=True)
     log_spec = torch.maximum(log_spec, peak - 8.0)

@@ -173,6 +173,70 @@ class Objective(nn.Module):
             raise ValueError(f"{type(self).__name__}: unknown term {term!r}")
         return self.weights.get(term, 0.0) != 0.0
 
+    def data_keys(self):
+        """Names of the per-utterance batch items this objective reads.
+
+        The training loop passes these items of each batch, when the batch
+        has them, to the objective as ``outputs.data`` (a dict), so that an
+        objective can use data prepared per utterance (e.g. a stored
+        teacher) without the loop knowing what it is.  Default: none.
+
+        Returns
+        -------
+        tuple of str
+        """
+        return ()
+
+    def data_items(self, model, dataset, source=None):
+        """Dynamic items that add :meth:`data_keys` to a training dataset.
+
+        Called once per training stage by
+        :func:`~speechbrain_blspkd.brain.dataio_prepare` with the stage's
+        dataset, before any training; it may check the dataset's rows and
+        refuse them (with a message naming ``source``).  Default: none.
+
+        Arguments
+        ---------
+        model : speechbrain_blspkd.models.speech_llm.SpeechLLMModel
+            The model being trained.
+        dataset : speechbrain.dataio.dataset.DynamicItemDataset
+            The stage's training data (``dataset.data`` holds its rows).
+        source : str, optional
+            The manifest the rows come from.
+
+        Returns
+        -------
+        list
+            speechbrain dynamic items (functions decorated with ``takes``
+            and ``provides``) providing the :meth:`data_keys`.
+
+        Example
+        -------
+        >>> Objective.data_items(None, None, None)
+        []
+        """
+        return []
+
+    def stat_counts(self, outputs):
+        """How many items each reported statistic averages over.
+
+        Validation and test average each statistic over the batches
+        weighted by this count (default: the number of utterances), so a
+        statistic that is a mean over positions becomes a mean over every
+        position of the pass, not a mean of batch means.
+
+        Arguments
+        ---------
+        outputs : speechbrain_blspkd.models.speech_llm.SpeechLLMOutput
+            The batch's outputs.
+
+        Returns
+        -------
+        dict
+            stat name -> count (missing: the batch's utterances).
+        """
+        return {}
+
     def request(self, stage):
         """What the model computes for this objective in ``stage``.
 
@@ -190,7 +254,12 @@ class Objective(nn.Module):
         return PassRequest()
 
     def terms(self, outputs, model, stage):
-        """The loss terms (name -> scalar tensor or callable)."""
+        """The loss terms (name -> scalar tensor or callable).
+
+        A term (or its callable) may give None: not available for this
+        batch (e.g. per-utterance data that only the training rows carry,
+        in validation); it is then left out of the loss and the stats.
+        """
         raise NotImplementedError
 
     def metrics(self, outputs, model, stage):
@@ -240,6 +309,8 @@ class Objective(nn.Module):
             if weight == 0.0:
                 continue
             value = value() if callable(value) else value
+            if value is None:  # not available for this batch (see terms)
+                continue
             if not torch.is_tensor(value) or value.numel() != 1:
                 raise ValueError(
                     f"{type(self).__name__}: term {term} must be a scalar "
@@ -248,6 +319,11 @@ class Objective(nn.Module):
             value = value.reshape(())
             stats[term] = float(value.detach())
             total = weight * value if total is None else total + weight * value
+        if total is None:
+            raise ValueError(
+                f"{type(self).__name__}: no weighted term is available for "
+                "this batch"
+            )
         stats["loss"] = float(total.detach())
         if stage is not None and stage != sb.Stage.TRAIN:
             with torch.no_grad():

@@ -16,7 +16,24 @@ PLoRA on the adapter's speech embeddings (``docs/algorithms.md`` section
 * ``align``: the adapter outputs at the N CIF positions pulled towards the
   LLM embeddings of the transcript tokens (no LLM pass; cross-entropy over
   cosine logits against the whole embedding table, ``1 - cos`` and MSE
-  over the embedding variance; section 2.9).
+  over the embedding variance; section 2.9); ``align_negatives`` restricts
+  the cross-entropy to the batch's tokens plus that many random ones (a
+  sampled softmax, much cheaper than all V);
+* ``ctc``: CTC over the LLM vocabulary on the frames CIF integrates
+  (:mod:`speechbrain_blspkd.objectives.vocab_ctc`; needs ``ctc`` settings,
+  whose head the objective owns and trains);
+* ``whisper``: the CFormer's post-CIF token states pulled towards
+  Whisper's decoder states, span-pooled per LLM token and stored once per
+  clip (:mod:`speechbrain_blspkd.objectives.whisper_target`,
+  :mod:`speechbrain_blspkd.dataprep.whisper_targets`; needs ``whisper``
+  settings; training only: validation and test do not report it).
+
+The teacher runs online in every step (``teacher="online"``, default) or
+is read from a stored top-k cache (``teacher="offline"``: the top-k
+teacher log-probs written once by
+:mod:`speechbrain_blspkd.dataprep.teacher_topk`, the KL terms computed by
+:func:`~speechbrain_blspkd.losses.kd_kl_topk`; training only, validation
+and test keep the online teacher, so their KL is the exact one).
 
 A stage with only ``cif`` and ``align`` weights runs no LLM pass (the
 alignment stage); in validation and test the KL terms are still reported
@@ -31,10 +48,21 @@ import speechbrain as sb
 import torch
 import torch.nn.functional as F
 
-from speechbrain_blspkd.losses import kd_kl, response_ce
+from speechbrain_blspkd.losses import kd_kl, kd_kl_topk, response_ce
 from speechbrain_blspkd.models.speech_llm import PassRequest
 from speechbrain_blspkd.nnet.cif import quantity_loss
 from speechbrain_blspkd.objectives.base import Objective
+from speechbrain_blspkd.objectives.vocab_ctc import (
+    VocabCTCHead,
+    sampled_vocabulary,
+)
+from speechbrain_blspkd.objectives.whisper_target import (
+    DATA_KEY as WHISPER_KEY,
+)
+from speechbrain_blspkd.objectives.whisper_target import (
+    WhisperTargetHead,
+    whisper_target_items,
+)
 
 __all__ = ["BLSPKDObjective", "alignment_loss", "nearest_token_accuracy"]
 
@@ -59,7 +87,12 @@ def _aligned(output, transcript_ids, transcript_mask=None):
 
 
 def alignment_loss(
-    model, output, transcript_ids, temperature=0.05, transcript_mask=None
+    model,
+    output,
+    transcript_ids,
+    temperature=0.05,
+    transcript_mask=None,
+    negatives=None,
 ):
     """Pull an aligned adapter's outputs towards the transcript embeddings.
 
@@ -76,13 +109,17 @@ def alignment_loss(
     transcript_mask : torch.Tensor, optional
         (B, N) bool; when given, each row's embedding count must equal its
         transcript length.
+    negatives : int, optional
+        Score the cross-entropy against the batch's tokens plus this many
+        random others (:func:`~speechbrain_blspkd.objectives.vocab_ctc.
+        sampled_vocabulary`); None: the whole table.
 
     Returns
     -------
     loss : torch.Tensor
         ``ce + (1 - cos) + mse / var`` (a scalar).
     accuracy : torch.Tensor
-        Nearest-token accuracy (no grad).
+        Nearest-token accuracy within the scored tokens (no grad).
 
     Example
     -------
@@ -99,11 +136,17 @@ def alignment_loss(
     table, var = model.embedding_table(pred.device)
     with torch.no_grad():
         target = model.embed_tokens(ids).float()
+    vocab = sampled_vocabulary(ids, table.shape[0], negatives)
+    if negatives is not None:
+        table = table[vocab]
+        ids_in = torch.searchsorted(vocab, ids)
+    else:
+        ids_in = ids
     logits = F.normalize(pred, dim=-1) @ table.T
-    ce = F.cross_entropy(logits / temperature, ids)
+    ce = F.cross_entropy(logits / temperature, ids_in)
     cos = (1 - F.cosine_similarity(pred, target, dim=-1)).mean()
     mse = ((pred - target) ** 2).mean() / var
-    accuracy = (logits.detach().argmax(-1) == ids).float().mean()
+    accuracy = (logits.detach().argmax(-1) == ids_in).float().mean()
     return ce + cos + mse, accuracy
 
 
@@ -141,6 +184,34 @@ class BLSPKDObjective(Objective):
         when their weight is 0 (runs the LLM passes there).
     scale_by_t2 : bool
         Multiply the KL terms by tau^2 (Hinton's scaling).
+    teacher : str
+        ``"online"`` (the teacher pass runs in every training step) or
+        ``"offline"`` (training reads the teacher's stored top-k log-probs
+        from ``teacher_cache``; validation and test run it online).
+    teacher_cache : str, optional
+        The stored teacher's folder (``teacher="offline"``).
+    teacher_topk : int
+        The k the stored teacher must have (a cache of another k is
+        refused).
+    topk_student_norm : str
+        How the offline KL normalises the student
+        (:func:`~speechbrain_blspkd.losses.kd_kl_topk`): ``"full"``
+        (default; log-softmax over the whole vocabulary, read at the
+        teacher's top-k) or ``"topk"`` (renormalised over those k).
+    align_negatives : int, optional
+        Sampled softmax of the ``align`` cross-entropy: the batch's tokens
+        plus this many random ones (None: the whole embedding table).
+    ctc : dict, optional
+        Settings of the objective-owned CTC head
+        (:class:`~speechbrain_blspkd.objectives.vocab_ctc.VocabCTCHead`:
+        ``input_size`` (CFormer width - 1), ``embedding_size`` (LLM width),
+        ``temperature``, ``negatives``); needed when ``ctc`` has a weight.
+    whisper : dict, optional
+        Settings of the ``whisper`` term: ``folder`` (the stored targets),
+        ``input_size`` (CFormer width), ``target_size`` (Whisper's width)
+        and ``mse_weight`` (:class:`~speechbrain_blspkd.objectives.
+        whisper_target.WhisperTargetHead`); needed when ``whisper`` has a
+        weight.
 
     Example
     -------
@@ -155,7 +226,15 @@ class BLSPKDObjective(Objective):
     ['cif', 'input_kl', 'loss', 'response_kl']
     """
 
-    TERMS = ("input_kl", "response_kl", "response_ce", "cif", "align")
+    TERMS = (
+        "input_kl",
+        "response_kl",
+        "response_ce",
+        "cif",
+        "align",
+        "ctc",
+        "whisper",
+    )
 
     def __init__(
         self,
@@ -164,19 +243,73 @@ class BLSPKDObjective(Objective):
         align_temperature=0.05,
         eval_kl=True,
         scale_by_t2=False,
+        teacher="online",
+        teacher_cache=None,
+        teacher_topk=64,
+        topk_student_norm="full",
+        align_negatives=None,
+        ctc=None,
+        whisper=None,
     ):
         if weights is None:
             weights = {"input_kl": 1.0, "response_kl": 1.0, "cif": 1.0}
         super().__init__(weights)
         if temperature <= 0 or align_temperature <= 0:
             raise ValueError("BLSPKDObjective: temperatures must be > 0")
+        if teacher not in ("online", "offline"):
+            raise ValueError(
+                f"BLSPKDObjective: teacher must be 'online' or 'offline', got "
+                f"{teacher!r}"
+            )
+        if teacher == "offline" and not teacher_cache:
+            raise ValueError(
+                "BLSPKDObjective: teacher 'offline' needs `teacher_cache` (the "
+                "folder of the stored top-k teacher)"
+            )
+        if topk_student_norm not in ("full", "topk"):
+            raise ValueError(
+                "BLSPKDObjective: topk_student_norm must be 'full' or 'topk', "
+                f"got {topk_student_norm!r}"
+            )
         self.temperature = float(temperature)
         self.align_temperature = float(align_temperature)
+        self.align_negatives = (
+            None if align_negatives is None else int(align_negatives)
+        )
+        if self.active("ctc") and not ctc:
+            raise ValueError(
+                "BLSPKDObjective: the ctc term needs `ctc` settings "
+                "({input_size: ..., embedding_size: ...}, see "
+                "objectives.vocab_ctc.VocabCTCHead)"
+            )
+        # the head exists only when the term is weighted (no idle weights
+        # in the optimiser or the checkpoint)
+        self.ctc_head = (
+            VocabCTCHead(**ctc) if ctc and self.active("ctc") else None
+        )
+        whisper = dict(whisper or {}) if self.active("whisper") else {}
+        if self.active("whisper") and not whisper.get("folder"):
+            raise ValueError(
+                "BLSPKDObjective: the whisper term needs `whisper` settings "
+                "({folder: ..., input_size: ..., target_size: ...}, see "
+                "objectives.whisper_target.WhisperTargetHead)"
+            )
+        self.whisper_target_folder = whisper.pop("folder", None)
+        self.whisper_head = WhisperTargetHead(**whisper) if whisper else None
         self.eval_kl = bool(eval_kl)
         self.scale_by_t2 = bool(scale_by_t2)
+        self.teacher = teacher
+        self.teacher_cache = teacher_cache
+        self.teacher_topk = int(teacher_topk)
+        self.topk_student_norm = topk_student_norm
+
+    def _offline(self, stage):
+        """Whether ``stage`` reads the stored teacher (offline training)."""
+        return self.teacher == "offline" and stage == sb.Stage.TRAIN
 
     def request(self, stage):
-        """LLM passes only where a weighted term (or ``eval_kl``) needs one."""
+        """LLM passes only where a weighted term (or ``eval_kl``) needs one;
+        no teacher pass where the stored teacher is read."""
         evaluating = stage is not None and stage != sb.Stage.TRAIN
         kl = self.active("input_kl") or self.active("response_kl")
         kl = kl or (evaluating and self.eval_kl)
@@ -184,13 +317,117 @@ class BLSPKDObjective(Objective):
         if not student:
             return PassRequest()
         return PassRequest(
-            teacher=kl,
+            teacher=kl and not self._offline(stage),
             student=True,
             response=True,
             logits=("input", "response") if kl else ("response",),
         )
 
+    def data_keys(self):
+        """``("teacher_topk",)`` with the offline teacher, and
+        ``"whisper_target"`` with a weighted ``whisper`` term."""
+        keys = ("teacher_topk",) if self.teacher == "offline" else ()
+        if self.whisper_head is not None:
+            keys += (WHISPER_KEY,)
+        return keys
+
+    def data_items(self, model, dataset, source=None):
+        """With the offline teacher: the item that reads each utterance's
+        stored teacher, after checking the cache against ``model`` (LLM,
+        tokenizer, prompt, k: :class:`~speechbrain_blspkd.dataprep.
+        teacher_topk.StaleTeacherCacheError` otherwise) and every row of
+        ``dataset`` (present, text unchanged); with a weighted ``whisper``
+        term, the item that reads the stored Whisper-decoder targets
+        (:func:`~speechbrain_blspkd.objectives.whisper_target.
+        whisper_target_items`: checked likewise)."""
+        items = []
+        if self.whisper_head is not None:
+            items += whisper_target_items(
+                model, dataset, self.whisper_target_folder, source
+            )
+        if self.teacher != "offline":
+            return items
+        from speechbrain_blspkd.dataprep.teacher_topk import (
+            TopKTeacherCache,
+            teacher_settings,
+        )
+
+        if model is None:
+            raise ValueError(
+                "BLSPKDObjective: the offline teacher needs the model to "
+                "check its cache"
+            )
+        cache = TopKTeacherCache(
+            self.teacher_cache, teacher_settings(model, self.teacher_topk)
+        )
+        cache.check_rows(
+            [dict(dataset.data[uid], ID=uid) for uid in dataset.data_ids],
+            source,
+        )
+
+        @sb.utils.data_pipeline.takes("id")
+        @sb.utils.data_pipeline.provides("teacher_topk")
+        def stored_teacher(uid):
+            return cache.get(uid)
+
+        return items + [stored_teacher]
+
+    def _stored(self, outputs, span, mask):
+        """The batch's stored teacher at ``span`` as ``(B, P, k)`` tensors
+        laid out like the student's ``mask``."""
+        rows = outputs.data.get("teacher_topk")
+        if rows is None:
+            raise ValueError(
+                "BLSPKDObjective: teacher 'offline' needs the batch item "
+                "'teacher_topk' (dataio_prepare adds it through data_items)"
+            )
+        if len(rows) != mask.shape[0]:
+            raise ValueError(
+                f"BLSPKDObjective: {len(rows)} stored teachers for a batch "
+                f"of {mask.shape[0]}"
+            )
+        counts = mask.sum(1).tolist()
+        k = rows[0].k
+        logp = torch.zeros(*mask.shape, k, dtype=torch.float32)
+        idx = torch.zeros(*mask.shape, k, dtype=torch.long)
+        for b, row in enumerate(rows):
+            values, indices = row.span(span)
+            if values.shape[0] != counts[b] or row.k != k:
+                raise ValueError(
+                    f"BLSPKDObjective: the stored teacher of batch row {b} "
+                    f"has {values.shape[0]} {span} positions of top-{row.k}, "
+                    f"the student {counts[b]} of top-{k}; the cache was "
+                    "written for other prompts"
+                )
+            logp[b, : counts[b]] = values.float()
+            idx[b, : counts[b]] = indices.long()
+        return logp.to(mask.device), idx.to(mask.device)
+
+    def _kl_offline(self, outputs, span):
+        student = outputs.student
+        mask = student.masks[span]
+        if span == "input":
+            wanted = outputs.transcript_mask.sum(1).to(mask.device)
+            if not torch.equal(mask.sum(1), wanted):
+                raise ValueError(
+                    "BLSPKDObjective: input_kl needs as many speech "
+                    "embeddings as transcript tokens (a CIF adapter); got "
+                    f"{mask.sum(1).tolist()} vs {wanted.tolist()}"
+                )
+        logp, idx = self._stored(outputs, span, mask)
+        return kd_kl_topk(
+            student.logits[span],
+            logp,
+            idx,
+            mask,
+            self.temperature,
+            self.scale_by_t2,
+            self.topk_student_norm,
+        )
+
     def _kl(self, outputs, span):
+        if outputs.teacher is None:
+            return self._kl_offline(outputs, span)
         student, teacher = outputs.student, outputs.teacher
         if not torch.equal(student.masks[span], teacher.masks[span]):
             raise ValueError(
@@ -210,7 +447,8 @@ class BLSPKDObjective(Objective):
     def terms(self, outputs, model, stage):
         """Each term as a callable (computed only when weighted)."""
         terms = {}
-        if outputs.teacher is not None:
+        stored = outputs.student is not None and "teacher_topk" in outputs.data
+        if outputs.teacher is not None or stored:
             terms["input_kl"] = lambda: self._kl(outputs, "input")
             terms["response_kl"] = lambda: self._kl(outputs, "response")
         if outputs.student is not None:
@@ -231,8 +469,71 @@ class BLSPKDObjective(Objective):
             outputs.transcript_ids,
             self.align_temperature,
             outputs.transcript_mask,
+            negatives=self.align_negatives,
         )[0]
+        if self.ctc_head is not None:
+            terms["ctc"] = lambda: self._ctc(outputs, model)
+        if self.whisper_head is not None:
+            terms["whisper"] = lambda: self._whisper(outputs, stage)
         return terms
+
+    def _whisper(self, outputs, stage):
+        """The ``whisper`` term; None in validation and test, whose rows
+        carry no stored targets."""
+        rows = outputs.data.get(WHISPER_KEY)
+        if rows is None:
+            if stage is not None and stage != sb.Stage.TRAIN:
+                return None
+            raise ValueError(
+                "BLSPKDObjective: the whisper term needs the batch item "
+                f"{WHISPER_KEY!r} (dataio_prepare adds it through data_items)"
+            )
+        adapter = outputs.adapter
+        hidden = getattr(adapter, "token_hidden", None)
+        if hidden is None:
+            raise ValueError(
+                "BLSPKDObjective: the whisper term needs the adapter's token "
+                f"states (a CFormer); {type(adapter).__name__} gives none"
+            )
+        return self.whisper_head.loss(hidden, adapter.token_mask, list(rows))
+
+    def stat_counts(self, outputs):
+        """Positions behind each statistic: the KL and CE terms are means
+        over the distilled positions, the alignment term and the token
+        accuracy over the transcript tokens (the quantity loss: per
+        utterance)."""
+        counts = {}
+        side = (
+            outputs.teacher if outputs.teacher is not None else outputs.student
+        )
+        if side is not None:
+            for span, name in (
+                ("input", "input_kl"),
+                ("response", "response_kl"),
+            ):
+                if span in side.masks:
+                    counts[name] = int(side.masks[span].sum())
+            if "response" in side.masks:
+                counts["response_ce"] = int(side.masks["response"].sum())
+        tokens = int(outputs.transcript_mask.sum())
+        counts["align"] = counts["token_acc"] = counts["whisper"] = tokens
+        return counts
+
+    def _ctc(self, outputs, model):
+        adapter = outputs.adapter
+        frames = getattr(adapter, "frames", None)
+        if frames is None:
+            raise ValueError(
+                "BLSPKDObjective: the ctc term needs the adapter's frames "
+                f"(a CFormer); {type(adapter).__name__} gives none"
+            )
+        table, _ = model.embedding_table(frames.device)
+        mask = outputs.transcript_mask
+        if mask is None:
+            mask = torch.ones_like(outputs.transcript_ids, dtype=torch.bool)
+        return self.ctc_head.loss(
+            frames, adapter.frame_mask, outputs.transcript_ids, mask, table
+        )
 
     def metrics(self, outputs, model, stage):
         """KL values (when the passes ran) and the token accuracy; the

@@ -291,7 +291,7 @@ def plot_training_curves(source, path, x_key=None, title=None):
     panels = {}
     for row in records:
         for key in row:
-            if key != x_key:
+            if key not in (x_key, "time"):  # the step log's wall clock
                 panels.setdefault(_metric_name(key), [])
                 if key not in panels[_metric_name(key)]:
                     panels[_metric_name(key)].append(key)

@@ -121,7 +121,9 @@ def run_device():
     """
     if _RUN_DEVICE is not None:
         return _RUN_DEVICE
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from speechbrain.utils.distributed import infer_device
+
+    return torch.device(infer_device())
 
 
 def bf16_supported(device_type):

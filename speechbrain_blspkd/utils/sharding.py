@@ -22,6 +22,20 @@ Layout (:func:`shard_model`)
   optimiser step, as DDP would.
 * ``generate`` and ``generate_text`` are registered as FSDP forward methods.
 
+CPU offload
+-----------
+``fsdp_cpu_offload: True`` keeps the decoder layers' shards, their
+gradients and optimiser state in CPU memory (FSDP2 ``CPUOffloadPolicy``);
+each layer's shards are copied to the GPU for its all-gather.  FSDP2
+requires the offloaded shards to stay in CPU memory, while speechbrain's
+``Brain.__init__`` moves every module to the run's device.  So with
+offload on an accelerator the Brain shards *after* that move
+(:func:`shards_after_move`): the whole model reaches the GPU once (as with
+DDP), ``fully_shard`` then copies each process's shards to (pinned) CPU
+memory and the GPU copies are freed; :func:`check_offloaded` verifies it.
+Without offload the layers are sharded before the move, so only the shards
+reach the GPU.  On a CPU run offload means nothing and is ignored (logged).
+
 Numerics
 --------
 No FSDP mixed-precision policy is set: parameters are all-gathered in the
@@ -144,6 +158,43 @@ def resolve_strategy(
     return "fsdp"
 
 
+def agree(flag, how="all", device=None):
+    """One decision for every process: ``flag`` combined over the group.
+
+    Sharded layers all-gather their weights in every forward, so every
+    process must run the same layer calls: a choice that changes which
+    calls run (e.g. whether a cached prompt prefix is recomputed) must be
+    the same everywhere.  Without a process group the flag is returned.
+
+    Arguments
+    ---------
+    flag : bool
+        This process's answer.
+    how : str
+        ``"all"`` (true when true on every process) or ``"any"``.
+    device : str or torch.device, optional
+        Where the reduction runs (the backend's device: CUDA for NCCL);
+        default CPU.
+
+    Returns
+    -------
+    bool
+
+    Example
+    -------
+    >>> agree(True, "all"), agree(False, "any")
+    (True, False)
+    """
+    if how not in ("all", "any"):
+        raise ValueError(f"agree: how must be 'all' or 'any', got {how!r}")
+    if not _process_group_ready() or dist.get_world_size() == 1:
+        return bool(flag)
+    value = torch.tensor([float(bool(flag))], device=device or "cpu")
+    op = dist.ReduceOp.MIN if how == "all" else dist.ReduceOp.MAX
+    dist.all_reduce(value, op=op)
+    return bool(value.item())
+
+
 def decoder_layers(llm):
     """The LLM modules that become FSDP units: its decoder layers.
 
@@ -186,6 +237,67 @@ def decoder_layers(llm):
     return found
 
 
+def shards_after_move(device, cpu_offload):
+    """Whether a Brain shards after speechbrain moved its modules.
+
+    With CPU offload on an accelerator the shards must stay in CPU memory,
+    so the model is sharded once speechbrain's ``Brain.__init__`` has moved
+    it to ``device`` (see the module notes); otherwise before, so that only
+    the shards reach the device.
+
+    Arguments
+    ---------
+    device : str or torch.device
+        The run's device.
+    cpu_offload : bool
+        ``fsdp_cpu_offload``.
+
+    Returns
+    -------
+    bool
+
+    Example
+    -------
+    >>> shards_after_move("cuda:0", True), shards_after_move("cuda:0", False)
+    (True, False)
+    >>> shards_after_move("cpu", True)
+    False
+    """
+    return bool(cpu_offload) and torch.device(device).type != "cpu"
+
+
+def check_offloaded(model):
+    """Raise :class:`ShardingError` when an offloaded shard left the CPU.
+
+    FSDP2 refuses, at the first forward, CPU-offloaded shards that
+    something moved to an accelerator; this says so at once, naming the
+    parameters.
+
+    Arguments
+    ---------
+    model : torch.nn.Module
+        A model sharded by :func:`shard_model`.
+
+    Example
+    -------
+    >>> check_offloaded(torch.nn.Linear(2, 2))
+    """
+    moved = []
+    for name, module in model.named_modules():
+        if not getattr(module, "_blspkd_cpu_offload", False):
+            continue
+        for pname, param in module.named_parameters():
+            local = param.to_local() if is_dtensor(param) else param
+            if local.device.type != "cpu":
+                moved.append((f"{name}.{pname}".lstrip("."), str(local.device)))
+    if moved:
+        raise ShardingError(
+            "fsdp_cpu_offload: the offloaded shards must stay in CPU memory, "
+            f"but {len(moved)} were moved to {moved[0][1]} (e.g. "
+            f"{moved[0][0]}); move the model before sharding it, not after"
+        )
+
+
 def shard_model(model, device=None, cpu_offload=False):
     """Shard a speech LLM's decoder layers across the process group (FSDP2).
 
@@ -203,6 +315,7 @@ def shard_model(model, device=None, cpu_offload=False):
         Keep the shards, their gradients and optimiser state in CPU memory
         (FSDP2 ``CPUOffloadPolicy``); all-gathers go to ``device``.  Only
         meaningful on accelerators: ignored, with a logged note, on CPU.
+        The model must not be moved afterwards (see the module notes).
 
     Returns
     -------
@@ -236,8 +349,10 @@ def shard_model(model, device=None, cpu_offload=False):
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     units = decoder_layers(model.llm)
     in_units = set()
+    offloaded = isinstance(offload, CPUOffloadPolicy)
     for _, layer in units:
         fully_shard(layer, mesh=mesh, offload_policy=offload)
+        layer._blspkd_cpu_offload = offloaded
         in_units.update(id(p) for p in layer.parameters())
     ignored = {p for p in model.parameters() if id(p) not in in_units}
     fully_shard(model, mesh=mesh, ignored_params=ignored)
@@ -246,11 +361,12 @@ def shard_model(model, device=None, cpu_offload=False):
             register_fsdp_forward_method(model, method)
     names = [f"llm.{name}" for name, _ in units]
     logger.info(
-        "fsdp: %d decoder layers sharded over %d processes (%s); "
+        "fsdp: %d decoder layers sharded over %d processes (%s%s); "
         "%d parameter tensors replicated",
         len(units),
         dist.get_world_size(),
         device,
+        ", shards in CPU memory" if offloaded else "",
         len(ignored),
     )
     return names

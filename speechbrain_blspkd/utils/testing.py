@@ -741,3 +741,109 @@ def write_speechlike_wav(path, seconds, seed=0, pitch=220.0, sample_rate=16000):
     data = (tone / 2 + 0.02 * rng.standard_normal(t.size)).astype("float32")
     sf.write(str(path), data, sample_rate)
     return path
+
+
+def torchrun_node(node, nodes, port, *script_args, nproc_per_node=1):
+    """The command of one node of a multi-node ``torchrun`` launch rehearsed
+    on this machine: static rendezvous on ``127.0.0.1:port``, node rank
+    ``node`` of ``nodes``.
+
+    Arguments
+    ---------
+    node : int
+        This node's rank (``--node_rank``).
+    nodes : int
+        Number of nodes (``--nnodes``).
+    port : int
+        The rendezvous port (``--master_port``), the same for every node.
+    *script_args : str
+        The script and its arguments.
+    nproc_per_node : int
+        Processes on this node.
+
+    Returns
+    -------
+    list of str
+
+    Example
+    -------
+    >>> torchrun_node(1, 2, 29541, "train.py", "x.yaml")[3:]
+    ['--nnodes=2', '--nproc_per_node=1', '--node_rank=1', '--master_addr=127.0.0.1', '--master_port=29541', 'train.py', 'x.yaml']
+    """
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={nodes}",
+        f"--nproc_per_node={nproc_per_node}",
+        f"--node_rank={node}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        *script_args,
+    ]
+
+
+def run_together(commands, cwd=None, env=None, timeout=None):
+    """Run ``commands`` at the same time (e.g. the nodes of a
+    :func:`torchrun_node` launch) and wait for all of them.
+
+    Arguments
+    ---------
+    commands : list of (list of str)
+        One command line each.
+    cwd : str or pathlib.Path, optional
+        Working folder of every command.
+    env : dict, optional
+        Environment of every command.
+    timeout : float, optional
+        Seconds to wait for each; on expiry every command still running is
+        killed and ``subprocess.TimeoutExpired`` raised.
+
+    Returns
+    -------
+    list of (str, str)
+        The stdout and stderr of each command.
+
+    Raises
+    ------
+    AssertionError
+        When a command exits with a non-zero status (with the tail of its
+        output).
+
+    Example
+    -------
+    >>> import sys
+    >>> cmds = [[sys.executable, "-c", f"print({k})"] for k in range(2)]
+    >>> [out for out, _ in run_together(cmds)]
+    ['0\\n', '1\\n']
+    """
+    import subprocess
+
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for cmd in commands
+    ]
+    results = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            results.append((proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    for k, (code, out, err) in enumerate(results):
+        assert code == 0, (
+            f"command {k} exited with {code}:\n{out[-3000:]}\n{err[-5000:]}"
+        )
+    return [(out, err) for _, out, err in results]

@@ -1,0 +1,81 @@
+"""The ablation driver of the SynthSpeech recipe (ablate.py)."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+RECIPE = pathlib.Path(__file__).resolve().parents[1] / "recipes" / "SynthSpeech" / "speech_llm"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("ablate", RECIPE / "ablate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shipped_plan_names_real_overrides():
+    ablate = _module()
+    plan = ablate.load_plan(RECIPE / "ablations.yaml")
+    keys = {
+        line.split(":")[0]
+        for line in (RECIPE / plan["hparams"]).read_text().splitlines()
+        if line and not line[0].isspace() and ":" in line
+    }
+    for name, args in plan["variants"].items():
+        flags = [a[2:] for a in plan["common"] + args if str(a).startswith("--")]
+        assert flags, name
+        assert set(flags) <= keys, (name, sorted(set(flags) - keys))
+
+
+def test_table_from_finished_variants_and_resume(tmp_path, capsys):
+    ablate = _module()
+    out = tmp_path / "abl"
+    plan = {
+        "hparams": "hparams/blsp_kd.yaml",
+        "synth_folder": "d",
+        "output_folder": str(out),
+        "common": [],
+        "variants": {"done": [], "todo": ["--ctc_weight", "0.5"]},
+    }
+    figures = {
+        "count": {"exact_rate": 0.25},
+        "token_accuracy_true_count": {"accuracy": 0.5},
+        "token_accuracy_predicted_count": {"accuracy": 0.375},
+    }
+    report = {
+        "sets": {
+            name: {"systems": {"speech": figures}} for name in ablate.SETS
+        }
+    }
+    (out / "done" / "hearing").mkdir(parents=True)
+    (out / "done" / "hearing" / "hearing.json").write_text(json.dumps(report))
+    steps = [{"stage": "align", "step": s, "time": 3.0 * s} for s in (5, 10)]
+    (out / "done" / "train_steps.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in steps)
+    )
+    rows = ablate.collect(plan)
+    assert [r["variant"] for r in rows] == ["done"]
+    assert rows[0]["steps"] == 10 and rows[0]["s_per_step"] == 3.0
+    line = ablate.format_table(rows).splitlines()[-1]
+    assert line == "| done | 10 | 3.0 | 50.0 | 37.5 | 25.0 | 50.0 | 37.5 | 25.0 |"
+    # a finished variant is not run again; the other would be
+    ablate.run(plan, ["done", "todo"], dry_run=True)
+    printed = capsys.readouterr().out
+    assert "done: done before" in printed
+    assert "--ctc_weight 0.5" in printed and "--tokens-only" in printed
+
+
+def test_bad_plan_is_refused(tmp_path):
+    ablate = _module()
+    path = tmp_path / "p.yaml"
+    path.write_text("hparams: h\nsynth_folder: d\noutput_folder: o\nvariants: {}\n")
+    with pytest.raises(ValueError, match="variants` is empty"):
+        ablate.load_plan(path)
+    path.write_text(
+        "hparams: h\nsynth_folder: d\noutput_folder: o\nvariants: {a-b: []}\n"
+    )
+    with pytest.raises(ValueError, match="not an identifier"):
+        ablate.load_plan(path)
