@@ -1,14 +1,14 @@
 """Work that every rank shares, on two "nodes" that share no output folder.
 
 One worker (this file run as a script) prepares the teacher continuations
-(:func:`speechbrain_blspkd.brain.prepare_continuations`), the feature cache
-(:func:`speechbrain_blspkd.brain.prepare_features`), decodes a test split
-(:func:`speechbrain_blspkd.evaluation.evaluate_parity`) and checkpoints /
+(:func:`speechbrain_blspkd.brain.prepare_continuations`) and the feature
+cache (:func:`speechbrain_blspkd.brain.prepare_features`), decodes a test
+split (:func:`speechbrain_blspkd.evaluation.evaluate_parity`), saves and
 recovers the random generators (:class:`~speechbrain_blspkd.utils.rng.
-RNGState`; in a checkpoint folder both nodes see) and saves / recovers a
-checkpoint in each node's own folder
-(:class:`~speechbrain_blspkd.utils.distributed.Checkpointer`).  It runs once as a plain process (the reference) and once as
-two ``torchrun`` nodes of one process each (``--nnodes=2``, gloo,
+RNGState`, in a checkpoint folder both nodes see) and a checkpoint in each
+node's own folder (:class:`~speechbrain_blspkd.utils.distributed.
+Checkpointer`).  It runs once as a plain process (the reference) and once
+as two ``torchrun`` nodes of one process each (``--nnodes=2``, gloo,
 rendezvous on 127.0.0.1), each node writing into its own folder: the work
 must be split across both ranks, both folders must end up with the whole
 results (nothing read from the other node's folder), equal to the
@@ -280,7 +280,7 @@ def runs(tmp_path_factory):
         ],
         cwd=ROOT,
         env=_env(),
-        timeout=600,
+        timeout=300,  # about 30 s here: a hang fails instead
     )
     reports = [json.loads((f / "report.json").read_text()) for f in nodes]
     return json.loads((ref / "report.json").read_text()), ref, nodes, reports

@@ -239,7 +239,7 @@ def test_two_nodes_train_and_decode_like_one_node(
         ],
         cwd=RECIPE,
         env=env,
-        timeout=900,
+        timeout=600,  # about a minute here: a hang fails instead
     )
     # every node prepared the whole data into its own folder, as one node
     for name in ("train_kd.csv", "valid.csv", "test.csv"):

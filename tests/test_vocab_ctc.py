@@ -134,4 +134,4 @@ def test_alignment_loss_sampled_equals_full_when_every_token_is_drawn():
         model, out, ids, transcript_mask=mask, negatives=3
     )
     assert torch.allclose(full, same, atol=1e-5)
-    assert float(fewer) < float(full)  # fewer competitors, lower CE
+    assert float(fewer.detach()) < float(full.detach())  # fewer competitors

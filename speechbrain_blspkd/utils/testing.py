@@ -789,6 +789,12 @@ def run_together(commands, cwd=None, env=None, timeout=None):
     """Run ``commands`` at the same time (e.g. the nodes of a
     :func:`torchrun_node` launch) and wait for all of them.
 
+    As soon as one command fails, the others are stopped (the nodes of a
+    launch would otherwise wait for the failed one until their collective
+    timeout).  Stopping kills every process the commands started, also
+    those a launcher runs in sessions of their own or leaves orphaned:
+    they all carry one marker in their environment.
+
     Arguments
     ---------
     commands : list of (list of str)
@@ -796,10 +802,9 @@ def run_together(commands, cwd=None, env=None, timeout=None):
     cwd : str or pathlib.Path, optional
         Working folder of every command.
     env : dict, optional
-        Environment of every command.
+        Environment of every command (default: this process's).
     timeout : float, optional
-        Seconds to wait for each; on expiry every command still running is
-        killed and ``subprocess.TimeoutExpired`` raised.
+        Seconds to wait for all of them.
 
     Returns
     -------
@@ -809,8 +814,8 @@ def run_together(commands, cwd=None, env=None, timeout=None):
     Raises
     ------
     AssertionError
-        When a command exits with a non-zero status (with the tail of its
-        output).
+        When a command exits with a non-zero status or ``timeout`` passes
+        (with the tail of every command's output).
 
     Example
     -------
@@ -818,32 +823,78 @@ def run_together(commands, cwd=None, env=None, timeout=None):
     >>> cmds = [[sys.executable, "-c", f"print({k})"] for k in range(2)]
     >>> [out for out, _ in run_together(cmds)]
     ['0\\n', '1\\n']
+    >>> sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
+    >>> fails = [sys.executable, "-c", "raise SystemExit(3)"]
+    >>> run_together([fails, sleeper], timeout=60)  # the sleeper is stopped
+    Traceback (most recent call last):
+    AssertionError: command 0 (exit 3):...command 1 (exit -9):...
     """
+    import os
     import subprocess
+    import tempfile
+    import time
+    import uuid
 
-    procs = [
-        subprocess.Popen(
-            cmd,
-            cwd=cwd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for cmd in commands
-    ]
-    results = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=timeout)
-            results.append((proc.returncode, out, err))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    for k, (code, out, err) in enumerate(results):
-        assert code == 0, (
-            f"command {k} exited with {code}:\n{out[-3000:]}\n{err[-5000:]}"
-        )
-    return [(out, err) for _, out, err in results]
+    marker = f"RUN_TOGETHER_ID={uuid.uuid4().hex}"
+    name, value = marker.split("=")
+    env = dict(os.environ if env is None else env, **{name: value})
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = [
+            (open(f"{tmp}/{k}.out", "w+"), open(f"{tmp}/{k}.err", "w+"))
+            for k in range(len(commands))
+        ]
+        procs = []
+        timed_out = False
+        try:
+            for cmd, (out, err) in zip(commands, logs):
+                procs.append(
+                    subprocess.Popen(
+                        cmd, cwd=cwd, env=env, stdout=out, stderr=err
+                    )
+                )
+            while any(p.poll() is None for p in procs):
+                if any(p.returncode not in (None, 0) for p in procs):
+                    break  # one failed: the others would wait for it
+                if deadline is not None and time.monotonic() > deadline:
+                    timed_out = True
+                    break
+                time.sleep(0.2)
+        finally:
+            _kill_marked(marker)
+            for proc in procs:
+                proc.wait()
+        texts = []
+        for out, err in logs:
+            texts.append([])
+            for f in (out, err):
+                f.seek(0)
+                texts[-1].append(f.read())
+                f.close()
+    report = "\n".join(
+        f"command {k} (exit {p.returncode}):\n{o[-3000:]}\n{e[-5000:]}"
+        for k, (p, (o, e)) in enumerate(zip(procs, texts))
+    )
+    assert not timed_out, f"timed out after {timeout} s:\n{report}"
+    assert all(p.returncode == 0 for p in procs), report
+    return [tuple(t) for t in texts]
+
+
+def _kill_marked(marker):
+    """SIGKILL every process of this user whose environment has ``marker``
+    (``NAME=value``), by its id."""
+    import os
+    import pathlib
+    import signal
+
+    wanted = marker.encode()
+    for entry in pathlib.Path("/proc").glob("[0-9]*"):
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone, or another user's
+            continue
+        if wanted in environ.split(b"\0"):
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
