@@ -172,8 +172,10 @@ class SpeechLLMBrain(sb.Brain):
 
         The optimiser trains the model's trainable parameters and those the
         stage's objective owns (training-only heads, never exported).  The
-        schedule is registered in the checkpointer under the stage's name
-        (optional on load: a checkpoint of an earlier stage has none).
+        optimiser state and the schedule are registered in the checkpointer
+        under the stage's name (optional on load: a checkpoint of an
+        earlier stage has none, so each stage starts with a fresh
+        optimiser).
         """
         if self.opt_class is None:
             return
@@ -196,16 +198,35 @@ class SpeechLLMBrain(sb.Brain):
                 self.checkpointer.add_recoverable(
                     name, self.scheduler, optional_load=True
                 )
-        if self.checkpointer is not None and self.sharded:
+        if self.checkpointer is None:
+            return
+        # One optimiser state per stage: a stage starts with a fresh one
+        # (its objective may own other heads than the previous stage's, so
+        # the parameter groups differ) and a resumed stage recovers its own.
+        for key in [
+            k
+            for k in self.checkpointer.recoverables
+            if k.startswith("optimizer")
+        ]:
+            self.checkpointer.recoverables.pop(key)
+        name = (
+            "optimizer"
+            if self.stage is None
+            else f"optimizer_{self.stage.name}"
+        )
+        if self.sharded:
             # gathered on save (every process), one file format for all runs
             self.checkpointer.add_recoverable(
-                "optimizer",
+                name,
                 self.optimizer,
                 custom_load_hook=sharding.load_optimizer,
                 custom_save_hook=sharding.save_optimizer,
+                optional_load=True,
             )
-        elif self.checkpointer is not None:
-            self.checkpointer.add_recoverable("optimizer", self.optimizer)
+        else:
+            self.checkpointer.add_recoverable(
+                name, self.optimizer, optional_load=True
+            )
 
     def optimizers_step(self):
         """The optimiser step; sharded runs average and clip here.
@@ -914,6 +935,13 @@ def run_recipe(argv):
     # (every rank: each generates its shard of the rows)
     if stages:
         prepare_continuations(hparams, device=device)
+        # the stored top-k teacher of the stages with `teacher: offline`
+        # (every rank writes its shard; a no-op otherwise)
+        from speechbrain_blspkd.dataprep.teacher_topk import (
+            prepare_teacher_topk,
+        )
+
+        prepare_teacher_topk(hparams, device=device)
     # 3. model
     model = hparams["model"]
     if model.encoder is not None:

@@ -494,7 +494,11 @@ def measure_set(
                 "token_accuracy_predicted_count": tokens["predicted_count"],
                 "collapse_rate": tokens["collapse_rate"],
             }
-        return {"n": len(rows), "coverage": coverage, "systems": {"speech": speech}}
+        return {
+            "n": len(rows),
+            "coverage": coverage,
+            "systems": {"speech": speech},
+        }
     options = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
     key = teacher_key or _teacher_key(model, tasks, max_new_tokens)
     teacher_path = cache_dir / f"teacher_{key[:20]}.json"

@@ -141,7 +141,13 @@ def kd_kl_topk(
       the top-k set (0 at student == teacher; the tail is left free).
 
     Both equal :func:`kd_kl` when ``k = V``. Entries with log-prob ``-inf``
-    (padding of a short top-k) get ``q = 0`` and are ignored.
+    (padding of a short top-k) get ``q = 0`` and are ignored.  A tail bucket
+    (the teacher's mass outside its top-k) is not modelled: at ``T != 1``
+    it depends on the shape of the tail, which is not stored.
+
+    The offline teacher of BLSP-KD (``teacher: offline``) trains with this
+    loss on the log-probs that
+    :mod:`speechbrain_blspkd.dataprep.teacher_topk` stores.
 
     Arguments
     ---------

@@ -169,7 +169,8 @@ class Stage:
         if self.languages is not None:
             wanted = set(self.languages)
             missing = [
-                uid for uid in dataset.data_ids[:1]
+                uid
+                for uid in dataset.data_ids[:1]
                 if "language" not in dataset.data[uid]
             ]
             if missing:

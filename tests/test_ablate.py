@@ -6,11 +6,18 @@ import pathlib
 
 import pytest
 
-RECIPE = pathlib.Path(__file__).resolve().parents[1] / "recipes" / "SynthSpeech" / "speech_llm"
+RECIPE = (
+    pathlib.Path(__file__).resolve().parents[1]
+    / "recipes"
+    / "SynthSpeech"
+    / "speech_llm"
+)
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("ablate", RECIPE / "ablate.py")
+    spec = importlib.util.spec_from_file_location(
+        "ablate", RECIPE / "ablate.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -25,7 +32,9 @@ def test_shipped_plan_names_real_overrides():
         if line and not line[0].isspace() and ":" in line
     }
     for name, args in plan["variants"].items():
-        flags = [a[2:] for a in plan["common"] + args if str(a).startswith("--")]
+        flags = [
+            a[2:] for a in plan["common"] + args if str(a).startswith("--")
+        ]
         assert flags, name
         assert set(flags) <= keys, (name, sorted(set(flags) - keys))
 
@@ -46,9 +55,7 @@ def test_table_from_finished_variants_and_resume(tmp_path, capsys):
         "token_accuracy_predicted_count": {"accuracy": 0.375},
     }
     report = {
-        "sets": {
-            name: {"systems": {"speech": figures}} for name in ablate.SETS
-        }
+        "sets": {name: {"systems": {"speech": figures}} for name in ablate.SETS}
     }
     (out / "done" / "hearing").mkdir(parents=True)
     (out / "done" / "hearing" / "hearing.json").write_text(json.dumps(report))
@@ -60,7 +67,9 @@ def test_table_from_finished_variants_and_resume(tmp_path, capsys):
     assert [r["variant"] for r in rows] == ["done"]
     assert rows[0]["steps"] == 10 and rows[0]["s_per_step"] == 3.0
     line = ablate.format_table(rows).splitlines()[-1]
-    assert line == "| done | 10 | 3.0 | 50.0 | 37.5 | 25.0 | 50.0 | 37.5 | 25.0 |"
+    assert (
+        line == "| done | 10 | 3.0 | 50.0 | 37.5 | 25.0 | 50.0 | 37.5 | 25.0 |"
+    )
     # a finished variant is not run again; the other would be
     ablate.run(plan, ["done", "todo"], dry_run=True)
     printed = capsys.readouterr().out
@@ -71,7 +80,9 @@ def test_table_from_finished_variants_and_resume(tmp_path, capsys):
 def test_bad_plan_is_refused(tmp_path):
     ablate = _module()
     path = tmp_path / "p.yaml"
-    path.write_text("hparams: h\nsynth_folder: d\noutput_folder: o\nvariants: {}\n")
+    path.write_text(
+        "hparams: h\nsynth_folder: d\noutput_folder: o\nvariants: {}\n"
+    )
     with pytest.raises(ValueError, match="variants` is empty"):
         ablate.load_plan(path)
     path.write_text(

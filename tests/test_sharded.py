@@ -263,7 +263,7 @@ def _worker(out):
     files = {
         s: {
             name: torch.load(out / s / "CKPT+E1" / f"{name}.ckpt")
-            for name in ("weights", "optimizer")
+            for name in ("weights", "optimizer_kd")
         }
         for s in brains
     }
@@ -272,7 +272,7 @@ def _worker(out):
     assert lora_b and all(
         float(files["fsdp"]["weights"][k].abs().max()) > 0 for k in lora_b
     )
-    opt_files = {s: f["optimizer"] for s, f in files.items()}
+    opt_files = {s: f["optimizer_kd"] for s, f in files.items()}
     assert opt_files["fsdp"]["param_groups"] == opt_files["ddp"]["param_groups"]
     for idx, entry in opt_files["ddp"]["state"].items():
         assert int(entry["step"]) == 2
@@ -439,7 +439,7 @@ def test_recipe_fsdp_run_and_single_process_resume(tmp_path):
     weights = torch.load(ckpt / "weights.ckpt")
     lora_b = [v for k, v in weights.items() if k.endswith("lora_B")]
     assert lora_b and all(float(v.abs().max()) > 0 for v in lora_b)
-    optim = torch.load(ckpt / "optimizer.ckpt")
+    optim = torch.load(ckpt / "optimizer_kd.ckpt")
     assert all(int(e["step"]) == 2 for e in optim["state"].values())
     # decoding ran under FSDP; the export holds the trained weights
     summary = json.loads(
@@ -464,7 +464,7 @@ def test_recipe_fsdp_run_and_single_process_resume(tmp_path):
     # 2 steps under FSDP + 2 here (8 utterances, batch 4): the optimiser
     # state of the FSDP run was loaded and continued
     resumed = torch.load(
-        next((out / "save").glob("CKPT+kd-E2*")) / "optimizer.ckpt"
+        next((out / "save").glob("CKPT+kd-E2*")) / "optimizer_kd.ckpt"
     )
     assert all(int(e["step"]) == 4 for e in resumed["state"].values())
     resumed = json.loads(

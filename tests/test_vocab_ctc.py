@@ -26,7 +26,9 @@ def test_sampled_vocabulary_keeps_every_target_and_draws_the_rest():
     assert torch.equal(vocab, torch.sort(vocab).values)
     assert len(set(vocab.tolist())) == len(vocab)
     # asking for more negatives than exist: the whole vocabulary
-    assert sampled_vocabulary(ids, 12, negatives=100).tolist() == list(range(12))
+    assert sampled_vocabulary(ids, 12, negatives=100).tolist() == list(
+        range(12)
+    )
     with pytest.raises(ValueError, match=r"\[0, 8\)"):
         sampled_vocabulary(torch.tensor([3, 8]), 8, negatives=2)
 

@@ -65,7 +65,7 @@ Command line::
     python -m speechbrain_blspkd.dataprep.teacher_topk MANIFEST FOLDER \\
         [--model-dir DIR] [--k 64] [--batch-size 16] [--shard 0/2] \\
         [--instruction TEXT] [--system-prompt TEXT] \\
-        [--transcript-separator " "] [--device cpu] [--dtype auto] \\
+        [--transcript-separator " "] [--device cuda:0] [--dtype auto] \\
         [--logprob-dtype float16] [--overwrite]
 
 ``MANIFEST`` holds the continuations (the output of
@@ -861,7 +861,7 @@ def _chunk_files(folder, name):
     return base / f"{name}.logp.npy", base / f"{name}.idx.npy"
 
 
-def prepare_teacher_topk(hparams, device="cpu"):
+def prepare_teacher_topk(hparams, device=None):
     """Write the stored teacher of every stage with ``teacher: offline``.
 
     For each such stage: the rows of its ``train_manifest`` (with
@@ -881,16 +881,20 @@ def prepare_teacher_topk(hparams, device="cpu"):
     hparams : dict
         The recipe's hyperparameters (``stages``, ``model``,
         ``continuation_batch_size``).
-    device : str or torch.device
-        Where the teacher runs (this process's device).
+    device : str or torch.device, optional
+        Where the teacher runs (this process's device; default:
+        speechbrain's ``infer_device``).
 
     Returns
     -------
     list of pathlib.Path
         The cache folders (empty when no stage is offline).
     """
+    import speechbrain as sb
+
     folders = []
     rank, world = _rank_world()
+    device = device or sb.utils.distributed.infer_device()
     for stage in offline_stages(hparams):
         objective = stage.objective
         with _llm_on(hparams["model"], device) as model:
@@ -944,7 +948,12 @@ def main(argv=None):
     )
     parser.add_argument("--system-prompt", default=None)
     parser.add_argument("--transcript-separator", default=" ")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1 ... (default: speechbrain's infer_device, "
+        "the GPU when there is one)",
+    )
     parser.add_argument(
         "--dtype",
         default="auto",
@@ -963,6 +972,10 @@ def main(argv=None):
     setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device is None:
+        import speechbrain as sb
+
+        args.device = sb.utils.distributed.infer_device()
     try:
         model, name = _text_teacher(
             args.model_dir,

@@ -131,7 +131,9 @@ class VocabCTCHead(nn.Module):
         if negatives is not None and int(negatives) < 0:
             raise ValueError("VocabCTCHead: negatives must be >= 0 or None")
         self.proj = nn.Linear(input_size, embedding_size)
-        self.blank = nn.Parameter(torch.randn(embedding_size) / embedding_size**0.5)
+        self.blank = nn.Parameter(
+            torch.randn(embedding_size) / embedding_size**0.5
+        )
         self.temperature = float(temperature)
         self.negatives = None if negatives is None else int(negatives)
 

@@ -73,9 +73,13 @@ def load_plan(path):
     plan.setdefault("common", [])
     for name, args in plan["variants"].items():
         if not str(name).isidentifier():
-            raise ValueError(f"{path}: variant name {name!r} is not an identifier")
+            raise ValueError(
+                f"{path}: variant name {name!r} is not an identifier"
+            )
         if not isinstance(args, list):
-            raise ValueError(f"{path}: variant {name}: overrides must be a list")
+            raise ValueError(
+                f"{path}: variant {name}: overrides must be a list"
+            )
     return plan
 
 
@@ -227,7 +231,9 @@ def run(plan, names, dry_run=False):
                     cmd, cwd=HERE, stdout=fout, stderr=subprocess.STDOUT
                 )
             if done.returncode != 0:
-                print(f"{name}: {label} failed (exit {done.returncode}); see {log}")
+                print(
+                    f"{name}: {label} failed (exit {done.returncode}); see {log}"
+                )
                 failed.append(name)
                 break
         else:
