@@ -70,6 +70,14 @@ def test_table_from_finished_variants_and_resume(tmp_path, capsys):
     assert (
         line == "| done | 10 | 3.0 | 50.0 | 37.5 | 25.0 | 50.0 | 37.5 | 25.0 |"
     )
+    # a step log without wall-clock times: no seconds per step
+    (out / "done" / "train_steps.jsonl").write_text(
+        "".join(
+            json.dumps({"stage": "align", "step": s}) + "\n" for s in (5, 10)
+        )
+    )
+    line = ablate.format_table(ablate.collect(plan)).splitlines()[-1]
+    assert line.startswith("| done | 10 | - | 50.0 |")
     # a finished variant is not run again; the other would be
     ablate.run(plan, ["done", "todo"], dry_run=True)
     printed = capsys.readouterr().out

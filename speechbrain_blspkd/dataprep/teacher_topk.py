@@ -107,6 +107,7 @@ from speechbrain_blspkd.utils.atomic import (
     atomic_write_text,
     remove_stray_tmp,
 )
+from speechbrain_blspkd.utils.cache_label import check_label
 from speechbrain_blspkd.utils.cli import report_error, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -378,58 +379,35 @@ class TopKTeacherCache:
     >>> TopKTeacherCache(folder, {"k": 8, "llm": "abc"})
     Traceback (most recent call last):
     ...
-    speechbrain_blspkd.dataprep.teacher_topk.StaleTeacherCacheError: teacher cache ... was written for another teacher: k 4 != 8 (this run); use another folder, delete it, or rebuild it with overwrite=True (--overwrite)
+    speechbrain_blspkd.dataprep.teacher_topk.StaleTeacherCacheError: teacher cache in ... was written for other settings: k 4 != 8 (this run); use another folder, delete it, or rebuild it with overwrite=True (--overwrite)
     """
 
     def __init__(self, folder, settings, create=False, overwrite=False):
         self.folder = pathlib.Path(folder)
         self.settings = dict(settings)
-        meta_path = self.folder / META_FILE
-        meta = None
-        if meta_path.is_file():
-            try:
-                meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            except ValueError:
-                meta = {"version": "<unreadable meta.json>"}
-        stale = None
-        if meta is not None:
-            differ = [
-                f"{key} {_describe(key, meta.get(key))} != "
-                f"{_describe(key, value)}"
-                for key, value in self.settings.items()
-                if meta.get(key) != value
-            ]
-            if differ:
-                stale = (
-                    f"teacher cache {self.folder} was written for another "
-                    f"teacher: {'; '.join(differ)} (this run)"
-                )
-        elif self._index_files() or (self.folder / _CHUNKS).is_dir():
-            stale = (
-                f"teacher cache {self.folder} holds data but no {META_FILE} "
-                "saying which teacher wrote it"
-            )
-        elif not create:
-            raise FileNotFoundError(
-                f"no teacher cache in {self.folder} (no {META_FILE}); write it "
-                "with `python -m speechbrain_blspkd.dataprep.teacher_topk "
-                f"MANIFEST {self.folder} ...` or the recipe's preparation "
-                "(prepare_teacher_topk)"
-            )
-        if stale is not None:
-            if not overwrite:
-                raise StaleTeacherCacheError(
-                    stale + "; use another folder, delete it, or rebuild it "
-                    "with overwrite=True (--overwrite)"
-                )
-            logger.warning("%s: deleting and rebuilding", stale)
+
+        def clear():
             shutil.rmtree(self.folder / _CHUNKS, ignore_errors=True)
             for path in self._index_files():
                 path.unlink()
-            meta = None
-        if meta is None:
-            meta = dict(self.settings)
-            atomic_write_text(meta_path, json.dumps(meta, indent=1))
+
+        meta = check_label(
+            self.folder,
+            META_FILE,
+            self.settings,
+            what="teacher cache",
+            error=StaleTeacherCacheError,
+            holds_data=lambda: bool(
+                self._index_files() or (self.folder / _CHUNKS).is_dir()
+            ),
+            clear=clear,
+            how_to_write="write it with `python -m speechbrain_blspkd."
+            f"dataprep.teacher_topk MANIFEST {self.folder} ...` or the "
+            "recipe's preparation (prepare_teacher_topk)",
+            create=create,
+            overwrite=overwrite,
+            describe=_describe,
+        )
         self.meta = meta
         self._index = None
         self._chunks = {}

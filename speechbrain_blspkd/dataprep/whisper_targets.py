@@ -83,7 +83,8 @@ from speechbrain_blspkd.dataprep.feature_cache import (
     encoder_checksum,
 )
 from speechbrain_blspkd.dataprep.teacher_topk import _tokenizer_checksum
-from speechbrain_blspkd.utils.atomic import atomic_write_text, remove_stray_tmp
+from speechbrain_blspkd.utils.atomic import remove_stray_tmp
+from speechbrain_blspkd.utils.cache_label import check_label
 from speechbrain_blspkd.utils.cli import report_error, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -624,59 +625,36 @@ class WhisperTargetCache:
     >>> WhisperTargetCache(folder, {"features": "b"})
     Traceback (most recent call last):
     ...
-    speechbrain_blspkd.dataprep.whisper_targets.StaleWhisperTargetsError: Whisper targets in ... were written for other settings: features 'a' != 'b' (this run); use another folder, delete it, or rebuild it with overwrite=True (--overwrite)
+    speechbrain_blspkd.dataprep.whisper_targets.StaleWhisperTargetsError: Whisper targets in ... was written for other settings: features 'a' != 'b' (this run); use another folder, delete it, or rebuild it with overwrite=True (--overwrite)
     """
 
     def __init__(self, folder, settings, create=False, overwrite=False):
         self.folder = pathlib.Path(folder)
-        meta_path = self.folder / META_FILE
-        meta = None
-        if meta_path.is_file():
-            try:
-                meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            except ValueError:
-                meta = {"version": "<unreadable targets.json>"}
-        stale = None
-        if meta is not None:
-            differ = [
-                f"{key} {_short(meta.get(key))} != {_short(value)}"
-                for key, value in settings.items()
-                if meta.get(key) != value
-            ]
-            if differ:
-                stale = (
-                    f"Whisper targets in {self.folder} were written for "
-                    f"other settings: {'; '.join(differ)} (this run)"
-                )
-        elif (self.folder / "feats").is_dir() or (
-            self.folder / FEATURE_META_FILE
-        ).is_file():
-            stale = (
-                f"{self.folder} holds data but no {META_FILE} saying which "
-                "Whisper and LLM tokenizer wrote it"
-            )
-        elif not create:
-            raise FileNotFoundError(
-                f"no Whisper targets in {self.folder} (no {META_FILE}); "
-                "write them with `python -m speechbrain_blspkd.dataprep."
-                f"whisper_targets MANIFEST --features FOLDER --out "
-                f"{self.folder}` or the recipe's preparation "
-                "(prepare_whisper_targets)"
-            )
-        if stale is not None:
-            if not overwrite:
-                raise StaleWhisperTargetsError(
-                    stale + "; use another folder, delete it, or rebuild it "
-                    "with overwrite=True (--overwrite)"
-                )
-            logger.warning("%s: deleting and rebuilding", stale)
+
+        def clear():
             shutil.rmtree(self.folder / "feats", ignore_errors=True)
-            meta_path.unlink(missing_ok=True)
+            (self.folder / META_FILE).unlink(missing_ok=True)
             (self.folder / FEATURE_META_FILE).unlink(missing_ok=True)
-            meta = None
-        if meta is None:
-            meta = dict(settings)
-            atomic_write_text(meta_path, json.dumps(meta, indent=1))
+
+        meta = check_label(
+            self.folder,
+            META_FILE,
+            settings,
+            what="Whisper targets",
+            error=StaleWhisperTargetsError,
+            holds_data=lambda: (
+                (self.folder / "feats").is_dir()
+                or (self.folder / FEATURE_META_FILE).is_file()
+            ),
+            clear=clear,
+            how_to_write="write them with `python -m speechbrain_blspkd."
+            "dataprep.whisper_targets MANIFEST --features FOLDER --out "
+            f"{self.folder}` or the recipe's preparation "
+            "(prepare_whisper_targets)",
+            create=create,
+            overwrite=overwrite,
+            describe=lambda key, value: _short(value),
+        )
         self.settings = meta
         digest = hashlib.sha256(
             json.dumps(meta, sort_keys=True).encode()

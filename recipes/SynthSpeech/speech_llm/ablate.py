@@ -200,7 +200,11 @@ def format_table(rows):
         "|" + "---|" * 9,
     ]
     for row in rows:
-        cells = [row["variant"], str(row["steps"]), str(row["s_per_step"])]
+        cells = [row["variant"]]
+        cells += [
+            "-" if row[k] is None else str(row[k])
+            for k in ("steps", "s_per_step")
+        ]
         for key in SETS:
             figs = row[key]
             cells += [pct(figs["acc_true"]), pct(figs["acc_pred"])]
