@@ -797,7 +797,7 @@ def prepare_features(hparams, encoder, device):
     from speechbrain_blspkd.dataprep.feature_cache import (
         FeatureCache,
         build_feature_cache,
-        encoder_checksum,
+        feature_checksum,
     )
 
     if (
@@ -806,9 +806,7 @@ def prepare_features(hparams, encoder, device):
         or not encoder.freeze
     ):
         return None
-    checksum = encoder_checksum(
-        encoder, extra={"dynamic_length": encoder.dynamic_length}
-    )
+    checksum = feature_checksum(encoder)
     folder = hparams["feature_cache_folder"]
     for key in ("train_manifest", "valid_csv", "test_csv"):
         build_feature_cache(

@@ -102,6 +102,23 @@ def encoder_checksum(encoder_module, extra=None):
     return h.hexdigest()
 
 
+def feature_checksum(encoder):
+    """The checksum a feature cache of ``encoder``'s output is labelled
+    with: its weights and configuration plus its padding policy
+    (``dynamic_length``).
+
+    Example
+    -------
+    >>> from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
+    >>> from speechbrain_blspkd.utils.testing import tiny_whisper_config
+    >>> len(feature_checksum(WhisperEncoder(tiny_whisper_config())))
+    64
+    """
+    return encoder_checksum(
+        encoder, extra={"dynamic_length": encoder.dynamic_length}
+    )
+
+
 class FeatureCache:
     """Per-utterance float16 features of one encoder, stored in ``folder``.
 

@@ -81,6 +81,7 @@ from speechbrain_blspkd.dataprep.feature_cache import (
     FeatureCache,
     StaleCacheError,
     encoder_checksum,
+    feature_checksum,
 )
 from speechbrain_blspkd.dataprep.teacher_topk import _tokenizer_checksum
 from speechbrain_blspkd.utils.atomic import remove_stray_tmp
@@ -525,22 +526,6 @@ def utterance_targets(teacher, prompts, feats, rows, score=False):
 
 # ----------------------------------------------------------------------
 # settings and the cache folder
-def feature_checksum(encoder):
-    """The checksum of the features ``encoder`` writes into a feature cache
-    (as :func:`speechbrain_blspkd.brain.prepare_features` computes it).
-
-    Example
-    -------
-    >>> from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
-    >>> from speechbrain_blspkd.utils.testing import tiny_whisper_config
-    >>> len(feature_checksum(WhisperEncoder(tiny_whisper_config())))
-    64
-    """
-    return encoder_checksum(
-        encoder, extra={"dynamic_length": encoder.dynamic_length}
-    )
-
-
 def reader_settings(model):
     """What training can check of a target cache: the features (the
     model's encoder), the LLM tokenizer and the transcript separator.
