@@ -1091,9 +1091,14 @@ def loader_kwargs(opts, dataset):
     ``batch_size``/``shuffle`` by a batch sampler that groups utterances of
     similar duration: far less padding than random batches (measured on
     the demo's training set: 93 % of the padded frames are real instead of
-    about 41 %). Under DDP speechbrain shards the sampler across ranks.
-    ``dynamic_batching: null`` (e.g. as a command-line override, which
-    merges into the YAML mapping) falls back to ``batch_size``/``shuffle``.
+    about 41 %). ``opts["length_pooling"]`` (``pool_batches``, ``seed``)
+    keeps ``batch_size`` fixed and sorts by duration within random pools of
+    that many batches instead
+    (:class:`speechbrain_blspkd.dataio.sampler.PooledLengthBatchSampler`).
+    Under DDP speechbrain shards either sampler across ranks.
+    ``dynamic_batching: null`` / ``length_pooling: null`` (e.g. as
+    command-line overrides, which merge into the YAML mapping) fall back
+    to ``batch_size``/``shuffle``.
 
     Arguments
     ---------
@@ -1114,6 +1119,24 @@ def loader_kwargs(opts, dataset):
     """
     opts = dict(opts)
     dynamic = opts.pop("dynamic_batching", None)
+    pooling = opts.pop("length_pooling", None)
+    if dynamic and pooling:
+        raise ValueError(
+            "loader options: set dynamic_batching or length_pooling, not both"
+        )
+    if pooling:
+        from speechbrain_blspkd.dataio.sampler import PooledLengthBatchSampler
+
+        if "batch_size" not in opts:
+            raise ValueError("loader options: length_pooling needs batch_size")
+        batch_size = opts.pop("batch_size")
+        for key in ("shuffle", "sampler"):
+            opts.pop(key, None)
+        lengths = [_duration(dataset.data[uid]) for uid in dataset.data_ids]
+        opts["batch_sampler"] = PooledLengthBatchSampler(
+            lengths, batch_size, **dict(pooling)
+        )
+        return opts
     if not dynamic:
         return opts
     from speechbrain.dataio.sampler import DynamicBatchSampler
