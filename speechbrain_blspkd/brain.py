@@ -1091,8 +1091,8 @@ def loader_kwargs(opts, dataset):
     ``batch_size``/``shuffle`` by a batch sampler that groups utterances of
     similar duration: far less padding than random batches (measured on
     the demo's training set: 93 % of the padded frames are real instead of
-    about 41 %). ``opts["length_pooling"]`` (``pool_batches``, ``seed``)
-    keeps ``batch_size`` fixed and sorts by duration within random pools of
+    about 41 %). ``opts["length_pooling"]`` (batches per pool, or a dict
+    of ``pool_batches`` and ``seed``) keeps ``batch_size`` fixed and sorts by duration within random pools of
     that many batches instead
     (:class:`speechbrain_blspkd.dataio.sampler.PooledLengthBatchSampler`).
     Under DDP speechbrain shards either sampler across ranks.
@@ -1133,6 +1133,8 @@ def loader_kwargs(opts, dataset):
         for key in ("shuffle", "sampler"):
             opts.pop(key, None)
         lengths = [_duration(dataset.data[uid]) for uid in dataset.data_ids]
+        if not isinstance(pooling, dict):  # the number of batches per pool
+            pooling = {"pool_batches": int(pooling)}
         opts["batch_sampler"] = PooledLengthBatchSampler(
             lengths, batch_size, **dict(pooling)
         )

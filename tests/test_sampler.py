@@ -98,6 +98,9 @@ def test_loader_kwargs_builds_the_pooled_sampler_from_the_stage_rows():
     # indices address the subset's rows and carry their durations
     assert sorted(i for b in sampler for i in b) == list(range(30))
     assert sampler.lengths == pytest.approx(lengths[:30], abs=1e-3)
+    # a plain number is the batches per pool
+    numbered = loader_kwargs(dict(opts, length_pooling=3), subset)
+    assert numbered["batch_sampler"].pool_batches == 3
     # no length_pooling: the plain options pass through
     plain = dict(opts, length_pooling=None)
     assert loader_kwargs(plain, subset) == {"batch_size": 4, "shuffle": True}
