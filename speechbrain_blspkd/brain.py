@@ -1022,7 +1022,9 @@ def run_recipe(argv):
         # Brain calls set_epoch on train_sampler each epoch: a bucketed
         # order is then a function of the epoch, so a resumed run sees the
         # batches of an uninterrupted one (under DDP Brain wraps it)
-        brain.train_sampler = train_kwargs.get("batch_sampler")
+        brain.train_sampler = train_kwargs.get(
+            "batch_sampler"
+        ) or train_kwargs.get("sampler")
         train_loader = brain.make_dataloader(
             datasets[stage.name], sb.Stage.TRAIN, **train_kwargs
         )
@@ -1094,7 +1096,7 @@ def loader_kwargs(opts, dataset):
     about 41 %). ``opts["length_pooling"]`` (batches per pool, or a dict
     of ``pool_batches`` and ``seed``) keeps ``batch_size`` fixed and sorts by duration within random pools of
     that many batches instead
-    (:class:`speechbrain_blspkd.dataio.sampler.PooledLengthBatchSampler`).
+    (:class:`speechbrain_blspkd.dataio.sampler.PooledLengthSampler`).
     Under DDP speechbrain shards either sampler across ranks.
     ``dynamic_batching: null`` / ``length_pooling: null`` (e.g. as
     command-line overrides, which merge into the YAML mapping) fall back
@@ -1125,18 +1127,19 @@ def loader_kwargs(opts, dataset):
             "loader options: set dynamic_batching or length_pooling, not both"
         )
     if pooling:
-        from speechbrain_blspkd.dataio.sampler import PooledLengthBatchSampler
+        from speechbrain_blspkd.dataio.sampler import PooledLengthSampler
 
         if "batch_size" not in opts:
             raise ValueError("loader options: length_pooling needs batch_size")
-        batch_size = opts.pop("batch_size")
         for key in ("shuffle", "sampler"):
             opts.pop(key, None)
         lengths = [_duration(dataset.data[uid]) for uid in dataset.data_ids]
         if not isinstance(pooling, dict):  # the number of batches per pool
             pooling = {"pool_batches": int(pooling)}
-        opts["batch_sampler"] = PooledLengthBatchSampler(
-            lengths, batch_size, **dict(pooling)
+        # a plain sampler with the loader's batch size (not a batch
+        # sampler): under DDP speechbrain splits it like its own
+        opts["sampler"] = PooledLengthSampler(
+            lengths, opts["batch_size"], **dict(pooling)
         )
         return opts
     if not dynamic:

@@ -43,6 +43,8 @@ def _common(bases, data, out):
         "--eval_max_new_tokens=4",
         "--eval_max_utterances=4",
         "--plot_utterances=1",
+        # the untrained adapter's evaluation too (the demo skips it)
+        "--eval_untrained=True",
     ]
 
 
@@ -290,7 +292,11 @@ def test_killed_training_resumes_to_the_same_weights(tiny_bases, tmp_path):
 
     def cmd(out):
         over = _overrides(tiny_bases, data, out)
-        over = [o for o in over if not o.startswith("--align_epochs_limit")]
+        over = [
+            o
+            for o in over
+            if not o.startswith(("--align_epochs_limit", "--eval_untrained"))
+        ]
         return (
             [sys.executable, "train.py", "hparams/blsp_kd.yaml"]
             + over

@@ -3,7 +3,7 @@
 A batch of randomly drawn clips is padded to its longest clip. On the demo's
 SynthSpeech training set (clips of 0.8 to 13 s, mean 3.9 s) random batches
 of 32 are 45 % real audio and 55 % padding, and the encoder-side layers pay
-for every padded frame. :class:`PooledLengthBatchSampler` shuffles the
+for every padded frame. :class:`PooledLengthSampler` shuffles the
 utterances, cuts the permutation into pools of ``pool_batches`` batches,
 sorts each pool by duration and cuts it into batches, then shuffles the order
 of all batches: every batch holds ``batch_size`` clips of similar length
@@ -23,70 +23,66 @@ plain ``torch`` batch sampler with ``set_epoch`` for exact resumption.
 import torch
 
 
-class PooledLengthBatchSampler(torch.utils.data.Sampler):
-    """Fixed-size batches of similar-length utterances from random pools.
+class PooledLengthSampler(torch.utils.data.Sampler):
+    """Utterance order giving fixed-size batches of similar lengths.
+
+    A plain sampler (indices, not batches): with a ``DataLoader`` of the same
+    ``batch_size`` every consecutive ``batch_size`` indices form one pooled
+    batch, because only the last pool can end in a short batch and that batch
+    comes last. Being a plain sampler, it goes through speechbrain's
+    distributed wrapper like its default random sampler (each process takes
+    every ``world``-th index of the order, so its batches stay length-sorted).
 
     The order is a function of ``seed`` and the epoch (:meth:`set_epoch`),
     so a resumed run sees the batches of an uninterrupted one; speechbrain's
-    ``Brain`` calls ``set_epoch`` and, under DDP, wraps the sampler so each
-    process takes its share of the batches.
+    ``Brain`` calls ``set_epoch``.
 
     Arguments
     ---------
     lengths : sequence of float
         Duration (or any length) of every utterance, in dataset order.
     batch_size : int
-        Utterances per batch (the last batch of a pool may be smaller unless
-        ``drop_last``).
+        Utterances per batch: the ``DataLoader``'s ``batch_size``.
     pool_batches : int
         Batches per pool: 1 gives plain random batches; larger gives less
         padding and less randomness in which clips share a batch.
     seed : int
         Seed of the permutations (the same on every process).
-    drop_last : bool
-        Drop each pool's incomplete last batch.
 
     Example
     -------
     >>> lengths = [5.0, 1.0, 4.0, 2.0, 3.0, 6.0, 1.5, 2.5]
-    >>> sampler = PooledLengthBatchSampler(lengths, 2, pool_batches=4)
-    >>> batches = list(sampler)
-    >>> sorted(i for b in batches for i in b)
-    [0, 1, 2, 3, 4, 5, 6, 7]
-    >>> len(sampler), all(len(b) == 2 for b in batches)
-    (4, True)
-    >>> sampler.padded_fraction() < PooledLengthBatchSampler(
+    >>> sampler = PooledLengthSampler(lengths, 2, pool_batches=4)
+    >>> sorted(sampler), len(sampler)
+    ([0, 1, 2, 3, 4, 5, 6, 7], 8)
+    >>> order = list(sampler)
+    >>> [order[i:i + 2] for i in range(0, 8, 2)] == sampler.batches()
+    True
+    >>> sampler.padded_fraction() < PooledLengthSampler(
     ...     lengths, 2, pool_batches=1).padded_fraction()
     True
     """
 
-    def __init__(
-        self,
-        lengths,
-        batch_size,
-        pool_batches=8,
-        seed=563375142,
-        drop_last=False,
-    ):
+    def __init__(self, lengths, batch_size, pool_batches=8, seed=563375142):
         self.lengths = [float(x) for x in lengths]
         if not self.lengths:
-            raise ValueError("PooledLengthBatchSampler: no utterances")
+            raise ValueError("PooledLengthSampler: no utterances")
         self.batch_size = int(batch_size)
         self.pool_batches = int(pool_batches)
         if self.batch_size < 1 or self.pool_batches < 1:
             raise ValueError(
-                "PooledLengthBatchSampler: batch_size and pool_batches must "
+                "PooledLengthSampler: batch_size and pool_batches must "
                 f"be >= 1, got {batch_size} and {pool_batches}"
             )
         self.seed = int(seed)
-        self.drop_last = bool(drop_last)
         self.epoch = 0
 
     def set_epoch(self, epoch):
         """Use the permutations of ``epoch`` (called by ``Brain`` each epoch)."""
         self.epoch = int(epoch)
 
-    def _batches(self):
+    def batches(self):
+        """This epoch's batches (lists of indices), in order."""
         gen = torch.Generator()
         gen.manual_seed(self.seed + 1000003 * self.epoch)
         order = torch.randperm(len(self.lengths), generator=gen).tolist()
@@ -97,25 +93,20 @@ class PooledLengthBatchSampler(torch.utils.data.Sampler):
                 order[start : start + pool], key=self.lengths.__getitem__
             )
             for b in range(0, len(members), self.batch_size):
-                batch = members[b : b + self.batch_size]
-                if len(batch) < self.batch_size and self.drop_last:
-                    continue
-                batches.append(batch)
+                batches.append(members[b : b + self.batch_size])
+        # only the last pool can end in a short batch: it stays last, so
+        # the DataLoader's consecutive chunks are exactly these batches
+        short = []
+        if len(batches[-1]) < self.batch_size:
+            short = [batches.pop()]
         shuffle = torch.randperm(len(batches), generator=gen).tolist()
-        return [batches[i] for i in shuffle]
+        return [batches[i] for i in shuffle] + short
 
     def __iter__(self):
-        return iter(self._batches())
+        return iter([i for batch in self.batches() for i in batch])
 
     def __len__(self):
-        full, rest = divmod(
-            len(self.lengths), self.batch_size * self.pool_batches
-        )
-        per_pool = self.pool_batches
-        tail = rest // self.batch_size
-        if rest % self.batch_size and not self.drop_last:
-            tail += 1
-        return full * per_pool + tail
+        return len(self.lengths)
 
     def padded_fraction(self):
         """The share of padding in this epoch's batches (0: none).
@@ -124,7 +115,7 @@ class PooledLengthBatchSampler(torch.utils.data.Sampler):
         lengths: what padding to the longest clip of each batch costs.
         """
         real = padded = 0.0
-        for batch in self._batches():
+        for batch in self.batches():
             values = [self.lengths[i] for i in batch]
             real += sum(values)
             padded += max(values) * len(values)
