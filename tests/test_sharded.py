@@ -404,6 +404,7 @@ def test_recipe_fsdp_run_and_single_process_resume(tmp_path):
         "--align_epochs_limit",
         "--kd_epochs_limit",
         "--kd_dataloader_opts",
+        "--eval_untrained",
     )
 
     def overrides(kd_epochs, batch):
