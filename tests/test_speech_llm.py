@@ -820,3 +820,65 @@ def test_prefix_reuse_equals_the_full_forward(llm_type):
         # relative to the tensor's scale: float noise measured <= 2e-6
         scale = float(a.abs().max())
         assert float((a - b).abs().max()) <= 1e-4 * scale + 1e-6
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_student_pass_stops_after_the_deepest_requested_layer(checkpointing):
+    """A pass without logits or final state runs only the layers it reads:
+    its states and their gradients equal those of the full pass, and the
+    layers above the deepest requested one are never called."""
+    torch.manual_seed(0)
+    tok = build_test_tokenizer()
+    config = LlamaConfig(
+        **tiny_llm_config(tok, initializer_range=0.3, num_hidden_layers=4)
+    )
+    model = SpeechLLMModel(
+        LlamaForCausalLM(config),
+        CFormer(64, 64, n_pre=1, n_post=1, nhead=4, d_ffn=128, dropout=0.0),
+        encoder=WhisperEncoder(tiny_whisper_config()),
+        tokenizer=tok,
+        instruction=INSTRUCTION,
+        plora=dict(r=4, alpha=8, dropout=0.0, scope="audio"),
+        gradient_checkpointing=checkpointing,
+    ).train()
+    wavs, lens = batch_of_wavs()
+    calls = []
+    blocks = model.llm.base_model.layers
+    for i, block in enumerate(blocks):
+        block.register_forward_hook(lambda *a, i=i: calls.append(i))
+    hidden = ((0, "input"), (1, "input"), (2, "input"))
+    results = {}
+    for final in (False, True):
+        request = PassRequest(
+            student=True,
+            response=False,
+            hidden=hidden + (((-1, "input"),) if final else ()),
+        )
+        calls.clear()
+        model.zero_grad()
+        torch.manual_seed(1)
+        out = model(TRANSCRIPTS, wavs=wavs, wav_lens=lens, request=request)
+        loss = sum(out.student.hidden[k].pow(2).sum() for k in hidden)
+        ran = sorted(set(calls))
+        loss.backward()
+        grads = {
+            n: p.grad.clone()
+            for n, p in model.named_parameters()
+            if p.grad is not None
+        }
+        results[final] = (out.student.hidden, ran, grads)
+    (short, ran_short, g_short), (full, ran_full, g_full) = (
+        results[False],
+        results[True],
+    )
+    assert ran_full == [0, 1, 2, 3]
+    assert ran_short == [0, 1]  # state 2 is the output of layer 1
+    for key in hidden:
+        assert torch.allclose(short[key], full[key], atol=1e-5), key
+    assert set(g_short) == set(g_full) and g_short
+    for name, grad in g_short.items():
+        assert torch.allclose(grad, g_full[name], atol=1e-5), name
+    # the hooks are gone: the next full pass runs every layer once more
+    calls.clear()
+    model(TRANSCRIPTS, CONTINUATIONS, wavs=wavs, wav_lens=lens, request=ALL)
+    assert sorted(set(calls)) == [0, 1, 2, 3]

@@ -385,14 +385,19 @@ class SpeechLLMModel(nn.Module):
             )
         return list(instructions)
 
-    def _run_llm(self, embeds, batch, plora_mask=None, hidden_layers=()):
+    def _run_llm(
+        self, embeds, batch, plora_mask=None, hidden_layers=(), final=True
+    ):
         """Final hidden states (B, L, D) and any requested layers.
 
         ``batch`` is a right-padded collated prompt batch; ``plora_mask``
         the student's PLoRA mask (None: no delta, e.g. the teacher). With
         ``prefix_reuse`` the shared prefix comes from the cache and the
         returned states cover the prefix positions with zeros (nothing is
-        read there: every span starts after the instruction).
+        read there: every span starts after the instruction).  With
+        ``final=False`` (no logits and no final state wanted) the pass
+        stops after the deepest requested layer and the returned final
+        state is None (:meth:`_truncated_forward`).
         """
         attention_mask = batch["attention_mask"]
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -413,24 +418,99 @@ class SpeechLLMModel(nn.Module):
         # the student forward is re-run in backward().
         if self.has_plora:
             plora_lib.set_plora_mask(self.llm, plora_mask)
-        out = self._backbone()(
+        kwargs = dict(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past,
             use_cache=False,
-            output_hidden_states=bool(hidden_layers),
         )
-        layers = {}
-        if hidden_layers:
-            states = out.hidden_states
-            for layer in hidden_layers:
-                layers[layer] = states[layer]
-        final = out.last_hidden_state
+        stop = self._stop_layer(hidden_layers, final)
+        if stop is not None:
+            layers = self._truncated_forward(kwargs, hidden_layers, stop)
+            final = None
+        else:
+            out = self._backbone()(
+                **kwargs, output_hidden_states=bool(hidden_layers)
+            )
+            layers = {k: out.hidden_states[k] for k in hidden_layers}
+            final = out.last_hidden_state
         if start:
-            final = F.pad(final, (0, 0, start, 0))
+            if final is not None:
+                final = F.pad(final, (0, 0, start, 0))
             layers = {k: F.pad(v, (0, 0, start, 0)) for k, v in layers.items()}
         return final, layers
+
+    def _stop_layer(self, hidden_layers, final):
+        """The number of decoder layers a pass must run, or None (all).
+
+        A pass that needs neither logits nor the final state stops after
+        the deepest requested layer (AuRA's layer-wise distillation reads
+        LLM layers 2, 4, 6 of 30: a fifth of the forward and backward).
+        Not under FSDP, where every process must run the same layer calls,
+        and not for LLMs whose decoder layers are not ``base_model.layers``.
+        """
+        if final or not hidden_layers:
+            return None
+        layers = getattr(self._backbone(), "layers", None)
+        deepest = max(hidden_layers)
+        if not isinstance(layers, nn.ModuleList):
+            return None
+        if not 1 <= deepest < len(layers):
+            return None
+        if sharding.is_sharded(self.llm):
+            return None
+        return deepest
+
+    class _Stop(Exception):
+        """Raised by the hook on the last decoder layer a pass needs."""
+
+    def _truncated_forward(self, kwargs, hidden_layers, stop):
+        """Hidden states ``hidden_layers`` (each <= ``stop``) from a
+        forward that runs decoder layers ``0 .. stop - 1`` only.
+
+        Why by hand: Hugging Face models have no "stop after layer k"
+        argument. Forward pre-hooks record the input of each requested
+        layer (state ``k`` is the input of layer ``k``, the embedding
+        output for ``k = 0``) and a forward hook on layer ``stop - 1``
+        records its output (state ``stop``) and raises to end the pass;
+        the hooks are removed before backward, so gradient checkpointing's
+        recomputation does not meet them.
+        """
+        blocks = self._backbone().layers
+        wanted = set(hidden_layers)
+        states = {}
+
+        def before(index):
+            def hook(module, args, kw):
+                states[index] = args[0] if args else kw["hidden_states"]
+
+            return hook
+
+        def after(module, args, output):
+            if isinstance(output, (tuple, list)):
+                output = output[0]
+            states[stop] = output
+            raise SpeechLLMModel._Stop
+
+        handles = [
+            blocks[k].register_forward_pre_hook(before(k), with_kwargs=True)
+            for k in sorted(wanted - {stop})
+        ]
+        handles.append(blocks[stop - 1].register_forward_hook(after))
+        try:
+            self._backbone()(**kwargs)
+        except SpeechLLMModel._Stop:
+            pass
+        else:
+            raise RuntimeError(
+                f"SpeechLLMModel: the forward did not reach decoder layer "
+                f"{stop - 1}"
+            )
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {k: states[k] for k in hidden_layers}
 
     def _reusable_prefix(self, batch, plora_mask):
         """Length of the batch's shared prefix to reuse (0: none)."""
@@ -709,6 +789,11 @@ class SpeechLLMModel(nn.Module):
             prompts=prompts,
         )
 
+    @staticmethod
+    def _needs_final(request):
+        """Whether a pass must run to the end: logits or the final state."""
+        return bool(request.logits) or any(k == -1 for k, _ in request.hidden)
+
     def _hidden_layers(self, request):
         layers = sorted({layer for layer, _ in request.hidden} - {-1})
         depth = self.llm.config.get_text_config().num_hidden_layers
@@ -770,7 +855,10 @@ class SpeechLLMModel(nn.Module):
         with torch.no_grad(), self.plora_off(), _eval_mode(self.llm):
             embeds = self.embed_tokens(batch["input_ids"])
             final, layers = self._run_llm(
-                embeds, batch, hidden_layers=self._hidden_layers(request)
+                embeds,
+                batch,
+                hidden_layers=self._hidden_layers(request),
+                final=self._needs_final(request),
             )
             return self._read_pass(final, layers, batch, prompts, request)
 
@@ -817,7 +905,11 @@ class SpeechLLMModel(nn.Module):
         embeds = self._speech_embeds(batch, adapter_out)
         mask = self._student_mask(batch["speech_mask"], batch["attention_mask"])
         final, layers = self._run_llm(
-            embeds, batch, mask, hidden_layers=self._hidden_layers(request)
+            embeds,
+            batch,
+            mask,
+            hidden_layers=self._hidden_layers(request),
+            final=self._needs_final(request),
         )
         return self._read_pass(final, layers, batch, prompts, request)
 
