@@ -252,6 +252,35 @@ def demo_model(dtype, device, encoder=False, prefix_reuse=True):
     return model.to(device)
 
 
+def aura_model(dtype, device):
+    """AuRA's exported model as served: Whisper's log-mel front end (no
+    weights) -> a random AudioEmbedding (stride 4, 25 positions/s) ->
+    SmolLM2-135M with PLoRA r=16 (aura.yaml); no speech encoder."""
+    from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
+    from speechbrain_blspkd.nnet.audio_embedding import AudioEmbedding
+    from speechbrain_blspkd.nnet.whisper_encoder import WhisperLogMel
+
+    model = SpeechLLMModel(
+        llm_path(),
+        AudioEmbedding(80, 576, stride=4, out_init_std=0.136),
+        encoder=WhisperLogMel(n_mels=80),
+        instruction=INSTRUCTION,
+        plora={"r": 16, "alpha": 16, "dropout": 0.05, "scope": "audio"},
+        llm_dtype=dtype,
+        prefix_reuse=True,
+    )
+    return model.to(device)
+
+
+def parameter_count(*modules):
+    """Parameters of the modules together (shared tensors counted once)."""
+    seen = {}
+    for module in modules:
+        for param in module.parameters():
+            seen[param.data_ptr()] = param.numel()
+    return sum(seen.values())
+
+
 def texts(n):
     """``n`` benchmark transcripts (the sentences repeated)."""
     return (SENTENCES * (n // len(SENTENCES) + 1))[:n]

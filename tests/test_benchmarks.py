@@ -31,6 +31,16 @@ def test_count_flops_counts_forward_and_backward_matmuls():
     assert common.count_flops(lambda: (x @ w).sum().backward()) == 256
 
 
+def test_parameter_count_counts_shared_weights_once():
+    a = torch.nn.Linear(3, 2)  # 8 parameters
+    b = torch.nn.Sequential(a, torch.nn.Linear(2, 1))  # a + 3
+    assert common.parameter_count(a) == 8
+    assert common.parameter_count(a, b) == 11
+    tied = torch.nn.Linear(3, 2)
+    tied.weight = a.weight  # shares 6 of its 8
+    assert common.parameter_count(a, tied) == 10
+
+
 def test_compare_alternates_and_keeps_every_round():
     calls = []
     timing = common.compare(

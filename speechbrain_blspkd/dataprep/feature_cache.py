@@ -32,9 +32,9 @@ from speechbrain_blspkd.dataio.audio import load_row_audio
 from speechbrain_blspkd.dataio.manifest import read_manifest
 from speechbrain_blspkd.utils.atomic import (
     atomic_path,
-    atomic_write_text,
     remove_stray_tmp,
 )
+from speechbrain_blspkd.utils.cache_label import check_label
 from speechbrain_blspkd.utils.distributed import (
     all_gather,
     gather_results,
@@ -147,51 +147,22 @@ class FeatureCache:
         self.folder = pathlib.Path(folder)
         self.checksum = str(checksum)
         self.feat_dir = self.folder / "feats"
-        meta_path = self.folder / META_FILE
-        meta = None
-        if meta_path.is_file():
-            try:
-                meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            except ValueError:
-                meta = {"checksum": "<unreadable meta.json>"}
-        has_feats = self.feat_dir.is_dir() and any(self.feat_dir.iterdir())
-        stale = None
-        if meta is not None and meta.get("checksum") != self.checksum:
-            stale = (
-                f"feature cache {self.folder} was built by encoder "
-                f"{meta.get('checksum')}, not by this encoder ({self.checksum})"
-            )
-        elif meta is None and has_feats:
-            stale = (
-                f"feature cache {self.folder} holds features but no {META_FILE} "
-                "saying which encoder made them"
-            )
-        elif meta is not None and meta.get("version") != CACHE_VERSION:
-            stale = (
-                f"feature cache {self.folder} has format version "
-                f"{meta.get('version')}, this code writes {CACHE_VERSION}"
-            )
-        if stale is not None:
-            if not overwrite:
-                raise StaleCacheError(
-                    stale + "; use another folder or pass overwrite=True "
-                    "to delete and rebuild it"
-                )
-            logger.warning("%s: deleting and rebuilding", stale)
-            shutil.rmtree(self.feat_dir, ignore_errors=True)
-            meta = None
-        if meta is None:
-            atomic_write_text(
-                meta_path,
-                json.dumps(
-                    dict(
-                        version=CACHE_VERSION,
-                        checksum=self.checksum,
-                        dtype="float16",
-                    ),
-                    indent=1,
-                ),
-            )
+        check_label(
+            self.folder,
+            META_FILE,
+            dict(
+                version=CACHE_VERSION, checksum=self.checksum, dtype="float16"
+            ),
+            what="feature cache",
+            error=StaleCacheError,
+            holds_data=lambda: (
+                self.feat_dir.is_dir() and any(self.feat_dir.iterdir())
+            ),
+            clear=lambda: shutil.rmtree(self.feat_dir, ignore_errors=True),
+            how_to_write="",
+            create=True,
+            overwrite=overwrite,
+        )
 
     def path(self, uid):
         """The file that holds (or will hold) the features of ``uid``."""
