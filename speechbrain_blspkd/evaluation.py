@@ -17,6 +17,15 @@ Decoding is split across ranks under ``torchrun`` (rank ``r`` takes rows
 merges them in ID order, so distributed decoding gives exactly the rows of
 one process, and no node reads another node's files.
 
+A task whose instruction is ``None`` (YAML ``null``) takes each row's own
+``instruction`` column: spoken questions over a passage (Audio-MLQA,
+:mod:`speechbrain_blspkd.dataprep.audio_mlqa`), where every row carries
+its passage in its instruction.  Any exported model scores any manifest
+from the command line::
+
+    python -m speechbrain_blspkd.evaluation MODEL_FOLDER MANIFEST OUT \
+        [--data-root DIR] [--task qa] [--task repeat="Repeat the text:"]
+
 The teacher's answers are cached beside the evaluation folders
 (``teacher_answers.json``) under a key of everything that changes them
 (:func:`teacher_keys`: the instruction, ``max_new_tokens``, the prompt
@@ -171,9 +180,10 @@ def load_teacher_answers(path):
     return data.get("answers", {})
 
 
-def cached_teacher_answers(stored, keys, rows):
+def cached_teacher_answers(stored, keys, rows, tasks=None):
     """``{(task, ID): answer}`` of the stored answers still valid for
-    ``rows``: same key (see :func:`teacher_keys`), same transcript.
+    ``rows``: same key (see :func:`teacher_keys`), same transcript (and,
+    for a task of per-row instructions in ``tasks``, same instruction).
 
     Example
     -------
@@ -183,13 +193,50 @@ def cached_teacher_answers(stored, keys, rows):
     {('repeat', 'a'): 'One.'}
     """
     out = {}
+    tasks = tasks or {}
     for task, key in keys.items():
         answers = stored.get(key, {})
+        instruction = tasks.get(task, "")
         for r in rows:
             entry = answers.get(r["ID"])
-            if entry is not None and entry[0] == r["transcript"]:
+            if entry is not None and entry[0] == teacher_input(r, instruction):
                 out[(task, r["ID"])] = entry[1]
     return out
+
+
+def row_instruction(row, instruction, source=None):
+    """The instruction of ``row`` for a task: the task's own, or, when it
+    is ``None``, the row's ``instruction`` column.
+
+    Example
+    -------
+    >>> row_instruction({"ID": "a", "instruction": "Q?"}, None)
+    'Q?'
+    >>> row_instruction({"ID": "a", "instruction": "Q?"}, "Repeat:")
+    'Repeat:'
+    >>> row_instruction({"ID": "a", "instruction": ""}, None, "t.csv")
+    Traceback (most recent call last):
+    ...
+    ValueError: t.csv: row a has no instruction (the task takes each row's own)
+    """
+    if instruction is not None:
+        return instruction
+    text = (row.get("instruction") or "").strip()
+    if not text:
+        raise ValueError(
+            f"{source or 'manifest'}: row {row.get('ID')} has no instruction "
+            "(the task takes each row's own)"
+        )
+    return text
+
+
+def teacher_input(row, instruction):
+    """What a stored teacher answer must have been given to be reused: the
+    transcript, and for a task with per-row instructions the row's
+    instruction too."""
+    if instruction is None:
+        return f"{row.get('instruction', '')}\n{row['transcript']}"
+    return row["transcript"]
 
 
 def _pad(tensors):
@@ -250,7 +297,8 @@ def decode_rows(
     rows : list of dict
         Manifest rows (``wav`` resolved).
     tasks : dict
-        ``{task name: instruction}``.
+        ``{task name: instruction}``; instruction ``None``: each row's
+        ``instruction`` column.
     batch_size : int
         Utterances per generation batch.
     max_new_tokens : int
@@ -270,7 +318,8 @@ def decode_rows(
     list of dict
         One row per (utterance, task): ``id`` (``<ID>/<task>``), ``utt``,
         ``task``, ``language``, ``hyp`` (speech answer), ``teacher`` (text
-        answer), ``transcript``, ``num_pred``, ``num_target`` and, for the
+        answer), ``transcript``, ``num_pred``, ``num_target``,
+        ``instruction`` for a task of per-row instructions and, for the
         ``repeat`` task or rows with a translation/answer, ``ref`` /
         ``answers``.
 
@@ -285,7 +334,7 @@ def decode_rows(
     teacher_cache = {} if teacher_cache is None else teacher_cache
     for instruction in tasks.values():  # the text prompts, up front
         model.check_fits(
-            instruction,
+            [row_instruction(r, instruction, source) for r in rows],
             max_new_tokens,
             transcripts=[r["transcript"] for r in rows],
             names=[r["ID"] for r in rows],
@@ -301,8 +350,9 @@ def decode_rows(
             speech = speech_batch(
                 chunk, feature_cache, sample_rate, device, source
             )
+            asked = [row_instruction(r, instruction, source) for r in chunk]
             hyps, counts = model.generate(
-                instructions=instruction,
+                instructions=asked,
                 max_new_tokens=max_new_tokens,
                 return_num_tokens=True,
                 names=[r["ID"] for r in chunk],
@@ -313,14 +363,16 @@ def decode_rows(
             if missing:
                 texts = model.generate_text(
                     [r["transcript"] for r in missing],
-                    instructions=instruction,
+                    instructions=[
+                        row_instruction(r, instruction) for r in missing
+                    ],
                     max_new_tokens=max_new_tokens,
                 )
                 for r, t in zip(missing, texts):
                     teacher_cache[(name, r["ID"])] = t
             targets = model.transcript_ids([r["transcript"] for r in chunk])
-            for r, hyp, n_pred, ids in zip(
-                chunk, hyps, counts.tolist(), targets
+            for r, hyp, n_pred, ids, asked_one in zip(
+                chunk, hyps, counts.tolist(), targets, asked
             ):
                 n_tgt = len(ids)
                 row = {
@@ -334,6 +386,8 @@ def decode_rows(
                     "num_pred": int(n_pred),
                     "num_target": int(n_tgt),
                 }
+                if instruction is None:
+                    row["instruction"] = asked_one
                 if name == "repeat":
                     row["ref"] = r["transcript"]
                 elif name == "translate" and r.get("translation"):
@@ -431,7 +485,7 @@ def evaluate_parity(
         max_new_tokens=max_new_tokens,
         feature_cache=feature_cache,
         sample_rate=sample_rate,
-        teacher_cache=cached_teacher_answers(stored, keys, rows),
+        teacher_cache=cached_teacher_answers(stored, keys, rows, tasks),
         source=str(manifest),
     )
     merged = metrics.EvalSummary.merge(parts).rows
@@ -439,7 +493,7 @@ def evaluate_parity(
     if sb.utils.distributed.is_local_rank_zero():  # every node's own cache
         for r in merged:
             stored.setdefault(keys[r["task"]], {})[r["utt"]] = [
-                r["transcript"],
+                teacher_input(r, tasks[r["task"]]),
                 r["teacher"],
             ]
         atomic_write_text(
@@ -497,3 +551,144 @@ def plot_adapter_examples(model, rows, out_folder, feature_cache, sample_rate):
     finally:
         model.train(was_training)
     return written
+
+
+def format_summary(summary):
+    """A Markdown table of a :func:`summarize_parity` summary: one line
+    per task and language (agreement chrF / WER with the shuffled level,
+    QA accuracy where the rows have answers).
+
+    Example
+    -------
+    >>> rows = [dict(id=f"{u}/qa", utt=u, task="qa", language="en", hyp=h,
+    ...     teacher=t, answers=[t], num_pred=1, num_target=1)
+    ...     for u, h, t in [("a", "Paris", "Paris"), ("b", "Rome", "Oslo")]]
+    >>> print(format_summary(summarize_parity(rows)))
+    | task | language | n | chrF (shuffled) | WER (shuffled) | QA accuracy |
+    |---|---|---|---|---|---|
+    | qa | all | 2 | 70.1 (2.8) | 50.0 (100.0) | 50.0 |
+    """
+    head = (
+        "| task | language | n | chrF (shuffled) | WER (shuffled) "
+        "| QA accuracy |\n|---|---|---|---|---|---|"
+    )
+
+    def fmt(value, scale=1.0):
+        return "-" if value is None else f"{scale * value:.1f}"
+
+    lines = [head]
+    for key, entry in sorted(summary["by_language"].items()):
+        task, _, language = key.partition("/")
+        language = language or "all"
+        if "parity_chrf" not in entry:
+            continue
+        lines.append(
+            f"| {task} | {language} | {entry['n']} "
+            f"| {fmt(entry['parity_chrf'])} "
+            f"({fmt(entry.get('parity_shuffled_chrf'))}) "
+            f"| {fmt(entry['parity_wer'])} "
+            f"({fmt(entry.get('parity_shuffled_wer'))}) "
+            f"| {fmt(entry.get('qa_accuracy'), 100)} |"
+        )
+    return "\n".join(lines)
+
+
+def _task_argument(text):
+    """``name=instruction`` or ``name`` (each row's own instruction)."""
+    name, sep, instruction = text.partition("=")
+    if not name.strip():
+        raise ValueError(f"--task {text!r}: give NAME or NAME=INSTRUCTION")
+    return name.strip(), (instruction if sep else None)
+
+
+def build_parser():
+    """The command line of ``python -m speechbrain_blspkd.evaluation``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m speechbrain_blspkd.evaluation",
+        description=(
+            "Score an exported speech LLM on a manifest: each task's speech "
+            "answer against the text teacher's (same LLM, transcript as "
+            "text), per language, beside the shuffled-pair level; QA "
+            "accuracy for rows with answers."
+        ),
+    )
+    parser.add_argument("model", help="exported model folder")
+    parser.add_argument("manifest", help="manifest CSV (audio rows)")
+    parser.add_argument("out", help="output folder (rows.jsonl, summary.json)")
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        help="what $data_root stands for (default: the manifest's folder)",
+    )
+    parser.add_argument(
+        "--task",
+        action="append",
+        default=None,
+        help=(
+            "NAME=INSTRUCTION, or NAME alone for each row's own instruction "
+            "column (e.g. Audio-MLQA: --task qa); repeatable; default: "
+            "repeat and continue"
+        ),
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-utterances", type=int, default=None)
+    parser.add_argument("--device", default=None)
+    return parser
+
+
+DEFAULT_TASKS = {
+    "repeat": "Repeat the following text exactly:",
+    "continue": "Continue the following text in a coherent style:",
+}
+
+
+def main(argv=None):
+    """Evaluate; print the table; return the exit status.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> main([tempfile.mkdtemp(), "missing.csv", tempfile.mkdtemp()])
+    2
+    """
+    from speechbrain_blspkd.inference.export import ModelFolderError
+    from speechbrain_blspkd.utils.cli import report_error, setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        tasks = dict(_task_argument(t) for t in args.task or ()) or dict(
+            DEFAULT_TASKS
+        )
+        manifest = pathlib.Path(args.manifest)
+        if not manifest.is_file():
+            raise FileNotFoundError(f"no manifest {manifest}")
+        from speechbrain_blspkd.inference import SpeechLLM
+
+        device = args.device or sb.utils.distributed.infer_device()
+        model = SpeechLLM.from_hparams(
+            source=args.model, run_opts={"device": device}
+        ).model.eval()
+        summary = evaluate_parity(
+            model,
+            manifest,
+            args.data_root or str(manifest.resolve().parent),
+            tasks,
+            args.out,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            max_utterances=args.max_utterances,
+        )
+    except (ModelFolderError, FileNotFoundError, ValueError) as err:
+        return report_error(err, prog="evaluation", status=2)
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
