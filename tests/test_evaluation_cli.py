@@ -10,13 +10,12 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from speechbrain_blspkd.dataio.manifest import write_manifest  # noqa: E402
 from speechbrain_blspkd.evaluation import evaluate_parity, main  # noqa: E402
 from speechbrain_blspkd.inference.export import export_model  # noqa: E402
 from speechbrain_blspkd.utils.testing import (  # noqa: E402
     tiny_saved_speech_llm,
     tiny_speech_llm,
-    write_speechlike_wav,
+    write_speech_manifest,
 )
 
 QUESTIONS = [
@@ -27,23 +26,17 @@ QUESTIONS = [
 
 
 def _manifest(folder, instructions=None):
-    rows = []
-    for k, (question, passage, answer) in enumerate(QUESTIONS):
-        write_speechlike_wav(folder / f"q{k}.wav", 0.3 + 0.1 * k, seed=k)
-        rows.append(
-            dict(
-                ID=f"q{k}",
-                wav=f"$data_root/q{k}.wav",
-                duration=0.3 + 0.1 * k,
-                transcript=question,
-                language="en",
-                speaker="s",
-                instruction=(instructions or {}).get(k, passage),
-                answer=answer,
-            )
-        )
-    write_manifest(folder / "qa.csv", rows)
-    return folder / "qa.csv"
+    instructions = instructions or {}
+    return write_speech_manifest(
+        folder,
+        [question for question, _, _ in QUESTIONS],
+        name="qa.csv",
+        instruction=[
+            instructions.get(k, passage)
+            for k, (_, passage, _) in enumerate(QUESTIONS)
+        ],
+        answer=[answer for _, _, answer in QUESTIONS],
+    )
 
 
 @pytest.fixture
@@ -91,7 +84,7 @@ def test_row_instructions_reach_both_answers_and_key_the_cache(tmp_path, model):
     assert sorted(model.asked) == sorted((q, p) for q, p, _ in QUESTIONS)
     assert sorted(model.spoken) == sorted(p for _, p, _ in QUESTIONS)
     for k, (question, passage, answer) in enumerate(QUESTIONS):
-        row = rows[f"q{k}"]
+        row = rows[f"u{k}"]
         assert row["instruction"] == passage
         assert row["answers"] == [answer]
         alone = model.generate_text(
@@ -109,8 +102,8 @@ def test_row_instructions_reach_both_answers_and_key_the_cache(tmp_path, model):
         ("what did the dog do", "Passage: a dog slept all day.")
     ]
     again = _rows(run / "b")
-    assert again["q0"]["teacher"] == rows["q0"]["teacher"]
-    assert again["q1"]["instruction"] == "Passage: a dog slept all day."
+    assert again["u0"]["teacher"] == rows["u0"]["teacher"]
+    assert again["u1"]["instruction"] == "Passage: a dog slept all day."
 
 
 def test_fixed_instruction_tasks_ignore_the_row_instruction(tmp_path, model):
@@ -131,7 +124,7 @@ def test_fixed_instruction_tasks_ignore_the_row_instruction(tmp_path, model):
 
 def test_row_without_instruction_is_named(tmp_path, model):
     manifest = _manifest(tmp_path, {2: ""})
-    with pytest.raises(ValueError, match=r"qa\.csv: row q2 has no instruction"):
+    with pytest.raises(ValueError, match=r"qa\.csv: row u2 has no instruction"):
         evaluate_parity(
             model,
             manifest,
@@ -189,6 +182,6 @@ def test_command_line_names_bad_input(tmp_path, exported, capsys):
         [str(exported), str(manifest), str(tmp_path / "o"), "--task", "qa"]
     )
     assert status == 2
-    assert "row q0 has no instruction" in capsys.readouterr().err
+    assert "row u0 has no instruction" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(exported)])

@@ -10,7 +10,7 @@ from speechbrain_blspkd.dataio.manifest import write_manifest
 from speechbrain_blspkd.evaluation import evaluate_parity
 from speechbrain_blspkd.utils.testing import (
     tiny_speech_llm,
-    write_speechlike_wav,
+    write_speech_manifest,
 )
 
 TRANSCRIPTS = ["the cat sat on the mat", "hello world", "a quick brown fox"]
@@ -18,20 +18,7 @@ TRANSCRIPTS = ["the cat sat on the mat", "hello world", "a quick brown fox"]
 
 @pytest.fixture
 def setup(tmp_path):
-    rows = []
-    for k, text in enumerate(TRANSCRIPTS):
-        write_speechlike_wav(tmp_path / f"u{k}.wav", 0.3 + 0.1 * k, seed=k)
-        rows.append(
-            dict(
-                ID=f"u{k}",
-                wav=f"$data_root/u{k}.wav",
-                duration=0.3 + 0.1 * k,
-                transcript=text,
-                language="en",
-                speaker="s",
-            )
-        )
-    write_manifest(tmp_path / "test.csv", rows)
+    write_speech_manifest(tmp_path, TRANSCRIPTS)
     torch.manual_seed(0)
     model = tiny_speech_llm()
     model.eval()

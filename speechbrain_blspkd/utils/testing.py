@@ -743,6 +743,55 @@ def write_speechlike_wav(path, seconds, seed=0, pitch=220.0, sample_rate=16000):
     return path
 
 
+def write_speech_manifest(folder, transcripts, name="test.csv", **columns):
+    """Speech-like clips (0.3 s, 0.4 s, ...) of ``transcripts`` and their
+    manifest ``folder/name`` (``$data_root`` is ``folder``).
+
+    Arguments
+    ---------
+    folder : pathlib.Path
+        Where the clips ``u<k>.wav`` and the manifest go.
+    transcripts : list of str
+        One utterance ``u<k>`` each (English, speaker ``s``).
+    name : str
+        Manifest file name.
+    **columns
+        Extra columns: ``column=[value per utterance]``.
+
+    Returns
+    -------
+    pathlib.Path
+        The manifest.
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> from speechbrain_blspkd.dataio.manifest import read_manifest
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> path = write_speech_manifest(folder, ["hi", "yo"], answer=["a", "b"])
+    >>> [(r["ID"], r["answer"]) for r in read_manifest(path)]
+    [('u0', 'a'), ('u1', 'b')]
+    """
+    from speechbrain_blspkd.dataio.manifest import write_manifest
+
+    rows = []
+    for k, text in enumerate(transcripts):
+        seconds = 0.3 + 0.1 * k
+        write_speechlike_wav(folder / f"u{k}.wav", seconds, seed=k)
+        row = dict(
+            ID=f"u{k}",
+            wav=f"$data_root/u{k}.wav",
+            duration=seconds,
+            transcript=text,
+            language="en",
+            speaker="s",
+        )
+        row.update({key: values[k] for key, values in columns.items()})
+        rows.append(row)
+    write_manifest(folder / name, rows)
+    return folder / name
+
+
 def torchrun_node(node, nodes, port, *script_args, nproc_per_node=1):
     """The command of one node of a multi-node ``torchrun`` launch rehearsed
     on this machine: static rendezvous on ``127.0.0.1:port``, node rank
