@@ -204,30 +204,33 @@ def cached_teacher_answers(stored, keys, rows, tasks=None):
     return out
 
 
-def row_instruction(row, instruction, source=None):
-    """The instruction of ``row`` for a task: the task's own, or, when it
-    is ``None``, the row's ``instruction`` column.
+def instructions_for(rows, instruction, source=None):
+    """What to ask ``rows`` for a task: the task's instruction (one
+    string), or, when it is ``None``, each row's ``instruction`` column
+    (a list).
 
     Example
     -------
-    >>> row_instruction({"ID": "a", "instruction": "Q?"}, None)
-    'Q?'
-    >>> row_instruction({"ID": "a", "instruction": "Q?"}, "Repeat:")
-    'Repeat:'
-    >>> row_instruction({"ID": "a", "instruction": ""}, None, "t.csv")
+    >>> rows = [{"ID": "a", "instruction": " Q? "}, {"ID": "b", "instruction": "R?"}]
+    >>> instructions_for(rows, None), instructions_for(rows, "Repeat:")
+    (['Q?', 'R?'], 'Repeat:')
+    >>> instructions_for([{"ID": "c", "instruction": ""}], None, "t.csv")
     Traceback (most recent call last):
     ...
-    ValueError: t.csv: row a has no instruction (the task takes each row's own)
+    ValueError: t.csv: row c has no instruction (the task takes each row's own)
     """
     if instruction is not None:
         return instruction
-    text = (row.get("instruction") or "").strip()
-    if not text:
-        raise ValueError(
-            f"{source or 'manifest'}: row {row.get('ID')} has no instruction "
-            "(the task takes each row's own)"
-        )
-    return text
+    out = []
+    for row in rows:
+        text = (row.get("instruction") or "").strip()
+        if not text:
+            raise ValueError(
+                f"{source or 'manifest'}: row {row.get('ID')} has no "
+                "instruction (the task takes each row's own)"
+            )
+        out.append(text)
+    return out
 
 
 def teacher_input(row, instruction):
@@ -235,7 +238,8 @@ def teacher_input(row, instruction):
     transcript, and for a task with per-row instructions the row's
     instruction too."""
     if instruction is None:
-        return f"{row.get('instruction', '')}\n{row['transcript']}"
+        asked = (row.get("instruction") or "").strip()
+        return f"{asked}\n{row['transcript']}"
     return row["transcript"]
 
 
@@ -334,7 +338,7 @@ def decode_rows(
     teacher_cache = {} if teacher_cache is None else teacher_cache
     for instruction in tasks.values():  # the text prompts, up front
         model.check_fits(
-            [row_instruction(r, instruction, source) for r in rows],
+            instructions_for(rows, instruction, source),
             max_new_tokens,
             transcripts=[r["transcript"] for r in rows],
             names=[r["ID"] for r in rows],
@@ -350,7 +354,7 @@ def decode_rows(
             speech = speech_batch(
                 chunk, feature_cache, sample_rate, device, source
             )
-            asked = [row_instruction(r, instruction, source) for r in chunk]
+            asked = instructions_for(chunk, instruction, source)
             hyps, counts = model.generate(
                 instructions=asked,
                 max_new_tokens=max_new_tokens,
@@ -363,16 +367,14 @@ def decode_rows(
             if missing:
                 texts = model.generate_text(
                     [r["transcript"] for r in missing],
-                    instructions=[
-                        row_instruction(r, instruction) for r in missing
-                    ],
+                    instructions=instructions_for(missing, instruction),
                     max_new_tokens=max_new_tokens,
                 )
                 for r, t in zip(missing, texts):
                     teacher_cache[(name, r["ID"])] = t
             targets = model.transcript_ids([r["transcript"] for r in chunk])
-            for r, hyp, n_pred, ids, asked_one in zip(
-                chunk, hyps, counts.tolist(), targets, asked
+            for k, (r, hyp, n_pred, ids) in enumerate(
+                zip(chunk, hyps, counts.tolist(), targets)
             ):
                 n_tgt = len(ids)
                 row = {
@@ -387,7 +389,7 @@ def decode_rows(
                     "num_target": int(n_tgt),
                 }
                 if instruction is None:
-                    row["instruction"] = asked_one
+                    row["instruction"] = asked[k]
                 if name == "repeat":
                     row["ref"] = r["transcript"]
                 elif name == "translate" and r.get("translation"):
@@ -629,7 +631,7 @@ def build_parser():
         help=(
             "NAME=INSTRUCTION, or NAME alone for each row's own instruction "
             "column (e.g. Audio-MLQA: --task qa); repeatable; default: "
-            "repeat and continue"
+            "repeat, and continue with the model's own instruction"
         ),
     )
     parser.add_argument("--batch-size", type=int, default=8)
@@ -639,10 +641,8 @@ def build_parser():
     return parser
 
 
-DEFAULT_TASKS = {
-    "repeat": "Repeat the following text exactly:",
-    "continue": "Continue the following text in a coherent style:",
-}
+#: The "repeat" task's instruction (also :mod:`speechbrain_blspkd.hearing`'s).
+REPEAT_INSTRUCTION = "Repeat the following text exactly:"
 
 
 def main(argv=None):
@@ -660,9 +660,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
-        tasks = dict(_task_argument(t) for t in args.task or ()) or dict(
-            DEFAULT_TASKS
-        )
+        tasks = dict(_task_argument(t) for t in args.task or ())
         manifest = pathlib.Path(args.manifest)
         if not manifest.is_file():
             raise FileNotFoundError(f"no manifest {manifest}")
@@ -672,6 +670,11 @@ def main(argv=None):
         model = SpeechLLM.from_hparams(
             source=args.model, run_opts={"device": device}
         ).model.eval()
+        # default: repeat, and continue with the model's own instruction
+        tasks = tasks or {
+            "repeat": REPEAT_INSTRUCTION,
+            "continue": model.instruction,
+        }
         summary = evaluate_parity(
             model,
             manifest,

@@ -70,6 +70,7 @@ from speechbrain_blspkd import metrics
 from speechbrain_blspkd.dataio.audio import load_row_audio
 from speechbrain_blspkd.dataio.manifest import read_manifest
 from speechbrain_blspkd.evaluation import (
+    REPEAT_INSTRUCTION,
     decode_rows,
     speech_batch,
     summarize_parity,
@@ -92,7 +93,7 @@ logger = logging.getLogger(__name__)
 #: The evaluation instructions (None: the model's own instruction, the
 #: continuation prompt of the recipes).
 DEFAULT_TASKS = {
-    "repeat": "Repeat the following text exactly:",
+    "repeat": REPEAT_INSTRUCTION,
     "continue": None,
 }
 ESPEAK_SET = "espeak_unseen_voices"

@@ -47,8 +47,15 @@ def model():
     asked = []
     generate_text = model.generate_text
 
+    def each(instructions, n):  # one string or one per item
+        if isinstance(instructions, str):
+            return [instructions] * n
+        return list(instructions)
+
     def counting(transcripts, *args, **kwargs):
-        asked.extend(zip(transcripts, kwargs["instructions"]))
+        asked.extend(
+            zip(transcripts, each(kwargs["instructions"], len(transcripts)))
+        )
         return generate_text(transcripts, *args, **kwargs)
 
     model.generate_text = counting
@@ -57,7 +64,7 @@ def model():
     generate = model.generate
 
     def recording(*args, **kwargs):
-        spoken.extend(kwargs["instructions"])
+        spoken.extend(each(kwargs["instructions"], len(kwargs["names"])))
         return generate(*args, **kwargs)
 
     model.generate = recording
