@@ -423,6 +423,41 @@ def test_objective_terms_and_lid_accuracy():
     )
 
 
+def test_gate_confusion_over_a_pass_matches_the_per_utterance_guesses():
+    # joint shares per batch, averaged over batches weighted by their
+    # utterances (as the Brain does), give the confusion matrix of the
+    # whole pass; its trace is the pass's LID accuracy
+    from speechbrain_blspkd.metrics import confusion_from_stats
+    from speechbrain_blspkd.nnet.adapter import AdapterTargets
+
+    model = _lad_model()
+    model.eval()
+    adapter = model.adapter
+    torch.manual_seed(3)
+    sums, n_total, guesses, truths = {}, 0, [], []
+    for batch in (3, 5, 2):
+        feats = torch.randn(batch, 20, 64)
+        labels = torch.randint(0, len(LANGS), (batch,))
+        out = adapter(feats)
+        stats = adapter.diagnostics(out, AdapterTargets(language=labels))
+        assert len(stats) == len(LANGS) ** 2
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0.0) + value * batch
+        n_total += batch
+        guesses += out.language_logits.argmax(-1).tolist()
+        truths += labels.tolist()
+    confusion = confusion_from_stats({k: v / n_total for k, v in sums.items()})
+    hits = sum(g == t for g, t in zip(guesses, truths))
+    assert confusion["accuracy"] == pytest.approx(hits / n_total)
+    for i, true in enumerate(LANGS):
+        rows = [g for g, t in zip(guesses, truths) if t == i]
+        for j, guess in enumerate(LANGS):
+            expected = rows.count(j) / len(rows) if rows else 0.0
+            assert confusion["matrix"][true][guess] == pytest.approx(expected)
+    # no labels: nothing to report
+    assert adapter.diagnostics(out, None) == {}
+
+
 def test_lid_only_needs_no_llm_pass_and_learns_the_languages():
     model = _lad_model()
     model.train()

@@ -244,3 +244,35 @@ def test_every_adapter_and_the_cascade_get_a_card(tmp_path):
     assert "`CascadeModel`" in card and "speech recogniser" in card
     assert "| speech recogniser |" in card
     assert "LLM adaptation: none" in card
+
+
+def test_multilingual_summary_gets_language_rows_and_the_gate_confusion():
+    summary = {
+        "tasks": SUMMARY["tasks"],
+        "by_language": {
+            "repeat/en": {"n": 2, "speech": {"chrf": 30.0, "wer": 90.0}},
+            "repeat/zh": {"n": 2, "speech": {"chrf": 12.5, "wer": 99.0}},
+        },
+        "adapter": {
+            "l_lid": 0.3,
+            "lid_confusion/en/en": 0.5,
+            "lid_confusion/en/zh": 0.0,
+            "lid_confusion/zh/en": 0.125,
+            "lid_confusion/zh/zh": 0.375,
+        },
+    }
+    lines = model_card._evaluation_section(
+        {"evaluation": {"trained": summary}}
+    )
+    card = "\n".join(lines)
+    assert "| repeat | zh | 2 | 12.5 (-) | 99.0 (-) |" in card
+    assert "LID accuracy 87.5 %" in card
+    assert "| en | 100 | 0 |" in card and "| zh | 25 | 75 |" in card
+    # the joint shares are not listed as objective terms
+    assert "objective on the test split: l_lid 0.300" in card
+    assert "lid_confusion/en/en" not in card
+    # one language: no per-language table, no gate: no confusion
+    plain = "\n".join(
+        model_card._evaluation_section({"evaluation": {"trained": SUMMARY}})
+    )
+    assert "Per language" not in plain and "Language gate" not in plain

@@ -354,6 +354,58 @@ class LanguageAwareQFormer(QFormer):
         """The gate's languages, in index order."""
         return list(self.languages)
 
+    def diagnostics(self, output, targets=None):
+        """The gate's confusion over the batch, for evaluation.
+
+        For every pair of true language t and gate argmax p the share of
+        the batch's utterances that are t and go to p
+        (``lid_confusion/<t>/<p>``; every pair is present, zeros
+        included, so that means over a whole pass are joint shares).
+        :func:`speechbrain_blspkd.metrics.confusion_from_stats` turns the
+        means of a pass into the row-normalised confusion matrix.
+
+        Arguments
+        ---------
+        output : LanguageAwareOutput
+            This adapter's output on the batch.
+        targets : AdapterTargets, optional
+            Without true languages there is nothing to report.
+
+        Returns
+        -------
+        dict
+            ``lid_confusion/<t>/<p>`` -> float.
+
+        Example
+        -------
+        >>> from speechbrain_blspkd.nnet.adapter import AdapterTargets
+        >>> adapter = LanguageAwareQFormer(8, 8, ["en", "zh"],
+        ...     num_queries=2, num_layers=1, num_heads=2, ffn_size=16,
+        ...     gate_size=4)
+        >>> out = LanguageAwareOutput(torch.zeros(3, 2, 8), None,
+        ...     language_logits=torch.tensor([[2., 0.], [0., 1.], [3., 1.]]))
+        >>> stats = adapter.diagnostics(out,
+        ...     AdapterTargets(language=torch.tensor([0, 0, 1])))
+        >>> [round(stats[f"lid_confusion/{t}/{p}"], 3)
+        ...     for t in ("en", "zh") for p in ("en", "zh")]
+        [0.333, 0.333, 0.333, 0.0]
+        """
+        labels = None if targets is None else targets.language
+        logits = getattr(output, "language_logits", None)
+        if labels is None or logits is None:
+            return {}
+        labels = torch.as_tensor(labels).reshape(-1).cpu().long()
+        guess = logits.detach().argmax(-1).cpu().long()
+        k = len(self.languages)
+        joint = torch.zeros(k * k)
+        joint.index_add_(0, labels * k + guess, torch.ones(labels.numel()))
+        joint = (joint / max(labels.numel(), 1)).tolist()
+        return {
+            f"lid_confusion/{t}/{p}": joint[i * k + j]
+            for i, t in enumerate(self.languages)
+            for j, p in enumerate(self.languages)
+        }
+
     def export_hparams(self):
         """The Q-Former's export arguments, ``languages`` as plain strings.
 
