@@ -279,7 +279,11 @@ class PromptBuilder:
         pieces = _Template(
             prefix=self._encode(prefix),
             middle=self._encode(middle),
-            suffix=self._encode(suffix.rstrip()),
+            # the end-of-turn marker without the template's line break;
+            # a turn closed by whitespace alone (a base model's plain-text
+            # turns, assets.gguf.COMPLETION_TEMPLATE) keeps it: it is the
+            # marker
+            suffix=self._encode(suffix.rstrip() or suffix),
         )
         self._cache[instruction] = pieces
         return pieces

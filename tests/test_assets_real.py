@@ -154,3 +154,38 @@ def test_gemma_loads_and_generates():
         ids = tokenizer(sentence, add_special_tokens=False).input_ids
         assert unk is None or unk not in ids, language
         assert tokenizer.decode(ids) == sentence, language
+
+
+def test_gemma_base_answers_through_the_prompt_builder():
+    """The base model has no chat template of its own: the asset carries
+    the plain-text turns of ``assets.gguf.COMPLETION_TEMPLATE`` and the
+    blank line as a stop token, so the one prompt builder drives it. Asked
+    to repeat, it gives the sentence back (measured: en, de, es, fr, it
+    and zh word for word; hi and ar not) and stops at the end of its
+    turn."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from speechbrain_blspkd.prompt import PromptBuilder
+
+    folder = asset_path("gemma-3-270m")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    builder = PromptBuilder(tokenizer)
+    blank = tokenizer("\n\n", add_special_tokens=False).input_ids
+    assert builder.eot_ids[0] == blank[0]
+    assert blank[0] in model.generation_config.eos_token_id
+    exact, stopped = [], []
+    for language, sentence in MULTILINGUAL.items():
+        prompt = builder.build(
+            "Repeat the following text exactly:", transcript=sentence
+        )
+        ids = torch.tensor([prompt.input_ids])
+        with torch.no_grad():
+            out = model.generate(
+                ids, max_new_tokens=32, do_sample=False, eos_token_id=builder.eot_ids
+            )[0, ids.shape[1] :].tolist()
+        stopped.append(out[-1] in builder.eot_ids)
+        answer = tokenizer.decode(out, skip_special_tokens=True).strip()
+        exact.append(answer == sentence)
+    assert sum(exact[:6]) >= 5, exact
+    assert all(stopped), stopped

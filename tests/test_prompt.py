@@ -226,3 +226,24 @@ def test_smollm2_tokenizer_matches_chat_template(real_asset):
             assert tok.decode(p.input_ids[start : start + n]) == " " + text
         if system is None:
             assert "SmolLM" in tok.decode(p.input_ids)  # injected default
+
+
+def test_a_turn_closed_by_a_blank_line_keeps_it_as_the_end_marker():
+    # a base LLM's plain-text turns (assets.gguf.COMPLETION_TEMPLATE): the
+    # blank line that ends a turn is the end-of-turn token, and a
+    # continuation is closed with it
+    from speechbrain_blspkd.assets.gguf import COMPLETION_TEMPLATE
+    from speechbrain_blspkd.prompt import PromptBuilder
+    from speechbrain_blspkd.utils.testing import build_test_tokenizer
+
+    tok = build_test_tokenizer()
+    tok.chat_template = COMPLETION_TEMPLATE
+    builder = PromptBuilder(tok)
+    blank = tok("\n\n", add_special_tokens=False).input_ids
+    assert blank and builder.eot_ids[0] == blank[0]
+    full = builder.build("Repeat:", transcript="a b", continuation="b a")
+    assert full.input_ids[-len(blank):] == blank
+    text = tok.decode(full.input_ids)
+    assert not text.startswith("None")  # a tokenizer without a bos token
+    assert "### Instruction:\nRepeat: a b" in text
+    assert "### Response:\nb a" in text

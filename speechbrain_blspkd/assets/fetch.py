@@ -226,6 +226,9 @@ ASSETS = {
             ),
             description="Gemma-3-270M base (multilingual), GGUF Q4_K_M",
             license="Gemma Terms of Use",
+            # a base model: plain-text turns, a blank line ends an answer
+            # (speechbrain_blspkd.assets.gguf.COMPLETION_TEMPLATE)
+            options=(("chat_template", "completion"), ("stop_text", "\n\n")),
         ),
     ]
 }
@@ -407,7 +410,7 @@ def _install(asset, dest, log):
         elif asset.kind == "gguf-llm":
             from speechbrain_blspkd.assets.gguf import convert_gguf
 
-            convert_gguf(sources / "model.gguf", out)
+            convert_gguf(sources / "model.gguf", out, **options)
         else:
             raise AssetError(f"{asset.name}: unknown kind {asset.kind!r}")
         info = {
