@@ -175,14 +175,17 @@ def test_gemma_base_answers_through_the_prompt_builder():
     assert builder.eot_ids[0] == blank[0]
     assert blank[0] in model.generation_config.eos_token_id
     exact, stopped = [], []
-    for language, sentence in MULTILINGUAL.items():
+    for sentence in MULTILINGUAL.values():
         prompt = builder.build(
             "Repeat the following text exactly:", transcript=sentence
         )
         ids = torch.tensor([prompt.input_ids])
         with torch.no_grad():
             out = model.generate(
-                ids, max_new_tokens=32, do_sample=False, eos_token_id=builder.eot_ids
+                ids,
+                max_new_tokens=32,
+                do_sample=False,
+                eos_token_id=builder.eot_ids,
             )[0, ids.shape[1] :].tolist()
         stopped.append(out[-1] in builder.eot_ids)
         answer = tokenizer.decode(out, skip_special_tokens=True).strip()

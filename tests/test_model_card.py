@@ -261,9 +261,7 @@ def test_multilingual_summary_gets_language_rows_and_the_gate_confusion():
             "lid_confusion/zh/zh": 0.375,
         },
     }
-    lines = model_card._evaluation_section(
-        {"evaluation": {"trained": summary}}
-    )
+    lines = model_card._evaluation_section({"evaluation": {"trained": summary}})
     card = "\n".join(lines)
     assert "| repeat | zh | 2 | 12.5 (-) | 99.0 (-) |" in card
     assert "LID accuracy 87.5 %" in card

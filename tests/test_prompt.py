@@ -242,7 +242,7 @@ def test_a_turn_closed_by_a_blank_line_keeps_it_as_the_end_marker():
     blank = tok("\n\n", add_special_tokens=False).input_ids
     assert blank and builder.eot_ids[0] == blank[0]
     full = builder.build("Repeat:", transcript="a b", continuation="b a")
-    assert full.input_ids[-len(blank):] == blank
+    assert full.input_ids[-len(blank) :] == blank
     text = tok.decode(full.input_ids)
     assert not text.startswith("None")  # a tokenizer without a bos token
     assert "### Instruction:\nRepeat: a b" in text
