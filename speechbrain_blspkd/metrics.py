@@ -867,6 +867,32 @@ def confusion_from_stats(stats, prefix="lid_confusion/"):
     }
 
 
+def format_confusion(confusion):
+    """A Markdown table of a :func:`confusion_from_stats` result: rows are
+    the true languages, columns the predicted ones, cells % of the row.
+
+    Example
+    -------
+    >>> print(format_confusion(confusion_from_stats({
+    ...     "lid_confusion/en/en": 0.5, "lid_confusion/en/zh": 0.0,
+    ...     "lid_confusion/zh/en": 0.125, "lid_confusion/zh/zh": 0.375})))
+    | true \\ predicted | en | zh |
+    |---|---|---|
+    | en | 100 | 0 |
+    | zh | 25 | 75 |
+    """
+    langs = confusion["languages"]
+    lines = [
+        "| true \\ predicted | " + " | ".join(langs) + " |",
+        "|---" * (len(langs) + 1) + "|",
+    ]
+    for true in langs:
+        row = confusion["matrix"][true]
+        cells = " | ".join(f"{100 * row.get(p, 0.0):.0f}" for p in langs)
+        lines.append(f"| {true} | {cells} |")
+    return "\n".join(lines)
+
+
 def spoken_qa_accuracy(hyps, answers_lists, language="en"):
     """Spoken-QA accuracy: containment and exact match of the answer.
 

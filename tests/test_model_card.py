@@ -250,8 +250,14 @@ def test_multilingual_summary_gets_language_rows_and_the_gate_confusion():
     summary = {
         "tasks": SUMMARY["tasks"],
         "by_language": {
-            "repeat/en": {"n": 2, "speech": {"chrf": 30.0, "wer": 90.0}},
-            "repeat/zh": {"n": 2, "speech": {"chrf": 12.5, "wer": 99.0}},
+            # metrics.EvalSummary's per-language keys
+            "repeat/en": {"n": 2, "parity_chrf": 30.0, "parity_wer": 90.0},
+            "repeat/zh": {
+                "n": 2,
+                "parity_chrf": 12.5,
+                "parity_shuffled_chrf": 10.0,
+                "parity_wer": 99.0,
+            },
         },
         "adapter": {
             "l_lid": 0.3,
@@ -263,7 +269,7 @@ def test_multilingual_summary_gets_language_rows_and_the_gate_confusion():
     }
     lines = model_card._evaluation_section({"evaluation": {"trained": summary}})
     card = "\n".join(lines)
-    assert "| repeat | zh | 2 | 12.5 (-) | 99.0 (-) |" in card
+    assert "| repeat | zh | 2 | 12.5 (10.0) | 99.0 (-) | - |" in card
     assert "LID accuracy 87.5 %" in card
     assert "| en | 100 | 0 |" in card and "| zh | 25 | 75 |" in card
     # the joint shares are not listed as objective terms

@@ -748,52 +748,39 @@ def _evaluation_section(run):
 
 def _per_language_lines(name, summary):
     """Per-language agreement rows, when the test split has several."""
+    from speechbrain_blspkd.evaluation import format_summary
+
     by_language = summary.get("by_language") or {}
     languages = {key.partition("/")[2] for key in by_language}
     if len(languages) < 2:
         return []
-    lines = [
+    return [
         "",
-        f"Per language ({_md(name)}): chrF (shuffled chrF) of the speech "
-        "answers against the text answers.",
+        f"Per language ({_md(name)}): agreement of the speech answers with "
+        "the text answers.",
         "",
-        "| task | language | n | chrF (shuffled) | WER (shuffled) |",
-        "|------|----------|---|-----------------|----------------|",
+        format_summary(summary),
     ]
-    for key, entry in sorted(by_language.items()):
-        task, _, language = key.partition("/")
-        speech = entry.get("speech") or {}
-        lines.append(
-            f"| {_md(task)} | {_md(language)} | {entry.get('n', '-')} | "
-            f"{_fmt(speech.get('chrf'))} ({_fmt(speech.get('shuffled_chrf'))})"
-            f" | {_fmt(speech.get('wer'))} ({_fmt(speech.get('shuffled_wer'))})"
-            " |"
-        )
-    return lines
 
 
 def _confusion_lines(name, adapter_stats):
     """The language gate's confusion matrix, when the adapter has one."""
-    from speechbrain_blspkd.metrics import confusion_from_stats
+    from speechbrain_blspkd.metrics import (
+        confusion_from_stats,
+        format_confusion,
+    )
 
     confusion = confusion_from_stats(adapter_stats)
     if confusion is None:
         return []
-    langs = confusion["languages"]
-    lines = [
+    return [
         "",
         f"Language gate ({_md(name)}): LID accuracy "
         f"{100 * confusion['accuracy']:.1f} % on the test split; rows are "
         "the true language, columns the gate's choice (% of the row).",
         "",
-        "| true \\ gate | " + " | ".join(_md(p) for p in langs) + " |",
-        "|---" * (len(langs) + 1) + "|",
+        format_confusion(confusion),
     ]
-    for true in langs:
-        row = confusion["matrix"][true]
-        cells = " | ".join(f"{100 * row.get(p, 0.0):.0f}" for p in langs)
-        lines.append(f"| {_md(true)} | {cells} |")
-    return lines
 
 
 def _near_chance(run):
