@@ -419,3 +419,47 @@ def test_non_cif_adapter_reports_only_what_applies():
     _, stats = objective(out, model, sb.Stage.VALID)
     assert "response_kl" in stats
     assert "input_kl" not in stats and "token_acc" not in stats
+
+
+def test_diva_input_target_is_what_a_scaled_embedding_feeds_the_llm():
+    # Gemma-style LLMs scale their embeddings inside the embedding module
+    # (embed_scale applied in its forward): L_IN's target is that output,
+    # never scaled a second time, so speech tokens equal to the stretched
+    # input embeddings cost nothing
+    import speechbrain as sb
+
+    from speechbrain_blspkd.nnet.qformer import QFormer
+    from speechbrain_blspkd.objectives import DiVAObjective
+    from speechbrain_blspkd.objectives.diva import stretch
+    from speechbrain_blspkd.utils.testing import tiny_speech_llm
+
+    class ScaledEmbedding(torch.nn.Embedding):
+        def __init__(self, weight, scale):
+            super().__init__(*weight.shape)
+            self.weight = weight
+            self.embed_scale = torch.tensor(scale)
+
+        def forward(self, ids):
+            return super().forward(ids) * self.embed_scale
+
+    torch.manual_seed(0)
+    model = tiny_speech_llm(
+        plora=None,
+        adapter=QFormer(64, 64, num_queries=5, num_layers=1, num_heads=4),
+    )
+    old = model.llm.get_input_embeddings()
+    model.llm.set_input_embeddings(ScaledEmbedding(old.weight, 4.0))
+    objective = DiVAObjective({"l_in": 1.0})
+    out = model(
+        ["the cat sat"],
+        feats=torch.randn(1, 12, 64),
+        request=objective.request(sb.Stage.VALID),
+    )
+    with torch.no_grad():
+        fed = model.embed_tokens(out.transcript_ids).float()
+        out.adapter.tokens = stretch(fed, out.transcript_mask, 5)
+    assert float(DiVAObjective.input_loss(out, model)) < 1e-10
+    # the unscaled table is not the target
+    with torch.no_grad():
+        out.adapter.tokens = out.adapter.tokens / 4.0
+    assert float(DiVAObjective.input_loss(out, model)) > 0.1

@@ -135,12 +135,10 @@ class DiVAObjective(Objective):
         embeddings, over the embedding variance."""
         adapter = outputs.adapter
         with torch.no_grad():
-            ids = outputs.transcript_ids
-            target = model.embed_tokens(ids).float()
-            scale = getattr(model.embed_tokens, "embed_scale", 1.0)
-            target = target * (
-                scale.item() if torch.is_tensor(scale) else scale
-            )
+            # what the LLM receives for these tokens: the embedding
+            # module's output, already scaled where the model scales its
+            # embeddings (Gemma's embed_scale is applied in its forward)
+            target = model.embed_tokens(outputs.transcript_ids).float()
         _, variance = model.embedding_table(target.device)
         losses = []
         for b in range(target.shape[0]):
