@@ -975,6 +975,11 @@ def run_recipe(argv):
     final = stages[-1] if stages else None  # its objective scores the test
 
     def parity(tag):
+        # `eval_tasks: null` (or empty): the test objective only, nothing
+        # decoded (e.g. ablations judged by their losses)
+        if not hparams["eval_tasks"]:
+            logger.info("eval_tasks is empty: no answers decoded (%s)", tag)
+            return {}
         # A sharded LLM is gathered whole for decoding: the ranks decode
         # different rows, so their layers cannot all-gather in step.
         with sharding.gathered(brain.model):

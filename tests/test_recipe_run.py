@@ -366,6 +366,14 @@ def test_every_method_runs_from_its_yaml(method, tiny_bases, tmp_path):
     else:
         assert log.read_text().count(f"stage: {method}, epoch") == 1
         assert trained["adapter"]["loss"] > 0
+    if method == "lad":  # the gate's confusion over the test split
+        from speechbrain_blspkd.metrics import confusion_from_stats
+
+        confusion = confusion_from_stats(trained["adapter"])
+        assert sum(confusion["support"].values()) == pytest.approx(1.0)
+        assert confusion["accuracy"] == pytest.approx(
+            trained["adapter"]["lid_acc"], abs=1e-6
+        )
     rows = [
         json.loads(line)
         for line in (out / "eval" / "trained" / "rows.jsonl").open()
@@ -392,6 +400,24 @@ def test_every_method_runs_from_its_yaml(method, tiny_bases, tmp_path):
         instructions="Repeat the following text exactly:",
     )[0]
     assert answer == first["hyp"]
+
+
+@pytest.mark.slow
+def test_no_eval_tasks_scores_the_test_objective_without_decoding(
+    tiny_bases, tmp_path
+):
+    data, out = tmp_path / "data", tmp_path / "out"
+    cmd = [sys.executable, "train.py", "hparams/diva.yaml"]
+    cmd += _common(tiny_bases, data, out) + METHOD_OVERRIDES["diva"]
+    cmd += [f"--encoder_asset={tiny_bases / 'whisper'}", "--eval_tasks=null"]
+    _run(cmd, RECIPE)
+    trained = json.loads(
+        (out / "eval" / "trained" / "summary.json").read_text()
+    )
+    assert set(trained) == {"adapter"}
+    assert trained["adapter"]["l_in"] > 0
+    assert not (out / "eval" / "trained" / "rows.jsonl").exists()
+    assert (out / "model" / "model.ckpt").is_file()
 
 
 @pytest.mark.slow
