@@ -1,10 +1,11 @@
 """The ablation driver of the SynthSpeech recipe (ablate.py)."""
 
-import importlib.util
 import json
 import pathlib
 
 import pytest
+
+from speechbrain_blspkd.utils.testing import load_script
 
 RECIPE = (
     pathlib.Path(__file__).resolve().parents[1]
@@ -15,12 +16,7 @@ RECIPE = (
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location(
-        "ablate", RECIPE / "ablate.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(RECIPE / "ablate.py")
 
 
 def test_shipped_plan_names_real_overrides():

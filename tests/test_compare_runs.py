@@ -1,10 +1,10 @@
 """The per-language comparison of recipe runs (SynthSpeech compare.py)."""
 
-import importlib.util
 import json
 import pathlib
 
 from speechbrain_blspkd.evaluation import summarize_parity
+from speechbrain_blspkd.utils.testing import load_script
 
 RECIPE = (
     pathlib.Path(__file__).resolve().parents[1]
@@ -15,12 +15,7 @@ RECIPE = (
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location(
-        "compare", RECIPE / "compare.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(RECIPE / "compare.py")
 
 
 SENTENCES = {

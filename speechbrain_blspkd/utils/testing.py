@@ -947,3 +947,26 @@ def _kill_marked(marker):
                 os.kill(int(entry.name), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def load_script(path):
+    """Import a stand-alone script (a recipe's ``ablate.py``) as a module.
+
+    Recipe scripts are not in a package, so tests load them by path.
+
+    Example
+    -------
+    >>> import pathlib, tempfile
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "tool.py"
+    >>> _ = p.write_text("ANSWER = 42\\n")
+    >>> load_script(p).ANSWER
+    42
+    """
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
