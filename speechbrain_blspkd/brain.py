@@ -486,11 +486,15 @@ class SpeechLLMBrain(sb.Brain):
             self.train_stats = stats
             return
         stats.update(self.eval_summary())
+        # a stat named "<name>/<part>" is a breakdown (e.g. the language
+        # gate's confusion, one per pair of languages): kept in the test
+        # summary and TensorBoard, left out of the log file's lines
+        summary = {k: v for k, v in stats.items() if "/" not in k}
         if stage == sb.Stage.VALID:
             self.hparams.train_logger.log_stats(
                 stats_meta={"stage": self.stage.name, "epoch": epoch},
                 train_stats=self.train_stats,
-                valid_stats=stats,
+                valid_stats=summary,
             )
             # every process: speechbrain's loggers are collectives
             self._tensorboard(
@@ -506,7 +510,7 @@ class SpeechLLMBrain(sb.Brain):
             self.test_stats = stats
             self.hparams.train_logger.log_stats(
                 stats_meta={"objective of stage": self.stage.name},
-                test_stats=stats,
+                test_stats=summary,
             )
 
 

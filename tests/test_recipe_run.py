@@ -374,6 +374,9 @@ def test_every_method_runs_from_its_yaml(method, tiny_bases, tmp_path):
         assert confusion["accuracy"] == pytest.approx(
             trained["adapter"]["lid_acc"], abs=1e-6
         )
+        # the breakdown stays out of the log file's lines
+        assert "lid_acc" in log.read_text()
+        assert "lid_confusion" not in log.read_text()
     rows = [
         json.loads(line)
         for line in (out / "eval" / "trained" / "rows.jsonl").open()
