@@ -18,15 +18,41 @@ Utilisation, two ways, both over the machine's peak:
   prefill and the first token), which is what the KV cache and the loop
   decide. ``new_token_gflop`` is the forward FLOPs per generated token
   (per row) of that loop.
+
+At small batches decoding is bound by memory, not by FLOPs: every step
+reads all the LLM's weights once, whatever the batch. ``weight_gbps`` is
+that stream (the weights' bytes times the decoding steps over the decoding
+time) and ``bandwidth_utilisation`` its share of the machine's copy
+bandwidth (``hardware.memory_gbps``): near 1, a faster loop cannot help,
+only fewer bytes per weight can.
 """
 
 from benchmarks.common import compare, count_flops, demo_model, texts
 
 
-def run(args, peak_gflops):
-    """Figures per batch size and cache: tokens/s, GFLOP/s, utilisation."""
+def weight_bytes(module):
+    """Bytes of the distinct parameters of ``module`` (tied ones once).
+
+    Example
+    -------
+    >>> import torch
+    >>> weight_bytes(torch.nn.Linear(3, 2))  # 8 float32 values
+    32
+    """
+    seen, total = set(), 0
+    for p in module.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def run(args, peak_gflops, memory_gbps=None):
+    """Figures per batch size and cache: tokens/s, GFLOP/s, utilisation,
+    and the weight stream of the decoding loop."""
     model = demo_model(args.dtype, args.device)
     model.eval()
+    llm_bytes = weight_bytes(model.llm)
     n_new = args.new_tokens
     caches = {"dynamic": {}, "static": {"cache_implementation": "static"}}
     out = {"new_tokens": n_new, "dtype": str(args.dtype).split(".")[-1]}
@@ -59,9 +85,14 @@ def run(args, peak_gflops):
             out[f"{key}.tokens_per_s"] = batch * n_new / t.best
             out[f"{key}.gflops"] = flops / t.best / 1e9
             out[f"{key}.utilisation"] = flops / t.best / 1e9 / peak_gflops
+            decode_seconds = max(t.best - t_first, 1e-9)
             out[f"{key}.decode_utilisation"] = (
-                decode_flops / max(t.best - t_first, 1e-9) / 1e9 / peak_gflops
+                decode_flops / decode_seconds / 1e9 / peak_gflops
             )
+            stream = llm_bytes * (n_new - 1) / decode_seconds / 1e9
+            out[f"{key}.weight_gbps"] = stream
+            if memory_gbps:
+                out[f"{key}.bandwidth_utilisation"] = stream / memory_gbps
         best = max(
             caches, key=lambda name: out[f"b{batch}.{name}.tokens_per_s"]
         )
@@ -71,8 +102,12 @@ def run(args, peak_gflops):
         out[f"b{batch}.decode_utilisation"] = out[
             f"b{batch}.{best}.decode_utilisation"
         ]
+        for figure in ("weight_gbps", "bandwidth_utilisation"):
+            if f"b{batch}.{best}.{figure}" in out:
+                out[f"b{batch}.{figure}"] = out[f"b{batch}.{best}.{figure}"]
     top = max(args.gen_batches)
     out["tokens_per_s"] = out[f"b{top}.tokens_per_s"]
     out["utilisation"] = out[f"b{top}.utilisation"]
     out["decode_utilisation"] = out[f"b{top}.decode_utilisation"]
+    out["llm_weight_mb"] = llm_bytes / 2**20
     return out

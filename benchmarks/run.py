@@ -7,7 +7,7 @@ Usage::
 
 Sections, in order (each a module of this package):
 
-``hardware``     matmul GFLOP/s in fp32 and bf16; the peak (denominator)
+``hardware``     matmul GFLOP/s in fp32 and bf16, the peak (denominator), copy GB/s
 ``train_step``   BLSP-KD / alignment / offline-teacher / CE step: seconds,
                  tokens/s, executed GFLOP/s, MFU (``--profile``: where the
                  KD step's time goes; ``--ablations``: prefix reuse, sparse
@@ -129,7 +129,11 @@ def run_section(name, args, figures):
 
     module = importlib.import_module(f"benchmarks.{name}")
     peak = figures.get("hardware", {}).get("peak_gflops")
-    if name in ("train_step", "generate"):
+    if name == "generate":
+        return module.run(
+            args, peak, figures.get("hardware", {}).get("memory_gbps")
+        )
+    if name == "train_step":
         return module.run(args, peak)
     if name == "budget":
         return module.run(args, figures)
