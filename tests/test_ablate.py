@@ -16,7 +16,7 @@ RECIPE = (
 
 
 def _module():
-    return load_script(RECIPE / "ablate.py")
+    return load_script("SynthSpeech/speech_llm/ablate.py")
 
 
 def test_shipped_plan_names_real_overrides():

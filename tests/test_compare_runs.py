@@ -1,21 +1,13 @@
 """The per-language comparison of recipe runs (SynthSpeech compare.py)."""
 
 import json
-import pathlib
 
 from speechbrain_blspkd.evaluation import summarize_parity
 from speechbrain_blspkd.utils.testing import load_script
 
-RECIPE = (
-    pathlib.Path(__file__).resolve().parents[1]
-    / "recipes"
-    / "SynthSpeech"
-    / "speech_llm"
-)
-
 
 def _module():
-    return load_script(RECIPE / "compare.py")
+    return load_script("SynthSpeech/speech_llm/compare.py")
 
 
 SENTENCES = {

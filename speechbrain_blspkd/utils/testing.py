@@ -952,7 +952,9 @@ def _kill_marked(marker):
 def load_script(path):
     """Import a stand-alone script (a recipe's ``ablate.py``) as a module.
 
-    Recipe scripts are not in a package, so tests load them by path.
+    Recipe scripts are not in a package, so tests load them by path; a
+    relative ``path`` is taken from the repository's ``recipes`` folder
+    (``"SynthSpeech/speech_llm/ablate.py"``).
 
     Example
     -------
@@ -966,6 +968,8 @@ def load_script(path):
     import pathlib
 
     path = pathlib.Path(path)
+    if not path.is_absolute():
+        path = pathlib.Path(__file__).resolve().parents[2] / "recipes" / path
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
