@@ -272,13 +272,32 @@ def aura_model(dtype, device):
     return model.to(device)
 
 
-def parameter_count(*modules):
-    """Parameters of the modules together (shared tensors counted once)."""
+def _distinct_parameters(modules):
+    """The parameters of ``modules``, each shared tensor once."""
     seen = {}
     for module in modules:
         for param in module.parameters():
-            seen[param.data_ptr()] = param.numel()
-    return sum(seen.values())
+            seen[param.data_ptr()] = param
+    return seen.values()
+
+
+def parameter_count(*modules):
+    """Parameters of the modules together (shared tensors counted once)."""
+    return sum(p.numel() for p in _distinct_parameters(modules))
+
+
+def parameter_bytes(*modules):
+    """Bytes of the modules' parameters (shared tensors counted once).
+
+    Example
+    -------
+    >>> import torch
+    >>> parameter_bytes(torch.nn.Linear(3, 2))  # 8 float32 values
+    32
+    """
+    return sum(
+        p.numel() * p.element_size() for p in _distinct_parameters(modules)
+    )
 
 
 def texts(n):

@@ -27,24 +27,13 @@ bandwidth (``hardware.memory_gbps``): near 1, a faster loop cannot help,
 only fewer bytes per weight can.
 """
 
-from benchmarks.common import compare, count_flops, demo_model, texts
-
-
-def weight_bytes(module):
-    """Bytes of the distinct parameters of ``module`` (tied ones once).
-
-    Example
-    -------
-    >>> import torch
-    >>> weight_bytes(torch.nn.Linear(3, 2))  # 8 float32 values
-    32
-    """
-    seen, total = set(), 0
-    for p in module.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
-    return total
+from benchmarks.common import (
+    compare,
+    count_flops,
+    demo_model,
+    parameter_bytes,
+    texts,
+)
 
 
 def run(args, peak_gflops, memory_gbps=None):
@@ -52,7 +41,7 @@ def run(args, peak_gflops, memory_gbps=None):
     and the weight stream of the decoding loop."""
     model = demo_model(args.dtype, args.device)
     model.eval()
-    llm_bytes = weight_bytes(model.llm)
+    llm_bytes = parameter_bytes(model.llm)
     n_new = args.new_tokens
     caches = {"dynamic": {}, "static": {"cache_implementation": "static"}}
     out = {"new_tokens": n_new, "dtype": str(args.dtype).split(".")[-1]}

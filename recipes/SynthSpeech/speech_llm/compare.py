@@ -46,22 +46,11 @@ def load_run(folder):
     return summary, rows
 
 
-def _cell(entry):
-    if not entry or entry.get("parity_chrf") is None:
+def _chrf_cell(chrf, shuffled):
+    """``chrF (shuffled)``, ``-`` when there is no chrF."""
+    if chrf is None:
         return "-"
-    shuffled = entry.get("parity_shuffled_chrf")
-    text = f"{entry['parity_chrf']:.1f}"
-    return text if shuffled is None else f"{text} ({shuffled:.1f})"
-
-
-def _overall(summary, task):
-    entry = (summary.get("tasks") or {}).get(task) or {}
-    speech = entry.get("speech") or {}
-    if speech.get("chrf") is None:
-        return "-"
-    shuffled = speech.get("shuffled_chrf")
-    text = f"{speech['chrf']:.1f}"
-    return text if shuffled is None else f"{text} ({shuffled:.1f})"
+    return f"{chrf:.1f}" if shuffled is None else f"{chrf:.1f} ({shuffled:.1f})"
 
 
 def teacher_cells(rows, task, languages):
@@ -108,6 +97,10 @@ def compare(runs):
     first_rows = next(iter(runs.values()))[1]
     tasks = sorted({r["task"] for r in first_rows})
     languages = list(dict.fromkeys(r["language"] for r in first_rows))
+    confusions = {
+        name: metrics.confusion_from_stats(summary.get("adapter") or {})
+        for name, (summary, _) in runs.items()
+    }
     out = []
     for task in tasks:
         out += [
@@ -119,20 +112,28 @@ def compare(runs):
         ]
         for name, (summary, _) in runs.items():
             by_language = summary.get("by_language") or {}
-            cells = [_cell(by_language.get(f"{task}/{x}")) for x in languages]
-            confusion = metrics.confusion_from_stats(
-                summary.get("adapter") or {}
+            cells = []
+            for language in languages:
+                entry = by_language.get(f"{task}/{language}") or {}
+                cells.append(
+                    _chrf_cell(
+                        entry.get("parity_chrf"),
+                        entry.get("parity_shuffled_chrf"),
+                    )
+                )
+            speech = ((summary.get("tasks") or {}).get(task) or {}).get(
+                "speech"
+            ) or {}
+            cells.append(
+                _chrf_cell(speech.get("chrf"), speech.get("shuffled_chrf"))
             )
-            lid = (
+            confusion = confusions[name]
+            cells.append(
                 "-"
                 if confusion is None
                 else f"{100 * confusion['accuracy']:.1f} %"
             )
-            out.append(
-                f"| {name} | "
-                + " | ".join(cells)
-                + f" | {_overall(summary, task)} | {lid} |"
-            )
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
         what = (
             "chrF vs transcript" if task == "repeat" else "answers = transcript"
         )
@@ -142,8 +143,7 @@ def compare(runs):
             + " | - |"
         )
         out.append("")
-    for name, (summary, _) in runs.items():
-        confusion = metrics.confusion_from_stats(summary.get("adapter") or {})
+    for name, confusion in confusions.items():
         if confusion is None:
             continue
         out += [
