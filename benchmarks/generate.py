@@ -25,7 +25,18 @@ that stream (the weights' bytes times the decoding steps over the decoding
 time) and ``bandwidth_utilisation`` its share of the machine's copy
 bandwidth (``hardware.memory_gbps``): near 1, a faster loop cannot help,
 only fewer bytes per weight can.
+
+``matmul_floor_ms`` is what the products of one decoding step cost alone:
+one pass of ``batch`` rows through every distinct linear weight of the LLM
+(the output layer included, a tied one once), nothing else. ``step_ms`` is
+the measured decoding time per new token and ``matmul_floor_share`` their
+ratio: the share of a step that the products need; the rest is attention,
+norms, sampling and Python per call, which only a leaner loop (fewer,
+larger kernel calls) removes.
 """
+
+import torch
+import torch.nn.functional as F
 
 from benchmarks.common import (
     compare,
@@ -36,12 +47,51 @@ from benchmarks.common import (
 )
 
 
+def linear_weights(module):
+    """The distinct weight matrices of ``module``'s linear layers.
+
+    Example
+    -------
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 4))
+    >>> net[1].weight = torch.nn.Parameter(net[0].weight.T.contiguous())
+    >>> [tuple(w.shape) for w in linear_weights(net)]
+    [(3, 4), (4, 3)]
+    """
+    seen = {}
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Linear):
+            seen.setdefault(layer.weight.data_ptr(), layer.weight)
+    return list(seen.values())
+
+
+def matmul_floor(weights, batch, rounds, device="cpu"):
+    """Best seconds of one pass of ``batch`` rows through every weight.
+
+    Example
+    -------
+    >>> matmul_floor([torch.ones(8, 4), torch.ones(2, 8)], 1, rounds=2) > 0
+    True
+    """
+    inputs = [
+        torch.randn(batch, w.shape[1], dtype=w.dtype, device=device)
+        for w in weights
+    ]
+
+    def one_pass():
+        with torch.no_grad():
+            for x, w in zip(inputs, weights):
+                F.linear(x, w)
+
+    return compare({"floor": one_pass}, rounds, device)["floor"].best
+
+
 def run(args, peak_gflops, memory_gbps=None):
     """Figures per batch size and cache: tokens/s, GFLOP/s, utilisation,
     and the weight stream of the decoding loop."""
     model = demo_model(args.dtype, args.device)
     model.eval()
     llm_bytes = parameter_bytes(model.llm)
+    weights = linear_weights(model.llm)
     n_new = args.new_tokens
     caches = {"dynamic": {}, "static": {"cache_implementation": "static"}}
     out = {"new_tokens": n_new, "dtype": str(args.dtype).split(".")[-1]}
@@ -82,6 +132,7 @@ def run(args, peak_gflops, memory_gbps=None):
             out[f"{key}.weight_gbps"] = stream
             if memory_gbps:
                 out[f"{key}.bandwidth_utilisation"] = stream / memory_gbps
+            out[f"{key}.step_ms"] = 1e3 * decode_seconds / (n_new - 1)
         best = max(
             caches, key=lambda name: out[f"b{batch}.{name}.tokens_per_s"]
         )
@@ -91,9 +142,14 @@ def run(args, peak_gflops, memory_gbps=None):
         out[f"b{batch}.decode_utilisation"] = out[
             f"b{batch}.{best}.decode_utilisation"
         ]
-        for figure in ("weight_gbps", "bandwidth_utilisation"):
+        for figure in ("weight_gbps", "bandwidth_utilisation", "step_ms"):
             if f"b{batch}.{best}.{figure}" in out:
                 out[f"b{batch}.{figure}"] = out[f"b{batch}.{best}.{figure}"]
+        floor = matmul_floor(weights, batch, args.rounds, args.device)
+        out[f"b{batch}.matmul_floor_ms"] = 1e3 * floor
+        out[f"b{batch}.matmul_floor_share"] = (
+            1e3 * floor / out[f"b{batch}.step_ms"]
+        )
     top = max(args.gen_batches)
     out["tokens_per_s"] = out[f"b{top}.tokens_per_s"]
     out["utilisation"] = out[f"b{top}.utilisation"]
