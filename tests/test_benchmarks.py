@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from benchmarks import budget, common
+from benchmarks import budget, common, generate
 from benchmarks import run as suite
 
 
@@ -39,6 +39,29 @@ def test_parameter_count_counts_shared_weights_once():
     tied = torch.nn.Linear(3, 2)
     tied.weight = a.weight  # shares 6 of its 8
     assert common.parameter_count(a, tied) == 10
+
+
+def test_linear_weights_are_the_distinct_linear_matrices(monkeypatch):
+    embed = torch.nn.Embedding(10, 4)
+    head = torch.nn.Linear(4, 10, bias=False)
+    head.weight = embed.weight  # tied output layer: counted once
+    net = torch.nn.ModuleDict(
+        {"embed": embed, "mlp": torch.nn.Linear(4, 6), "head": head}
+    )
+    shapes = sorted(tuple(w.shape) for w in generate.linear_weights(net))
+    assert shapes == [(6, 4), (10, 4)]
+    # the floor runs one product per weight, with the batch's rows
+    seen = []
+    real = torch.nn.functional.linear
+
+    def spy(x, w, *rest):
+        seen.append((tuple(x.shape), tuple(w.shape)))
+        return real(x, w, *rest)
+
+    monkeypatch.setattr(generate.F, "linear", spy)
+    generate.matmul_floor(generate.linear_weights(net), 3, rounds=1)
+    # one warm-up pass and one timed pass
+    assert seen == [((3, 4), (6, 4)), ((3, 4), (10, 4))] * 2
 
 
 def test_compare_alternates_and_keeps_every_round():
