@@ -19,9 +19,10 @@ def _module():
     return load_script("SynthSpeech/speech_llm/ablate.py")
 
 
-def test_shipped_plan_names_real_overrides():
+@pytest.mark.parametrize("plan_file", ["ablations.yaml", "scaling.yaml"])
+def test_shipped_plan_names_real_overrides(plan_file):
     ablate = _module()
-    plan = ablate.load_plan(RECIPE / "ablations.yaml")
+    plan = ablate.load_plan(RECIPE / plan_file)
     keys = {
         line.split(":")[0]
         for line in (RECIPE / plan["hparams"]).read_text().splitlines()
@@ -94,3 +95,20 @@ def test_bad_plan_is_refused(tmp_path):
     )
     with pytest.raises(ValueError, match="not an identifier"):
         ablate.load_plan(path)
+
+
+def test_scaling_curve_points_train_equal_steps():
+    plan = _module().load_plan(RECIPE / "scaling.yaml")
+
+    def clips_seen(name):
+        args = plan["common"] + plan["variants"][name]
+        value = {a[2:]: b for a, b in zip(args, args[1:]) if a.startswith("--")}
+        return int(value["align_max_utterances"]) * int(
+            value["align_epochs_limit"]
+        )
+
+    curve = [n for n in plan["variants"] if n in ("n1200", "n2400", "n4800")]
+    assert len(curve) == 3
+    assert len({clips_seen(n) for n in curve}) == 1
+    # the step-bound check doubles the steps at the largest size
+    assert clips_seen("n4800_e2") == 2 * clips_seen("n4800")
