@@ -52,10 +52,11 @@ def linear_weights(module):
 
     Example
     -------
-    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 4))
-    >>> net[1].weight = torch.nn.Parameter(net[0].weight.T.contiguous())
-    >>> [tuple(w.shape) for w in linear_weights(net)]
-    [(3, 4), (4, 3)]
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 3))
+    >>> tied = torch.nn.Linear(4, 4)
+    >>> tied.weight = net[0].weight  # the same tensor: listed once
+    >>> [tuple(w.shape) for w in linear_weights(torch.nn.ModuleList([net, tied]))]
+    [(4, 4), (3, 4)]
     """
     seen = {}
     for layer in module.modules():
