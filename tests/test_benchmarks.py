@@ -44,9 +44,8 @@ def test_parameter_count_counts_shared_weights_once():
 def test_linear_weights_are_the_distinct_linear_matrices(monkeypatch):
     embed = torch.nn.Embedding(10, 4)
     head = torch.nn.Linear(4, 10, bias=False)
-    head.weight = (
-        embed.weight
-    )  # tied output layer: the embedding is not a product
+    # a tied output layer: listed as the head's; the embedding is no product
+    head.weight = embed.weight
     net = torch.nn.ModuleDict(
         {"embed": embed, "mlp": torch.nn.Linear(4, 6), "head": head}
     )
