@@ -19,7 +19,9 @@ def _module():
     return load_script("SynthSpeech/speech_llm/ablate.py")
 
 
-@pytest.mark.parametrize("plan_file", ["ablations.yaml", "scaling.yaml"])
+@pytest.mark.parametrize(
+    "plan_file", ["ablations.yaml", "scaling.yaml", "levers.yaml"]
+)
 def test_shipped_plan_names_real_overrides(plan_file):
     ablate = _module()
     plan = ablate.load_plan(RECIPE / plan_file)
@@ -112,3 +114,18 @@ def test_scaling_curve_points_train_equal_steps():
     assert len({clips_seen(n) for n in curve}) == 1
     # the step-bound check doubles the steps at the largest size
     assert clips_seen("n4800_e2") == 2 * clips_seen("n4800")
+
+
+def test_lever_rows_change_one_setting_and_see_the_same_clips():
+    plan = _module().load_plan(RECIPE / "levers.yaml")
+    common = dict(zip(plan["common"][::2], plan["common"][1::2]))
+    assert plan["variants"]["base"] == []
+    for name, args in plan["variants"].items():
+        if name == "base":
+            continue
+        # one flag per lever, and none that the shared overrides already set
+        assert len(args) == 2 and args[0].startswith("--"), name
+        assert args[0] not in common, name
+    # every row sees the same clips: epochs x the whole corpus
+    assert common["--align_epochs_limit"] == "2"
+    assert "--align_max_utterances" not in common
