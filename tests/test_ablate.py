@@ -120,12 +120,20 @@ def test_lever_rows_change_one_setting_and_see_the_same_clips():
     plan = _module().load_plan(RECIPE / "levers.yaml")
     common = dict(zip(plan["common"][::2], plan["common"][1::2]))
     assert plan["variants"]["base"] == []
+    singles, combined = {}, {}
     for name, args in plan["variants"].items():
         if name == "base":
             continue
-        # one flag per lever, and none that the shared overrides already set
-        assert len(args) == 2 and args[0].startswith("--"), name
-        assert args[0] not in common, name
+        flags = dict(zip(args[::2], args[1::2]))
+        assert all(f.startswith("--") for f in flags), name
+        # none re-sets what the shared overrides already set
+        assert not set(flags) & set(common), name
+        (singles if len(flags) == 1 else combined)[name] = flags
+    assert len(singles) >= 4
+    # a combination row only combines settings measured alone
+    measured = {item for flags in singles.values() for item in flags.items()}
+    for name, flags in combined.items():
+        assert set(flags.items()) <= measured, name
     # every row sees the same clips: epochs x the whole corpus
     assert common["--align_epochs_limit"] == "2"
     assert "--align_max_utterances" not in common
