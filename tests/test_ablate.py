@@ -119,21 +119,30 @@ def test_scaling_curve_points_train_equal_steps():
 def test_lever_rows_change_one_setting_and_see_the_same_clips():
     plan = _module().load_plan(RECIPE / "levers.yaml")
     common = dict(zip(plan["common"][::2], plan["common"][1::2]))
-    assert plan["variants"]["base"] == []
+
+    def flags(name):
+        args = plan["variants"][name]
+        assert all(a.startswith("--") for a in args[::2]), name
+        return dict(zip(args[::2], args[1::2]))
+
+    base = flags("base")
     singles, combined = {}, {}
-    for name, args in plan["variants"].items():
-        if name == "base":
-            continue
-        flags = dict(zip(args[::2], args[1::2]))
-        assert all(f.startswith("--") for f in flags), name
+    for name in plan["variants"]:
+        row = flags(name)
         # none re-sets what the shared overrides already set
-        assert not set(flags) & set(common), name
-        (singles if len(flags) == 1 else combined)[name] = flags
+        assert not set(row) & set(common), name
+        changed = {k: v for k, v in row.items() if base.get(k) != v}
+        changed.update({k: None for k in base if k not in row})
+        if name == "base":
+            assert not changed
+            continue
+        assert None not in changed.values(), name
+        (singles if len(changed) == 1 else combined)[name] = changed
     assert len(singles) >= 4
     # a combination row only combines settings measured alone
-    measured = {item for flags in singles.values() for item in flags.items()}
-    for name, flags in combined.items():
-        assert set(flags.items()) <= measured, name
+    measured = {item for row in singles.values() for item in row.items()}
+    for name, changed in combined.items():
+        assert set(changed.items()) <= measured, name
     # every row sees the same clips: epochs x the whole corpus
     assert common["--align_epochs_limit"] == "2"
     assert "--align_max_utterances" not in common
