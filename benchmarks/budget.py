@@ -63,7 +63,7 @@ def run(args, figures):
     enc = figures["encoder"]
     tokens_per_s = gen["tokens_per_s"]
     encode_per_clip = enc["cache.encode_seconds"] / enc["cache.batch"]
-    align_batch = y["align_dataloader_opts"]["batch_size"]
+    align_batch = y["align_batch_size"]
     align_steps = math.ceil(y["num_train"] / align_batch)
     kd_steps = math.ceil(kd_rows / y["kd_dataloader_opts"]["batch_size"])
     eval_rows = min(y["num_test"], y["eval_max_utterances"] or y["num_test"])

@@ -193,6 +193,18 @@ def test_layer_map_and_evenly_spaced():
         evenly_spaced(7, 6)
 
 
+def test_layer_map_takes_bf16_states_outside_autocast():
+    """A bf16 LLM (dtype auto on a CPU with AMX) feeds bf16 states to the
+    fp32 maps; the validation pass runs them outside autocast."""
+    torch.manual_seed(0)
+    layer_map = LayerMap(8, 4, [1], [1])
+    states = torch.randn(2, 3, 8)
+    out = layer_map(0, states.to(torch.bfloat16))
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 4)
+    want = layer_map(0, states.to(torch.bfloat16).float())
+    assert torch.equal(out, want)
+
+
 def test_layer_map_picks_the_named_layers():
     """LLM layers (2, 1) <- teacher layers (0, 2): the request names the LLM
     layers, and pair k compares LLM hidden state l_k (normalised, through

@@ -80,7 +80,7 @@ def test_compare_alternates_and_keeps_every_round():
 def test_recipe_counts_reads_the_demo_yaml_plain_values():
     y = budget.recipe_counts()
     assert isinstance(y["num_train"], int) and y["num_train"] > 0
-    assert y["align_dataloader_opts"]["batch_size"] > 0
+    assert y["align_batch_size"] > 0
     assert y["encoder"] is None  # a tagged node is not built
 
 
@@ -94,7 +94,7 @@ def test_budget_prices_each_stage_from_the_figures(monkeypatch):
     }
     out = budget.run(None, figures)
     align_steps = math.ceil(
-        y["num_train"] / y["align_dataloader_opts"]["batch_size"]
+        y["num_train"] / y["align_batch_size"]
     )
     assert out["align.steps"] == y["align_epochs_limit"] * align_steps
     assert out["align.seconds"] == pytest.approx(out["align.steps"] * 2.0)

@@ -234,9 +234,14 @@ class LayerMap(nn.Module):
         return [b for _, b in self.pairs]
 
     def forward(self, index, states):
-        """Pair ``index``'s map applied to LLM states (..., student_size)."""
-        normed = F.layer_norm(states, (self.student_size,))
-        return self.maps[index](normed)
+        """Pair ``index``'s map applied to LLM states (..., student_size).
+
+        States of another dtype than the map (a bf16 LLM beside fp32 maps,
+        outside autocast) are cast to the map's dtype.
+        """
+        linear = self.maps[index]
+        states = states.to(linear.weight.dtype)
+        return linear(F.layer_norm(states, (self.student_size,)))
 
 
 class AuRAObjective(Objective):
