@@ -93,9 +93,7 @@ def test_budget_prices_each_stage_from_the_figures(monkeypatch):
         "encoder": {"cache.encode_seconds": 4.0, "cache.batch": 8},
     }
     out = budget.run(None, figures)
-    align_steps = math.ceil(
-        y["num_train"] / y["align_batch_size"]
-    )
+    align_steps = math.ceil(y["num_train"] / y["align_batch_size"])
     assert out["align.steps"] == y["align_epochs_limit"] * align_steps
     assert out["align.seconds"] == pytest.approx(out["align.steps"] * 2.0)
     assert out["kd.seconds"] == pytest.approx(out["kd.steps"] * 10.0)
