@@ -373,3 +373,37 @@ def test_two_ranks_decode_the_rows_of_one_process(runs):
 
 if __name__ == "__main__":
     worker(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+
+
+def test_checkpoint_killed_mid_save_is_not_listed(tmp_path):
+    """speechbrain writes a checkpoint's meta file before its parameter
+    files; a save cut short must leave nothing that recovery would load."""
+    from speechbrain.utils.checkpoints import (
+        mark_as_loader,
+        mark_as_saver,
+        register_checkpoint_hooks,
+    )
+
+    from speechbrain_blspkd.utils.distributed import Checkpointer
+
+    @register_checkpoint_hooks
+    class Dies:
+        @mark_as_saver
+        def save(self, path):
+            raise KeyboardInterrupt  # the process is killed here
+
+        @mark_as_loader
+        def load(self, path, end_of_epoch=False):
+            pass
+
+    lin = torch.nn.Linear(2, 2)
+    good = Checkpointer(tmp_path, {"lin": lin})
+    good.save_checkpoint(name="complete")
+    dying = Checkpointer(tmp_path, {"lin": lin, "z": Dies()})
+    with pytest.raises(KeyboardInterrupt):
+        dying.save_checkpoint(name="cut")
+    assert (tmp_path / "CKPT+cut").is_dir()  # the folder was started
+    names = [c.path.name for c in Checkpointer(tmp_path).list_checkpoints()]
+    assert names == ["CKPT+complete"]
+    # and the complete one still recovers
+    assert good.recover_if_possible().path.name == "CKPT+complete"

@@ -34,12 +34,14 @@ single process, as speechbrain's own collectives do there
 hang.
 """
 
+import os
 import pathlib
 import tempfile
 
 import torch
 from speechbrain.utils import checkpoints as sb_checkpoints
 from speechbrain.utils.distributed import (
+    ddp_barrier,
     ddp_broadcast,
     ddp_prevent_block,
     if_main_process,
@@ -232,6 +234,31 @@ class Checkpointer(sb_checkpoints.Checkpointer):
     >>> ckpt.recover_if_possible().path.name, bool(lin.weight.abs().sum())
     ('CKPT+a', True)
     """
+
+    #: suffix of a checkpoint's meta file while its parameter files are
+    #: still being written (speechbrain writes the meta file first)
+    PARTIAL = ".partial"
+
+    def _save_checkpoint_metafile(self, fpath, meta=None, end_of_epoch=True):
+        """Write the meta file under a temporary name; :meth:`save_checkpoint`
+        renames it once every parameter file is written, so a process killed
+        mid-save leaves a folder no listing finds (speechbrain lists the
+        folders holding a meta file, and writes it before the files)."""
+        fpath = pathlib.Path(fpath)
+        partial = fpath.with_name(fpath.name + self.PARTIAL)
+        saved = super()._save_checkpoint_metafile(partial, meta, end_of_epoch)
+        self._pending_meta = (partial, fpath)
+        return saved
+
+    def save_checkpoint(self, *args, **kwargs):
+        """speechbrain's save, listed only when complete (see above)."""
+        checkpoint = super().save_checkpoint(*args, **kwargs)
+        if not ddp_prevent_block():
+            ddp_barrier()  # every rank's files are written
+        pending, self._pending_meta = getattr(self, "_pending_meta", None), None
+        if pending is not None:
+            os.replace(*pending)
+        return checkpoint
 
     def list_checkpoints(self):
         """The main process's checkpoints, on every rank (a collective)."""
