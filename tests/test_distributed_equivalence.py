@@ -371,10 +371,6 @@ def test_two_ranks_decode_the_rows_of_one_process(runs):
     assert summary[0] == summary[1]
 
 
-if __name__ == "__main__":
-    worker(sys.argv[1], sys.argv[2], int(sys.argv[3]))
-
-
 def test_checkpoint_killed_mid_save_is_not_listed(tmp_path):
     """speechbrain writes a checkpoint's meta file before its parameter
     files; a save cut short must leave nothing that recovery would load."""
@@ -407,3 +403,7 @@ def test_checkpoint_killed_mid_save_is_not_listed(tmp_path):
     assert names == ["CKPT+complete"]
     # and the complete one still recovers
     assert good.recover_if_possible().path.name == "CKPT+complete"
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], sys.argv[2], int(sys.argv[3]))

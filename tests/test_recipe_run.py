@@ -390,6 +390,7 @@ def test_every_method_runs_from_its_yaml(method, tiny_bases, tmp_path):
     )
     import soundfile as sf
     import torch
+    from speechbrain.utils.data_utils import batch_pad_right
 
     # the recipe's test batch (its "repeat" rows in decoding order, padded
     # alike): bf16 decoding (dtype auto on a CPU with AMX) of a random tiny
@@ -408,11 +409,7 @@ def test_every_method_runs_from_its_yaml(method, tiny_bases, tmp_path):
         )
         for r in repeats
     ]
-    longest = max(a.numel() for a in audio)
-    batch = torch.zeros(len(audio), longest)
-    for i, a in enumerate(audio):
-        batch[i, : a.numel()] = a
-    lens = torch.tensor([a.numel() / longest for a in audio])
+    batch, lens = batch_pad_right(audio)
     answers = llm.generate_batch(
         batch, lens, instructions="Repeat the following text exactly:"
     )
