@@ -30,10 +30,13 @@ want="$(cat requirements.txt requirements-demo.txt setup.py tools/install.sh too
 # --- Debian tools -----------------------------------------------------------
 if [ "${SKIP_APT:-0}" != 1 ]; then
   # espeak-ng + sox synthesise speech; the fortunes packages hold the
-  # SynthSpeech sentences (speechbrain_blspkd.dataprep.synthspeech).
+  # SynthSpeech sentences (speechbrain_blspkd.dataprep.synthspeech), and the
+  # Bible, WordNet, more fortunes and the Dhammapada its extra English
+  # training sentences (speechbrain_blspkd.dataprep.english_text).
   missing=()
   for pkg in espeak-ng sox fortunes fortunes-min fortunes-de fortunes-es \
-             fortunes-it fortunes-br; do
+             fortunes-it fortunes-br bible-kjv bible-kjv-text wordnet-base \
+             fortune-anarchism tfortunes display-dhammapada; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" \
       || missing+=("$pkg")
   done

@@ -75,9 +75,18 @@ APT_PACKAGES = (
     "fortunes-es",
     "fortunes-it",
     "fortunes-br",
+    # English sources beyond the fortunes (dataprep.english_text)
+    "bible-kjv",
+    "bible-kjv-text",
+    "wordnet-base",
+    "fortune-anarchism",
+    "tfortunes",
+    "display-dhammapada",
 )
 
-PLAN_VERSION = 1
+#: 2: English training sentences beyond the core fortunes
+#: (:func:`language_pools`), pools de-duplicated by :func:`sentence_key`.
+PLAN_VERSION = 2
 PLAN_FILE = "synthspeech_plan.json"
 SPLITS = ("train", "valid", "test")
 FORTUNE_DIR = pathlib.Path("/usr/share/games/fortunes")
@@ -417,11 +426,23 @@ def fortune_sentences(sources):
     return out
 
 
+def sentence_key(text):
+    """Case- and punctuation-insensitive key of a sentence: sentences with
+    the same key count as one (de-duplication, split disjointness).
+
+    Example
+    -------
+    >>> sentence_key("Hello, World!") == sentence_key("hello world.")
+    True
+    """
+    return re.sub(r"[^\w]+", " ", text.lower()).strip()
+
+
 def _add_sentence(cand, out, seen, language=None):
     s = clean_sentence(cand, language)
     if s is None:
         return
-    key = re.sub(r"[^\w]+", " ", s.lower()).strip()
+    key = sentence_key(s)
     if key not in seen:
         seen.add(key)
         out.append(s)
@@ -545,19 +566,60 @@ def _language_sentences(language):
             f"{sorted(LANGUAGES)}"
         )
     _, sources, _ = LANGUAGES[language]
-    out = fortune_sentences(sources)
-    seen = {re.sub(r"[^\w]+", " ", s.lower()).strip() for s in out}
+    core = fortune_sentences(sources)
+    seen = {sentence_key(s) for s in core}
+    extra = []
     if language != "en":
         for s in gettext_sentences(language):
-            _add_sentence(s, out, seen, language)
-    return tuple(out)
+            _add_sentence(s, core, seen, language)
+    else:
+        from speechbrain_blspkd.dataprep import english_text
+
+        extra = [
+            s
+            for s in english_text.extra_sentences()
+            if sentence_key(s) not in seen
+        ]
+    return tuple(core), tuple(extra)
+
+
+def language_pools(language):
+    """The core and the extra sentences of ``language`` on this machine.
+
+    Valid and test sentences come from the core pool only (the fortunes,
+    and gettext translations for languages other than English); the extra
+    pool (English only: the other sources of
+    :mod:`~speechbrain_blspkd.dataprep.english_text`: more fortunes, the
+    King James Bible, WordNet examples, the Dhammapada) only ever adds
+    training sentences, and holds no sentence whose :func:`sentence_key`
+    is a core one's.  Both are cached for the life of the process.
+
+    Arguments
+    ---------
+    language : str
+        A key of :data:`LANGUAGES`.
+
+    Returns
+    -------
+    tuple of (list of str, list of str)
+
+    Example
+    -------
+    >>> core, extra = language_pools("en")
+    >>> {sentence_key(s) for s in core} & {sentence_key(s) for s in extra}
+    set()
+    """
+    core, extra = _language_sentences(language)
+    return list(core), list(extra)
 
 
 def language_sentences(language):
     """All clean sentences available on this machine for ``language``.
 
-    Fortune texts first, then (except for English) gettext translations;
-    the result is cached for the life of the process.
+    The core pool first (fortune texts, then, except for English, gettext
+    translations), then the extra pool (:func:`language_pools`), without
+    two sentences of the same :func:`sentence_key`; cached for the life of
+    the process.
 
     Arguments
     ---------
@@ -573,7 +635,8 @@ def language_sentences(language):
     >>> all(clean_sentence(s) == s for s in language_sentences("en"))
     True
     """
-    return list(_language_sentences(language))
+    core, extra = _language_sentences(language)
+    return list(core + extra)
 
 
 def check_requirements(languages):
@@ -598,6 +661,10 @@ def check_requirements(languages):
         _, sources, pkg = LANGUAGES[lang]
         if sources and not any((FORTUNE_DIR / s).exists() for s in sources):
             missing.extend(pkg.split())
+        if lang == "en":  # the training sentences beyond the fortunes
+            from speechbrain_blspkd.dataprep import english_text
+
+            missing.extend(english_text.missing_sources())
     if missing:
         raise RuntimeError(
             "SynthSpeech needs Debian packages that are not installed: "
@@ -660,8 +727,18 @@ def make_plan(
     seed,
     en_fraction=0.8,
     sentences=None,
+    extra=None,
 ):
     """Deterministic assignment of sentences and voices to utterances.
+
+    Per language, the core pool (de-duplicated by :func:`sentence_key`) is
+    shuffled with a seed of its own; the test sentences are its first
+    ones, the valid sentences the next, and the training sentences the
+    rest of it followed by the extra pool (shuffled with another seed,
+    sentences whose key is a core one's left out).  So the three splits
+    never share a sentence, the test and valid sentences depend only on
+    the seed, the pool and their own sizes (not on ``num_train``), and a
+    larger ``num_train`` keeps the training sentences of a smaller one.
 
     Arguments
     ---------
@@ -676,7 +753,12 @@ def make_plan(
         Share of English utterances when English is among several
         languages; None: every language gets an equal share.
     sentences : dict, optional
-        ``{language: [sentence, ...]}``; default: :func:`language_sentences`.
+        ``{language: [sentence, ...]}``, the core pools; default: those of
+        :func:`language_pools`.
+    extra : dict, optional
+        ``{language: [sentence, ...]}``, training-only sentences; default:
+        those of :func:`language_pools` when ``sentences`` is None, else
+        none.
 
     Returns
     -------
@@ -691,19 +773,25 @@ def make_plan(
     >>> plan = make_plan(4, 2, 2, ["en"], 0, sentences=sents)
     >>> [u["split"] for u in plan["utterances"]].count("test")
     2
+    >>> more = {"en": ["An extra sentence for training."]}
+    >>> plan = make_plan(7, 2, 2, ["en"], 0, sentences=sents, extra=more)
+    >>> sorted({u["text"] for u in plan["utterances"]
+    ...     if u["split"] == "train"})[0]
+    'An extra sentence for training.'
     """
     languages = list(languages)
     sizes = dict(train=num_train, valid=num_valid, test=num_test)
-    rng = random.Random(seed)
-    utts = []
+    chunks = {}
     for lang in languages:
-        pool = list(
-            sentences[lang]
-            if sentences is not None
-            else language_sentences(lang)
-        )
+        if sentences is None:
+            pool, more = language_pools(lang)
+        else:
+            pool = list(sentences[lang])
+            more = list((extra or {}).get(lang, ()))
+        pool = _unique(pool)
         random.Random(f"{seed}-{lang}").shuffle(pool)
-        voices = LANGUAGES[lang][0]
+        more = _unique(more, exclude={sentence_key(s) for s in pool})
+        random.Random(f"{seed}-{lang}-extra").shuffle(more)
         pos = 0
         # test first, then valid, then train: disjoint slices of the pool;
         # a split reuses sentences of its own slice only if the pool is short
@@ -718,15 +806,27 @@ def make_plan(
             avail = len(pool) - pos
             if split != "train":
                 take = min(n, max(1, avail // 4))
+                chunk = pool[pos : pos + take]
             else:
-                take = min(n, avail)
+                chunk = (pool[pos:] + more)[:n]
+                take = len(chunk)
             if take <= 0:
                 raise ValueError(
                     f"SynthSpeech: only {len(pool)} {lang} sentences "
                     f"available, too few for the requested split sizes"
                 )
-            chunk = pool[pos : pos + take]
             pos += take
+            chunks[split, lang] = (chunk, n)
+    # voices etc. are drawn split by split (test first), so that no split
+    # depends on the size of a later one
+    rng = random.Random(seed)
+    utts = []
+    for split in ("test", "valid", "train"):
+        for lang in languages:
+            if (split, lang) not in chunks:
+                continue
+            chunk, n = chunks[split, lang]
+            voices = LANGUAGES[lang][0]
             for k in range(n):
                 utts.append(
                     dict(
@@ -755,6 +855,18 @@ def make_plan(
         en_fraction=en_fraction,
     )
     return dict(options=options, utterances=utts)
+
+
+def _unique(sentences, exclude=()):
+    """``sentences`` without repeated :func:`sentence_key` s (first kept)
+    and without those whose key is in ``exclude``."""
+    out, seen = [], set(exclude)
+    for s in sentences:
+        key = sentence_key(s)
+        if key not in seen:
+            seen.add(key)
+            out.append(s)
+    return out
 
 
 def wav_relpath(utt):
