@@ -42,9 +42,40 @@ and, per set, the vocabulary coverage: the share of the test transcripts'
 LLM tokens that occur in the training transcripts' LLM tokens
 (:func:`speechbrain_blspkd.metrics.vocabulary_coverage`).
 
+With ``--ladder``, each set also gets the **quality ladder**
+(:func:`quality_ladder`): where the answer quality is lost between the
+transcript and inference.  The speech LLM's own student path (its speech
+prompt, PLoRA on the speech positions, the same batched greedy
+generation, :func:`generate_from_embeddings`) answers the "repeat"
+instruction on the same clips when fed, in place of the speech
+embeddings:
+
+a. the transcript's own LLM token embeddings;
+b. the adapter's outputs at the true count ``N``, each snapped to its
+   nearest LLM token embedding (cosine, as the nearest-token accuracy);
+c. the adapter's outputs at the true count;
+d. the adapter's outputs at the predicted count ``N^``, snapped;
+e. the adapter's outputs at the predicted count: what inference does, so
+   its answers are the speech row's ("repeat") answers, clip by clip
+   (checked: ``e_matches_speech_rows``; a mismatch is noted under the
+   table).
+
+Each rung's answers are scored against the teacher's text answer (chrF,
+WER, and the shuffled-pair level of the same answers).  a -> c is what the
+adapter loses even when told the count, c -> e what the count prediction
+loses, and b / d tell how much of it survives reading each embedding as
+a token.  The ladder needs an adapter that emits one embedding per
+transcript token when told the count (CIF, e.g. the CFormer); for the
+others it is skipped with a note.  It is off by default: it decodes the
+"repeat" task five more times per set (a cached re-measurement otherwise
+decodes the speech LLM twice), and needs decoding (not with
+``--tokens-only``).
+
 Outputs in ``--out``: ``hearing.json`` and ``hearing.md`` (the tables; also
 printed), written atomically, and per set the decoded rows
-(``<set>/speech_rows.jsonl``, ``<set>/cascade_rows.jsonl``).  What does not
+(``<set>/speech_rows.jsonl``, ``<set>/cascade_rows.jsonl``, and with
+``--ladder`` ``<set>/ladder_rows.jsonl``: per clip the teacher's answer
+and each rung's).  What does not
 change between two measurements is cached in ``--cache-dir``: the teacher
 answers (keyed by a fingerprint of the LLM weights, the prompts, the
 instructions and the generation limit, each answer checked against its
@@ -56,6 +87,7 @@ Authors
 """
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -81,10 +113,14 @@ from speechbrain_blspkd.utils.cli import report_error, setup_logging
 
 __all__ = [
     "DEFAULT_TASKS",
+    "LADDER_RUNGS",
     "adapter_token_accuracy",
     "format_tables",
+    "generate_from_embeddings",
+    "ladder_table",
     "main",
     "measure",
+    "quality_ladder",
     "resolve_model_folder",
 ]
 
@@ -318,6 +354,268 @@ def adapter_token_accuracy(
     }
 
 
+#: The rungs of the quality ladder: what the LLM's student path (PLoRA on
+#: the speech positions, the model's speech prompt) is fed in place of the
+#: speech embeddings, from the transcript itself down to inference.
+LADDER_RUNGS = {
+    "a": "transcript token embeddings",
+    "b": "adapter at true N, snapped to nearest tokens",
+    "c": "adapter at true N",
+    "d": "adapter at predicted N^, snapped to nearest tokens",
+    "e": "adapter at predicted N^ (inference)",
+}
+
+
+class _ReplayAdapter(torch.nn.Module):
+    """Stands in for a model's adapter and returns a fixed output."""
+
+    def __init__(self, output):
+        super().__init__()
+        self.output = output
+
+    def forward(self, feats, lengths=None, targets=None):
+        return self.output
+
+
+@contextlib.contextmanager
+def _replaying(model, output):
+    """The model's adapter replaced by one that returns ``output``."""
+    adapter = model.adapter
+    model.adapter = _ReplayAdapter(output)
+    try:
+        yield
+    finally:
+        model.adapter = adapter
+
+
+@torch.no_grad()
+def generate_from_embeddings(
+    model,
+    tokens,
+    mask,
+    instructions=None,
+    max_new_tokens=32,
+    names=None,
+    source=None,
+):
+    """Answers of ``model`` when given speech embeddings are fed in place of
+    the adapter's.
+
+    The generation is the model's own speech generation
+    (:meth:`~speechbrain_blspkd.models.speech_llm.SpeechLLMModel.generate`:
+    the speech prompt, the embeddings at its speech slots, PLoRA on those
+    positions, left-padded batch, greedy with the KV cache): during the call
+    the model's adapter is replaced by one that returns ``tokens``.
+
+    Arguments
+    ---------
+    model : speechbrain_blspkd.models.speech_llm.SpeechLLMModel
+        The speech LLM.
+    tokens : torch.Tensor
+        (B, N, D) embeddings in the LLM input space.
+    mask : torch.Tensor
+        (B, N) bool: the embeddings of each row that enter its prompt.
+    instructions : str or list of str, optional
+        Speech prompt instructions (default: the model's).
+    max_new_tokens : int
+        Generation limit.
+    names, source : optional
+        How rows are named in a context-length error.
+
+    Returns
+    -------
+    list of str
+
+    Example
+    -------
+    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> model = tiny_speech_llm().eval()
+    >>> ids = torch.tensor([model.transcript_ids(["the cat"])[0]])
+    >>> texts = generate_from_embeddings(model, model.embed_tokens(ids),
+    ...     torch.ones_like(ids, dtype=torch.bool), "Repeat:", 3)
+    >>> len(texts)
+    1
+    """
+    from speechbrain_blspkd.nnet.adapter import AdapterOutput
+
+    output = AdapterOutput(tokens=tokens, token_mask=mask.bool())
+    with _replaying(model, output):
+        return model.generate(
+            feats=tokens,
+            instructions=instructions,
+            max_new_tokens=max_new_tokens,
+            names=names,
+            source=source,
+        )
+
+
+def _padded_ids(ids, device):
+    """(B, N) right-padded token ids (0 beyond a row) and their mask."""
+    width = max(1, max(len(x) for x in ids))
+    padded = torch.zeros(len(ids), width, dtype=torch.long)
+    for k, seq in enumerate(ids):
+        padded[k, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    lengths = torch.tensor([len(x) for x in ids])
+    mask = torch.arange(width)[None] < lengths[:, None]
+    return padded.to(device), mask.to(device)
+
+
+def _snapped(model, tokens, mask):
+    """``tokens`` with every masked vector replaced by the LLM input
+    embedding of its nearest token (cosine over the whole table)."""
+    nearest = metrics.nearest_tokens(
+        tokens[mask].float(), model.embed_tokens.weight
+    )
+    embeds = model.embed_tokens(nearest)
+    out = torch.zeros(
+        tokens.shape[:2] + embeds.shape[-1:],
+        dtype=embeds.dtype,
+        device=embeds.device,
+    )
+    out[mask.to(out.device)] = embeds
+    return out
+
+
+@torch.no_grad()
+def quality_ladder(
+    model,
+    rows,
+    teacher,
+    instruction=REPEAT_INSTRUCTION,
+    batch_size=8,
+    max_new_tokens=32,
+    sample_rate=16000,
+    source=None,
+):
+    """Where the answer quality is lost: the "repeat" agreement with the
+    teacher when the LLM is fed, in place of the speech embeddings, each
+    rung of :data:`LADDER_RUNGS`.
+
+    The rows are batched as :func:`~speechbrain_blspkd.evaluation.
+    decode_rows` batches them (sorted by duration, ``batch_size`` at a
+    time); per batch the encoder runs once, the adapter twice (told the
+    transcripts' token counts, and free: its own count, as in inference),
+    and each rung is decoded through :func:`generate_from_embeddings`.
+    Snapping reads each vector as its nearest LLM input embedding (cosine,
+    as the nearest-token accuracy does) and feeds that embedding.  Rung
+    ``e`` is what inference does: its answers are those of the speech row
+    of :func:`measure_set` decoded in the same batches.
+
+    Only for adapters that emit one embedding per transcript token when
+    told the count (CIF, e.g. the CFormer); for the others (and models
+    with no adapter or no encoder) the ladder is skipped.
+
+    Arguments
+    ---------
+    model : speechbrain_blspkd.models.speech_llm.SpeechLLMModel
+        The speech LLM.
+    rows : list of dict
+        Manifest rows (``wav`` resolved).
+    teacher : dict
+        ``{row ID: the teacher's answer to the instruction}``.
+    instruction : str
+        The "repeat" instruction (the speech prompt's).
+    batch_size, max_new_tokens : int
+        Decoding settings.
+    sample_rate : int
+        Audio rate.
+    source : str, optional
+        The manifest, named in errors.
+
+    Returns
+    -------
+    dict
+        ``n``, ``rungs`` (per rung its ``label`` and the
+        :func:`~speechbrain_blspkd.metrics.parity_agreement` of its answers
+        with the teacher's: ``chrf``, ``wer`` and their shuffled levels)
+        and ``rows`` (per row ``ID``, ``transcript``, ``teacher`` and the
+        answer of each rung); or ``{"skipped": why}``.
+
+    Example
+    -------
+    >>> import tempfile, numpy, soundfile
+    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> tmp = pathlib.Path(tempfile.mkdtemp())
+    >>> soundfile.write(tmp / "a.wav", numpy.zeros(6000, "float32"), 16000)
+    >>> rows = [dict(ID="a", wav=str(tmp / "a.wav"), duration=0.375,
+    ...     transcript="the cat sat", language="en")]
+    >>> out = quality_ladder(tiny_speech_llm(), rows, {"a": "the cat sat"},
+    ...     max_new_tokens=2)
+    >>> list(out["rungs"]), out["n"]
+    (['a', 'b', 'c', 'd', 'e'], 1)
+    """
+    from speechbrain_blspkd.nnet.adapter import AdapterTargets
+
+    if model.adapter is None or model.encoder is None:
+        return {"skipped": "no adapter or no encoder (no speech embeddings)"}
+    device = model.device
+    answers = {key: [] for key in LADDER_RUNGS}
+    order = sorted(rows, key=lambda r: (r["duration"], r["ID"]))
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(order), batch_size):
+            chunk = order[i : i + batch_size]
+            speech = speech_batch(chunk, None, sample_rate, device, source)
+            feats, feat_lens = model.encoder(speech["wavs"], speech["wav_lens"])
+            ids, ids_mask = _padded_ids(
+                model.transcript_ids([r["transcript"] for r in chunk]), device
+            )
+            told = model.encode_speech(
+                feats=feats,
+                feat_lens=feat_lens,
+                targets=AdapterTargets(num_tokens=ids_mask.sum(1)),
+            )
+            if not torch.equal(told.token_counts.to(device), ids_mask.sum(1)):
+                return {
+                    "skipped": f"the adapter ({type(model.adapter).__name__})"
+                    " does not emit one embedding per transcript token when "
+                    "told the count"
+                }
+            free = model.encode_speech(feats=feats, feat_lens=feat_lens)
+            told_pair = (told.tokens, told.token_mask)
+            free_pair = (free.tokens, free.token_mask)
+            fed = {
+                "a": (model.embed_tokens(ids), ids_mask),
+                "b": (_snapped(model, *told_pair), told.token_mask),
+                "c": told_pair,
+                "d": (_snapped(model, *free_pair), free.token_mask),
+                "e": free_pair,
+            }
+            for key, (tokens, mask) in fed.items():
+                answers[key].extend(
+                    generate_from_embeddings(
+                        model,
+                        tokens,
+                        mask,
+                        instruction,
+                        max_new_tokens,
+                        names=[r["ID"] for r in chunk],
+                        source=source,
+                    )
+                )
+    finally:
+        model.train(was_training)
+    teach = [teacher[r["ID"]] for r in order]
+    rungs = {
+        key: dict(
+            label=label,
+            **metrics.parity_agreement(answers[key], teach, seed=0),
+        )
+        for key, label in LADDER_RUNGS.items()
+    }
+    out_rows = [
+        dict(
+            ID=r["ID"],
+            transcript=r["transcript"],
+            teacher=teach[k],
+            **{key: answers[key][k] for key in LADDER_RUNGS},
+        )
+        for k, r in enumerate(order)
+    ]
+    return {"n": len(order), "rungs": rungs, "rows": out_rows}
+
+
 class _RecordingTranscriber(torch.nn.Module):
     """A recogniser that remembers each clip's transcript (by its audio)."""
 
@@ -444,6 +742,7 @@ def measure_set(
     source=None,
     teacher_key=None,
     decode=True,
+    ladder=False,
 ):
     """Every figure of one test set (see the module notes).
 
@@ -474,12 +773,16 @@ def measure_set(
         Decode the tasks (agreement figures); False: only the adapter's
         token and count figures (no LLM generation, no cascade; the quick
         measurement of an ablation).
+    ladder : bool
+        With ``decode``: also the quality ladder (:func:`quality_ladder`
+        on the "repeat" task; its answers go to ``ladder_rows.jsonl``).
 
     Returns
     -------
     dict
         ``n``, ``coverage`` and ``systems`` (``teacher``, ``speech`` and
-        ``cascade`` when measured).
+        ``cascade`` when measured); ``ladder`` when asked for (see
+        :func:`_measure_ladder`).
     """
     out_folder = pathlib.Path(out_folder)
     cache_dir = pathlib.Path(cache_dir)
@@ -520,6 +823,11 @@ def measure_set(
         speech["token_accuracy_predicted_count"] = tokens["predicted_count"]
         speech["collapse_rate"] = tokens["collapse_rate"]
     systems["speech"] = speech
+    extra = {}
+    if ladder:
+        extra["ladder"] = _measure_ladder(
+            model, rows, tasks, decoded, out_folder, options, source
+        )
     if cascade_factory is not None:
         logger.info("cascade: decoding %d utterances", len(rows))
         casc_rows, transcripts = _measure_cascade(
@@ -541,7 +849,49 @@ def measure_set(
             )
         )
         systems["cascade"] = cascade
-    return {"n": len(rows), "coverage": coverage, "systems": systems}
+    return {"n": len(rows), "coverage": coverage, "systems": systems, **extra}
+
+
+def _measure_ladder(model, rows, tasks, decoded, out_folder, options, source):
+    """The quality ladder of one set, beside its decoded speech rows.
+
+    Returns :func:`quality_ladder`'s result without its rows (written to
+    ``out_folder/ladder_rows.jsonl``) and with ``e_matches_speech_rows``:
+    how many of rung e's answers are the speech row's answer to the same
+    clip (``same`` of ``n``; all of them unless the replayed generation
+    differs from the model's own).
+    """
+    if "repeat" not in tasks:
+        return {"skipped": "no repeat task"}
+    repeat = {r["utt"]: r for r in decoded if r["task"] == "repeat"}
+    logger.info("quality ladder: decoding %d utterances x 5", len(rows))
+    result = quality_ladder(
+        model,
+        rows,
+        {uid: r["teacher"] for uid, r in repeat.items()},
+        tasks["repeat"],
+        source=source,
+        **options,
+    )
+    if "skipped" in result:
+        logger.info("quality ladder skipped: %s", result["skipped"])
+        return result
+    ladder_rows = result.pop("rows")
+    out_folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(
+        out_folder / "ladder_rows.jsonl",
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ladder_rows),
+    )
+    same = sum(r["e"] == repeat[r["ID"]]["hyp"] for r in ladder_rows)
+    if same != len(ladder_rows):
+        logger.warning(
+            "quality ladder: rung e differs from the speech rows on %d of "
+            "%d clips",
+            len(ladder_rows) - same,
+            len(ladder_rows),
+        )
+    result["e_matches_speech_rows"] = {"same": same, "n": len(ladder_rows)}
+    return result
 
 
 def _english_rows(manifest, data_root, max_utterances):
@@ -572,6 +922,7 @@ def measure(
     max_utterances=None,
     device=None,
     decode=True,
+    ladder=False,
 ):
     """Measure an exported speech LLM on both test sets and write the report.
 
@@ -611,6 +962,9 @@ def measure(
         the GPU when there is one).
     decode : bool
         False: only the token and count figures (see :func:`measure_set`).
+    ladder : bool
+        Also the quality ladder of each set (:func:`quality_ladder`; only
+        with ``decode``: it needs the teacher's answers).
 
     Returns
     -------
@@ -629,6 +983,8 @@ def measure(
     piper_folder = pathlib.Path(piper_folder or default_folder(synth_folder))
     train_manifest = pathlib.Path(train_manifest or synth_folder / "train.csv")
     device = device or sb.utils.distributed.infer_device()
+    if ladder and not decode:
+        logger.warning("the quality ladder needs decoding: not measured")
     piper_manifest = prepare_unseen_engine_test(
         synth_folder, piper_folder, num=piper_num
     )
@@ -674,6 +1030,7 @@ def measure(
         "train_manifest": str(train_manifest),
         "cascade_asr": str(asr) if cascade and decode else None,
         "decoded": bool(decode),
+        "ladder": bool(ladder and decode),
         "sets": {},
     }
     for name, rows in set_rows.items():
@@ -691,6 +1048,7 @@ def measure(
             source=str(sets[name][0]),
             teacher_key=teacher_key,
             decode=decode,
+            ladder=ladder and decode,
         )
         results["sets"][name]["manifest"] = str(sets[name][0])
     out_folder.mkdir(parents=True, exist_ok=True)
@@ -779,7 +1137,75 @@ def format_tables(results):
                 _num(system.get("transcript_wer")),
             ]
             lines.append("| " + " | ".join(cells) + " |")
+    lines += ladder_table(results)
     return "\n".join(lines) + "\n"
+
+
+def ladder_table(results):
+    """The quality ladder's markdown lines (none when no set has one):
+    rungs a-e as rows, the test sets as columns.
+
+    Example
+    -------
+    >>> rung = {"chrf": 50.0, "shuffled_chrf": 12.0}
+    >>> results = {"sets": {"s": {"ladder": {"n": 2, "rungs": dict.fromkeys(
+    ...     "abcde", rung), "e_matches_speech_rows": {"same": 1, "n": 2}}},
+    ...     "t": {"ladder": {"skipped": "not CIF"}}}}
+    >>> for line in ladder_table(results)[5:]:
+    ...     print(line)
+    | fed to the LLM in place of the speech embeddings | s | t |
+    |---|---|---|
+    | a. transcript token embeddings | 50.0 (12.0) | - |
+    | b. adapter at true N, snapped to nearest tokens | 50.0 (12.0) | - |
+    | c. adapter at true N | 50.0 (12.0) | - |
+    | d. adapter at predicted N^, snapped to nearest tokens | 50.0 (12.0) | - |
+    | e. adapter at predicted N^ (inference) | 50.0 (12.0) | - |
+    <BLANKLINE>
+    s: rung e differs from the speech LLM's repeat answer on 1 of 2 clips.
+    t: skipped (not CIF).
+    """
+    sets = {
+        name: entry["ladder"]
+        for name, entry in results["sets"].items()
+        if "ladder" in entry
+    }
+    if not sets:
+        return []
+    lines = [
+        "",
+        "## Quality ladder: repeat chrF (shuffled)",
+        "",
+        'Agreement of the "repeat" answer with the teacher\'s when the '
+        "speech LLM (PLoRA on the speech positions, its speech prompt) is "
+        "fed, in place of the speech embeddings, each rung; snapped: every "
+        "vector replaced by the embedding of its nearest LLM token (cosine). "
+        "Rung e is what inference does (the speech LLM row above).",
+        "",
+        "| fed to the LLM in place of the speech embeddings | "
+        + " | ".join(sets)
+        + " |",
+        "|" + "---|" * (len(sets) + 1),
+    ]
+    for key, label in LADDER_RUNGS.items():
+        cells = [f"{key}. {label}"]
+        for ladder in sets.values():
+            rung = ladder.get("rungs", {}).get(key)
+            cells.append(_task_cell(rung, "chrf"))
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = []
+    for name, ladder in sets.items():
+        if "skipped" in ladder:
+            notes.append(f"{name}: skipped ({ladder['skipped']}).")
+            continue
+        match = ladder.get("e_matches_speech_rows")
+        if match and match["same"] != match["n"]:
+            notes.append(
+                f"{name}: rung e differs from the speech LLM's repeat answer "
+                f"on {match['n'] - match['same']} of {match['n']} clips."
+            )
+    if notes:
+        lines += [""] + notes
+    return lines
 
 
 def build_parser():
@@ -790,6 +1216,8 @@ def build_parser():
     >>> args = build_parser().parse_args(["--model", "m", "--synth-folder", "d"])
     >>> args.piper_num, args.cascade, args.max_new_tokens, args.decode
     (100, True, 32, True)
+    >>> args.ladder
+    False
     """
     parser = argparse.ArgumentParser(
         prog="python -m speechbrain_blspkd.hearing",
@@ -837,6 +1265,16 @@ def build_parser():
         help="only the adapter's token and count figures (no decoding, no "
         "cascade): the quick measurement of an ablation",
     )
+    parser.add_argument(
+        "--ladder",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also the quality ladder: repeat agreement when the LLM is fed "
+        "the transcript's token embeddings, the adapter's outputs at the "
+        "true and at the predicted count, raw and snapped to their nearest "
+        "tokens (CIF adapters only; 5 more repeat decodings per set, so "
+        "off by default)",
+    )
     return parser
 
 
@@ -870,6 +1308,7 @@ def main(argv=None):
             max_utterances=args.max_utterances,
             device=args.device,
             decode=args.decode,
+            ladder=args.ladder,
         )
     except (
         ModelFolderError,

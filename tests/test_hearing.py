@@ -274,9 +274,224 @@ def test_command_end_to_end(
             "count",
         ):
             assert speech[key] == full["systems"]["speech"][key], key
+    assert "Quality ladder" not in md  # off by default
+
+    # --ladder: the same figures plus the ladder of each set, whose rung e
+    # is the speech row's repeat answer clip by clip
+    laddered = tmp_path / "ladder"
+    args = _args(exported, synth_corpus, tmp_path, "--ladder")
+    args[args.index("--out") + 1] = str(laddered)
+    assert hearing.main(args) == 0
+    with_ladder = json.loads((laddered / "hearing.json").read_text())
+    assert with_ladder["ladder"] is True and results["ladder"] is False
+    for name, entry in with_ladder["sets"].items():
+        assert entry["systems"] == results["sets"][name]["systems"]
+        ladder = entry["ladder"]
+        assert list(ladder["rungs"]) == list(hearing.LADDER_RUNGS)
+        assert ladder["e_matches_speech_rows"] == {
+            "same": entry["n"],
+            "n": entry["n"],
+        }
+        speech_repeat = entry["systems"]["speech"]["repeat"]
+        assert ladder["rungs"]["e"]["chrf"] == pytest.approx(
+            speech_repeat["chrf"]
+        )
+        lines = (laddered / name / "ladder_rows.jsonl").read_text()
+        assert len(lines.splitlines()) == entry["n"]
+    table = (laddered / "hearing.md").read_text()
+    assert "## Quality ladder" in table
+    for key, label in hearing.LADDER_RUNGS.items():
+        assert f"| {key}. {label} |" in table
 
 
 def test_command_errors_are_one_line(tmp_path, capsys):
     assert hearing.main(["--model", str(tmp_path), "--synth-folder", "x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("hearing: error: ") and "hyperparams.yaml" in err
+
+
+def _direct_transcript_answers(model, rows, instruction, batch_size, limit):
+    """Rung a decoded by hand: the speech prompt's slots hold the
+    transcript's own token ids, the whole prompt is embedded by the LLM's
+    table and generated with PLoRA on the slots (no adapter at all)."""
+    from speechbrain_blspkd.nnet import plora
+
+    order = sorted(rows, key=lambda r: (r["duration"], r["ID"]))
+    answers = {}
+    for i in range(0, len(order), batch_size):
+        chunk = order[i : i + batch_size]
+        ids = model.transcript_ids([r["transcript"] for r in chunk])
+        prompts = model.prompts.build_batch(
+            [instruction] * len(chunk), n_speech=[len(x) for x in ids]
+        )
+        batch = model.prompts.collate(prompts, padding_side="left")
+        slots = batch["speech_mask"]
+        input_ids = batch["input_ids"].clone()
+        input_ids[slots] = torch.tensor([t for seq in ids for t in seq])
+        with torch.no_grad():
+            embeds = model.embed_tokens(input_ids)
+            mask = model._student_mask(slots, batch["attention_mask"])
+            with plora.plora_mask(model.llm, mask):
+                seqs = model._generate(embeds, batch, limit, 1, {})
+        for r, text in zip(chunk, model._decode(seqs)):
+            answers[r["ID"]] = text
+    return answers
+
+
+def test_quality_ladder_rungs_and_inference(tmp_path):
+    """Five rungs; rung a is the transcript's embeddings decoded by hand,
+    rung e the speech answer of decode_rows (same batches)."""
+    from speechbrain_blspkd.evaluation import (
+        REPEAT_INSTRUCTION,
+        decode_rows,
+        summarize_parity,
+    )
+
+    model = tiny_speech_llm().eval()
+    rows = _rows(tmp_path)
+    decoded = decode_rows(
+        model,
+        rows,
+        {"repeat": REPEAT_INSTRUCTION},
+        batch_size=2,
+        max_new_tokens=4,
+    )
+    teacher = {r["utt"]: r["teacher"] for r in decoded}
+    out = hearing.quality_ladder(
+        model, rows, teacher, batch_size=2, max_new_tokens=4
+    )
+    assert list(out["rungs"]) == ["a", "b", "c", "d", "e"] and out["n"] == 3
+    answers = {key: {r["ID"]: r[key] for r in out["rows"]} for key in "abcde"}
+    # every rung is scored against the teacher with the shuffled level
+    for key, rung in out["rungs"].items():
+        ids = sorted(answers[key])
+        agree = metrics.parity_agreement(
+            [answers[key][i] for i in ids], [teacher[i] for i in ids]
+        )
+        assert rung["chrf"] == pytest.approx(agree["chrf"]), key
+        assert rung["shuffled_chrf"] is not None
+        assert rung["label"] == hearing.LADDER_RUNGS[key]
+    direct = _direct_transcript_answers(
+        model, rows, REPEAT_INSTRUCTION, batch_size=2, limit=4
+    )
+    assert answers["a"] == direct
+    # rung e is inference: the speech rows' answers and chrF
+    assert answers["e"] == {r["utt"]: r["hyp"] for r in decoded}
+    speech = summarize_parity(decoded)["tasks"]["repeat"]["speech"]
+    assert out["rungs"]["e"]["chrf"] == pytest.approx(speech["chrf"])
+
+
+class _AmplitudeEncoder(torch.nn.Module):
+    """One frame per clip: its first sample (each test clip is constant)."""
+
+    def forward(self, wavs, wav_lens=None):
+        feats = wavs[:, :1, None].expand(-1, -1, 64).contiguous()
+        return feats, torch.ones(wavs.shape[0])
+
+
+def _oracle_adapter_class():
+    from speechbrain_blspkd.nnet.adapter import AdapterOutput, SpeechAdapter
+
+    class Oracle(SpeechAdapter):
+        """Emits the LLM token embeddings of the clip's transcript (clip
+        ``k`` has amplitude ``0.1 (k + 1)``); without a count it drops the
+        last token."""
+
+        def __init__(self, ids):
+            super().__init__()
+            self.ids = ids
+            self.table = None
+            self.scale = 1.0
+
+        def output_size(self):
+            return 64
+
+        def forward(self, feats, lengths=None, targets=None):
+            keys = torch.round(feats[:, 0, 0] * 10).long() - 1
+            rows = [self.ids[k] for k in keys.tolist()]
+            if targets is None or targets.num_tokens is None:
+                rows = [seq[:-1] for seq in rows]
+            width = max(len(seq) for seq in rows)
+            padded = torch.zeros(len(rows), width, dtype=torch.long)
+            mask = torch.zeros(len(rows), width, dtype=torch.bool)
+            for b, seq in enumerate(rows):
+                padded[b, : len(seq)] = torch.tensor(seq)
+                mask[b, : len(seq)] = True
+            tokens = self.table(padded).detach() * self.scale
+            return AdapterOutput(tokens, mask)
+
+    return Oracle
+
+
+def test_quality_ladder_with_token_embedding_adapter(tmp_path):
+    """An adapter that outputs exactly the transcript's token embeddings:
+    snapping changes nothing (b = c) and both are the transcript (= a); at
+    its predicted count (one token short) snapping changes nothing either
+    (d = e)."""
+    texts = ["the cat sat on the mat", "a dog ran", "hello world, how are you"]
+    rows = []
+    for k, text in enumerate(texts):
+        path = tmp_path / f"c{k}.wav"
+        sf.write(path, np.full(3000 + 500 * k, 0.1 * (k + 1)), 16000)
+        rows.append(
+            dict(
+                ID=f"c{k}",
+                wav=str(path),
+                duration=(3000 + 500 * k) / 16000,
+                transcript=text,
+                language="en",
+            )
+        )
+    base = tiny_speech_llm(whisper=False)
+    oracle = _oracle_adapter_class()(base.transcript_ids(texts))
+    model = tiny_speech_llm(encoder=_AmplitudeEncoder(), adapter=oracle)
+    oracle.table = model.embed_tokens
+    model.eval()
+    # PLoRA's B starts at zero: give the speech positions a real delta
+    with torch.no_grad():
+        for name, p in model.llm.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.2)
+    teacher = {r["ID"]: r["transcript"] for r in rows}
+    out = hearing.quality_ladder(
+        model, rows, teacher, batch_size=2, max_new_tokens=5
+    )
+    answers = {key: [r[key] for r in out["rows"]] for key in "abcde"}
+    assert answers["b"] == answers["a"] and answers["c"] == answers["a"]
+    assert answers["d"] == answers["e"]
+    for key in "bc":
+        assert out["rungs"][key]["chrf"] == out["rungs"]["a"]["chrf"]
+    # outputs three times the embeddings: the same nearest tokens, so the
+    # snapped rung is still the transcript, the raw one is not
+    oracle.scale = 3.0
+    scaled = hearing.quality_ladder(
+        model, rows, teacher, batch_size=2, max_new_tokens=5
+    )
+    got = {key: [r[key] for r in scaled["rows"]] for key in "abc"}
+    assert got["a"] == answers["a"] and got["b"] == answers["a"]
+    assert got["c"] != answers["a"]
+
+
+def test_quality_ladder_skipped_without_cif(tmp_path, monkeypatch):
+    from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
+    from speechbrain_blspkd.nnet.conv_subsampler import ConvSubsampler
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a skipped ladder decodes nothing")
+
+    monkeypatch.setattr(SpeechLLMModel, "generate", refuse)
+    rows = _rows(tmp_path, 2)
+    teacher = {r["ID"]: r["transcript"] for r in rows}
+    model = tiny_speech_llm(adapter=ConvSubsampler(64, 64, bottleneck=16))
+    out = hearing.quality_ladder(model.eval(), rows, teacher)
+    assert set(out) == {"skipped"} and "ConvSubsampler" in out["skipped"]
+    no_encoder = hearing.quality_ladder(
+        tiny_speech_llm(whisper=False), rows, teacher
+    )
+    assert set(no_encoder) == {"skipped"}
+    # the CFormer of the same model family is not skipped
+    monkeypatch.undo()
+    cif = hearing.quality_ladder(
+        tiny_speech_llm().eval(), rows, teacher, max_new_tokens=2
+    )
+    assert "skipped" not in cif and len(cif["rows"]) == 2
