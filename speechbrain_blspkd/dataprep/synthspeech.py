@@ -4,10 +4,20 @@ Sentences come from texts that Debian packages install (the ``fortunes``
 collections in English, German, Spanish, Italian and Brazilian Portuguese,
 and the human translations in the gettext ``.mo`` catalogues under
 ``/usr/share/locale`` for French, Mandarin Chinese, Hindi and Arabic, and as
-a supplement for the others).
+a supplement for the others): the *core* pool of each language.  English
+also has an *extra* pool (:mod:`~speechbrain_blspkd.dataprep.english_text`):
+the other English fortune files and ``tfortunes``, the King James Bible
+(``bible-kjv``, verse numbers stripped, split into sentences), the example
+sentences of the WordNet glosses (``wordnet-base``) and the English
+Dhammapada (``display-dhammapada``): about 9,200 core and 53,600 extra
+clean English sentences (``python -m
+speechbrain_blspkd.dataprep.english_text --count``).  Valid and test
+sentences are drawn from the core pool only; training takes the rest of
+it, then the extra pool (:func:`make_plan`, :func:`language_pools`).
 They are cleaned (3-25 words, or 5-40 characters for Chinese; letters of
 the language's script and basic punctuation only, no URLs, code or digits),
-deduplicated, and spoken by ``espeak-ng`` with many voices, voice variants
+deduplicated (case and punctuation ignored: :func:`sentence_key`), and
+spoken by ``espeak-ng`` with many voices, voice variants
 (``+f1`` .. ``+m7`` and named variants), speeds and pitches, then converted
 by ``sox`` to 16 kHz mono 16-bit wav.
 
@@ -19,6 +29,9 @@ against their script (:data:`SCRIPTS`) by :func:`clean_sentence`.
 Splits: ``train``, ``valid`` and ``test``.  The sentences of the three splits
 are disjoint, and so are their voice variants: valid and test are spoken
 only by variants held out from training, so they measure unseen voices.
+The test split (sentences, voices, speeds, pitches) does not depend on
+``num_train`` or ``num_valid``, and a larger ``num_train`` keeps the
+training sentences of a smaller one.
 
 The build is resumable and idempotent:
 
@@ -32,7 +45,9 @@ The build is resumable and idempotent:
    whose plan options match and whose manifests exist does nothing.
 
 Debian packages needed: ``espeak-ng sox fortunes fortunes-min fortunes-de
-fortunes-es fortunes-it fortunes-br`` (see :data:`APT_PACKAGES`).
+fortunes-es fortunes-it fortunes-br``, and for English ``bible-kjv
+bible-kjv-text wordnet-base fortune-anarchism tfortunes display-dhammapada``
+(see :data:`APT_PACKAGES`).
 
 Command line::
 
