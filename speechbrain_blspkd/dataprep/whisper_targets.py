@@ -70,7 +70,6 @@ import sys
 import time
 
 import torch
-from torch import nn
 
 from speechbrain_blspkd.dataio.manifest import read_manifest
 from speechbrain_blspkd.dataprep.continuations import _parse_shard
@@ -80,10 +79,16 @@ from speechbrain_blspkd.dataprep.feature_cache import (
 from speechbrain_blspkd.dataprep.feature_cache import (
     FeatureCache,
     StaleCacheError,
-    encoder_checksum,
     feature_checksum,
 )
 from speechbrain_blspkd.dataprep.teacher_topk import _tokenizer_checksum
+from speechbrain_blspkd.dataprep.token_timings import (
+    WhisperDecoderTeacher,
+    _open_features,
+    _pad,
+    _rows,
+    llm_token_spans,
+)
 from speechbrain_blspkd.utils.atomic import remove_stray_tmp
 from speechbrain_blspkd.utils.cache_label import check_label
 from speechbrain_blspkd.utils.cli import report_error, setup_logging
@@ -109,9 +114,6 @@ CACHE_VERSION = 1
 META_FILE = "targets.json"
 #: Which decoder states are stored (in the settings of every cache).
 LAYER = "decoder final layer norm"
-_SOT = "<|startoftranscript|>"
-_TRANSCRIBE = "<|transcribe|>"
-_NO_TIMESTAMPS = "<|notimestamps|>"
 
 
 class StaleWhisperTargetsError(StaleCacheError):
@@ -203,265 +205,6 @@ def span_pool(states, whisper_spans, llm_spans):
     for j, group in enumerate(groups):
         weights[j, group] = 1.0 / len(group)
     return weights @ states.float()
-
-
-def _spans(tokenizer, text, offset):
-    """Ids and character spans of ``text`` (spans shifted by ``-offset``)."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    spans = [(a - offset, b - offset) for a, b in enc["offset_mapping"]]
-    return list(enc["input_ids"]), spans
-
-
-def llm_token_spans(prompts, transcript):
-    """The transcript's LLM token ids and their character spans.
-
-    Exactly the model's tokenisation of transcripts
-    (:meth:`~speechbrain_blspkd.prompt.PromptBuilder.transcript_ids`: the
-    separator, then the stripped transcript); spans count characters of
-    the stripped transcript, so the separator's characters are negative.
-
-    Arguments
-    ---------
-    prompts : speechbrain_blspkd.prompt.PromptBuilder
-        The model's prompt builder (``model.prompts``).
-    transcript : str
-        The transcript.
-
-    Returns
-    -------
-    ids : list of int
-    spans : list of (int, int)
-
-    Example
-    -------
-    >>> from speechbrain_blspkd.prompt import PromptBuilder
-    >>> from speechbrain_blspkd.utils.testing import doctest_tokenizer
-    >>> prompts = PromptBuilder(doctest_tokenizer())
-    >>> ids, spans = llm_token_spans(prompts, " the cat ")
-    >>> ids == prompts.transcript_ids(" the cat "), spans[0][0], spans[-1][1]
-    (True, -1, 7)
-    """
-    separator = prompts.transcript_separator
-    ids, spans = _spans(
-        prompts.tokenizer, separator + transcript.strip(), len(separator)
-    )
-    if ids != prompts.transcript_ids(transcript):
-        raise ValueError(
-            f"the LLM tokenizer splits {transcript!r} differently with "
-            "offsets than without; its character spans cannot be trusted"
-        )
-    return ids, spans
-
-
-# ----------------------------------------------------------------------
-# the decoder
-class WhisperDecoderTeacher(nn.Module):
-    """Whisper's decoder (no encoder), teacher-forced on transcripts.
-
-    Arguments
-    ---------
-    source : str or pathlib.Path
-        A local transformers Whisper folder or a project asset name
-        (``"whisper-base"``; :func:`~speechbrain_blspkd.inference.export.
-        resolve_source`), with its tokenizer.
-    dtype : torch.dtype or str, optional
-        Weight dtype (``"auto"``: bfloat16 where the device computes it
-        fast; None: float32).
-
-    Example
-    -------
-    >>> import tempfile
-    >>> from speechbrain_blspkd.utils.testing import tiny_saved_speech_llm
-    >>> folder = pathlib.Path(tempfile.mkdtemp())
-    >>> _ = tiny_saved_speech_llm(folder)
-    >>> teacher = WhisperDecoderTeacher(folder / "whisper")
-    >>> prefix = teacher.prefix_ids("en")
-    >>> teacher.tokenizer.convert_ids_to_tokens(prefix)[0], len(prefix)
-    ('<|startoftranscript|>', 4)
-    >>> text_ids, spans = teacher.text_spans("the cat")
-    >>> spans[0][0], spans[-1][1]  # characters of "the cat"; -1: the space
-    (-1, 7)
-    >>> ids = torch.tensor([prefix + text_ids])
-    >>> states = teacher.states(torch.randn(1, 7, 64), torch.tensor([7]),
-    ...     ids)
-    >>> states.shape == (1, len(prefix) + len(text_ids), 64)
-    True
-    """
-
-    def __init__(self, source, dtype=None):
-        super().__init__()
-        from transformers import AutoTokenizer, WhisperForConditionalGeneration
-
-        from speechbrain_blspkd.inference.export import resolve_source
-        from speechbrain_blspkd.utils.precision import resolve_dtype
-
-        folder = resolve_source(source)
-        if not (pathlib.Path(folder) / "config.json").is_file():
-            raise FileNotFoundError(
-                f"WhisperDecoderTeacher: {folder} is not a transformers "
-                "Whisper folder (no config.json); fetch it with "
-                "`python -m speechbrain_blspkd.assets fetch whisper-base`"
-            )
-        whisper = WhisperForConditionalGeneration.from_pretrained(
-            str(folder), dtype=resolve_dtype(dtype) or torch.float32
-        )
-        self.source = str(source)
-        self.decoder = whisper.model.decoder
-        self.proj_out = whisper.proj_out
-        self.config = whisper.config
-        generation = whisper.generation_config
-        del whisper
-        self.requires_grad_(False)
-        self.eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        vocab = self.tokenizer.get_vocab()
-        missing = [t for t in (_SOT, _NO_TIMESTAMPS) if t not in vocab]
-        if missing:
-            raise ValueError(
-                f"WhisperDecoderTeacher: the tokenizer of {folder} lacks "
-                f"Whisper's {missing}"
-            )
-        multilingual = getattr(generation, "is_multilingual", None)
-        if multilingual is None:
-            multilingual = _TRANSCRIBE in vocab and "<|en|>" in vocab
-        self.multilingual = bool(multilingual)
-        self._vocab = vocab
-
-    @property
-    def width(self):
-        """Width d of the decoder states."""
-        return int(self.config.d_model)
-
-    def train(self, mode=True):
-        """The decoder stays in eval mode (frozen, no dropout)."""
-        return super().train(False)
-
-    def prefix_ids(self, language):
-        """The decoder prompt for a transcript in ``language``.
-
-        ``<|startoftranscript|><|lang|><|transcribe|><|notimestamps|>``;
-        an English-only model gets ``<|startoftranscript|>
-        <|notimestamps|>``.
-
-        Arguments
-        ---------
-        language : str
-            ISO code (``"en"``), as the manifests' ``language`` column.
-
-        Returns
-        -------
-        list of int
-        """
-        from speechbrain_blspkd.nnet.whisper_asr import _language_code
-
-        if not self.multilingual:
-            return [self._vocab[_SOT], self._vocab[_NO_TIMESTAMPS]]
-        code = _language_code(language or "")
-        token = f"<|{code}|>"
-        if token not in self._vocab:
-            raise ValueError(
-                f"WhisperDecoderTeacher: language {language!r} has no "
-                f"Whisper token ({token})"
-            )
-        return [
-            self._vocab[_SOT],
-            self._vocab[token],
-            self._vocab[_TRANSCRIBE],
-            self._vocab[_NO_TIMESTAMPS],
-        ]
-
-    def text_spans(self, transcript):
-        """Whisper's tokens of ``" " + transcript.strip()`` and their spans
-        (characters of the stripped transcript; the space is -1).
-
-        Returns
-        -------
-        ids : list of int
-        spans : list of (int, int)
-        """
-        return _spans(self.tokenizer, " " + transcript.strip(), 1)
-
-    @torch.no_grad()
-    def states(self, feats, frame_counts, ids, id_counts=None):
-        """Final decoder states (after the final layer norm) of a batch.
-
-        The self-attention is causal, the cross-attention sees each row's
-        first ``frame_counts`` frames only, so a row's states do not depend
-        on the batch padding of either side.
-
-        Arguments
-        ---------
-        feats : torch.Tensor
-            (B, T, d) encoder output, zero-padded on the right.
-        frame_counts : torch.Tensor
-            (B,) real frames of each row.
-        ids : torch.Tensor
-            (B, L) decoder input ids (prompt + text), right-padded.
-        id_counts : torch.Tensor, optional
-            (B,) real ids of each row (only checked against the positional
-            table; padded positions' states are meaningless).
-
-        Returns
-        -------
-        torch.Tensor
-            (B, L, d), position ``t`` predicting input ``t + 1``.
-        """
-        dec = self.decoder
-        batch, length = ids.shape
-        longest = int(length if id_counts is None else max(id_counts))
-        if longest > dec.embed_positions.weight.shape[0]:
-            raise ValueError(
-                f"WhisperDecoderTeacher: {longest} decoder positions exceed "
-                f"the model's {dec.embed_positions.weight.shape[0]}"
-            )
-        weight = dec.embed_tokens.weight
-        device, dtype = weight.device, weight.dtype
-        ids = ids.to(device)
-        feats = feats.to(device=device, dtype=dtype)
-        x = dec.embed_tokens(ids) * dec.embed_scale
-        x = x + dec.embed_positions.weight[:length]
-        low = torch.finfo(dtype).min
-        causal = torch.ones(length, length, dtype=torch.bool, device=device)
-        self_mask = torch.zeros(
-            1, 1, length, length, dtype=dtype, device=device
-        )
-        self_mask = self_mask.masked_fill(~causal.tril(), low)
-        frames = torch.arange(feats.shape[1], device=device)
-        valid = frames[None] < frame_counts.to(device)[:, None]
-        cross_mask = torch.zeros(
-            batch, 1, 1, feats.shape[1], dtype=dtype, device=device
-        )
-        cross_mask = cross_mask.masked_fill(~valid[:, None, None, :], low)
-        for layer in dec.layers:
-            x = layer(
-                x,
-                self_mask,
-                feats,
-                encoder_attention_mask=cross_mask,
-                past_key_values=None,
-                use_cache=False,
-            )
-            if isinstance(x, tuple):  # older transformers return tuples
-                x = x[0]
-        return dec.layer_norm(x)
-
-    def checksum(self):
-        """SHA-256 of the decoder's weights and configuration, and of the
-        tokenizer (what the targets depend on besides the features)."""
-        h = hashlib.sha256(encoder_checksum(self.decoder).encode())
-        h.update(_tokenizer_checksum(self.tokenizer).encode())
-        return h.hexdigest()
-
-
-def _pad(tensors):
-    """Right-pad 2-D tensors of equal width: (B, Tmax, d) and counts."""
-    counts = torch.tensor([t.shape[0] for t in tensors])
-    out = tensors[0].new_zeros(
-        len(tensors), int(counts.max()), tensors[0].shape[1]
-    )
-    for b, t in enumerate(tensors):
-        out[b, : t.shape[0]] = t
-    return out, counts
 
 
 @torch.no_grad()
@@ -671,34 +414,6 @@ class WhisperTargetCache:
 
 # ----------------------------------------------------------------------
 # writing
-def _open_features(features):
-    """A FeatureCache from an object or a folder (its own checksum)."""
-    if isinstance(features, FeatureCache):
-        return features
-    folder = pathlib.Path(features)
-    meta_path = folder / FEATURE_META_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(
-            f"{folder} is not a feature cache (no {FEATURE_META_FILE}); "
-            "build it first (the recipe's prepare_features)"
-        )
-    checksum = json.loads(meta_path.read_text(encoding="utf-8"))["checksum"]
-    return FeatureCache(folder, checksum)
-
-
-def _rows(manifest):
-    """Manifest rows from a path, a list of paths or a list of rows."""
-    if isinstance(manifest, (str, pathlib.Path)):
-        return read_manifest(manifest)
-    items = list(manifest)
-    if items and isinstance(items[0], dict):
-        return items
-    rows = []
-    for path in items:
-        rows.extend(read_manifest(path))
-    return rows
-
-
 def write_whisper_targets(
     manifest,
     features,

@@ -266,6 +266,8 @@ def tiny_saved_speech_llm(folder, seed=0, **kwargs):
             **whisper_token_settings(asr_tokenizer),
         )
     )
+    # two alignment heads, as a real Whisper asset lists (token timings)
+    whisper.generation_config.alignment_heads = [[0, 1], [1, 2]]
     asr_tokenizer.save_pretrained(folder / "whisper")
     whisper.save_pretrained(folder / "whisper")
     adapter = kwargs.pop("adapter", None)
