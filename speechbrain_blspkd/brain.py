@@ -337,6 +337,7 @@ class SpeechLLMBrain(sb.Brain):
             add_eot=[not t for t in batch.truncated_flag],
             request=objective.request(stage),
             languages=getattr(batch, "language_id", None),
+            token_spans=_token_spans(batch),
             **self._speech_inputs(batch),
         )
         keys = objective.data_keys() if hasattr(objective, "data_keys") else ()
@@ -724,6 +725,14 @@ def dataio_prepare(hparams, feature_cache=None):
 
         sb.dataio.dataset.add_dynamic_item(all_sets, language_pipeline)
         keys.append("language_id")
+    timings = hparams.get("token_timings_folder")
+    if timings and model is not None:  # where each transcript token is
+        from speechbrain_blspkd.dataprep.token_timings import timing_items
+
+        sb.dataio.dataset.add_dynamic_item(
+            all_sets, timing_items(model, timings)
+        )
+        keys.append("token_spans")
     sb.dataio.dataset.set_output_keys(all_sets, keys)
     for stage in hparams["stages"]:  # what each objective reads per row
         objective, ds = stage.objective, datasets[stage.name]
@@ -950,12 +959,16 @@ def run_recipe(argv):
         model.encoder.to(device)
     cache = prepare_features(hparams, model.encoder, device)  # every rank
     if stages:  # Whisper-decoder targets, when a stage weighs them
+        from speechbrain_blspkd.dataprep.token_timings import (
+            prepare_token_timings,
+        )
         from speechbrain_blspkd.dataprep.whisper_targets import (
             prepare_whisper_targets,
         )
 
         if sb.utils.distributed.is_local_rank_zero():  # one copy per node
             prepare_whisper_targets(hparams, cache, device=device)
+            prepare_token_timings(hparams, cache, device=device)
         sb.utils.distributed.ddp_barrier()
     datasets = dataio_prepare(hparams, feature_cache=cache) if stages else {}
     checkpointer = hparams["checkpointer"]
@@ -1180,3 +1193,15 @@ def _merge_json(path, extra):
             data = json.load(f)
     data.update(extra)
     atomic_write_text(path, json.dumps(data, indent=1, default=float))
+
+
+def _token_spans(batch):
+    """The batch's token timings as (B, N, 2) seconds, padding marked -1
+    (None when the recipe stores no timings)."""
+    if not hasattr(batch, "token_spans"):
+        return None
+    spans, lengths = batch.token_spans
+    counts = torch.round(lengths * spans.shape[1]).long()
+    real = torch.arange(spans.shape[1], device=spans.device)[None]
+    real = real < counts.to(spans.device)[:, None]
+    return spans.masked_fill(~real[..., None], -1.0)

@@ -941,6 +941,7 @@ class SpeechLLMModel(nn.Module):
         feat_lens=None,
         languages=None,
         request=None,
+        token_spans=None,
     ):
         """Adapter and the requested LLM passes, in one call.
 
@@ -969,6 +970,10 @@ class SpeechLLMModel(nn.Module):
             (B,) language indices (for adapters that use them).
         request : PassRequest, optional
             What to compute (default: the adapter only).
+        token_spans : torch.Tensor, optional
+            (B, N, 2) seconds: where each transcript token is spoken
+            (:mod:`speechbrain_blspkd.dataprep.token_timings`), for
+            adapters that use them; rows padded with -1.
 
         Returns
         -------
@@ -981,6 +986,7 @@ class SpeechLLMModel(nn.Module):
         targets = AdapterTargets(
             num_tokens=transcript_mask.sum(1),
             language=None if languages is None else languages.to(device),
+            token_spans=_checked_spans(token_spans, transcript_mask),
         )
         if self.adapter is not None:  # else encode_speech says why not
             feats, feat_lens = self.speech_features(
@@ -1241,6 +1247,33 @@ def _as_list(flags):
     if isinstance(flags, torch.Tensor):
         return flags.tolist()
     return flags
+
+
+def _checked_spans(token_spans, transcript_mask):
+    """``token_spans`` on the transcripts' device, checked to hold one
+    span per transcript token of every row (None stays None)."""
+    if token_spans is None:
+        return None
+    spans = torch.as_tensor(token_spans).to(transcript_mask.device)
+    batch, width = transcript_mask.shape
+    if spans.dim() != 3 or spans.shape[0] != batch or spans.shape[2] != 2:
+        raise ValueError(
+            f"SpeechLLMModel: `token_spans` must be ({batch}, N, 2), got "
+            f"{tuple(spans.shape)}"
+        )
+    if spans.shape[1] < width:
+        spans = torch.nn.functional.pad(
+            spans, (0, 0, 0, width - spans.shape[1]), value=-1.0
+        )
+    spans = spans[:, :width]
+    have = (spans[..., 0] >= 0).sum(1)
+    if not torch.equal(have, transcript_mask.sum(1)):
+        raise ValueError(
+            "SpeechLLMModel: the token timings hold "
+            f"{have.tolist()} spans for transcripts of "
+            f"{transcript_mask.sum(1).tolist()} tokens"
+        )
+    return spans
 
 
 def _pad_ids(ids, device):

@@ -101,10 +101,16 @@ class AdapterTargets:
         (B,) transcript lengths in LLM tokens (CIF fires exactly these).
     language : torch.Tensor, optional
         (B,) language indices (a gating network's label).
+    token_spans : torch.Tensor, optional
+        (B, N, 2) start and end, in seconds, of each transcript token in
+        the audio (:mod:`speechbrain_blspkd.dataprep.token_timings`); a
+        negative start marks padding.  A CIF adapter learns where tokens
+        fire from them.
     """
 
     num_tokens: torch.Tensor = None
     language: torch.Tensor = None
+    token_spans: torch.Tensor = None
 
 
 class SpeechAdapter(nn.Module):

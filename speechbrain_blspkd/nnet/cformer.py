@@ -27,7 +27,12 @@ from speechbrain_blspkd.nnet.adapter import (
     AdapterOutput,
     SpeechAdapter,
 )
-from speechbrain_blspkd.nnet.cif import cif, scale_alphas
+from speechbrain_blspkd.nnet.cif import (
+    boundary_error,
+    cif,
+    scale_alphas,
+    span_weights,
+)
 
 __all__ = [
     "CFormer",
@@ -68,6 +73,14 @@ class CFormerOutput(AdapterOutput):
         token-level auxiliary loss in the adapter's own width reads, e.g.
         the Whisper-decoder targets
         (:mod:`speechbrain_blspkd.objectives.whisper_target`).
+    target_alphas : torch.Tensor, optional
+        (B, T) the weights the token timings ask for
+        (:func:`~speechbrain_blspkd.nnet.cif.span_weights`, at the rate of
+        ``alphas``; each row sums to its token count), when the targets
+        carried ``token_spans`` (what the timing loss compares with).
+    forced : bool
+        Whether the tokens were integrated with ``target_alphas`` instead
+        of the predicted weights (scheduled forcing).
     """
 
     alphas: torch.Tensor
@@ -76,6 +89,8 @@ class CFormerOutput(AdapterOutput):
     alpha_sum: torch.Tensor
     frames: torch.Tensor = None
     token_hidden: torch.Tensor = None
+    target_alphas: torch.Tensor = None
+    forced: bool = False
 
 
 def pool_frames(hidden, frame_mask, stride):
@@ -187,6 +202,27 @@ class CFormer(SpeechAdapter):
         second are far more than the ~3-8 tokens a second of text: a stride
         of 2 halves the cost of the pre layers and of CIF. ``alphas`` and
         ``frame_mask`` are then at the pooled rate.
+    weight_predictor : str
+        Where the CIF weights come from. ``"channel"`` (the paper's
+        CFormer): the last channel of the layer-normalised pre-layer
+        output, the other d - 1 channels are integrated. ``"conv"``: two
+        1-D convolutions (kernel 5, ``predictor_hidden`` channels, about
+        0.2 s of context each side at 25 frames/s) over the normalised
+        frames. ``"rnn"``: a bidirectional LSTM (``predictor_hidden`` units
+        each way) over them, so each weight sees the whole utterance (how
+        many LLM tokens a stretch holds depends on its words). With
+        ``"conv"`` and ``"rnn"`` all d channels are integrated.
+    predictor_hidden : int
+        Width of the ``"conv"`` / ``"rnn"`` weight predictor.
+    forcing_until : float
+        Scheduled forcing: while the training stage is less than this
+        fraction done (:meth:`set_training_progress`) and the targets
+        carry ``token_spans``, the tokens are integrated with the weights
+        the timings ask for instead of the predicted ones (the predictor
+        still learns from the timing and quantity losses). 0: never.
+    input_frame_rate : float
+        Frames per second of the encoder output (Whisper: 50), to place
+        the token timings on the frames.
 
     Example
     -------
@@ -220,8 +256,26 @@ class CFormer(SpeechAdapter):
         threshold=1.0,
         weight_bias_init=0.0,
         frame_stride=1,
+        weight_predictor="channel",
+        predictor_hidden=256,
+        forcing_until=0.0,
+        input_frame_rate=50.0,
     ):
         super().__init__()
+        if weight_predictor not in ("channel", "conv", "rnn"):
+            raise ValueError(
+                "CFormer: `weight_predictor` must be 'channel', 'conv' or "
+                f"'rnn', got {weight_predictor!r}"
+            )
+        if not 0.0 <= float(forcing_until) <= 1.0:
+            raise ValueError(
+                f"CFormer: `forcing_until` must be in [0, 1], got "
+                f"{forcing_until}"
+            )
+        self.weight_predictor = weight_predictor
+        self.forcing_until = float(forcing_until)
+        self.input_frame_rate = float(input_frame_rate)
+        self._progress = 0.0
         if int(frame_stride) != frame_stride or frame_stride < 1:
             raise ValueError(
                 f"CFormer: `frame_stride` must be an int >= 1, "
@@ -246,10 +300,29 @@ class CFormer(SpeechAdapter):
             for _ in range(n_pre)
         )
         self.norm = nn.LayerNorm(d)
-        with torch.no_grad():
-            self.norm.bias[-1] = weight_bias_init
+        integrated = d
+        if weight_predictor == "channel":
+            with torch.no_grad():
+                self.norm.bias[-1] = weight_bias_init
+            integrated = d - 1
+        elif weight_predictor == "conv":
+            self.predictor = nn.ModuleList(
+                [
+                    nn.Conv1d(d, predictor_hidden, 5, padding=2),
+                    nn.Conv1d(predictor_hidden, predictor_hidden, 5, padding=2),
+                ]
+            )
+            self.predictor_out = nn.Linear(predictor_hidden, 1)
+        else:
+            self.predictor = nn.LSTM(
+                d, predictor_hidden, batch_first=True, bidirectional=True
+            )
+            self.predictor_out = nn.Linear(2 * predictor_hidden, 1)
+        if weight_predictor != "channel":
+            with torch.no_grad():
+                self.predictor_out.bias.fill_(weight_bias_init)
         self.dropout = nn.Dropout(dropout)
-        self.token_proj = nn.Linear(d - 1, d)
+        self.token_proj = nn.Linear(integrated, d)
         self.post_layers = nn.ModuleList(
             _encoder_layer(d, nhead, d_ffn, dropout, activation)
             for _ in range(n_post)
@@ -293,14 +366,29 @@ class CFormer(SpeechAdapter):
 
         predicted = output.alpha_sum.detach().round().clamp(min=1).long()
         stats = count_stats(predicted.tolist(), targets.num_tokens.tolist())
-        return {
+        out = {
             "exact_count": stats["exact_rate"],
             "count_abs_error": stats["mean_abs_error"],
         }
+        if output.target_alphas is not None:
+            out["boundary_ms"] = boundary_error(
+                output.alphas,
+                output.target_alphas,
+                targets.num_tokens,
+                self.frame_rate(),
+            )
+        return out
+
+    def frame_rate(self):
+        """Frames per second of ``alphas`` (after ``frame_stride``)."""
+        return self.input_frame_rate / self.frame_stride
+
+    def set_training_progress(self, fraction):
+        """Remember how far the stage is (for scheduled forcing)."""
+        self._progress = float(fraction)
 
     def plot(self, output, index, path, title=None, tokens=None):
         """The CIF weights of utterance ``index`` with the fired tokens."""
-        from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
         from speechbrain_blspkd.utils.plotting import plot_cif_weights
 
         alphas = output.alphas[index][output.frame_mask[index]].float().cpu()
@@ -311,7 +399,7 @@ class CFormer(SpeechAdapter):
             None,
             list(tokens or []),
             path,
-            frame_rate=WhisperEncoder.frame_rate() / self.frame_stride,
+            frame_rate=self.frame_rate(),
             threshold=self.threshold,
             title=title or f"sum(alpha)={float(alphas.sum()):.1f}, N={count}",
         )
@@ -353,7 +441,12 @@ class CFormer(SpeechAdapter):
         for layer in self.pre_layers:
             x = layer(x, src_key_padding_mask=padding)
         normed = self.norm(x)
-        weight_logit = normed[..., -1] if self.weight_norm else x[..., -1]
+        if self.weight_predictor == "channel":
+            weight_logit = normed[..., -1] if self.weight_norm else x[..., -1]
+            frames = normed[..., :-1]
+        else:
+            weight_logit = self._predict_weights(normed, padding)
+            frames = normed
         alphas = torch.sigmoid(weight_logit) * frame_mask.to(x.dtype)
         alpha_sum = alphas.sum(dim=1)
 
@@ -373,10 +466,20 @@ class CFormer(SpeechAdapter):
                 )
             num_tokens = num_tokens.long()
 
-        frames = normed[..., :-1]
         integrated = self.dropout(frames)
         integrated = integrated.masked_fill(padding[..., None], 0.0)
-        scaled = scale_alphas(alphas, num_tokens, self.threshold)
+        target = None
+        spans = None if targets is None else targets.token_spans
+        if spans is not None:
+            target, _ = span_weights(spans, frame_mask, self.frame_rate())
+            target = target.to(alphas.dtype)
+        forced = (
+            self.training
+            and target is not None
+            and self._progress < self.forcing_until
+        )
+        weights = target if forced else alphas
+        scaled = scale_alphas(weights, num_tokens, self.threshold)
         tokens, token_mask = cif(
             integrated, scaled, num_tokens, threshold=self.threshold
         )
@@ -396,7 +499,29 @@ class CFormer(SpeechAdapter):
             alpha_sum=alpha_sum,
             frames=frames,
             token_hidden=token_hidden,
+            target_alphas=target,
+            forced=forced,
         )
+
+    def _predict_weights(self, normed, padding):
+        """Weight logits (B, T) of the ``conv`` / ``rnn`` predictor."""
+        inputs = normed.masked_fill(padding[..., None], 0.0)
+        if self.weight_predictor == "conv":
+            hidden = inputs.transpose(1, 2)
+            keep = (~padding)[:, None, :].to(hidden.dtype)
+            for conv in self.predictor:  # padding stays zero between them
+                hidden = nn.functional.gelu(conv(hidden)) * keep
+            hidden = hidden.transpose(1, 2)
+        else:
+            lengths = (~padding).sum(1).clamp(min=1).cpu()
+            packed = nn.utils.rnn.pack_padded_sequence(
+                inputs, lengths, batch_first=True, enforce_sorted=False
+            )
+            hidden, _ = self.predictor(packed)
+            hidden, _ = nn.utils.rnn.pad_packed_sequence(
+                hidden, batch_first=True, total_length=inputs.shape[1]
+            )
+        return self.predictor_out(hidden).squeeze(-1)
 
     def _frame_mask(self, hidden, lengths, mask):
         """Checked (B, T) bool frame mask from ``mask`` or ``lengths``.

@@ -24,7 +24,15 @@ Authors
 
 import torch
 
-__all__ = ["cif", "fire_positions", "quantity_loss", "scale_alphas"]
+__all__ = [
+    "boundary_error",
+    "cif",
+    "fire_positions",
+    "quantity_loss",
+    "scale_alphas",
+    "span_weights",
+    "timing_loss",
+]
 
 
 def _check_num_tokens(num_tokens, batch, device, name="num_tokens"):
@@ -315,3 +323,167 @@ def fire_positions(alphas, threshold=1.0, tolerance=1e-6):
     position = torch.searchsorted(cum.contiguous(), levels - tolerance)
     valid = levels <= fired[:, None].to(torch.float64)
     return torch.where(valid, position, torch.full_like(position, -1))
+
+
+def span_weights(token_spans, frame_mask, frame_rate, min_frames=1.0):
+    """Target CIF weights from token time spans: each token's unit of
+    weight spread evenly over its span.
+
+    Frame ``t`` covers ``[t, t + 1)`` frames; token ``k`` with span
+    ``[s, e)`` seconds gives frame ``t`` the share of its span that the
+    frame covers, so each row's weights sum to its number of tokens and
+    the running sum crosses ``k + 1`` where token ``k``'s span ends (CIF
+    fires token ``k`` there).  A span shorter than ``min_frames`` is
+    widened to that length from its start; spans are clipped to the real
+    frames.
+
+    Arguments
+    ---------
+    token_spans : torch.Tensor
+        (B, N, 2) start and end of each token in seconds; rows padded with
+        any value beyond ``num_tokens`` (given by ``token_mask``).
+    frame_mask : torch.Tensor
+        (B, T) bool, True for real frames.
+    frame_rate : float
+        Frames per second of ``frame_mask``.
+    min_frames : float
+        Shortest span, in frames.
+
+    Returns
+    -------
+    weights : torch.Tensor
+        (B, T) float32, zero on padding frames.
+    token_mask : torch.Tensor
+        (B, N) bool: the spans that count (end >= start >= 0; padding
+        spans are marked by a negative start).
+
+    Example
+    -------
+    >>> spans = torch.tensor([[[0.0, 0.1], [0.1, 0.3]]])
+    >>> w, _ = span_weights(spans, torch.ones(1, 4, dtype=torch.bool), 10.0)
+    >>> w.tolist()
+    [[1.0, 0.5, 0.5, 0.0]]
+    """
+    if token_spans.dim() != 3 or token_spans.shape[-1] != 2:
+        raise ValueError(
+            "span_weights: `token_spans` must be (B, N, 2), got "
+            f"{tuple(token_spans.shape)}"
+        )
+    batch, time = frame_mask.shape
+    if token_spans.shape[0] != batch:
+        raise ValueError(
+            f"span_weights: {token_spans.shape[0]} span rows for a batch of "
+            f"{batch}"
+        )
+    spans = token_spans.to(frame_mask.device, torch.float32) * frame_rate
+    token_mask = spans[..., 0] >= 0
+    frames = frame_mask.sum(1).to(torch.float32)[:, None]
+    start = torch.minimum(spans[..., 0].clamp(min=0.0), frames)
+    end = torch.maximum(spans[..., 1], start + min_frames)
+    end = torch.minimum(end, frames)
+    start = torch.minimum(start, (end - min_frames).clamp(min=0.0))
+    width = (end - start).clamp(min=1e-6)
+    edges = torch.arange(time, device=frame_mask.device, dtype=torch.float32)
+    lower = torch.maximum(edges[None, None, :], start[..., None])
+    upper = torch.minimum(edges[None, None, :] + 1.0, end[..., None])
+    share = (upper - lower).clamp(min=0.0) / width[..., None]
+    share = share * token_mask[..., None].to(share.dtype)
+    weights = share.sum(1) * frame_mask.to(share.dtype)
+    return weights, token_mask
+
+
+def timing_loss(alphas, target, mask=None, num_tokens=None):
+    """Where the running sums of predicted and target weights differ.
+
+    ``sum_t |C_t - C*_t| / N`` per utterance, averaged over the batch, with
+    ``C`` and ``C*`` the running sums of the (unscaled) predicted and the
+    target weights: the area between the two running sums, which is the
+    mean distance, in frames, between where each token fires under the
+    prediction and under the target (a one-dimensional earth mover's
+    distance).  It is zero exactly when the weights equal the target, and
+    it teaches both where tokens fire and how many fire in each stretch
+    (a frame's gradient carries the signed error of every later running
+    sum), where a per-frame L1 against a flat ``1 / |span|`` target only
+    sees each frame alone.
+
+    Arguments
+    ---------
+    alphas : torch.Tensor
+        (B, T) predicted weights (unscaled).
+    target : torch.Tensor
+        (B, T) target weights (:func:`span_weights`).
+    mask : torch.Tensor, optional
+        (B, T) bool, True for real frames (None: all).
+    num_tokens : torch.Tensor, optional
+        (B,) token counts (default: the target's sums).
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar (frames per token).
+
+    Example
+    -------
+    >>> target = torch.tensor([[0.0, 1.0, 0.0, 1.0]])
+    >>> float(timing_loss(target.clone(), target))
+    0.0
+    >>> float(timing_loss(torch.tensor([[1.0, 0.0, 0.0, 1.0]]), target))
+    0.5
+    """
+    if alphas.shape != target.shape or alphas.dim() != 2:
+        raise ValueError(
+            "timing_loss: `alphas` and `target` must both be (B, T), got "
+            f"{tuple(alphas.shape)} and {tuple(target.shape)}"
+        )
+    work = alphas.to(torch.promote_types(alphas.dtype, torch.float32))
+    goal = target.to(work.dtype)
+    if mask is not None:
+        real = mask.to(work.dtype)
+        work, goal = work * real, goal * real
+    if num_tokens is None:
+        counts = goal.sum(1).round().clamp(min=1)
+    else:
+        counts = torch.as_tensor(num_tokens, device=work.device).to(work.dtype)
+    gap = (work.cumsum(1) - goal.cumsum(1)).abs()
+    if mask is not None:
+        gap = gap * real
+    return (gap.sum(1) / counts.clamp(min=1)).mean()
+
+
+def boundary_error(alphas, target, num_tokens, frame_rate):
+    """Mean distance, in milliseconds, between where each token fires
+    under the predicted weights scaled to the true count and under the
+    target weights.
+
+    Arguments
+    ---------
+    alphas : torch.Tensor
+        (B, T) predicted weights (masked, unscaled).
+    target : torch.Tensor
+        (B, T) target weights (:func:`span_weights`).
+    num_tokens : torch.Tensor
+        (B,) true counts.
+    frame_rate : float
+        Frames per second.
+
+    Returns
+    -------
+    float
+
+    Example
+    -------
+    >>> t = torch.tensor([[0.0, 1.0, 0.0, 1.0]])
+    >>> boundary_error(torch.tensor([[1.0, 0.0, 0.0, 1.0]]), t,
+    ...                torch.tensor([2]), 10.0)
+    50.0
+    """
+    scaled = scale_alphas(alphas.detach().float(), num_tokens)
+    fired = fire_positions(scaled, tolerance=1e-4)
+    wanted = fire_positions(target.detach().float(), tolerance=1e-4)
+    width = min(fired.shape[1], wanted.shape[1])
+    fired, wanted = fired[:, :width], wanted[:, :width]
+    valid = (fired >= 0) & (wanted >= 0)
+    if not bool(valid.any()):
+        return 0.0
+    diff = (fired - wanted).abs().to(torch.float64)[valid]
+    return float(diff.mean()) * 1000.0 / frame_rate

@@ -13,6 +13,11 @@ PLoRA on the adapter's speech embeddings (``docs/algorithms.md`` section
   included;
 * ``response_ce``: cross-entropy of the student on the continuation;
 * ``cif``: the CIF quantity loss mean_b |sum_t alpha_bt / N_b - 1|;
+* ``timing``: where the CIF weights fire against where the token timings
+  say each token is (:func:`~speechbrain_blspkd.nnet.cif.timing_loss`:
+  the mean distance in frames between the running sums of the predicted
+  and the target weights; needs ``token_timings_folder`` in the recipe;
+  weight 0, the paper's configuration, leaves the quantity loss alone);
 * ``align``: the adapter outputs at the N CIF positions pulled towards the
   LLM embeddings of the transcript tokens (no LLM pass; cross-entropy over
   cosine logits against the whole embedding table, ``1 - cos`` and MSE
@@ -50,7 +55,7 @@ import torch.nn.functional as F
 
 from speechbrain_blspkd.losses import kd_kl, kd_kl_topk, response_ce
 from speechbrain_blspkd.models.speech_llm import PassRequest
-from speechbrain_blspkd.nnet.cif import quantity_loss
+from speechbrain_blspkd.nnet.cif import quantity_loss, timing_loss
 from speechbrain_blspkd.objectives.base import Objective
 from speechbrain_blspkd.objectives.vocab_ctc import (
     VocabCTCHead,
@@ -231,6 +236,7 @@ class BLSPKDObjective(Objective):
         "response_kl",
         "response_ce",
         "cif",
+        "timing",
         "align",
         "ctc",
         "whisper",
@@ -463,6 +469,7 @@ class BLSPKDObjective(Objective):
             terms["cif"] = lambda: quantity_loss(
                 adapter.alphas, adapter.frame_mask, outputs.targets.num_tokens
             )
+            terms["timing"] = lambda: self._timing(adapter, outputs, stage)
         terms["align"] = lambda: alignment_loss(
             model,
             adapter,
@@ -476,6 +483,24 @@ class BLSPKDObjective(Objective):
         if self.whisper_head is not None:
             terms["whisper"] = lambda: self._whisper(outputs, stage)
         return terms
+
+    def _timing(self, adapter, outputs, stage):
+        """The ``timing`` term; None in validation and test when the rows
+        carry no timings."""
+        target = getattr(adapter, "target_alphas", None)
+        if target is None:
+            if stage is not None and stage != sb.Stage.TRAIN:
+                return None
+            raise ValueError(
+                "BLSPKDObjective: the timing term needs token timings: set "
+                "token_timings_folder in the recipe (dataprep.token_timings)"
+            )
+        return timing_loss(
+            adapter.alphas,
+            target,
+            adapter.frame_mask,
+            outputs.targets.num_tokens,
+        )
 
     def _whisper(self, outputs, stage):
         """The ``whisper`` term; None in validation and test, whose rows

@@ -262,7 +262,8 @@ def tiny_saved_speech_llm(folder, seed=0, **kwargs):
             decoder_layers=2,
             decoder_attention_heads=4,
             decoder_ffn_dim=64,
-            max_target_positions=16,
+            # room for a SynthSpeech transcript (token timings)
+            max_target_positions=128,
             **whisper_token_settings(asr_tokenizer),
         )
     )
