@@ -373,7 +373,7 @@ def test_word_boundaries_on_words_with_known_silences(real_asset, tmp_path):
         times = utterance_timings(teacher, prompts, [feats], [row])[0]
         _, spans = llm_token_spans(prompts, sentence)
         starts = [0]
-        for w, _ in enumerate(sentence.split()[1:], 1):
+        for _ in sentence.split()[1:]:
             starts.append(sentence.index(" ", starts[-1]) + 1)
         for w in range(1, len(starts)):
             token = next(
