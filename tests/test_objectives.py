@@ -202,7 +202,8 @@ def test_align_only_runs_no_llm_pass_in_train_but_kl_in_valid(model):
     with count_llm_calls(model) as calls:
         _, (_, stats) = run(model, quiet, VALID)
     assert calls == []
-    assert set(stats) == {"align", "cif", "loss", "token_acc"}
+    assert set(stats) == {"align", "cif", "loss", "token_acc", "token_acc_pred"}
+    assert 0.0 <= stats["token_acc_pred"] <= 1.0
 
 
 # ----------------------------------------------------------------------
@@ -285,7 +286,23 @@ def test_valid_stats_include_token_acc(model):
         "cif",
         "loss",
         "token_acc",
+        "token_acc_pred",
     }
+    # at the predicted count: the adapter's own count, positions not
+    # re-aligned (metrics.positional_token_accuracy)
+    model.eval()
+    free = model.adapter(out.feats, lengths=out.feat_lens)
+    table, _ = model.embedding_table(free.tokens.device)
+    near = (
+        torch.nn.functional.normalize(free.tokens.float(), dim=-1) @ table.T
+    ).argmax(-1)
+    correct = positions = 0
+    for b in range(len(near)):
+        guess = near[b][free.token_mask[b]].tolist()
+        truth = out.transcript_ids[b][out.transcript_mask[b]].tolist()
+        correct += sum(g == t for g, t in zip(guess, truth))
+        positions += max(len(guess), len(truth))
+    assert stats["token_acc_pred"] == pytest.approx(correct / positions)
     _, (_, train_stats) = run(model, objective, TRAIN)
     assert "token_acc" not in train_stats
 
@@ -463,3 +480,31 @@ def test_diva_input_target_is_what_a_scaled_embedding_feeds_the_llm():
     with torch.no_grad():
         out.adapter.tokens = out.adapter.tokens / 4.0
     assert float(DiVAObjective.input_loss(out, model)) > 0.1
+
+
+def test_predicted_count_batches_distil_the_response_only(model):
+    """predicted_count_fraction 1: every training batch fires the adapter's
+    own count (as inference does); the input KL and the alignment term
+    are left out, the response KL and the quantity loss stay; validation
+    is untouched."""
+    objective = BLSPKDObjective(
+        {"input_kl": 1.0, "response_kl": 1.0, "cif": 1.0, "align": 0.3},
+        predicted_count_fraction=1.0,
+    )
+    request = objective.request(TRAIN)
+    assert request.predicted_count and request.logits == ("response",)
+    model.train()
+    out, (loss, stats) = run(model, objective, TRAIN)
+    free = model.adapter(out.feats, lengths=out.feat_lens)
+    assert out.adapter.token_counts.tolist() == free.token_counts.tolist()
+    assert set(stats) == {"response_kl", "cif", "loss"}
+    assert loss.requires_grad
+    assert not objective.request(VALID).predicted_count
+    _, (_, valid) = run(model, objective, VALID)
+    assert {"input_kl", "align"} <= set(valid)
+    never = BLSPKDObjective(ALL_KL, predicted_count_fraction=0.0)
+    assert not any(never.request(TRAIN).predicted_count for _ in range(20))
+    with pytest.raises(ValueError, match="response term"):
+        BLSPKDObjective(
+            {"align": 1.0, "cif": 1.0}, predicted_count_fraction=0.5
+        )

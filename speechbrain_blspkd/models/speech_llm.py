@@ -76,6 +76,11 @@ class PassRequest:
         Spans where logits are returned (``"input"``, ``"response"``).
     hidden : tuple of (int, str)
         ``(layer, span)`` pairs where hidden states are returned.
+    predicted_count : bool
+        The adapter is not told the transcript's token counts: a CIF
+        adapter fires the count it predicts, as at inference (the input
+        span then has no one-to-one teacher positions; only the response
+        can be distilled).
 
     Example
     -------
@@ -90,6 +95,7 @@ class PassRequest:
     response: bool = True
     logits: tuple = ()
     hidden: tuple = ()
+    predicted_count: bool = False
 
     def __post_init__(self):
         bad = [s for s in self.logits if s not in SPANS]
@@ -102,6 +108,11 @@ class PassRequest:
         if needs_response and not self.response:
             raise ValueError(
                 "PassRequest: the response span needs response=True"
+            )
+        if self.predicted_count and "input" in self.logits:
+            raise ValueError(
+                "PassRequest: with predicted_count the input span has no "
+                "teacher positions to compare; ask for response logits only"
             )
 
     @property
@@ -992,8 +1003,11 @@ class SpeechLLMModel(nn.Module):
             feats, feat_lens = self.speech_features(
                 wavs, wav_lens, feats, feat_lens
             )
+        told = targets
+        if request.predicted_count:  # the adapter counts for itself
+            told = dataclasses.replace(targets, num_tokens=None)
         adapter_out = self.encode_speech(
-            targets=targets, feats=feats, feat_lens=feat_lens
+            targets=told, feats=feats, feat_lens=feat_lens
         )
         out = SpeechLLMOutput(
             adapter=adapter_out,

@@ -69,7 +69,12 @@ from speechbrain_blspkd.objectives.whisper_target import (
     whisper_target_items,
 )
 
-__all__ = ["BLSPKDObjective", "alignment_loss", "nearest_token_accuracy"]
+__all__ = [
+    "BLSPKDObjective",
+    "alignment_loss",
+    "nearest_token_accuracy",
+    "predicted_count_accuracy",
+]
 
 LLM_TERMS = ("input_kl", "response_kl", "response_ce")
 
@@ -172,6 +177,35 @@ def nearest_token_accuracy(model, output, transcript_ids, transcript_mask=None):
     return float((nearest == ids).float().mean())
 
 
+@torch.no_grad()
+def predicted_count_accuracy(model, outputs):
+    """Nearest-token accuracy of a CIF adapter at the count it predicts.
+
+    The adapter runs again on the batch's features without targets (what
+    inference feeds the LLM); position ``i`` of its nearest tokens is
+    scored against transcript token ``i`` and a missing or extra position
+    is an error (:func:`speechbrain_blspkd.metrics.
+    positional_token_accuracy`).
+
+    Returns
+    -------
+    float
+    """
+    from speechbrain_blspkd.metrics import positional_token_accuracy
+
+    out = model.adapter(outputs.feats, lengths=outputs.feat_lens)
+    table, _ = model.embedding_table(out.tokens.device)
+    nearest = (F.normalize(out.tokens.float(), dim=-1) @ table.T).argmax(-1)
+    predicted = [
+        row[mask].tolist() for row, mask in zip(nearest, out.token_mask)
+    ]
+    truth = [
+        row[mask].tolist()
+        for row, mask in zip(outputs.transcript_ids, outputs.transcript_mask)
+    ]
+    return positional_token_accuracy(predicted, truth)["accuracy"]
+
+
 class BLSPKDObjective(Objective):
     """BLSP-KD: input/response KL, response CE, quantity and alignment.
 
@@ -206,6 +240,15 @@ class BLSPKDObjective(Objective):
     align_negatives : int, optional
         Sampled softmax of the ``align`` cross-entropy: the batch's tokens
         plus this many random ones (None: the whole embedding table).
+    predicted_count_fraction : float
+        Share of the training batches in which a CIF adapter fires the
+        count it predicts instead of the transcript's (a
+        :class:`~speechbrain_blspkd.models.speech_llm.PassRequest` with
+        ``predicted_count``), so that the LLM (PLoRA) learns to answer
+        from speech tokens with count errors, as at inference.  Those
+        batches have no one-to-one input positions: ``input_kl`` and
+        ``align`` are left out of them, the response terms, the quantity
+        and timing losses stay.  Needs a weighted response term.  0: never.
     ctc : dict, optional
         Settings of the objective-owned CTC head
         (:class:`~speechbrain_blspkd.objectives.vocab_ctc.VocabCTCHead`:
@@ -256,6 +299,7 @@ class BLSPKDObjective(Objective):
         align_negatives=None,
         ctc=None,
         whisper=None,
+        predicted_count_fraction=0.0,
     ):
         if weights is None:
             weights = {"input_kl": 1.0, "response_kl": 1.0, "cif": 1.0}
@@ -279,6 +323,20 @@ class BLSPKDObjective(Objective):
             )
         self.temperature = float(temperature)
         self.align_temperature = float(align_temperature)
+        self.predicted_count_fraction = float(predicted_count_fraction)
+        if not 0.0 <= self.predicted_count_fraction <= 1.0:
+            raise ValueError(
+                "BLSPKDObjective: predicted_count_fraction must be in "
+                f"[0, 1], got {predicted_count_fraction}"
+            )
+        if self.predicted_count_fraction > 0 and not (
+            self.active("response_kl") or self.active("response_ce")
+        ):
+            raise ValueError(
+                "BLSPKDObjective: predicted_count_fraction needs a weighted "
+                "response term (response_kl or response_ce): the batches at "
+                "the predicted count have nothing else to learn from"
+            )
         self.align_negatives = (
             None if align_negatives is None else int(align_negatives)
         )
@@ -322,6 +380,18 @@ class BLSPKDObjective(Objective):
         student = kl or self.active("response_ce")
         if not student:
             return PassRequest()
+        if (
+            stage == sb.Stage.TRAIN
+            and self.predicted_count_fraction > 0
+            and float(torch.rand(())) < self.predicted_count_fraction
+        ):
+            return PassRequest(
+                teacher=self.active("response_kl") and not self._offline(stage),
+                student=True,
+                response=True,
+                logits=("response",),
+                predicted_count=True,
+            )
         return PassRequest(
             teacher=kl and not self._offline(stage),
             student=True,
@@ -454,8 +524,17 @@ class BLSPKDObjective(Objective):
         """Each term as a callable (computed only when weighted)."""
         terms = {}
         stored = outputs.student is not None and "teacher_topk" in outputs.data
+        # a batch at the predicted count (PassRequest.predicted_count):
+        # its student pass returns no input span
+        predicted = (
+            outputs.student is not None
+            and "input" not in outputs.student.logits
+            and (self.active("input_kl") or self.active("align"))
+        )
         if outputs.teacher is not None or stored:
-            terms["input_kl"] = lambda: self._kl(outputs, "input")
+            terms["input_kl"] = lambda: (
+                None if predicted else self._kl(outputs, "input")
+            )
             terms["response_kl"] = lambda: self._kl(outputs, "response")
         if outputs.student is not None:
             student = outputs.student
@@ -470,14 +549,18 @@ class BLSPKDObjective(Objective):
                 adapter.alphas, adapter.frame_mask, outputs.targets.num_tokens
             )
             terms["timing"] = lambda: self._timing(adapter, outputs, stage)
-        terms["align"] = lambda: alignment_loss(
-            model,
-            adapter,
-            outputs.transcript_ids,
-            self.align_temperature,
-            outputs.transcript_mask,
-            negatives=self.align_negatives,
-        )[0]
+        terms["align"] = lambda: (
+            None
+            if predicted
+            else alignment_loss(
+                model,
+                adapter,
+                outputs.transcript_ids,
+                self.align_temperature,
+                outputs.transcript_mask,
+                negatives=self.align_negatives,
+            )[0]
+        )
         if self.ctc_head is not None:
             terms["ctc"] = lambda: self._ctc(outputs, model)
         if self.whisper_head is not None:
@@ -542,6 +625,7 @@ class BLSPKDObjective(Objective):
                 counts["response_ce"] = int(side.masks["response"].sum())
         tokens = int(outputs.transcript_mask.sum())
         counts["align"] = counts["token_acc"] = counts["whisper"] = tokens
+        counts["token_acc_pred"] = tokens
         return counts
 
     def _ctc(self, outputs, model):
@@ -579,5 +663,9 @@ class BLSPKDObjective(Objective):
                 outputs.adapter,
                 outputs.transcript_ids,
                 outputs.transcript_mask,
+            )
+        if hasattr(outputs.adapter, "alphas") and outputs.feats is not None:
+            values["token_acc_pred"] = lambda: predicted_count_accuracy(
+                model, outputs
             )
         return values
