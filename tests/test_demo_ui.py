@@ -90,7 +90,7 @@ def test_answers_stream_and_equal_generate_file(setup):
             # streamed token by token: the partial texts grow to the answer
             assert len(pieces) >= 3, pieces
             for a, b in zip(pieces[:-1], pieces[1:]):
-                assert b.startswith(a.strip()), (a, b)
+                assert b.strip().startswith(a.strip()), (a, b)
             assert pieces[-2].strip() == want.strip()
 
 
@@ -216,3 +216,109 @@ def test_every_method_answers_through_the_page_backend(method, setup, tmp_path):
     pieces = list(backend.stream_answer(0, backend.load_clip(clip), None))
     assert pieces, method
     assert pieces[-1] == llm.generate_file(clip)
+
+
+def _record_plots(monkeypatch):
+    """Keep the arguments of each CIF plot the page draws."""
+    calls = []
+    real_plot = demo_ui.plot_cif_over_waveform
+
+    def record(*args, **kwargs):
+        calls.append(kwargs)
+        return real_plot(*args, **kwargs)
+
+    monkeypatch.setattr(demo_ui, "plot_cif_over_waveform", record)
+    return calls
+
+
+def test_cif_plot_marks_token_timings_of_the_transcript(
+    setup, tmp_path, monkeypatch
+):
+    from speechbrain_blspkd.dataprep import token_timings
+
+    loads = []
+    real_teacher = token_timings.WhisperDecoderTeacher
+
+    def counted(*args, **kwargs):
+        loads.append(args)
+        return real_teacher(*args, **kwargs)
+
+    monkeypatch.setattr(token_timings, "WhisperDecoderTeacher", counted)
+    models, asr = setup["models"], setup["backend"].transcriber
+    backend = DemoBackend(models, asr, plot_dir=tmp_path / "plots")
+    calls = _record_plots(monkeypatch)
+    wav = backend.load_clip(setup["clip"])
+    assert loads == []  # lazily, not with the server
+    # no transcript: the plot as before, and no decoder is loaded for it
+    assert backend.cif_plot(0, wav).read_bytes()[:4] == b"\x89PNG"
+    assert calls[-1]["token_timings"] is None
+    assert calls[-1]["timing_labels"] is None
+    assert loads == []
+    # a transcript: one (start, end) per LLM token of it, in order
+    llm = models[0][1]
+    for text in ("the cat sat on the mat", "a dog"):
+        path = backend.cif_plot(0, wav, transcript=text)
+        assert path.read_bytes()[:4] == b"\x89PNG"
+        timings = calls[-1]["token_timings"]
+        ids = llm.model.prompts.transcript_ids(text)
+        assert timings.shape == (len(ids), 2)
+        assert len(calls[-1]["timing_labels"]) == len(ids)
+        seconds = wav.numel() / 16000
+        assert bool((timings[1:, 0] >= timings[:-1, 0]).all())
+        assert 0 <= float(timings[0, 0]) and float(timings[-1, 1]) <= seconds
+    assert len(loads) == 1  # once per server
+    assert backend.cif_plot(0, wav, transcript="  ") is not None
+    assert calls[-1]["token_timings"] is None
+    # a non-CIF model draws nothing and needs no decoder
+    assert backend.cif_plot(1, wav, transcript="the cat") is None
+    # a request: the final CIF plot has the timings of Whisper's transcript
+    monkeypatch.setattr(backend, "transcribe", lambda wav: "the cat sat")
+    calls.clear()
+    final = list(backend.respond(str(setup["clip"]), "Repeat:"))[-1]
+    assert final["status"].startswith("**Done**")
+    assert [c["token_timings"] is None for c in calls] == [True, False]
+    want = len(llm.model.prompts.transcript_ids("the cat sat"))
+    assert calls[-1]["token_timings"].shape == (want, 2)
+    assert final["plots"][0].name == f"cif-0-{backend._count}.png"
+    assert final["plots"][1] is None
+    assert len(loads) == 1
+
+
+def test_cif_plot_without_timings_when_they_cannot_be_had(
+    setup, tmp_path, monkeypatch
+):
+    import json
+    import shutil
+
+    models = setup["models"][:1]
+    calls = _record_plots(monkeypatch)
+    clip = str(setup["clip"])
+    # --asr none: no transcript, so no timings
+    backend = DemoBackend(models, None, plot_dir=tmp_path / "a")
+    assert list(backend.respond(clip, None))[-1]["status"].startswith("**Done")
+    assert [c["token_timings"] for c in calls] == [None]
+    assert backend._teachers == {}
+    # a Whisper without alignment heads: no timings, no error on the page
+    llm = models[0][1]
+    bare = tmp_path / "whisper-bare"
+    shutil.copytree(llm.hparams.encoder_source, bare)
+    config = json.loads((bare / "generation_config.json").read_text())
+    config.pop("alignment_heads")
+    (bare / "generation_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(llm.hparams, "encoder_source", str(bare))
+    backend = DemoBackend(models, None, plot_dir=tmp_path / "b")
+    monkeypatch.setattr(backend, "transcriber", setup["backend"].transcriber)
+    monkeypatch.setattr(backend, "transcribe", lambda wav: "the cat sat")
+    calls.clear()
+    states = [dict(s) for s in backend.respond(clip, None)]
+    assert states[-1]["status"].startswith("**Done**")
+    assert not any("timing" in s["status"] for s in states)
+    assert [c["token_timings"] for c in calls] == [None]
+    assert backend.timing_teacher(0) is None
+    # no encoder source (not a pretrained Whisper): nothing is loaded
+    monkeypatch.setattr(llm.hparams, "encoder_source", None)
+    backend = DemoBackend(models, None, plot_dir=tmp_path / "c")
+    wav = backend.load_clip(clip)
+    backend.cif_plot(0, wav, transcript="the cat sat")
+    assert calls[-1]["token_timings"] is None
+    assert backend._teachers == {}

@@ -53,6 +53,101 @@ def test_plot_cif_weights(tmp_path, monkeypatch):
         plotting.plot_cif_weights([], None, [], tmp_path / "c.png")
 
 
+def _capture_figures(monkeypatch):
+    """Keep each figure plotting saves (then save it as usual)."""
+    figures = []
+    real_save = plotting._save_png
+
+    def keep(fig, path):
+        figures.append(fig)
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plotting, "_save_png", keep)
+    return figures
+
+
+def _timing_lines(ax):
+    return [
+        line
+        for line in ax.get_lines()
+        if line.get_color() == plotting.TIMING_COLOR
+    ]
+
+
+def _legend_texts(fig):
+    return [
+        text.get_text()
+        for ax in fig.axes
+        if ax.get_legend() is not None
+        for text in ax.get_legend().get_texts()
+    ]
+
+
+def test_plot_cif_weights_marks_token_timings(tmp_path, monkeypatch):
+    figures = _capture_figures(monkeypatch)
+    alphas = [0.3] * 20  # 0.4 s at 50 frames/s
+    timings = torch.tensor([[0.02, 0.1], [0.1, 0.22], [0.22, 0.3]])
+    out = plotting.plot_cif_weights(
+        alphas,
+        None,
+        ["a", "b", "c"],
+        tmp_path / "timed.png",
+        token_timings=timings,
+    )
+    assert _is_png(out)
+    # without the argument (as before): no timing lines, no legend
+    plotting.plot_cif_weights(alphas, None, ["a", "b", "c"], tmp_path / "p.png")
+    timed, plain = figures
+    lines = _timing_lines(timed.axes[0])
+    assert [line.get_xdata()[0] for line in lines] == pytest.approx(
+        [0.02, 0.1, 0.22]
+    )
+    assert [line.get_linestyle() for line in lines] == ["-"] * 3
+    assert "Whisper timings (transcript)" in _legend_texts(timed)
+    assert "CIF fired" in _legend_texts(timed)
+    # the fired markers are still there, dashed and red, one per firing
+    fired = [
+        line
+        for line in timed.axes[0].get_lines()
+        if line.get_linestyle() == "--"
+    ]
+    assert len(fired) == 6  # sum(alpha) 6.0 at threshold 1
+    assert not _timing_lines(plain.axes[0])
+    assert _legend_texts(plain) == []
+    # pairs work as well; an empty list draws nothing; bad items are refused
+    plotting.plot_cif_weights(
+        alphas, [3], ["a"], tmp_path / "q.png", token_timings=[(0.1, 0.2)]
+    )
+    assert len(_timing_lines(figures[-1].axes[0])) == 1
+    plotting.plot_cif_weights(
+        alphas, [3], ["a"], tmp_path / "r.png", token_timings=[]
+    )
+    assert not _timing_lines(figures[-1].axes[0])
+    assert _legend_texts(figures[-1]) == []
+    with pytest.raises(ValueError, match="item 1 is not a .start, end. pair"):
+        plotting.plot_cif_weights(
+            alphas, [3], ["a"], tmp_path / "s.png", token_timings=[(0, 1), 2]
+        )
+
+
+def test_mark_token_timings_labels_the_tokens(monkeypatch):
+    fig = plotting._new_figure(4, 3)
+    top, bottom = fig.subplots(2, 1)
+    lines = plotting.mark_token_timings(
+        [bottom, top],
+        [(0.5, 1.0), (1.0, 1.5)],
+        labels=["he", "llo"],
+        label_ax=top,
+    )
+    assert len(lines) == 2 and all(line.axes is bottom for line in lines)
+    assert len(_timing_lines(top)) == 2
+    assert [t.get_text() for t in top.texts] == ["he", "llo"]
+    assert [t.get_position()[0] for t in top.texts] == [0.5, 1.0]
+    assert not bottom.texts
+    # only the first line is in the legend
+    assert bottom.get_legend_handles_labels()[1] == [plotting.TIMING_LABEL]
+
+
 def test_parse_train_log(tmp_path):
     path = tmp_path / "train_log.txt"
     path.write_text(TRAIN_LOG)

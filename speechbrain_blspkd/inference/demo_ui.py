@@ -22,7 +22,13 @@ or uploads a file, chooses or types an instruction, and presses *Answer*:
   speech model heard;
 * for a model whose adapter integrates and fires (CIF), the CIF weights
   over the waveform, each fired token marked and labelled with the LLM
-  token nearest to its embedding.
+  token nearest to its embedding; once Whisper's transcript is there, and
+  when the model's encoder is a Whisper whose decoder lists alignment
+  heads, thin green lines also mark where each LLM token of the
+  transcript starts (:mod:`speechbrain_blspkd.dataprep.token_timings` on
+  the model's own encoder features of the clip; the decoder is loaded
+  once, on first use), so one sees where the CIF fired against where the
+  tokens are.
 
 Several ``--model`` folders are compared side by side, one column each.
 Bad input (no audio, silence, a clip longer than the model takes, a file
@@ -190,6 +196,9 @@ class DemoBackend:
         self._lock = threading.Lock()  # one request at a time on the models
         self._count = 0
         self.has_cif = [self._probe_cif(llm) for _, llm in self.models]
+        # Whisper decoders for the token timings, by (source, device):
+        # loaded on first use, None when they cannot be had
+        self._teachers = {}
 
     # ---------------------------------------------------------------- input
     @property
@@ -360,9 +369,15 @@ class DemoBackend:
             and hasattr(out, "frame_mask")
         )
 
-    def cif_plot(self, index, wav):
+    def cif_plot(self, index, wav, transcript=None):
         """PNG of model ``index``'s CIF weights over the clip (None when
         its adapter does not fire tokens).
+
+        With a ``transcript`` (Whisper's, on the page) and a model whose
+        encoder is a Whisper with a decoder and alignment heads
+        (:meth:`timing_teacher`), the plot also marks where each LLM token
+        of the transcript starts (:meth:`token_timings`); otherwise it is
+        drawn without these marks.
 
         Returns
         -------
@@ -374,7 +389,12 @@ class DemoBackend:
         from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
 
         label, llm = self.models[index]
-        out = self._adapter_output(llm, wav)
+        wavs = wav[None].to(llm.device, torch.float32)
+        with torch.no_grad():
+            feats, feat_lens = llm.model.speech_features(
+                wavs, torch.ones(1, device=llm.device)
+            )
+            out = llm.model.encode_speech(feats=feats, feat_lens=feat_lens)
         frames = out.frame_mask[0]
         alphas = out.alphas[0][frames].float().cpu()
         count = int(out.token_counts[0])
@@ -392,6 +412,9 @@ class DemoBackend:
         ]
         stride = float(getattr(llm.model.adapter, "frame_stride", 1) or 1)
         frame_rate = WhisperEncoder.frame_rate() / stride
+        timings, timing_words = self.token_timings(
+            index, feats, feat_lens, transcript
+        )
         self._count += 1
         path = self.plot_dir / f"cif-{index}-{self._count}.png"
         plot_cif_over_waveform(
@@ -404,8 +427,119 @@ class DemoBackend:
             path,
             title=f"{label}: {count} speech tokens, sum(alpha) "
             f"{float(alphas.sum()):.1f}",
+            token_timings=timings,
+            timing_labels=timing_words,
         )
         return path
+
+    # -------------------------------------------------------- token timings
+    def timing_teacher(self, index):
+        """Whisper's decoder that times transcripts for model ``index``.
+
+        The decoder of the Whisper asset the model's encoder comes from
+        (``encoder_source`` of the exported folder), teacher-forced by
+        :func:`~speechbrain_blspkd.dataprep.token_timings.utterance_timings`.
+        Loaded on first use and kept for the server's life (one per source
+        and device); None, also kept, when the model has no Whisper
+        encoder, the source has no loadable decoder or no alignment heads,
+        or its width differs from the encoder's.
+
+        Returns
+        -------
+        speechbrain_blspkd.dataprep.token_timings.WhisperDecoderTeacher or None
+        """
+        from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
+
+        llm = self.models[index][1]
+        encoder = getattr(llm.model, "encoder", None)
+        source = getattr(llm.hparams, "encoder_source", None)
+        if not source or not isinstance(encoder, WhisperEncoder):
+            return None
+        key = (str(source), str(llm.device))
+        if key not in self._teachers:
+            self._teachers[key] = self._load_teacher(source, encoder, llm)
+        return self._teachers[key]
+
+    @staticmethod
+    def _load_teacher(source, encoder, llm):
+        from speechbrain_blspkd.dataprep import token_timings
+
+        why = None
+        try:
+            teacher = token_timings.WhisperDecoderTeacher(source)
+        except Exception as err:  # no decoder: the plot goes without marks
+            teacher, why = None, f"its decoder cannot be loaded ({err})"
+        if teacher is not None and not teacher.alignment_heads:
+            teacher, why = None, "it lists no alignment heads"
+        if teacher is not None and teacher.width != encoder.output_size:
+            teacher, why = None, "its decoder is not the encoder's partner"
+        if teacher is None:
+            logger.info("CIF plot without token timings: %s: %s", source, why)
+            return None
+        logger.info("token timings on the CIF plot: Whisper decoder %s", source)
+        return teacher.to(llm.device)
+
+    def token_timings(self, index, feats, feat_lens, transcript):
+        """Where each LLM token of ``transcript`` starts in the clip.
+
+        Whisper's alignment heads teacher-forced on the transcript over
+        model ``index``'s own encoder features of the clip
+        (:func:`~speechbrain_blspkd.dataprep.token_timings.
+        utterance_timings`); the transcript's language is the recogniser's
+        forced one, else English.
+
+        Arguments
+        ---------
+        index : int
+            The model's column.
+        feats : torch.Tensor
+            (1, T, d) the model's encoder output for the clip.
+        feat_lens : torch.Tensor or None
+            (1,) its relative length.
+        transcript : str or None
+            Whisper's transcript of the clip.
+
+        Returns
+        -------
+        timings : torch.Tensor or None
+            (N, 2) seconds, one row per LLM token of the transcript (None
+            without a transcript or a :meth:`timing_teacher`, or when the
+            transcript cannot be timed).
+        labels : list of str or None
+            The N tokens, printable.
+        """
+        if not (transcript or "").strip():
+            return None, None
+        teacher = self.timing_teacher(index)
+        if teacher is None:
+            return None, None
+        from speechbrain_blspkd.dataprep.token_timings import (
+            llm_token_spans,
+            utterance_timings,
+        )
+        from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
+
+        llm = self.models[index][1]
+        prompts = llm.model.prompts
+        frames = feats.shape[1]
+        if feat_lens is not None:
+            frames = max(1, min(frames, round(float(feat_lens[0]) * frames)))
+        language = getattr(self.transcriber, "language", None) or "en"
+        row = {"ID": "clip", "transcript": transcript, "language": language}
+        try:
+            ids, _ = llm_token_spans(prompts, transcript)
+            timings = utterance_timings(
+                teacher,
+                prompts,
+                [feats[0, :frames].detach()],
+                [row],
+                WhisperEncoder.frame_rate(),
+            )[0]
+        except Exception as err:  # e.g. a transcript over the positions
+            logger.warning("CIF plot without token timings: %s", err)
+            return None, None
+        labels = [_printable(llm.model.tokenizer.decode([i])) for i in ids]
+        return timings, labels
 
     # ------------------------------------------------------------- a request
     def respond(self, path, instruction):
@@ -472,6 +606,17 @@ class DemoBackend:
         yield state
         if not transcript.strip():
             return
+        timed = [
+            i
+            for i in range(len(self.models))
+            if self.has_cif[i] and self.timing_teacher(i) is not None
+        ]
+        if timed:
+            state["status"] = "Whisper: timing the transcript's tokens ..."
+            yield state
+            for i in timed:  # the same plot, with the token timings
+                state["plots"][i] = self.cif_plot(i, wav, transcript)
+            yield state
         for i, (label, _) in enumerate(self.models):
             state["status"] = f"{label}: answering the transcript ..."
             yield state
@@ -487,10 +632,24 @@ def _printable(text):
 
 
 def plot_cif_over_waveform(
-    wav, sample_rate, alphas, fires, labels, frame_rate, path, title=None
+    wav,
+    sample_rate,
+    alphas,
+    fires,
+    labels,
+    frame_rate,
+    path,
+    title=None,
+    token_timings=None,
+    timing_labels=None,
 ):
     """PNG: the waveform on top, the CIF weights below, each fired token a
     dashed line across both, labelled.
+
+    With ``token_timings``, a thin solid line in another colour stands
+    across both at the start of each token of the transcript (labelled on
+    the waveform with ``timing_labels``), and a legend names the two kinds
+    of line ("CIF fired", "Whisper timings (transcript)").
 
     Arguments
     ---------
@@ -510,6 +669,12 @@ def plot_cif_over_waveform(
         The PNG.
     title : str, optional
         Figure title.
+    token_timings : torch.Tensor or sequence of (float, float), optional
+        ``(N, 2)`` (start, end) seconds of the transcript's LLM tokens
+        (:func:`~speechbrain_blspkd.dataprep.token_timings.
+        utterance_timings`); None: no timing marks (the plot as before).
+    timing_labels : list of str, optional
+        A label per timed token.
 
     Returns
     -------
@@ -520,21 +685,18 @@ def plot_cif_over_waveform(
     >>> import tempfile
     >>> out = pathlib.Path(tempfile.mkdtemp()) / "cif.png"
     >>> _ = plot_cif_over_waveform(torch.randn(8000), 16000,
-    ...     torch.tensor([0.5, 0.7, 0.8]), [1, 2], ["hi", "yo"], 6.0, out)
+    ...     torch.tensor([0.5, 0.7, 0.8]), [1, 2], ["hi", "yo"], 6.0, out,
+    ...     token_timings=[(0.05, 0.2), (0.2, 0.4)], timing_labels=["h", "y"])
     >>> out.read_bytes()[:4] == b"\\x89PNG"
     True
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from speechbrain_blspkd.utils.atomic import atomic_path
+    from speechbrain_blspkd.utils import plotting
 
     samples = wav.detach().float().cpu()
     step = max(1, samples.numel() // 4000)  # enough points for 9 inches
     shown = samples[::step]
     times = torch.arange(shown.numel()) * (step / sample_rate)
-    fig = Figure(figsize=(9.0, 3.6), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = plotting._new_figure(9.0, 3.6)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[1, 1.3])
     top.plot(times.numpy(), shown.numpy(), color="tab:gray", linewidth=0.6)
     top.set_ylabel("waveform")
@@ -555,8 +717,14 @@ def plot_cif_over_waveform(
     bottom.set_ylim(0, peak * 1.45)
     for k, frame in enumerate(fires):
         x = (frame + 1) / frame_rate
-        for ax in (top, bottom):
-            ax.axvline(x, color="tab:red", linewidth=0.8, linestyle="--")
+        for ax in (bottom, top):
+            ax.axvline(
+                x,
+                color="tab:red",
+                linewidth=0.8,
+                linestyle="--",
+                label="CIF fired" if k == 0 else "_nolegend_",
+            )
         label = labels[k] if k < len(labels) else "?"
         bottom.text(
             x,
@@ -568,13 +736,14 @@ def plot_cif_over_waveform(
             va="bottom",
             color="tab:red",
         )
+    if token_timings is not None and plotting.mark_token_timings(
+        [bottom, top], token_timings, labels=timing_labels, label_ax=top
+    ):
+        bottom.legend(loc="upper right", fontsize=7, framealpha=0.8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = pathlib.Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return path
+    return plotting._save_png(fig, path)
 
 
 # ----------------------------------------------------------------------

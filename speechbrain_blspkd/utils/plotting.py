@@ -44,6 +44,89 @@ def _to_float_list(values, what):
         raise ValueError(f"{what}: expected a 1-D sequence of numbers") from err
 
 
+#: Legend label and colour of the token-timing marks (:func:`mark_token_timings`).
+TIMING_LABEL = "Whisper timings (transcript)"
+TIMING_COLOR = "tab:green"
+
+
+def _timing_starts(token_timings):
+    """Start seconds of ``(N, 2)`` timings (a tensor, array or pairs)."""
+    if hasattr(token_timings, "detach"):
+        token_timings = token_timings.detach().float().cpu().tolist()
+    elif hasattr(token_timings, "tolist"):
+        token_timings = token_timings.tolist()
+    starts = []
+    for k, span in enumerate(token_timings):
+        try:
+            start, end = span
+            starts.append(float(start))
+            float(end)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"token_timings: item {k} is not a (start, end) pair of "
+                f"seconds: {span!r}"
+            ) from err
+    return starts
+
+
+def mark_token_timings(axes, token_timings, labels=None, label_ax=None):
+    """Thin vertical lines at the start of each timed token.
+
+    The marks of :func:`plot_cif_weights` and of the browser demo's CIF
+    plot: where Whisper places each LLM token of the transcript
+    (:mod:`speechbrain_blspkd.dataprep.token_timings`), to be read against
+    where the CIF fired.  Only the first line carries the legend label
+    :data:`TIMING_LABEL`.
+
+    Arguments
+    ---------
+    axes : matplotlib Axes or list of Axes
+        Where the lines are drawn (each gets every line).
+    token_timings : torch.Tensor or sequence of (float, float)
+        ``(N, 2)`` (start, end) seconds of each token.
+    labels : sequence of str, optional
+        A label per token, written beside its line on ``label_ax``.
+    label_ax : matplotlib Axes, optional
+        The axes of the labels (default: the first of ``axes``); they stand
+        near its top, in the timing colour.
+
+    Returns
+    -------
+    list
+        The lines drawn on the first of ``axes`` (one per token).
+    """
+    if not isinstance(axes, list | tuple):
+        axes = [axes]
+    starts = _timing_starts(token_timings)
+    label_ax = label_ax if label_ax is not None else axes[0]
+    first = []
+    for k, x in enumerate(starts):
+        for i, ax in enumerate(axes):
+            line = ax.axvline(
+                x,
+                color=TIMING_COLOR,
+                linewidth=0.7,
+                linestyle="-",
+                alpha=0.85,
+                label=TIMING_LABEL if k == 0 else "_nolegend_",
+            )
+            if i == 0:
+                first.append(line)
+        if labels is not None and k < len(labels):
+            label_ax.text(
+                x,
+                0.97,
+                str(labels[k]),
+                transform=label_ax.get_xaxis_transform(),
+                rotation=60,
+                fontsize=7,
+                ha="left",
+                va="top",
+                color=TIMING_COLOR,
+            )
+    return first
+
+
 def plot_cif_weights(
     alphas,
     fire_frames,
@@ -52,12 +135,16 @@ def plot_cif_weights(
     frame_rate=50,
     threshold=1.0,
     title=None,
+    token_timings=None,
 ):
     """PNG of the CIF weights of one utterance with the firing points.
 
     Bars show alpha per frame, a line the cumulative sum (right axis), and a
     vertical marker labelled with the transcript token stands at each frame
-    where a token fired.
+    where a token fired.  With ``token_timings``, a thin line in another
+    colour also stands where each token starts by those timings (legend
+    "Whisper timings (transcript)"), so that firings can be compared with
+    where the tokens are.
 
     Arguments
     ---------
@@ -78,6 +165,10 @@ def plot_cif_weights(
         CIF threshold (used when ``fire_frames`` is None).
     title : str, optional
         Figure title.
+    token_timings : torch.Tensor or sequence of (float, float), optional
+        ``(N, 2)`` (start, end) seconds of the transcript's tokens (e.g.
+        :func:`speechbrain_blspkd.dataprep.token_timings.utterance_timings`);
+        None (default) draws no timing marks.
 
     Returns
     -------
@@ -88,7 +179,8 @@ def plot_cif_weights(
     -------
     >>> import tempfile, pathlib
     >>> out = pathlib.Path(tempfile.mkdtemp()) / "cif.png"
-    >>> _ = plot_cif_weights([0.5, 0.6, 0.9, 0.0], None, ["hi", "yo"], out)
+    >>> _ = plot_cif_weights([0.5, 0.6, 0.9, 0.0], None, ["hi", "yo"], out,
+    ...     token_timings=[(0.0, 0.03), (0.03, 0.08)])
     >>> out.read_bytes()[:8] == b"\\x89PNG\\r\\n\\x1a\\n"
     True
     """
@@ -122,7 +214,13 @@ def plot_cif_weights(
     for k, frame in enumerate(fire_frames):
         x = frame / frame_rate
         label = tokens[k] if k < len(tokens) else "?"
-        ax.axvline(x, color="tab:red", linewidth=0.8, linestyle="--")
+        ax.axvline(
+            x,
+            color="tab:red",
+            linewidth=0.8,
+            linestyle="--",
+            label="CIF fired" if k == 0 else "_nolegend_",
+        )
         ax.text(
             x,
             top * 1.02,
@@ -134,6 +232,12 @@ def plot_cif_weights(
             color="tab:red",
         )
     ax.set_ylim(0, top * 1.35)
+    if token_timings is not None:
+        timed = mark_token_timings(ax, token_timings)
+        if timed:
+            handles, names = ax.get_legend_handles_labels()
+            # on the twin axes, which are drawn above the bars' axes
+            ax2.legend(handles, names, loc="upper right", fontsize=7)
     notes = [f"{len(fire_frames)} fired / {len(tokens)} tokens"]
     notes.append(f"sum alpha {total:.2f}")
     fig.suptitle(((title + " - ") if title else "") + ", ".join(notes))
