@@ -40,12 +40,15 @@ setup(
     extras_require={
         # the browser demo (blspkd-demo-ui); the core install stays lean
         "demo": ["gradio>=6.0"],
+        # the OpenAI-compatible server (blspkd-serve)
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
     },
     entry_points={
         "console_scripts": [
             "blspkd-assets=speechbrain_blspkd.assets.__main__:main",
             "blspkd-infer=speechbrain_blspkd.inference.cli:main",
             "blspkd-demo-ui=speechbrain_blspkd.inference.demo_ui:main",
+            "blspkd-serve=speechbrain_blspkd.serve.cli:main",
         ]
     },
     classifiers=[
