@@ -20,7 +20,8 @@ def _module():
 
 
 @pytest.mark.parametrize(
-    "plan_file", ["ablations.yaml", "scaling.yaml", "levers.yaml"]
+    "plan_file",
+    ["ablations.yaml", "scaling.yaml", "levers.yaml", "timings.yaml"],
 )
 def test_shipped_plan_names_real_overrides(plan_file):
     ablate = _module()
@@ -146,3 +147,24 @@ def test_lever_rows_change_one_setting_and_see_the_same_clips():
     # every row sees the same clips: epochs x the whole corpus
     assert common["--align_epochs_limit"] == "2"
     assert "--align_max_utterances" not in common
+
+
+def test_timing_plan_gives_every_variant_the_same_minutes():
+    """timings.yaml compares at equal wall time: each variant's steps
+    (epochs x utterances / batch) times its pilot seconds per step agree
+    within 2 %, and every variant reads the token timings."""
+    plan = _module().load_plan(RECIPE / "timings.yaml")
+
+    def value(args, flag, default=None):
+        args = [str(a) for a in args]
+        return args[args.index(flag) + 1] if flag in args else default
+
+    epochs = int(value(plan["common"], "--align_epochs_limit"))
+    assert value(plan["common"], "--token_timings_folder")
+    budgets = {}
+    for name, args in plan["variants"].items():
+        clips = int(value(args, "--align_max_utterances"))
+        steps = epochs * clips / 32
+        budgets[name] = steps * plan["pilot_seconds_per_step"][name]
+    low, high = min(budgets.values()), max(budgets.values())
+    assert high / low < 1.02, budgets
