@@ -467,3 +467,60 @@ def create_app(models, max_batch=8, max_wait_ms=20.0, max_audio_bytes=None):
             raise _as_serve_error(err) from None
 
     return app
+
+
+def free_port(host="127.0.0.1"):
+    """A TCP port free on ``host`` now (for tests and benchmarks)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class BackgroundServer:
+    """``app`` served by uvicorn in a thread, on ``host`` (loopback).
+
+    A context manager: entering starts the server and waits until it
+    listens; ``url`` is its base address; leaving stops it.
+
+    Arguments
+    ---------
+    app : fastapi.FastAPI
+        From :func:`create_app`.
+    host : str
+        Address to listen on.
+    port : int, optional
+        Default: a free port.
+    """
+
+    def __init__(self, app, host="127.0.0.1", port=None):
+        import uvicorn
+
+        self.app = app
+        self.host = host
+        self.port = port or free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        config = uvicorn.Config(
+            app, host=host, port=self.port, log_level="warning"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = None
+
+    def __enter__(self):
+        import threading
+
+        self.thread = threading.Thread(
+            target=self.server.run, name="blspkd-serve-http", daemon=True
+        )
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
