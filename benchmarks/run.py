@@ -19,6 +19,9 @@ Sections, in order (each a module of this package):
 ``memory``       peak memory of demo training and of inference
 ``scaling``      KD step vs clip length and batch; 2-process DDP speed-up
 ``budget``       the demo's stage-by-stage time from the figures above
+``serve``        blspkd-serve at 1, 8, 32 clients: batched vs one by one vs
+                 blspkd-infer --batch-size 8 (requests/s, p50/p95 latency;
+                 ``--serve_tiny``: a tiny random model, a smoke run)
 
 ``--json`` writes ``{"machine": ..., "command": ..., "<section>": {...}}``
 with keys such as ``train_step.mfu``, ``generate.tokens_per_s`` and
@@ -52,6 +55,7 @@ SECTIONS = (
     "memory",
     "scaling",
     "budget",
+    "serve",
 )
 # what a section needs from earlier ones (run first when asked for)
 NEEDS = {
@@ -94,6 +98,22 @@ def parse_args(argv=None):
     parser.add_argument("--topk", type=int, default=64)
     parser.add_argument("--new_tokens", type=int, default=None)
     parser.add_argument("--answer_tokens", type=int, default=None)
+    parser.add_argument(
+        "--serve_model",
+        default=None,
+        help="serve: exported model folder (default results/demo/model)",
+    )
+    parser.add_argument(
+        "--serve_tiny",
+        action="store_true",
+        help="serve: a tiny random model instead (smoke run)",
+    )
+    parser.add_argument(
+        "--serve_max_batch",
+        type=int,
+        default=8,
+        help="serve: --max-batch of the batched server",
+    )
     args = parser.parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -273,6 +273,13 @@ def create_app(models, max_batch=8, max_wait_ms=20.0, max_audio_bytes=None):
         return {
             "status": "ok",
             "models": list(models),
+            "placement": {
+                name: {
+                    "device": str(llm.device),
+                    "dtype": str(next(llm.model.llm.parameters()).dtype),
+                }
+                for name, llm in models.items()
+            },
             "batcher": batcher.stats(),
         }
 
