@@ -1085,7 +1085,24 @@ def run_recipe(argv):
                 hparams["step_log"], os.path.join(out, "training_curves.png")
             )
         logger.info("test summary: %s", json.dumps(trained, indent=1))
+    close_process_group()
     return brain
+
+
+def close_process_group():
+    """Under ``torchrun``: every process waits for the others, then the
+    process group is destroyed (a no-op in one process).
+
+    Without it a rank that finished first (the others still plotting or
+    exporting) tore down the gloo group at interpreter exit while its
+    threads still served the other ranks: "terminate called without an
+    active exception" in rank 1 of the two-process tests, now and then.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _export(brain, hparams):
