@@ -380,12 +380,14 @@ class _ReplayAdapter(torch.nn.Module):
 @contextlib.contextmanager
 def _replaying(model, output):
     """The model's adapter replaced by one that returns ``output``."""
-    adapter = model.adapter
+    adapter, snap = model.adapter, getattr(model, "snap_speech", False)
     model.adapter = _ReplayAdapter(output)
+    model.snap_speech = False  # each rung is fed exactly as given
     try:
         yield
     finally:
         model.adapter = adapter
+        model.snap_speech = snap
 
 
 @torch.no_grad()
@@ -857,8 +859,9 @@ def _measure_ladder(model, rows, tasks, decoded, out_folder, options, source):
 
     Returns :func:`quality_ladder`'s result without its rows (written to
     ``out_folder/ladder_rows.jsonl``) and with ``e_matches_speech_rows``:
-    how many of rung e's answers are the speech row's answer to the same
-    clip (``same`` of ``n``; all of them unless the replayed generation
+    how many of the inference rung's answers (``inference_rung``: e, or d
+    for a model with ``snap_speech``) are the speech row's answer to the
+    same clip (``same`` of ``n``; all of them unless the replayed generation
     differs from the model's own).
     """
     if "repeat" not in tasks:
@@ -882,14 +885,18 @@ def _measure_ladder(model, rows, tasks, decoded, out_folder, options, source):
         out_folder / "ladder_rows.jsonl",
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ladder_rows),
     )
-    same = sum(r["e"] == repeat[r["ID"]]["hyp"] for r in ladder_rows)
+    # what inference feeds the LLM: rung e, or d when the model snaps
+    rung = "d" if getattr(model, "snap_speech", False) else "e"
+    same = sum(r[rung] == repeat[r["ID"]]["hyp"] for r in ladder_rows)
     if same != len(ladder_rows):
         logger.warning(
-            "quality ladder: rung e differs from the speech rows on %d of "
+            "quality ladder: rung %s differs from the speech rows on %d of "
             "%d clips",
+            rung,
             len(ladder_rows) - same,
             len(ladder_rows),
         )
+    result["inference_rung"] = rung
     result["e_matches_speech_rows"] = {"same": same, "n": len(ladder_rows)}
     return result
 
@@ -1198,10 +1205,18 @@ def ladder_table(results):
             notes.append(f"{name}: skipped ({ladder['skipped']}).")
             continue
         match = ladder.get("e_matches_speech_rows")
+        rung = ladder.get("inference_rung", "e")
+        if rung != "e":
+            notes.append(
+                f"{name}: this model snaps its speech embeddings to the "
+                f"nearest tokens at generation (snap_speech): inference is "
+                f"rung {rung}."
+            )
         if match and match["same"] != match["n"]:
             notes.append(
-                f"{name}: rung e differs from the speech LLM's repeat answer "
-                f"on {match['n'] - match['same']} of {match['n']} clips."
+                f"{name}: rung {rung} differs from the speech LLM's repeat "
+                f"answer on {match['n'] - match['same']} of {match['n']} "
+                "clips."
             )
     if notes:
         lines += [""] + notes

@@ -384,3 +384,44 @@ def test_cascade_transcribes_the_same_speech_once(monkeypatch):
     assert calls == [2, 2]
     again = cascade.generate(wavs, instructions="Repeat:", max_new_tokens=2)
     assert again == first
+
+
+def test_snap_speech_is_exported_and_snaps_only_generation(exported, tmp_path):
+    """snap_speech: generation feeds the LLM its own embedding of each
+    speech vector's nearest token; the flag survives export and loading,
+    and the loaded model answers as the model does."""
+    model = exported["model"]
+    path = exported["wavs"][0]
+    wav = load_audio(path)
+    model.eval()
+    with torch.no_grad():
+        raw = model.encode_speech(wav[None], torch.ones(1))
+    snapped = model.snapped(raw)
+    table, _ = model.embedding_table(raw.tokens.device)
+    ids = (
+        torch.nn.functional.normalize(raw.tokens.float(), dim=-1) @ table.T
+    ).argmax(-1)
+    assert torch.equal(snapped.tokens, model.embed_tokens(ids))
+    assert not torch.equal(snapped.tokens, raw.tokens)
+    model.snap_speech = True
+    try:
+        want = model.generate(wav[None], torch.ones(1), **GEN)[0]
+        folder = export_model(
+            model,
+            tmp_path / "snap",
+            {"max_new_tokens": 4, "llm_dtype": None, "encoder_dtype": None},
+        )
+    finally:
+        model.snap_speech = False
+    info = json.loads((folder / "export.json").read_text())
+    assert info["config"]["snap_speech"] is True
+    loaded = _load(folder)
+    assert loaded.model.snap_speech
+    assert loaded.generate_file(path, **GEN) == want
+    # the default export does not snap
+    assert (
+        json.loads((exported["folder"] / "export.json").read_text())["config"][
+            "snap_speech"
+        ]
+        is False
+    )

@@ -139,7 +139,7 @@ def _check_outputs(out):
     }
     # the model card names the run: its stages, steps and evaluation
     card = (model / "README.md").read_text(encoding="utf-8")
-    assert "| align | BLSPKDObjective | align 1, cif 1 | 1 |" in card
+    assert "| align | BLSPKDObjective | align 1, cif 1, timing 1 | 1 |" in card
     assert "| trained | repeat | 4 |" in card
     assert "synthetic speech only" in card
     assert list((out / "eval" / "trained").glob("adapter_*.png"))

@@ -152,6 +152,7 @@ CONFIG_SECTIONS = (
                 ],
             },
             "llm_dtype": "auto",
+            "snap_speech": False,
         },
     ),
     (
@@ -230,6 +231,7 @@ model: !apply:speechbrain_blspkd.inference.export.build_model
         - transcript_separator
     plora: !ref <plora>
     llm_dtype: !ref <llm_dtype>
+    snap_speech: !ref <snap_speech>
 
 modules:
     model: !ref <model>
@@ -368,6 +370,8 @@ def build_model(class_path, transcriber=None, **kwargs):
         raise TypeError(f"model_class {class_path} is not a SpeechLLMModel")
     if transcriber is not None:
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if not kwargs.get("snap_speech"):  # no speech embeddings to snap
+            kwargs.pop("snap_speech", None)
         return cls(kwargs.pop("llm"), transcriber, **kwargs)
     return cls(**kwargs)
 
@@ -496,6 +500,7 @@ def config_from_model(model):
         config["plora"] = plora
     else:
         config["plora"] = None
+    config["snap_speech"] = bool(getattr(model, "snap_speech", False))
     config["prompts"] = dict(
         system_prompt=model.prompts.system_prompt,
         instruction=model.instruction,
