@@ -452,6 +452,8 @@ def test_hearing_levers_and_offline_teacher_through_the_recipe(
         "--align_negatives=16",
         "--ctc_weight=0.5",
         "--ctc_negatives=16",
+        # CTC reads the d - 1 channels the paper's weight channel leaves
+        "--weight_predictor=channel",
         "--teacher=offline",
         "--teacher_topk=8",
         "--log_every_n_steps=1",
