@@ -456,7 +456,7 @@ def test_whisper_term_through_the_pipeline(tmp_path):
         batch = _batch(dataio_prepare(hparams, feature_cache=features)["align"])
         out = brain.compute_forward(batch, TRAIN)
         loss, stats = objective(out, model, TRAIN)
-    assert 0.0 <= stats["whisper"] < 1e-5
+    assert abs(stats["whisper"]) < 1e-5  # 1 - cos: round-off either side
     assert (
         float(torch.dist(out.adapter.token_hidden[mask], hidden[mask])) < 1e-5
     )
