@@ -12,10 +12,6 @@ from speechbrain_blspkd.dataprep.feature_cache import FeatureCache
 from speechbrain_blspkd.dataprep.token_timings import (
     StaleTokenTimingsError,
     TokenTimingCache,
-    WhisperDecoderTeacher,
-    dtw_path,
-    llm_token_times,
-    row_times,
     timing_items,
     write_token_timings,
 )
@@ -29,6 +25,12 @@ from speechbrain_blspkd.nnet.cif import (
     span_weights,
     timing_loss,
 )
+from speechbrain_blspkd.nnet.token_alignment import (
+    dtw_path,
+    llm_token_times,
+    row_times,
+)
+from speechbrain_blspkd.nnet.whisper_decoder import WhisperDecoderTeacher
 
 
 def _monotone_paths(rows, cols):
@@ -338,11 +340,11 @@ def test_word_boundaries_on_words_with_known_silences(real_asset, tmp_path):
     import soundfile as sf
     from transformers import AutoTokenizer
 
-    from speechbrain_blspkd.dataprep.token_timings import (
+    from speechbrain_blspkd.dataprep.tts import synthesise
+    from speechbrain_blspkd.nnet.token_alignment import (
         llm_token_spans,
         utterance_timings,
     )
-    from speechbrain_blspkd.dataprep.tts import synthesise
     from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
     from speechbrain_blspkd.prompt import PromptBuilder
 

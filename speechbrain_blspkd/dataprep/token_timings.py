@@ -25,22 +25,23 @@ How (per utterance)
    (width 7) and averaged over the heads; the rows that predict the text
    tokens and the end-of-text token (from the ``<|notimestamps|>`` row to
    the last text token's row) form a (W + 1, T) matrix.
-3. Dynamic time warping (:func:`dtw_path`) on its negation gives a
-   monotonic path from the first to the last frame, which hands each row
-   a stretch of frames; the start of Whisper token ``i`` is the midpoint
-   of row ``i``'s first frame and its attention peak inside the stretch
-   (:func:`row_times` says why; row W: the end of the speech).  Frames
-   are 1 / 50 s (Whisper's encoder rate).
+3. Dynamic time warping on its negation gives a monotonic path from the
+   first to the last frame, which hands each row a stretch of frames; the
+   start of Whisper token ``i`` is the midpoint of row ``i``'s first
+   frame and its attention peak inside the stretch (row W: the end of the
+   speech).  Frames are 1 / 50 s (Whisper's encoder rate).
 4. The LLM tokens (exactly the model's tokenisation,
    :meth:`~speechbrain_blspkd.prompt.PromptBuilder.transcript_ids`) are
    placed on the transcript's characters: an LLM token starts at the time
    of its first character, interpolated by characters inside the Whisper
-   token that covers it (:func:`llm_token_times`); it ends where the next
-   starts, the last where the speech ends.  The two tokenisers split most
-   sentences differently, so the bridge goes through characters.
+   token that covers it; it ends where the next starts, the last where
+   the speech ends (the two tokenisers split most sentences differently).
 
-The last token ends where Whisper places the end of text, so trailing
-silence belongs to no token.
+Steps 2-4 are :mod:`speechbrain_blspkd.nnet.token_alignment` (which says
+why each choice was made); the decoder is
+:class:`~speechbrain_blspkd.nnet.whisper_decoder.WhisperDecoderTeacher`. The last
+token ends where Whisper places the end of text, so trailing silence
+belongs to no token.
 
 Storage and stale caches
 ------------------------
@@ -80,7 +81,6 @@ import sys
 import time
 
 import torch
-from torch import nn
 
 from speechbrain_blspkd.dataio.manifest import read_manifest
 from speechbrain_blspkd.dataprep.continuations import _parse_shard
@@ -94,6 +94,11 @@ from speechbrain_blspkd.dataprep.feature_cache import (
     feature_checksum,
 )
 from speechbrain_blspkd.dataprep.teacher_topk import _tokenizer_checksum
+from speechbrain_blspkd.nnet.token_alignment import (
+    MEDIAN_WIDTH,
+    utterance_timings,
+)
+from speechbrain_blspkd.nnet.whisper_decoder import WhisperDecoderTeacher
 from speechbrain_blspkd.utils.atomic import remove_stray_tmp
 from speechbrain_blspkd.utils.cache_label import check_label
 from speechbrain_blspkd.utils.cli import report_error, setup_logging
@@ -103,392 +108,27 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "StaleTokenTimingsError",
     "TokenTimingCache",
-    "WhisperDecoderTeacher",
-    "alignment_matrix",
-    "dtw_path",
-    "llm_token_spans",
-    "llm_token_times",
+    "decoder_checksum",
     "prepare_token_timings",
-    "row_times",
     "timing_items",
-    "utterance_timings",
     "write_token_timings",
 ]
 
 CACHE_VERSION = 1
 META_FILE = "timings.json"
-#: Width of the median filter along time (frames), as Whisper's own
-#: word timestamps use.
-MEDIAN_WIDTH = 7
-_SOT = "<|startoftranscript|>"
-_TRANSCRIBE = "<|transcribe|>"
-_NO_TIMESTAMPS = "<|notimestamps|>"
 
 
 class StaleTokenTimingsError(StaleCacheError):
     """A token-timing folder was written for other settings."""
 
 
-def _spans(tokenizer, text, offset):
-    """Ids and character spans of ``text`` (spans shifted by ``-offset``)."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    spans = [(a - offset, b - offset) for a, b in enc["offset_mapping"]]
-    return list(enc["input_ids"]), spans
-
-
-def llm_token_spans(prompts, transcript):
-    """The transcript's LLM token ids and their character spans.
-
-    Exactly the model's tokenisation of transcripts
-    (:meth:`~speechbrain_blspkd.prompt.PromptBuilder.transcript_ids`: the
-    separator, then the stripped transcript); spans count characters of
-    the stripped transcript, so the separator's characters are negative.
-
-    Arguments
-    ---------
-    prompts : speechbrain_blspkd.prompt.PromptBuilder
-        The model's prompt builder (``model.prompts``).
-    transcript : str
-        The transcript.
-
-    Returns
-    -------
-    ids : list of int
-    spans : list of (int, int)
-
-    Example
-    -------
-    >>> from speechbrain_blspkd.prompt import PromptBuilder
-    >>> from speechbrain_blspkd.utils.testing import doctest_tokenizer
-    >>> prompts = PromptBuilder(doctest_tokenizer())
-    >>> ids, spans = llm_token_spans(prompts, " the cat ")
-    >>> ids == prompts.transcript_ids(" the cat "), spans[0][0], spans[-1][1]
-    (True, -1, 7)
-    """
-    separator = prompts.transcript_separator
-    ids, spans = _spans(
-        prompts.tokenizer, separator + transcript.strip(), len(separator)
-    )
-    if ids != prompts.transcript_ids(transcript):
-        raise ValueError(
-            f"the LLM tokenizer splits {transcript!r} differently with "
-            "offsets than without; its character spans cannot be trusted"
-        )
-    return ids, spans
-
-
-# ----------------------------------------------------------------------
-# the decoder
-class WhisperDecoderTeacher(nn.Module):
-    """Whisper's decoder (no encoder), teacher-forced on transcripts.
-
-    Arguments
-    ---------
-    source : str or pathlib.Path
-        A local transformers Whisper folder or a project asset name
-        (``"whisper-base"``; :func:`~speechbrain_blspkd.inference.export.
-        resolve_source`), with its tokenizer.
-    dtype : torch.dtype or str, optional
-        Weight dtype (``"auto"``: bfloat16 where the device computes it
-        fast; None: float32).
-
-    Example
-    -------
-    >>> import tempfile
-    >>> from speechbrain_blspkd.utils.testing import tiny_saved_speech_llm
-    >>> folder = pathlib.Path(tempfile.mkdtemp())
-    >>> _ = tiny_saved_speech_llm(folder)
-    >>> teacher = WhisperDecoderTeacher(folder / "whisper")
-    >>> prefix = teacher.prefix_ids("en")
-    >>> teacher.tokenizer.convert_ids_to_tokens(prefix)[0], len(prefix)
-    ('<|startoftranscript|>', 4)
-    >>> text_ids, spans = teacher.text_spans("the cat")
-    >>> spans[0][0], spans[-1][1]  # characters of "the cat"; -1: the space
-    (-1, 7)
-    >>> ids = torch.tensor([prefix + text_ids])
-    >>> states = teacher.states(torch.randn(1, 7, 64), torch.tensor([7]),
-    ...     ids)
-    >>> states.shape == (1, len(prefix) + len(text_ids), 64)
-    True
-    """
-
-    def __init__(self, source, dtype=None):
-        super().__init__()
-        from transformers import AutoTokenizer, WhisperForConditionalGeneration
-
-        from speechbrain_blspkd.inference.export import resolve_source
-        from speechbrain_blspkd.utils.precision import resolve_dtype
-
-        folder = resolve_source(source)
-        if not (pathlib.Path(folder) / "config.json").is_file():
-            raise FileNotFoundError(
-                f"WhisperDecoderTeacher: {folder} is not a transformers "
-                "Whisper folder (no config.json); fetch it with "
-                "`python -m speechbrain_blspkd.assets fetch whisper-base`"
-            )
-        whisper = WhisperForConditionalGeneration.from_pretrained(
-            str(folder), dtype=resolve_dtype(dtype) or torch.float32
-        )
-        self.source = str(source)
-        self.decoder = whisper.model.decoder
-        self.proj_out = whisper.proj_out
-        self.config = whisper.config
-        generation = whisper.generation_config
-        del whisper
-        self.requires_grad_(False)
-        self.eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        vocab = self.tokenizer.get_vocab()
-        missing = [t for t in (_SOT, _NO_TIMESTAMPS) if t not in vocab]
-        if missing:
-            raise ValueError(
-                f"WhisperDecoderTeacher: the tokenizer of {folder} lacks "
-                f"Whisper's {missing}"
-            )
-        multilingual = getattr(generation, "is_multilingual", None)
-        if multilingual is None:
-            multilingual = _TRANSCRIBE in vocab and "<|en|>" in vocab
-        self.multilingual = bool(multilingual)
-        self._vocab = vocab
-        # read from the file: transformers drops the field of a
-        # generation config it derives from the model config
-        gen_file = pathlib.Path(folder) / "generation_config.json"
-        heads = getattr(generation, "alignment_heads", None) or []
-        if not heads and gen_file.is_file():
-            heads = (
-                json.loads(gen_file.read_text(encoding="utf-8")).get(
-                    "alignment_heads"
-                )
-                or []
-            )
-        self.alignment_heads = [(int(a), int(b)) for a, b in heads]
-        layers, nheads = (
-            len(self.decoder.layers),
-            self.config.decoder_attention_heads,
-        )
-        for layer, head in self.alignment_heads:
-            if not (0 <= layer < layers and 0 <= head < nheads):
-                raise ValueError(
-                    f"WhisperDecoderTeacher: alignment head ({layer}, {head}) "
-                    f"of {folder} is outside the decoder's {layers} layers x "
-                    f"{nheads} heads"
-                )
-
-    @property
-    def width(self):
-        """Width d of the decoder states."""
-        return int(self.config.d_model)
-
-    def train(self, mode=True):
-        """The decoder stays in eval mode (frozen, no dropout)."""
-        return super().train(False)
-
-    def prefix_ids(self, language):
-        """The decoder prompt for a transcript in ``language``.
-
-        ``<|startoftranscript|><|lang|><|transcribe|><|notimestamps|>``;
-        an English-only model gets ``<|startoftranscript|>
-        <|notimestamps|>``.
-
-        Arguments
-        ---------
-        language : str
-            ISO code (``"en"``), as the manifests' ``language`` column.
-
-        Returns
-        -------
-        list of int
-        """
-        from speechbrain_blspkd.nnet.whisper_asr import _language_code
-
-        if not self.multilingual:
-            return [self._vocab[_SOT], self._vocab[_NO_TIMESTAMPS]]
-        code = _language_code(language or "")
-        token = f"<|{code}|>"
-        if token not in self._vocab:
-            raise ValueError(
-                f"WhisperDecoderTeacher: language {language!r} has no "
-                f"Whisper token ({token})"
-            )
-        return [
-            self._vocab[_SOT],
-            self._vocab[token],
-            self._vocab[_TRANSCRIBE],
-            self._vocab[_NO_TIMESTAMPS],
-        ]
-
-    def text_spans(self, transcript):
-        """Whisper's tokens of ``" " + transcript.strip()`` and their spans
-        (characters of the stripped transcript; the space is -1).
-
-        Returns
-        -------
-        ids : list of int
-        spans : list of (int, int)
-        """
-        return _spans(self.tokenizer, " " + transcript.strip(), 1)
-
-    @torch.no_grad()
-    def states(self, feats, frame_counts, ids, id_counts=None):
-        """Final decoder states (after the final layer norm) of a batch.
-
-        The self-attention is causal, the cross-attention sees each row's
-        first ``frame_counts`` frames only, so a row's states do not depend
-        on the batch padding of either side.
-
-        Arguments
-        ---------
-        feats : torch.Tensor
-            (B, T, d) encoder output, zero-padded on the right.
-        frame_counts : torch.Tensor
-            (B,) real frames of each row.
-        ids : torch.Tensor
-            (B, L) decoder input ids (prompt + text), right-padded.
-        id_counts : torch.Tensor, optional
-            (B,) real ids of each row (only checked against the positional
-            table; padded positions' states are meaningless).
-
-        Returns
-        -------
-        torch.Tensor
-            (B, L, d), position ``t`` predicting input ``t + 1``.
-        """
-        dec = self.decoder
-        batch, length = ids.shape
-        longest = int(length if id_counts is None else max(id_counts))
-        if longest > dec.embed_positions.weight.shape[0]:
-            raise ValueError(
-                f"WhisperDecoderTeacher: {longest} decoder positions exceed "
-                f"the model's {dec.embed_positions.weight.shape[0]}"
-            )
-        weight = dec.embed_tokens.weight
-        device, dtype = weight.device, weight.dtype
-        ids = ids.to(device)
-        feats = feats.to(device=device, dtype=dtype)
-        x = dec.embed_tokens(ids) * dec.embed_scale
-        x = x + dec.embed_positions.weight[:length]
-        low = torch.finfo(dtype).min
-        causal = torch.ones(length, length, dtype=torch.bool, device=device)
-        self_mask = torch.zeros(
-            1, 1, length, length, dtype=dtype, device=device
-        )
-        self_mask = self_mask.masked_fill(~causal.tril(), low)
-        frames = torch.arange(feats.shape[1], device=device)
-        valid = frames[None] < frame_counts.to(device)[:, None]
-        cross_mask = torch.zeros(
-            batch, 1, 1, feats.shape[1], dtype=dtype, device=device
-        )
-        cross_mask = cross_mask.masked_fill(~valid[:, None, None, :], low)
-        for layer in dec.layers:
-            x = layer(
-                x,
-                self_mask,
-                feats,
-                encoder_attention_mask=cross_mask,
-                past_key_values=None,
-                use_cache=False,
-            )
-            if isinstance(x, tuple):  # older transformers return tuples
-                x = x[0]
-        return dec.layer_norm(x)
-
-    @torch.no_grad()
-    def cross_attention(self, feats, frame_counts, ids, heads=None):
-        """Cross-attention weights of the alignment heads over the frames.
-
-        The same teacher-forced pass as :meth:`states`; a hook on each
-        cross-attention block reads its (normalised) input, from which the
-        weights of the chosen heads are recomputed (query and key
-        projections, Whisper's scaling, the frame mask, softmax), so no
-        attention implementation of transformers needs to return them.
-
-        Arguments
-        ---------
-        feats : torch.Tensor
-            (B, T, d) encoder output, zero-padded on the right.
-        frame_counts : torch.Tensor
-            (B,) real frames of each row.
-        ids : torch.Tensor
-            (B, L) decoder input ids, right-padded.
-        heads : list of (int, int), optional
-            ``(layer, head)`` pairs (default: :attr:`alignment_heads`).
-
-        Returns
-        -------
-        torch.Tensor
-            (B, H, L, T) float32 weights; zero on padding frames.
-        """
-        heads = list(self.alignment_heads if heads is None else heads)
-        if not heads:
-            raise ValueError(
-                "WhisperDecoderTeacher: the model lists no alignment heads "
-                "(generation_config.json `alignment_heads`); token timings "
-                "need them"
-            )
-        dec = self.decoder
-        feats = feats.to(device=dec.embed_tokens.weight.device)
-        frames = torch.arange(feats.shape[1], device=feats.device)
-        valid = frames[None] < frame_counts.to(feats.device)[:, None]
-        captured = {}
-        hooks = []
-        wanted = sorted({layer for layer, _ in heads})
-        for index in wanted:
-
-            def grab(module, args, kwargs, index=index):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                captured[index] = hidden
-
-            hooks.append(
-                dec.layers[index].encoder_attn.register_forward_pre_hook(
-                    grab, with_kwargs=True
-                )
-            )
-        try:
-            self.states(feats, frame_counts, ids)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        out = []
-        for layer, head in heads:
-            attn = dec.layers[layer].encoder_attn
-            size = attn.head_dim
-            rows = slice(head * size, (head + 1) * size)
-            hidden = captured[layer]
-            q = (
-                nn.functional.linear(
-                    hidden,
-                    attn.q_proj.weight[rows],
-                    None
-                    if attn.q_proj.bias is None
-                    else attn.q_proj.bias[rows],
-                )
-                * attn.scaling
-            )
-            k = nn.functional.linear(
-                feats.to(hidden.dtype), attn.k_proj.weight[rows]
-            )
-            scores = q.float() @ k.float().transpose(1, 2)
-            scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-            out.append(scores.softmax(-1))
-        return torch.stack(out, dim=1)
-
-    def checksum(self):
-        """SHA-256 of the decoder's weights and configuration, and of the
-        tokenizer (what the targets depend on besides the features)."""
-        h = hashlib.sha256(encoder_checksum(self.decoder).encode())
-        h.update(_tokenizer_checksum(self.tokenizer).encode())
-        return h.hexdigest()
-
-
-def _pad(tensors):
-    """Right-pad 2-D tensors of equal width: (B, Tmax, d) and counts."""
-    counts = torch.tensor([t.shape[0] for t in tensors])
-    out = tensors[0].new_zeros(
-        len(tensors), int(counts.max()), tensors[0].shape[1]
-    )
-    for b, t in enumerate(tensors):
-        out[b, : t.shape[0]] = t
-    return out, counts
+def decoder_checksum(teacher):
+    """SHA-256 of a :class:`~speechbrain_blspkd.nnet.whisper_decoder.
+    WhisperDecoderTeacher`'s weights and configuration and of its
+    tokenizer: what stored timings depend on besides the features."""
+    h = hashlib.sha256(encoder_checksum(teacher.decoder).encode())
+    h.update(_tokenizer_checksum(teacher.tokenizer).encode())
+    return h.hexdigest()
 
 
 def _open_features(features):
@@ -521,306 +161,6 @@ def _rows(manifest):
 
 # ----------------------------------------------------------------------
 # from attention to times (pure)
-def _median_filter(x, width):
-    """Median over a window of ``width`` along the last axis (edges
-    reflected); ``width`` 1 returns ``x``."""
-    if width <= 1 or x.shape[-1] < 2:
-        return x
-    pad = width // 2
-    if x.shape[-1] <= pad:
-        return x
-    shape = x.shape
-    flat = x.reshape(-1, 1, shape[-1])
-    flat = nn.functional.pad(flat, (pad, pad), mode="reflect")
-    return flat.unfold(-1, width, 1).median(-1).values.reshape(shape)
-
-
-def alignment_matrix(weights, first_row, num_rows, median_width=MEDIAN_WIDTH):
-    """The (rows, frames) matrix that DTW aligns, from head weights.
-
-    Arguments
-    ---------
-    weights : torch.Tensor
-        (H, L, T) cross-attention of the alignment heads over one
-        utterance's real frames (L decoder positions).
-    first_row : int
-        The position that predicts the first text token (the
-        ``<|notimestamps|>`` position).
-    num_rows : int
-        Rows kept: the text tokens and the end of text (W + 1).
-    median_width : int
-        Median filter width along time.
-
-    Returns
-    -------
-    torch.Tensor
-        (num_rows, T) float32.
-
-    Example
-    -------
-    >>> w = torch.rand(2, 6, 10)
-    >>> alignment_matrix(w, 2, 3).shape
-    torch.Size([3, 10])
-    """
-    if weights.dim() != 3:
-        raise ValueError(
-            f"alignment_matrix: weights must be (H, L, T), got "
-            f"{tuple(weights.shape)}"
-        )
-    if first_row < 0 or first_row + num_rows > weights.shape[1]:
-        raise ValueError(
-            f"alignment_matrix: rows {first_row}..{first_row + num_rows - 1} "
-            f"are outside the {weights.shape[1]} decoder positions"
-        )
-    w = weights.float()
-    std = w.std(dim=1, keepdim=True, unbiased=False).clamp(min=1e-8)
-    w = (w - w.mean(dim=1, keepdim=True)) / std
-    w = _median_filter(w, median_width)
-    return w.mean(0)[first_row : first_row + num_rows]
-
-
-def dtw_path(cost):
-    """Monotonic minimum-cost path through a (R, T) cost matrix.
-
-    The path starts at (0, 0), ends at (R - 1, T - 1) and moves by one row,
-    one column or both at each step (dynamic time warping).  Written here
-    because it is a dozen lines on tiny matrices (tens of rows, a few
-    hundred frames) and no installed library offers it.
-
-    Arguments
-    ---------
-    cost : torch.Tensor or array-like
-        (R, T) costs.
-
-    Returns
-    -------
-    rows, cols : list of int
-        The path, in order.
-
-    Example
-    -------
-    >>> cost = torch.tensor([[0., 0, 9, 9], [9, 9, 0, 9], [9, 9, 9, 0]])
-    >>> dtw_path(cost)
-    ([0, 0, 1, 2], [0, 1, 2, 3])
-    """
-    cost = torch.as_tensor(cost, dtype=torch.float64).tolist()
-    num_rows = len(cost)
-    num_cols = len(cost[0]) if num_rows else 0
-    if num_rows == 0 or num_cols == 0:
-        raise ValueError("dtw_path: empty cost matrix")
-    inf = float("inf")
-    total = [[inf] * (num_cols + 1) for _ in range(num_rows + 1)]
-    move = [[0] * (num_cols + 1) for _ in range(num_rows + 1)]
-    total[0][0] = 0.0
-    for i in range(1, num_rows + 1):
-        above, here, row_cost = total[i - 1], total[i], cost[i - 1]
-        moves = move[i]
-        for j in range(1, num_cols + 1):
-            diagonal, up, left = above[j - 1], above[j], here[j - 1]
-            if diagonal <= up and diagonal <= left:
-                best, step = diagonal, 0
-            elif up <= left:
-                best, step = up, 1
-            else:
-                best, step = left, 2
-            here[j] = row_cost[j - 1] + best
-            moves[j] = step
-    i, j = num_rows, num_cols
-    rows, cols = [], []
-    while i > 0 and j > 0:
-        rows.append(i - 1)
-        cols.append(j - 1)
-        step = move[i][j]
-        if step == 0:
-            i, j = i - 1, j - 1
-        elif step == 1:
-            i -= 1
-        else:
-            j -= 1
-    return rows[::-1], cols[::-1]
-
-
-def row_times(matrix, rows, cols):
-    """For each row, the frame where its token begins, from a DTW path.
-
-    The path gives each row a stretch of frames.  On clips of separately
-    spoken words with known onsets (``tests/test_token_timings.py``), the
-    first frame of a stretch fell about half a word early (median 180 ms)
-    and the peak of the row's attention inside it about 110 ms late
-    (the heads look at a token's start from the row that predicts it);
-    the midpoint of the two was within 65 ms of the onset and inside the
-    silence before the word for most words.  That midpoint is the row's
-    time; times never decrease, as the stretches are in order.
-
-    Arguments
-    ---------
-    matrix : torch.Tensor
-        (R, T) the aligned matrix (higher: more attention).
-    rows, cols : list of int
-        The path (:func:`dtw_path` on ``-matrix``).
-
-    Returns
-    -------
-    list of int
-        R frames.
-
-    Example
-    -------
-    >>> m = torch.tensor([[5., 1, 0, 0, 0], [0, 1, 2, 6, 1], [0, 0, 0, 1, 3]])
-    >>> row_times(m, *dtw_path(-m))
-    [0, 2, 4]
-    """
-    num_rows = matrix.shape[0]
-    first = [None] * num_rows
-    best = [None] * num_rows
-    for r, c in zip(rows, cols):
-        value = float(matrix[r, c])
-        if first[r] is None:
-            first[r] = c
-        if best[r] is None or value > best[r][0]:
-            best[r] = (value, c)
-    missing = [r for r, b in enumerate(best) if b is None]
-    if missing:
-        raise ValueError(f"row_times: rows {missing} are not on the path")
-    return [(f + b[1]) // 2 for f, b in zip(first, best)]
-
-
-def llm_token_times(
-    whisper_spans, whisper_starts, speech_end, llm_spans, text=None
-):
-    """(start, end) of each LLM token from the Whisper tokens' starts.
-
-    Whisper token ``i`` holds characters ``whisper_spans[i]`` and the time
-    from ``whisper_starts[i]`` to the next token's start (the last: to
-    ``speech_end``); a character's time is interpolated linearly inside
-    its token.  An LLM token starts at its first character's time (a
-    character before every Whisper token: the first start; after all:
-    the speech end) and ends where the next LLM token starts (the last:
-    at ``speech_end``).  Starts never decrease.
-
-    Arguments
-    ---------
-    whisper_spans : sequence of (int, int)
-        Character spans of the W Whisper text tokens.
-    whisper_starts : sequence of float
-        Their W start times.
-    speech_end : float
-        The end of text's time.
-    llm_spans : sequence of (int, int)
-        Character spans of the N LLM tokens (same text).
-    text : str, optional
-        The text the spans count (position -1: a space before it); when
-        given, a token's time is that of its first character that is not
-        a space (a space makes no sound).
-
-    Returns
-    -------
-    list of (float, float)
-
-    Example
-    -------
-    >>> # Whisper " hello|world" at 0.0 and 1.0 s, end 2.0 s;
-    >>> # LLM " hel|lo| world"
-    >>> llm_token_times([(0, 6), (6, 12)], [0.0, 1.0], 2.0,
-    ...                 [(0, 4), (4, 6), (6, 12)])
-    [(0.0, 0.6666666666666666), (0.6666666666666666, 1.0), (1.0, 2.0)]
-    """
-    bounds = list(whisper_starts) + [speech_end]
-    if len(whisper_spans) + 1 != len(bounds) or not whisper_spans:
-        raise ValueError(
-            "llm_token_times: need one start per Whisper token (at least one)"
-        )
-
-    def char_time(c):
-        for i, (a, b) in enumerate(whisper_spans):
-            if c < b or i == len(whisper_spans) - 1:
-                if c <= a or b <= a:
-                    return float(bounds[i])
-                frac = min((c - a) / (b - a), 1.0)
-                return bounds[i] + frac * (bounds[i + 1] - bounds[i])
-        return float(speech_end)
-
-    def first_sound(a, b):
-        if text is None:
-            return a
-        for c in range(a, b):
-            if 0 <= c < len(text) and not text[c].isspace():
-                return c
-        return a
-
-    starts, last = [], float(bounds[0])
-    for a, b in llm_spans:
-        last = max(last, char_time(first_sound(a, b)))
-        starts.append(min(last, float(speech_end)))
-    ends = starts[1:] + [float(speech_end)]
-    return [(s, max(s, e)) for s, e in zip(starts, ends)]
-
-
-# ----------------------------------------------------------------------
-# a batch of utterances
-@torch.no_grad()
-def utterance_timings(teacher, prompts, feats, rows, frame_rate=50.0):
-    """The LLM-token timings of a batch of utterances.
-
-    Arguments
-    ---------
-    teacher : WhisperDecoderTeacher
-        The decoder (with its alignment heads).
-    prompts : speechbrain_blspkd.prompt.PromptBuilder
-        The LLM's prompt builder (its transcript tokenisation).
-    feats : list of torch.Tensor
-        (T_b, d) encoder output of each row (unpadded).
-    rows : list of dict
-        Manifest rows (``ID``, ``transcript``, ``language``).
-    frame_rate : float
-        Encoder frames per second.
-
-    Returns
-    -------
-    list of torch.Tensor
-        (N_b, 2) float32 seconds per row.
-    """
-    inputs, plans, plans_text = [], [], []
-    for row in rows:
-        transcript = row["transcript"]
-        text_ids, whisper_spans = teacher.text_spans(transcript)
-        _, llm_spans = llm_token_spans(prompts, transcript)
-        if not text_ids or not llm_spans:
-            raise ValueError(f"utterance {row['ID']!r}: empty transcript")
-        prefix = teacher.prefix_ids(row.get("language"))
-        inputs.append(torch.tensor(prefix + text_ids))
-        plans.append((len(prefix), whisper_spans, llm_spans))
-        plans_text.append(transcript.strip())
-    limit = teacher.decoder.embed_positions.weight.shape[0]
-    for row, ids in zip(rows, inputs):
-        if ids.numel() > limit:
-            raise ValueError(
-                f"utterance {row['ID']!r}: {ids.numel()} Whisper decoder "
-                f"tokens exceed the decoder's {limit} positions"
-            )
-    ids, _ = _pad([i[:, None] for i in inputs])
-    padded, frame_counts = _pad([f.float() for f in feats])
-    weights = teacher.cross_attention(padded, frame_counts, ids[..., 0])
-    out = []
-    for b, (prefix, whisper_spans, llm_spans) in enumerate(plans):
-        frames = int(frame_counts[b])
-        length = prefix + len(whisper_spans)
-        matrix = alignment_matrix(
-            weights[b, :, :length, :frames], prefix - 1, len(whisper_spans) + 1
-        )
-        peaks = row_times(matrix, *dtw_path(-matrix))
-        seconds = [s / frame_rate for s in peaks]
-        times = llm_token_times(
-            whisper_spans,
-            seconds[:-1],
-            seconds[-1],
-            llm_spans,
-            text=plans_text[b],
-        )
-        out.append(torch.tensor(times, dtype=torch.float32))
-    return out
-
-
 # ----------------------------------------------------------------------
 # settings and the cache folder
 def reader_settings(model):
@@ -854,7 +194,7 @@ def _settings(features, llm_tokenizer, separator, teacher=None):
     )
     if teacher is not None:
         settings.update(
-            whisper=teacher.checksum(),
+            whisper=decoder_checksum(teacher),
             alignment_heads=[list(h) for h in teacher.alignment_heads],
             median_width=MEDIAN_WIDTH,
         )

@@ -83,12 +83,12 @@ from speechbrain_blspkd.dataprep.feature_cache import (
 )
 from speechbrain_blspkd.dataprep.teacher_topk import _tokenizer_checksum
 from speechbrain_blspkd.dataprep.token_timings import (
-    WhisperDecoderTeacher,
     _open_features,
-    _pad,
     _rows,
-    llm_token_spans,
+    decoder_checksum,
 )
+from speechbrain_blspkd.nnet.token_alignment import _pad, llm_token_spans
+from speechbrain_blspkd.nnet.whisper_decoder import WhisperDecoderTeacher
 from speechbrain_blspkd.utils.atomic import remove_stray_tmp
 from speechbrain_blspkd.utils.cache_label import check_label
 from speechbrain_blspkd.utils.cli import report_error, setup_logging
@@ -309,7 +309,7 @@ def _settings(features, llm_tokenizer, separator, teacher=None):
         transcript_separator=separator,
     )
     if teacher is not None:
-        settings.update(whisper=teacher.checksum(), width=teacher.width)
+        settings.update(whisper=decoder_checksum(teacher), width=teacher.width)
     return settings
 
 
