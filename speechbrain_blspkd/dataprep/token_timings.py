@@ -38,10 +38,8 @@ How (per utterance)
    the speech ends (the two tokenisers split most sentences differently).
 
 Steps 2-4 are :mod:`speechbrain_blspkd.nnet.token_alignment` (which says
-why each choice was made); the decoder is
-:class:`~speechbrain_blspkd.nnet.whisper_decoder.WhisperDecoderTeacher`. The last
-token ends where Whisper places the end of text, so trailing silence
-belongs to no token.
+why); the decoder is :mod:`speechbrain_blspkd.nnet.whisper_decoder`.
+Trailing silence belongs to no token.
 
 Storage and stale caches
 ------------------------
@@ -62,10 +60,9 @@ Command line::
         [--llm smollm2-135m-instruct] [--batch-size 16] [--shard 0/2] \\
         [--limit N] [--device cpu] [--overwrite]
 
-Inside a recipe, ``token_timings_folder`` (null: none) makes
-:func:`prepare_token_timings` write the timings of every split before
-training, and :func:`timing_items` hands each row's timings to the model
-as ``token_spans``.
+In a recipe, ``token_timings_folder`` makes :func:`prepare_token_timings`
+write every split's timings before training; :func:`timing_items` hands
+them to the model as ``token_spans``.
 
 Authors
  * speechbrain-blspkd contributors 2026
