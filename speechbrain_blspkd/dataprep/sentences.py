@@ -16,7 +16,7 @@ The sentence sources and cleaning rules of the SynthSpeech corpus
   :data:`LOCALE_DIR` (:func:`read_mo`, :func:`gettext_sentences`).
 
 The English sources beyond the fortunes are in
-:mod:`~speechbrain_blspkd.dataprep.english_text`.
+:mod:`~speechbrain_blspkd.dataprep.english_sources`.
 """
 
 import pathlib

@@ -5,7 +5,7 @@ collections in English, German, Spanish, Italian and Brazilian Portuguese,
 and the human translations in the gettext ``.mo`` catalogues under
 ``/usr/share/locale`` for French, Mandarin Chinese, Hindi and Arabic, and as
 a supplement for the others): the *core* pool of each language.  English
-also has an *extra* pool (:mod:`~speechbrain_blspkd.dataprep.english_text`):
+also has an *extra* pool (:mod:`~speechbrain_blspkd.dataprep.english_sources`):
 the other English fortune files and ``tfortunes``, the King James Bible
 (``bible-kjv``, verse numbers stripped, split into sentences), the example
 sentences of the WordNet glosses (``wordnet-base``) and the English
@@ -52,7 +52,7 @@ bible-kjv-text wordnet-base fortune-anarchism tfortunes display-dhammapada``
 
 This module is the build; the sentences and their cleaning are in
 :mod:`~speechbrain_blspkd.dataprep.sentences` and
-:mod:`~speechbrain_blspkd.dataprep.english_text`, the plan (languages,
+:mod:`~speechbrain_blspkd.dataprep.english_sources`, the plan (languages,
 voices, splits) in :mod:`~speechbrain_blspkd.dataprep.synthspeech_plan`,
 the espeak-ng + sox wrapper in :mod:`~speechbrain_blspkd.dataprep.tts`;
 their public names can also be imported from here.
@@ -77,8 +77,7 @@ import subprocess
 import sys
 
 from speechbrain_blspkd.dataio.manifest import read_manifest, write_manifest
-from speechbrain_blspkd.dataprep import tts
-from speechbrain_blspkd.dataprep.english_text import sources as english_text
+from speechbrain_blspkd.dataprep import english_sources, tts
 from speechbrain_blspkd.dataprep.sentences import (
     FORTUNE_DIR,
     LOCALE_DIR,
@@ -108,40 +107,22 @@ from speechbrain_blspkd.dataprep.synthspeech_plan import (
 from speechbrain_blspkd.utils.atomic import atomic_write_text, remove_stray_tmp
 from speechbrain_blspkd.utils.cli import report_error, setup_logging
 
+# fmt: off
 __all__ = [
-    "APT_PACKAGES",
-    "FORTUNE_DIR",
-    "LANGUAGES",
-    "LOCALES",
-    "LOCALE_DIR",
-    "PITCH_RANGE",
-    "PLAN_FILE",
-    "PLAN_VERSION",
-    "SCRIPTS",
-    "SPEED_RANGE",
-    "SPLITS",
-    "VARIANTS",
-    "check_requirements",
-    "clean_script_sentence",
-    "clean_sentence",
-    "fortune_sentences",
-    "gettext_sentences",
-    "language_pools",
-    "language_sentences",
-    "load_saved_plan",
-    "main",
-    "make_plan",
-    "prepare_synthspeech",
-    "read_mo",
-    "sentence_key",
-    "synthesise",
-    "wav_relpath",
+    "APT_PACKAGES", "FORTUNE_DIR", "LANGUAGES", "LOCALES", "LOCALE_DIR",
+    "PITCH_RANGE", "PLAN_FILE", "PLAN_VERSION", "SCRIPTS", "SPEED_RANGE",
+    "SPLITS", "VARIANTS", "check_requirements", "clean_script_sentence",
+    "clean_sentence", "fortune_sentences", "gettext_sentences",
+    "language_pools", "language_sentences", "load_saved_plan", "main",
+    "make_plan", "prepare_synthspeech", "read_mo", "sentence_key",
+    "synthesise", "wav_relpath",
 ]
+# fmt: on
 
 logger = logging.getLogger(__name__)
 
 #: Debian packages the default corpus needs (the English sources beyond
-#: the fortunes: :data:`.english_text.APT_PACKAGES`).
+#: the fortunes: :data:`.english_sources.APT_PACKAGES`).
 APT_PACKAGES = (
     "espeak-ng",
     "sox",
@@ -151,7 +132,7 @@ APT_PACKAGES = (
     "fortunes-es",
     "fortunes-it",
     "fortunes-br",
-) + english_text.APT_PACKAGES
+) + english_sources.APT_PACKAGES
 
 
 def _apt_hint(packages):
@@ -181,7 +162,7 @@ def check_requirements(languages):
         if sources and not any((FORTUNE_DIR / s).exists() for s in sources):
             missing.extend(pkg.split())
         if lang == "en":  # the training sentences beyond the fortunes
-            missing.extend(english_text.missing_sources())
+            missing.extend(english_sources.missing_sources())
     if missing:
         raise RuntimeError(
             "SynthSpeech needs Debian packages that are not installed: "

@@ -5,7 +5,7 @@ which split, with which voice, speed and pitch.
   their Debian packages) and their sentence pools on this machine
   (:func:`language_pools`: a *core* pool for every split, and for English
   an *extra* pool for training only, from
-  :mod:`~speechbrain_blspkd.dataprep.english_text`);
+  :mod:`~speechbrain_blspkd.dataprep.english_sources`);
 * the splits (:data:`SPLITS`) and their voice variants (:data:`VARIANTS`:
   valid and test are spoken only by variants held out from training),
   speeds and pitches;
@@ -21,7 +21,7 @@ import json
 import pathlib
 import random
 
-from speechbrain_blspkd.dataprep.english_text.sources import (
+from speechbrain_blspkd.dataprep.english_sources import (
     CORE_FORTUNES,
     extra_sentences,
 )
@@ -34,7 +34,8 @@ from speechbrain_blspkd.dataprep.sentences import (
 )
 
 #: 2: English training sentences beyond the core fortunes
-#: (:func:`language_pools`), pools de-duplicated by :func:`~speechbrain_blspkd.dataprep.sentences.sentence_key`.
+#: (:func:`language_pools`), pools de-duplicated by
+#: :func:`~speechbrain_blspkd.dataprep.sentences.sentence_key`.
 PLAN_VERSION = 2
 PLAN_FILE = "synthspeech_plan.json"
 SPLITS = ("train", "valid", "test")
@@ -115,10 +116,11 @@ def language_pools(language):
     Valid and test sentences come from the core pool only (the fortunes,
     and gettext translations for languages other than English); the extra
     pool (English only: the other sources of
-    :mod:`~speechbrain_blspkd.dataprep.english_text`: more fortunes, the
+    :mod:`~speechbrain_blspkd.dataprep.english_sources`: more fortunes, the
     King James Bible, WordNet examples, the Dhammapada) only ever adds
-    training sentences, and holds no sentence whose :func:`~speechbrain_blspkd.dataprep.sentences.sentence_key`
-    is a core one's.  Both are cached for the life of the process.
+    training sentences, and holds no sentence whose
+    :func:`~speechbrain_blspkd.dataprep.sentences.sentence_key` is a core
+    one's.  Both are cached for the life of the process.
 
     Arguments
     ---------
@@ -144,22 +146,25 @@ def language_sentences(language):
 
     The core pool first (fortune texts, then, except for English, gettext
     translations), then the extra pool (:func:`language_pools`), without
-    two sentences of the same :func:`~speechbrain_blspkd.dataprep.sentences.sentence_key`; cached for the life of
-    the process.
+    two sentences of the same
+    :func:`~speechbrain_blspkd.dataprep.sentences.sentence_key`; cached for
+    the life of the process.
 
     Arguments
     ---------
     language : str
-        A key of :data:`LANGUAGES`.
+        A key of :data:`LANGUAGES`, as for :func:`language_pools`.
 
     Returns
     -------
     list of str
+        The core pool, then the extra pool.
 
     Example
     -------
-    >>> from speechbrain_blspkd.dataprep.sentences import clean_sentence
-    >>> all(clean_sentence(s) == s for s in language_sentences("en"))
+    >>> from speechbrain_blspkd.dataprep import sentences
+    >>> all(sentences.clean_sentence(s) == s
+    ...     for s in language_sentences("en"))
     True
     """
     core, extra = _language_sentences(language)
@@ -211,7 +216,8 @@ def make_plan(
 ):
     """Deterministic assignment of sentences and voices to utterances.
 
-    Per language, the core pool (de-duplicated by :func:`~speechbrain_blspkd.dataprep.sentences.sentence_key`) is
+    Per language, the core pool (de-duplicated by
+    :func:`~speechbrain_blspkd.dataprep.sentences.sentence_key`) is
     shuffled with a seed of its own; the test sentences are its first
     ones, the valid sentences the next, and the training sentences the
     rest of it followed by the extra pool (shuffled with another seed,

@@ -468,7 +468,7 @@ def synthesise_piper(
     Returns
     -------
     pathlib.Path
-        ``path``.
+        ``path``, complete (as :func:`synthesise` leaves it).
 
     Raises
     ------

@@ -1,7 +1,8 @@
 """Command line of the English sentence sources.
 
 ``python -m speechbrain_blspkd.dataprep.english_text --count`` prints the
-clean sentences per source (:mod:`.sources`) and in total;
+clean sentences per source
+(:mod:`~speechbrain_blspkd.dataprep.english_sources`) and in total;
 ``--coverage LLM`` the LLM-token coverage of the test sentences of the
 English plan by its training sentences (:mod:`.coverage`).
 """
@@ -9,15 +10,15 @@ English plan by its training sentences (:mod:`.coverage`).
 import argparse
 import sys
 
-from speechbrain_blspkd.dataprep.english_text.coverage import (
-    llm_tokenize,
-    plan_coverage,
-)
-from speechbrain_blspkd.dataprep.english_text.sources import (
+from speechbrain_blspkd.dataprep.english_sources import (
     SOURCES,
     english_sentences,
     missing_sources,
     source_sentences,
+)
+from speechbrain_blspkd.dataprep.english_text.coverage import (
+    llm_tokenize,
+    plan_coverage,
 )
 from speechbrain_blspkd.dataprep.sentences import sentence_key
 

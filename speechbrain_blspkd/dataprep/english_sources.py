@@ -21,6 +21,8 @@ fixed reading order:
 :data:`SOURCES` names them in the order they are merged
 (:func:`english_sentences`); :func:`extra_sentences` is the training-only
 pool, :func:`missing_sources` the Debian packages not installed.
+``python -m speechbrain_blspkd.dataprep.english_text --count`` counts the
+sentences of each source (:mod:`~speechbrain_blspkd.dataprep.english_text`).
 """
 
 import functools
@@ -41,29 +43,16 @@ from speechbrain_blspkd.dataprep.sentences import (
     unique_sentences,
 )
 
+# fmt: off
 __all__ = [
-    "APT_PACKAGES",
-    "BIBLE_DATA",
-    "CORE_FORTUNES",
-    "DHAMMAPADA",
-    "EXTRA_FORTUNES",
-    "SOURCES",
-    "TFORTUNES",
-    "WORDNET_DIR",
-    "bible_sentences",
-    "core_fortune_sentences",
-    "dhammapada_sentences",
-    "english_sentences",
-    "extra_fortune_sentences",
-    "extra_sentences",
-    "merge_sources",
-    "missing_sources",
-    "parse_bible",
-    "read_kjv",
-    "source_sentences",
-    "tfortune_sentences",
-    "wordnet_sentences",
+    "APT_PACKAGES", "BIBLE_DATA", "CORE_FORTUNES", "DHAMMAPADA",
+    "EXTRA_FORTUNES", "SOURCES", "TFORTUNES", "WORDNET_DIR",
+    "bible_sentences", "core_fortune_sentences", "dhammapada_sentences",
+    "english_sentences", "extra_fortune_sentences", "extra_sentences",
+    "merge_sources", "missing_sources", "parse_bible", "read_kjv",
+    "source_sentences", "tfortune_sentences", "wordnet_sentences",
 ]
+# fmt: on
 
 #: Debian packages of the English sources (besides ``fortunes`` and
 #: ``fortunes-min``, which the core sentences come from).
@@ -146,12 +135,20 @@ _CAPS_WORD = re.compile(r"\b[A-Z][A-Z]+\b")
 _QUOTED = re.compile(r'"([^"]+)"')
 
 
+def _optional_text(path):
+    """The text of the file ``path``; empty when it is missing (a source
+    whose package is not installed then gives no sentences)."""
+    path = pathlib.Path(path)
+    return read_text(path) if path.is_file() else ""
+
+
 def core_fortune_sentences():
     """The fortune sentences SynthSpeech has always used (valid/test pool).
 
     Returns
     -------
     list of str
+        The clean sentences of :data:`CORE_FORTUNES`, in file order.
 
     Example
     -------
@@ -173,6 +170,7 @@ def tfortune_sentences(path=TFORTUNES):
     Returns
     -------
     list of str
+        Its clean sentences, in reading order (none when it is missing).
 
     Example
     -------
@@ -183,11 +181,9 @@ def tfortune_sentences(path=TFORTUNES):
     >>> tfortune_sentences(p)
     ['The best defense against logic is ignorance.', 'Math is hard to do.']
     """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        return []
+    text = _optional_text(path)
     cands, entry = [], []
-    for line in read_text(path).splitlines() + ["----"]:
+    for line in text.splitlines() + ["----"]:
         if line.startswith("----"):
             # an attribution may follow the text on its last line
             lines = [re.split(r"\s--\s", x)[0] for x in entry]
@@ -212,6 +208,7 @@ def extra_fortune_sentences(fortune_files=EXTRA_FORTUNES, tfortunes=TFORTUNES):
     Returns
     -------
     list of str
+        The clean sentences of the fortune files, then of ``tfortunes``.
 
     Example
     -------
@@ -326,6 +323,7 @@ def bible_sentences(path=None):
     Returns
     -------
     list of str
+        Clean sentences, book by book, chapter by chapter.
 
     Example
     -------
@@ -371,6 +369,7 @@ def wordnet_sentences(folder=WORDNET_DIR):
     Returns
     -------
     list of str
+        Clean example sentences (nouns, verbs, adjectives, adverbs).
 
     Example
     -------
@@ -412,6 +411,7 @@ def dhammapada_sentences(path=DHAMMAPADA):
     Returns
     -------
     list of str
+        Clean sentences of the verses (none when the file is missing).
 
     Example
     -------
@@ -423,10 +423,7 @@ def dhammapada_sentences(path=DHAMMAPADA):
     >>> dhammapada_sentences(p)
     ['Hatred is never settled by hatred.', 'It is settled by freedom from hatred.']
     """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        return []
-    text = read_text(path)
+    text = _optional_text(path)
     start = text.find("(An Anthology of Verses)")
     if start < 0:
         return []
@@ -477,6 +474,7 @@ def merge_sources(lists):
     Returns
     -------
     list of str
+        The sentences of every list, first occurrence of each key kept.
 
     Example
     -------
