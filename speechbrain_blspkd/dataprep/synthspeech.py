@@ -107,6 +107,8 @@ from speechbrain_blspkd.dataprep.synthspeech_plan import (
 from speechbrain_blspkd.utils.atomic import atomic_write_text, remove_stray_tmp
 from speechbrain_blspkd.utils.cli import report_error, setup_logging
 
+# The build's own names, and those of the sentence and plan modules that
+# were defined here before (importers of this module keep working).
 # fmt: off
 __all__ = [
     "APT_PACKAGES", "FORTUNE_DIR", "LANGUAGES", "LOCALES", "LOCALE_DIR",
