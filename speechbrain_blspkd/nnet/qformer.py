@@ -33,12 +33,11 @@ Authors
  * speechbrain-blspkd contributors 2026
 """
 
-import pathlib
-
 import torch
 from torch import nn
 
 from speechbrain_blspkd.nnet.adapter import AdapterOutput, SpeechAdapter
+from speechbrain_blspkd.nnet.whisper_folder import load_whisper_model
 
 __all__ = ["QFormer"]
 
@@ -63,16 +62,7 @@ def _layer_config(d_model, num_heads, ffn_size, num_layers, dropout, act):
 
 def _load_whisper_decoder(folder):
     """The decoder of the transformers Whisper model in ``folder``."""
-    from transformers import WhisperModel
-
-    folder = pathlib.Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"QFormer: {folder} is not a transformers Whisper folder (no "
-            "config.json); fetch it with "
-            "`python -m speechbrain_blspkd.assets fetch whisper-base`"
-        )
-    model = WhisperModel.from_pretrained(str(folder))
+    model = load_whisper_model(folder, "QFormer")
     decoder = model.decoder
     del model
     return decoder
