@@ -237,11 +237,9 @@ class QFormer(SpeechAdapter):
 
         Arguments
         ---------
-        feats : torch.Tensor
-            (B, T, input_size) encoder frames.
-        lengths : torch.Tensor, optional
-            (B,) SpeechBrain relative lengths (None: all frames real); the
-            cross-attention ignores the frames beyond them.
+        feats, lengths
+            As in :meth:`~speechbrain_blspkd.nnet.adapter.SpeechAdapter.forward` (the cross-attention ignores the frames beyond the
+            lengths).
         targets : AdapterTargets, optional
             Unused.
 
@@ -261,10 +259,8 @@ class QFormer(SpeechAdapter):
 
         Arguments
         ---------
-        feats : torch.Tensor
-            (B, T, input_size) encoder frames.
-        lengths : torch.Tensor, optional
-            (B,) relative lengths (None: all frames real).
+        feats, lengths
+            As in :meth:`forward`.
 
         Returns
         -------
@@ -273,11 +269,7 @@ class QFormer(SpeechAdapter):
         valid : torch.Tensor
             (B, T) bool, True on the real frames.
         """
-        if feats.dim() != 3 or feats.shape[-1] != self.input_size:
-            raise ValueError(
-                f"{type(self).__name__}: `feats` must be (B, T, "
-                f"{self.input_size}), got {tuple(feats.shape)}"
-            )
+        self.check_feats(feats)
         valid = self.frame_mask(feats, lengths)
         # zero the padding too: masked frames still pass through k/v
         # projections, and non-finite garbage would reach the output

@@ -136,10 +136,8 @@ class WhisperLogMel(nn.Module):
 
         Arguments
         ---------
-        wavs : torch.Tensor
-            (B, S) 16-kHz waveforms, zero-padded on the right, at most 30 s.
-        wav_lens : torch.Tensor, optional
-            (B,) relative lengths (None: all full).
+        wavs, wav_lens
+            As in :meth:`WhisperEncoder.forward`.
 
         Returns
         -------
@@ -252,7 +250,7 @@ class WhisperEncoder(nn.Module):
         Returns
         -------
         torch.Tensor
-            (B,) long.
+            (B,) long: the encoder frames of each clip.
 
         Example
         -------
