@@ -54,6 +54,7 @@ Authors
 import torch
 from torch import nn
 
+# whisper_log_mel lives in whisper_features and stays importable from here
 from speechbrain_blspkd.nnet.whisper_features import (
     CHUNK_SECONDS,
     HOP,

@@ -23,7 +23,7 @@ Authors
 import torch
 from torch import nn
 
-__all__ = ["whisper_log_mel"]
+__all__ = ["CHUNK_SECONDS", "HOP", "N_FFT", "SAMPLE_RATE", "whisper_log_mel"]
 
 SAMPLE_RATE = 16000
 N_FFT = 400
