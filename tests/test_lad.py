@@ -220,6 +220,102 @@ def test_rebuilt_from_export_hparams_gives_the_same_outputs(options):
         )
 
 
+# The checkpoint keys of both Q-Formers (one decoder layer), as the
+# adapters had them when the language-aware one was first checkpointed:
+# the bank and its gate sit beside the plain Q-Former's own modules.
+QFORMER_KEYS = (
+    ["layer_norm.bias", "layer_norm.weight"]
+    + [
+        f"layers.0.{name}"
+        for name in (
+            "encoder_attn.k_proj.weight",
+            "encoder_attn.out_proj.bias",
+            "encoder_attn.out_proj.weight",
+            "encoder_attn.q_proj.bias",
+            "encoder_attn.q_proj.weight",
+            "encoder_attn.v_proj.bias",
+            "encoder_attn.v_proj.weight",
+            "encoder_attn_layer_norm.bias",
+            "encoder_attn_layer_norm.weight",
+            "fc1.bias",
+            "fc1.weight",
+            "fc2.bias",
+            "fc2.weight",
+            "final_layer_norm.bias",
+            "final_layer_norm.weight",
+            "self_attn.k_proj.weight",
+            "self_attn.out_proj.bias",
+            "self_attn.out_proj.weight",
+            "self_attn.q_proj.bias",
+            "self_attn.q_proj.weight",
+            "self_attn.v_proj.bias",
+            "self_attn.v_proj.weight",
+            "self_attn_layer_norm.bias",
+            "self_attn_layer_norm.weight",
+        )
+    ]
+    + ["out_proj.bias", "out_proj.weight", "positions", "queries"]
+)
+GATE_KEYS = {
+    "conv": [
+        "gate.classifier.0.bias",
+        "gate.classifier.0.weight",
+        "gate.classifier.2.bias",
+        "gate.classifier.2.weight",
+        "gate.convs.0.bias",
+        "gate.convs.0.weight",
+        "gate.convs.1.bias",
+        "gate.convs.1.weight",
+        "gate.norm.bias",
+        "gate.norm.weight",
+    ],
+    "attention": [
+        "gate.mlp.0.bias",
+        "gate.mlp.0.weight",
+        "gate.mlp.2.bias",
+        "gate.mlp.2.weight",
+        "gate.norm.bias",
+        "gate.norm.weight",
+        "gate.score.0.bias",
+        "gate.score.0.weight",
+        "gate.score.2.bias",
+        "gate.score.2.weight",
+    ],
+}
+SIZES = dict(num_queries=4, num_layers=1, num_heads=2, ffn_size=32)
+
+
+def test_checkpoint_keys_of_both_qformers_are_unchanged():
+    plain = QFormer(16, 24, **SIZES)
+    assert sorted(plain.state_dict()) == sorted(QFORMER_KEYS)
+    for gate, keys in GATE_KEYS.items():
+        bank = LanguageAwareQFormer(
+            16, 24, ["en", "de"], gate=gate, gate_size=8, **SIZES
+        )
+        assert sorted(bank.state_dict()) == sorted(QFORMER_KEYS + keys)
+
+
+@pytest.mark.parametrize("gating", ["hard", "soft"])
+def test_a_one_language_bank_is_the_plain_qformer(gating):
+    """With the plain Q-Former's weights and its queries as the only bank
+    entry, the language-aware one gives the same tokens."""
+    plain = QFormer(16, 24, **SIZES).eval()
+    bank = LanguageAwareQFormer(
+        16, 24, ["en"], gate_size=8, gating=gating, **SIZES
+    ).eval()
+    weights = dict(plain.state_dict())
+    weights["queries"] = weights["queries"][None]
+    weights.update(
+        (k, v) for k, v in bank.state_dict().items() if k.startswith("gate.")
+    )
+    bank.load_state_dict(weights)
+    feats, lens = torch.randn(3, 20, 16), torch.tensor([1.0, 0.6, 0.3])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            bank(feats, lens).tokens, plain(feats, lens).tokens, rtol=0, atol=0
+        )
+
+
 # ----------------------------------------------------------------------
 # the teacher-forcing schedule
 def test_forcing_probability_is_a_half_cosine_over_the_fraction():

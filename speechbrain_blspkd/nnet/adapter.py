@@ -159,6 +159,26 @@ class SpeechAdapter(nn.Module):
 
         cls.__init__ = recording_init
 
+    def forward(self, feats, lengths=None, targets=None):
+        """Speech embeddings of a batch of encoder frames (the contract).
+
+        Arguments
+        ---------
+        feats : torch.Tensor
+            (B, T, input_size) encoder frames.
+        lengths : torch.Tensor, optional
+            (B,) SpeechBrain relative lengths (None: all frames real); the
+            frames beyond them are padding.
+        targets : AdapterTargets, optional
+            What training knows (None at inference); an adapter reads the
+            fields it needs and ignores the others.
+
+        Returns
+        -------
+        AdapterOutput
+        """
+        raise NotImplementedError
+
     def output_size(self):
         """Width of the speech embeddings (the LLM hidden size)."""
         raise NotImplementedError
@@ -243,6 +263,24 @@ class SpeechAdapter(nn.Module):
                     f"{type(self).__name__}: `{name}` must be an int >= 1, "
                     f"got {value}"
                 )
+
+    def check_feats(self, feats):
+        """Raise ``ValueError`` unless ``feats`` is (B, T, input_size).
+
+        Example
+        -------
+        >>> adapter = SpeechAdapter()
+        >>> adapter.input_size = 4
+        >>> adapter.check_feats(torch.zeros(2, 3, 5))
+        Traceback (most recent call last):
+        ...
+        ValueError: SpeechAdapter: `feats` must be (B, T, 4), got (2, 3, 5)
+        """
+        if feats.dim() != 3 or feats.shape[-1] != self.input_size:
+            raise ValueError(
+                f"{type(self).__name__}: `feats` must be (B, T, "
+                f"{self.input_size}), got {tuple(feats.shape)}"
+            )
 
     @staticmethod
     def frame_mask(feats, lengths):

@@ -161,10 +161,8 @@ class AudioEmbedding(SpeechAdapter):
 
         Arguments
         ---------
-        feats : torch.Tensor
-            (B, T, input_size) log-mel frames.
-        lengths : torch.Tensor, optional
-            (B,) SpeechBrain relative lengths (None: all frames real).
+        feats, lengths
+            As in :meth:`~speechbrain_blspkd.nnet.adapter.SpeechAdapter.forward`, the frames (B, T, input_size) being log-mels.
         targets : AdapterTargets, optional
             Unused (the count follows from the length).
 
@@ -174,11 +172,7 @@ class AudioEmbedding(SpeechAdapter):
             ``tokens`` (B, N, output_size), zero beyond each row's count,
             ``token_mask`` (B, N) and ``frames_per_token`` (the stride).
         """
-        if feats.dim() != 3 or feats.shape[-1] != self.input_size:
-            raise ValueError(
-                f"AudioEmbedding: `feats` must be (B, T, {self.input_size}), "
-                f"got {tuple(feats.shape)}"
-            )
+        self.check_feats(feats)
         mask = self.frame_mask(feats, lengths)
         counts = self.output_lengths(mask.sum(1))
         positions = int(counts.max())

@@ -156,10 +156,8 @@ class ConvSubsampler(SpeechAdapter):
 
         Arguments
         ---------
-        feats : torch.Tensor
-            (B, T, input_size) encoder frames.
-        lengths : torch.Tensor, optional
-            (B,) SpeechBrain relative lengths (None: all frames real).
+        feats, lengths
+            As in :meth:`~speechbrain_blspkd.nnet.adapter.SpeechAdapter.forward`.
         targets : AdapterTargets, optional
             Unused (the output length follows from the input length).
 
@@ -170,11 +168,7 @@ class ConvSubsampler(SpeechAdapter):
             length, and ``token_mask`` (B, T') its valid frames, T' the
             output length of T frames.
         """
-        if feats.dim() != 3 or feats.shape[-1] != self.input_size:
-            raise ValueError(
-                f"ConvSubsampler: `feats` must be (B, T, {self.input_size}), "
-                f"got {tuple(feats.shape)}"
-            )
+        self.check_feats(feats)
         mask = self.frame_mask(feats, lengths)
         frames = mask.sum(dim=1)
         x = feats.to(self.out_proj.weight.dtype).transpose(1, 2)

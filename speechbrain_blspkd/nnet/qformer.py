@@ -33,12 +33,11 @@ Authors
  * speechbrain-blspkd contributors 2026
 """
 
-import pathlib
-
 import torch
 from torch import nn
 
 from speechbrain_blspkd.nnet.adapter import AdapterOutput, SpeechAdapter
+from speechbrain_blspkd.nnet.whisper_folder import load_whisper_model
 
 __all__ = ["QFormer"]
 
@@ -63,16 +62,7 @@ def _layer_config(d_model, num_heads, ffn_size, num_layers, dropout, act):
 
 def _load_whisper_decoder(folder):
     """The decoder of the transformers Whisper model in ``folder``."""
-    from transformers import WhisperModel
-
-    folder = pathlib.Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"QFormer: {folder} is not a transformers Whisper folder (no "
-            "config.json); fetch it with "
-            "`python -m speechbrain_blspkd.assets fetch whisper-base`"
-        )
-    model = WhisperModel.from_pretrained(str(folder))
+    model = load_whisper_model(folder, "QFormer")
     decoder = model.decoder
     del model
     return decoder
@@ -247,11 +237,9 @@ class QFormer(SpeechAdapter):
 
         Arguments
         ---------
-        feats : torch.Tensor
-            (B, T, input_size) encoder frames.
-        lengths : torch.Tensor, optional
-            (B,) SpeechBrain relative lengths (None: all frames real); the
-            cross-attention ignores the frames beyond them.
+        feats, lengths
+            As in :meth:`~speechbrain_blspkd.nnet.adapter.SpeechAdapter.forward` (the cross-attention ignores the frames beyond the
+            lengths).
         targets : AdapterTargets, optional
             Unused.
 
@@ -271,10 +259,8 @@ class QFormer(SpeechAdapter):
 
         Arguments
         ---------
-        feats : torch.Tensor
-            (B, T, input_size) encoder frames.
-        lengths : torch.Tensor, optional
-            (B,) relative lengths (None: all frames real).
+        feats, lengths
+            As in :meth:`forward`.
 
         Returns
         -------
@@ -283,11 +269,7 @@ class QFormer(SpeechAdapter):
         valid : torch.Tensor
             (B, T) bool, True on the real frames.
         """
-        if feats.dim() != 3 or feats.shape[-1] != self.input_size:
-            raise ValueError(
-                f"{type(self).__name__}: `feats` must be (B, T, "
-                f"{self.input_size}), got {tuple(feats.shape)}"
-            )
+        self.check_feats(feats)
         valid = self.frame_mask(feats, lengths)
         # zero the padding too: masked frames still pass through k/v
         # projections, and non-finite garbage would reach the output

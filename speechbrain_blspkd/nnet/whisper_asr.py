@@ -22,7 +22,7 @@ Why it is written here rather than taken from a pipeline:
   :func:`speechbrain_blspkd.inference.export.resolve_source`); no hub is
   contacted;
 * **the project's features** -- the log-mel spectrogram is
-  :func:`speechbrain_blspkd.nnet.whisper_encoder.whisper_log_mel`, computed
+  :func:`speechbrain_blspkd.nnet.whisper_features.whisper_log_mel`, computed
   in torch on the model's device for the whole batch, padded to 30 s (3000
   frames) as Whisper's decoder expects (the dynamic-length path of
   :class:`~speechbrain_blspkd.nnet.whisper_encoder.WhisperEncoder` is for the
@@ -51,7 +51,7 @@ import pathlib
 import torch
 from torch import nn
 
-from speechbrain_blspkd.nnet.whisper_encoder import (
+from speechbrain_blspkd.nnet.whisper_features import (
     HOP,
     SAMPLE_RATE,
     _mel_filters,
