@@ -8,6 +8,7 @@ import pytest
 
 from speechbrain_blspkd.dataio.manifest import read_manifest, write_manifest
 from speechbrain_blspkd.dataprep import continuations as cont
+from speechbrain_blspkd.dataprep.shard_progress import progress_path
 from speechbrain_blspkd.prompt import PromptBuilder
 from speechbrain_blspkd.utils.testing import save_toy_llm, toy_word_tokenizer
 
@@ -264,7 +265,7 @@ def test_kill_and_resume(setup, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILLed
     assert not out.exists()
-    progress = cont._progress_path(out, (0, 1))
+    progress = progress_path(out, (0, 1))
     lines = progress.read_text().splitlines()
     assert len(lines) == 1 + 3  # settings header + first batch
     with open(progress, "a") as f:  # a torn write of the next record

@@ -37,11 +37,8 @@ Command line::
 
 import argparse
 import hashlib
-import json
 import logging
-import os
 import pathlib
-import signal
 import sys
 import time
 
@@ -53,9 +50,21 @@ from speechbrain_blspkd.dataio.manifest import (
     read_manifest,
     write_manifest,
 )
+from speechbrain_blspkd.dataprep.shard_progress import (
+    add_worker_options,
+    append_records,
+    check_finished,
+    check_shard,
+    load_progress,
+    open_progress,
+    parse_shard,
+    parse_worker_args,
+    progress_path,
+    settings_line,
+    stop_for_resume_test,
+)
 from speechbrain_blspkd.prompt import PromptBuilder
-from speechbrain_blspkd.utils.atomic import drop_unfinished_tail
-from speechbrain_blspkd.utils.cli import report_error, setup_logging
+from speechbrain_blspkd.utils.cli import report_error
 from speechbrain_blspkd.utils.precision import resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -120,12 +129,6 @@ def finish_sequence(tokenizer, new_ids, eos_ids, max_new_tokens):
     return text, truncated, n
 
 
-def _progress_path(manifest_out, shard):
-    i, n = shard
-    out = pathlib.Path(manifest_out)
-    return out.with_name(f"{out.name}.shard{i}of{n}.progress.jsonl")
-
-
 def _shard_manifest_path(manifest_out, shard):
     i, n = shard
     out = pathlib.Path(manifest_out)
@@ -139,51 +142,6 @@ def _rows_hash(rows):
     for r in rows:
         h.update(f"{r['ID']}\t{r['transcript']}\n".encode())
     return h.hexdigest()[:16]
-
-
-def _load_progress(path, meta):
-    """Return ``{ID: record}`` from a progress file, repairing a torn tail."""
-    done = {}
-    if not path.is_file():
-        return done
-    raw = path.read_bytes()
-    good_end = 0
-    lines = raw.split(b"\n")
-    header_seen = False
-    pos = 0
-    for k, line in enumerate(lines):
-        end = pos + len(line) + 1
-        last = k == len(lines) - 1
-        if last:  # text after the final newline is an unfinished write
-            break
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            break
-        if not header_seen:
-            if rec.get("_meta") != meta:
-                raise ValueError(
-                    f"{path}: progress file was written with other settings "
-                    f"({rec.get('_meta')}) than this run ({meta}); delete it "
-                    "to start this shard again"
-                )
-            header_seen = True
-        else:
-            done[rec["ID"]] = rec
-        good_end = end
-        pos = end
-    drop_unfinished_tail(path, good_end)
-    return done
-
-
-def _append_records(path, records, meta=None):
-    with open(path, "ab") as f:
-        if meta is not None:
-            f.write(json.dumps({"_meta": meta}).encode() + b"\n")
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False).encode() + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _out_row(row, rec):
@@ -293,9 +251,7 @@ def generate_continuations(
     >>> info["generated"], row["transcript"], row["truncated"] in ("0", "1")
     (1, 'hello world', True)
     """
-    i, n = shard
-    if not (0 <= i < n):
-        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
+    i, n = check_shard(shard)
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be >= 1")
     rows = read_manifest(manifest_in)[i::n]
@@ -316,13 +272,10 @@ def generate_continuations(
         shard=[i, n],
         rows=_rows_hash(rows),
     )
-    progress = _progress_path(manifest_out, shard)
+    progress = progress_path(manifest_out, shard)
     progress.parent.mkdir(parents=True, exist_ok=True)
-    done = _load_progress(progress, meta)
+    done = open_progress(progress, meta)
     todo = [r for r in rows if r["ID"] not in done]
-    need_header = not progress.is_file() or progress.stat().st_size == 0
-    if need_header:
-        _append_records(progress, [], meta=meta)
     logger.info(
         "continuations shard %d/%d: %d rows, %d done, %d to generate",
         i,
@@ -331,23 +284,21 @@ def generate_continuations(
         len(rows) - len(todo),
         len(todo),
     )
+    # the text-teacher generation prompts of training and decoding
+    prompts = builder.build_batch(
+        instruction, transcripts=[r["transcript"] for r in todo]
+    )
     stats = _generate(
         model,
         tokenizer,
         todo,
         progress,
-        batch_size,
-        max_new_tokens,
-        builder,
-        instruction,
-        stop_after_batches,
+        prompts=[p.input_ids for p in prompts],
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        stop_after_batches=stop_after_batches,
     )
-    done = _load_progress(progress, meta)
-    missing = [r["ID"] for r in rows if r["ID"] not in done]
-    if missing:
-        raise RuntimeError(
-            f"{progress}: {len(missing)} rows still missing (e.g. {missing[:3]})"
-        )
+    done = check_finished(progress, meta, rows)
     out_path = _shard_manifest_path(manifest_out, shard)
     write_manifest(out_path, [_out_row(r, done[r["ID"]]) for r in rows])
     stats["path"] = out_path
@@ -359,12 +310,13 @@ def _generate(
     tokenizer,
     todo,
     progress,
+    prompts,
     batch_size,
     max_new_tokens,
-    builder,
-    instruction,
     stop_after_batches,
 ):
+    """Greedy answers to ``prompts`` (token ids, one list per row of
+    ``todo``), appended to ``progress`` batch by batch."""
     from tqdm import tqdm
     from transformers import GenerationConfig
 
@@ -379,13 +331,6 @@ def _generate(
         eos_token_id=eos_ids,
         pad_token_id=pad_id,
     )
-    # the text-teacher generation prompts of training and decoding
-    prompts = [
-        p.input_ids
-        for p in builder.build_batch(
-            instruction, transcripts=[r["transcript"] for r in todo]
-        )
-    ]
     # longest first: similar lengths share a batch, memory peaks early
     order = sorted(range(len(todo)), key=lambda k: (-len(prompts[k]), k))
     device = next(model.parameters()).device
@@ -417,11 +362,10 @@ def _generate(
             records.append(
                 dict(ID=todo[k]["ID"], continuation=text, truncated=trunc)
             )
-        _append_records(progress, records)
+        append_records(progress, records)
         stats["generated"] += len(records)
         bar.update(len(records))
-        if stop_after_batches is not None and b + 1 >= stop_after_batches:
-            os.kill(os.getpid(), signal.SIGKILL)
+        stop_for_resume_test(b + 1, stop_after_batches)
     bar.close()
     return stats
 
@@ -521,7 +465,7 @@ def generate_on_all_ranks(manifest_in, manifest_out, **options):
     if not have[rank]:
         for path in (
             _shard_manifest_path(out, (rank, world)),
-            _progress_path(out, (rank, world)),
+            progress_path(out, (rank, world)),
         ):
             path.unlink(missing_ok=True)
     stats["path"] = out
@@ -554,21 +498,19 @@ def merge_continuations(manifest_in, manifest_out, num_shards):
     merged = {}
     for i in range(num_shards):
         shard_rows = rows[i::num_shards]
-        path = _progress_path(manifest_out, (i, num_shards))
+        path = progress_path(manifest_out, (i, num_shards))
         if not path.is_file():
             raise RuntimeError(
                 f"shard {i}/{num_shards} has not run: {path} missing"
             )
-        first = path.open("rb").readline()
-        try:
-            meta = json.loads(first)["_meta"]
-        except (ValueError, KeyError):
-            raise RuntimeError(f"{path}: no settings header") from None
+        meta = settings_line(path)
+        if meta is None:
+            raise RuntimeError(f"{path}: no settings header")
         if meta.get("rows") != _rows_hash(shard_rows):
             raise RuntimeError(
                 f"{path}: written for other input rows than {manifest_in}"
             )
-        done = _load_progress(path, meta)
+        done = load_progress(path, meta)
         missing = [r["ID"] for r in shard_rows if r["ID"] not in done]
         if missing:
             raise RuntimeError(
@@ -578,18 +520,6 @@ def merge_continuations(manifest_in, manifest_out, num_shards):
         merged.update(done)
     write_manifest(manifest_out, [_out_row(r, merged[r["ID"]]) for r in rows])
     return pathlib.Path(manifest_out)
-
-
-def _parse_shard(text):
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--shard must look like i/n (e.g. 0/2), got {text!r}"
-        ) from None
-    if not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= i < n")
-    return i, n
 
 
 def main(argv=None):
@@ -602,7 +532,7 @@ def main(argv=None):
     parser.add_argument("--model-dir", default=None)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--shard", type=_parse_shard, default=(0, 1))
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1))
     parser.add_argument(
         "--instruction",
         default=DEFAULT_INSTRUCTION,
@@ -628,24 +558,16 @@ def main(argv=None):
     )
     parser.add_argument("--dtype", default="auto", choices=sorted(_DTYPES))
     parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: torch's choice); 1 is faster when "
-        "other jobs share the cores",
-    )
-    parser.add_argument(
         "--merge",
         action="store_true",
         help="merge the finished shards (n from --shard) into MANIFEST_OUT",
     )
-    parser.add_argument(
-        "--stop-after-batches", type=int, default=None, help=argparse.SUPPRESS
+    add_worker_options(
+        parser,
+        "torch CPU threads (default: torch's choice); 1 is faster when "
+        "other jobs share the cores",
     )
-    args = parser.parse_args(argv)
-    setup_logging()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_worker_args(parser, argv)
     try:
         if args.merge:
             path = merge_continuations(

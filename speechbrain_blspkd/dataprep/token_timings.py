@@ -83,7 +83,6 @@ import torch
 from torch import nn
 
 from speechbrain_blspkd.dataio.manifest import read_manifest
-from speechbrain_blspkd.dataprep.continuations import _parse_shard
 from speechbrain_blspkd.dataprep.feature_cache import (
     META_FILE as FEATURE_META_FILE,
 )
@@ -93,7 +92,12 @@ from speechbrain_blspkd.dataprep.feature_cache import (
     encoder_checksum,
     feature_checksum,
 )
-from speechbrain_blspkd.dataprep.teacher_topk import _tokenizer_checksum
+from speechbrain_blspkd.dataprep.shard_progress import (
+    parse_shard as _parse_shard,
+)
+from speechbrain_blspkd.dataprep.teacher_identity import (
+    tokenizer_checksum as _tokenizer_checksum,
+)
 from speechbrain_blspkd.utils.atomic import remove_stray_tmp
 from speechbrain_blspkd.utils.cache_label import check_label
 from speechbrain_blspkd.utils.cli import report_error, setup_logging
