@@ -374,7 +374,7 @@ def _synthesize_all(jobs, speed, espeak, sox, num_workers):
 
 
 def main(argv=None):
-    """Command line entry point (see the module docstring).
+    """Speak MLQA questions and write their manifests from the command line.
 
     Example
     -------
@@ -407,25 +407,14 @@ def main(argv=None):
     parser.add_argument("--speed", type=int, help="words per minute")
     parser.add_argument("--audio-folder", help="default: SAVE/audio")
     parser.add_argument("--num-workers", type=int, default=2)
-    args = parser.parse_args(argv)
+    keywords = vars(parser.parse_args(argv))
     voices = {}
-    for item in args.voice:
+    for item in keywords.pop("voice"):
         lang, sep, voice = item.partition("=")
         if not sep or not lang or not voice:
             parser.error(f"--voice wants LANG=VOICE, got {item!r}")
         voices[lang] = voice
-    run_cli(
-        prepare_audio_mlqa,
-        args.data_folder,
-        args.save_folder,
-        splits=args.splits,
-        languages=args.languages,
-        max_questions=args.max_questions,
-        voices=voices,
-        speed=args.speed,
-        audio_folder=args.audio_folder,
-        num_workers=args.num_workers,
-    )
+    run_cli(prepare_audio_mlqa, voices=voices, **keywords)
 
 
 if __name__ == "__main__":

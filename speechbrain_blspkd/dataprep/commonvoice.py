@@ -42,7 +42,7 @@ from speechbrain_blspkd.dataprep.common import (
 from speechbrain_blspkd.dataprep.preparation import (
     prepare_corpus,
     prepare_parser,
-    run_cli,
+    run_parsed,
 )
 
 logger = logging.getLogger(__name__)
@@ -256,7 +256,7 @@ def tsv_entries(tsv, required=TSV_COLUMNS):
 
 
 def main(argv=None):
-    """Command line entry point (see the module docstring).
+    """Write Common Voice manifests from the command line (module docstring).
 
     Example
     -------
@@ -277,15 +277,7 @@ def main(argv=None):
     parser.add_argument(
         "--lowercase", action="store_true", help="lower-case the sentences"
     )
-    args = parser.parse_args(argv)
-    run_cli(
-        prepare_commonvoice,
-        args.data_folder,
-        args.save_folder,
-        splits=args.splits,
-        language=args.language,
-        lowercase=args.lowercase,
-    )
+    run_parsed(prepare_commonvoice, parser, argv)
 
 
 if __name__ == "__main__":

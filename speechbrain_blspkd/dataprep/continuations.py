@@ -557,15 +557,15 @@ def main(argv=None):
         "the GPU when there is one)",
     )
     parser.add_argument("--dtype", default="auto", choices=sorted(_DTYPES))
-    parser.add_argument(
-        "--merge",
-        action="store_true",
-        help="merge the finished shards (n from --shard) into MANIFEST_OUT",
-    )
     add_worker_options(
         parser,
         "torch CPU threads (default: torch's choice); 1 is faster when "
         "other jobs share the cores",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge the finished shards (n from --shard) into MANIFEST_OUT",
     )
     args = parse_worker_args(parser, argv)
     try:

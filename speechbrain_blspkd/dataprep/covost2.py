@@ -40,7 +40,7 @@ from speechbrain_blspkd.dataprep.commonvoice import clip_rows, tsv_entries
 from speechbrain_blspkd.dataprep.preparation import (
     prepare_corpus,
     prepare_parser,
-    run_cli,
+    run_parsed,
 )
 
 logger = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ def _join_validated(entries, cv_lines, data_folder):
 
 
 def main(argv=None):
-    """Command line entry point (see the module docstring).
+    """Write CoVoST 2 manifests from the command line (module docstring).
 
     Example
     -------
@@ -246,8 +246,20 @@ def main(argv=None):
         "splits to prepare (default: %(default)s)",
         choices=DEFAULT_SPLITS,
     )
-    parser.add_argument("--src", required=True, help="source language (fr)")
-    parser.add_argument("--tgt", required=True, help="target language (en)")
+    parser.add_argument(
+        "--src",
+        dest="src_lang",
+        metavar="SRC",
+        required=True,
+        help="source language (fr)",
+    )
+    parser.add_argument(
+        "--tgt",
+        dest="tgt_lang",
+        metavar="TGT",
+        required=True,
+        help="target language (en)",
+    )
     parser.add_argument(
         "--translation-folder",
         help="folder of the covost_v2.*.tsv files (default: DATA)",
@@ -255,17 +267,7 @@ def main(argv=None):
     parser.add_argument(
         "--lowercase", action="store_true", help="lower-case the sentences"
     )
-    args = parser.parse_args(argv)
-    run_cli(
-        prepare_covost2,
-        args.data_folder,
-        args.save_folder,
-        args.src,
-        args.tgt,
-        splits=args.splits,
-        translation_folder=args.translation_folder,
-        lowercase=args.lowercase,
-    )
+    run_parsed(prepare_covost2, parser, argv)
 
 
 if __name__ == "__main__":

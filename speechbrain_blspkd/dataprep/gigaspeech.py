@@ -56,7 +56,7 @@ from speechbrain_blspkd.dataprep.common import (
 from speechbrain_blspkd.dataprep.preparation import (
     prepare_corpus,
     prepare_parser,
-    run_cli,
+    run_parsed,
 )
 from speechbrain_blspkd.utils.atomic import atomic_path
 
@@ -404,7 +404,7 @@ def _cut_segments(source, segments, out_dir, sample_rate, where):
 
 
 def main(argv=None):
-    """Command line entry point (see the module docstring).
+    """Cut GigaSpeech and write its manifests from the command line.
 
     Example
     -------
@@ -426,23 +426,17 @@ def main(argv=None):
     parser.add_argument("--sample-rate", type=int, default=16000)
     parser.add_argument(
         "--no-punctuation",
-        action="store_true",
+        dest="punctuation",
+        action="store_false",
         help="drop the punctuation tags instead of writing , . ? !",
     )
     parser.add_argument(
-        "--keep-case", action="store_true", help="keep the upper-case text"
+        "--keep-case",
+        dest="lowercase",
+        action="store_false",
+        help="keep the upper-case text",
     )
-    args = parser.parse_args(argv)
-    run_cli(
-        prepare_gigaspeech,
-        args.data_folder,
-        args.save_folder,
-        splits=args.splits,
-        segment_folder=args.segment_folder,
-        sample_rate=args.sample_rate,
-        punctuation=not args.no_punctuation,
-        lowercase=not args.keep_case,
-    )
+    run_parsed(prepare_gigaspeech, parser, argv)
 
 
 if __name__ == "__main__":

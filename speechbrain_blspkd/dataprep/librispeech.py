@@ -31,7 +31,7 @@ from speechbrain_blspkd.dataprep.common import (
 from speechbrain_blspkd.dataprep.preparation import (
     prepare_corpus,
     prepare_parser,
-    run_cli,
+    run_parsed,
 )
 
 logger = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def _trans_rows(trans, data_folder, lowercase):
 
 
 def main(argv=None):
-    """Command line entry point (see the module docstring).
+    """Write LibriSpeech manifests from the command line (module docstring).
 
     Example
     -------
@@ -215,17 +215,11 @@ def main(argv=None):
     )
     parser.add_argument(
         "--keep-case",
-        action="store_true",
+        dest="lowercase",
+        action="store_false",
         help="keep the upper-case transcripts instead of lower-casing them",
     )
-    args = parser.parse_args(argv)
-    run_cli(
-        prepare_librispeech,
-        args.data_folder,
-        args.save_folder,
-        splits=args.splits,
-        lowercase=not args.keep_case,
-    )
+    run_parsed(prepare_librispeech, parser, argv)
 
 
 if __name__ == "__main__":

@@ -354,6 +354,25 @@ def run_cli(prepare, *args, **kwargs):
     )
 
 
+def run_parsed(prepare, parser, argv=None, **keywords):
+    """Parse ``argv``, then :func:`run_cli` ``prepare`` with every argument.
+
+    The parser's destinations are the names of ``prepare``'s parameters
+    (``data_folder``, ``save_folder``, ``splits`` ...); ``keywords`` add
+    or replace some.
+
+    Example
+    -------
+    >>> def prepare(data_folder, save_folder, splits):
+    ...     return data_folder, splits
+    >>> run_parsed(prepare, prepare_parser("Toy.", "the corpus", ["dev"]),
+    ...     ["data", "save"])
+    ('data', ['dev'])
+    """
+    args = vars(parser.parse_args(argv))
+    return run_cli(prepare, **{**args, **keywords})
+
+
 def setup_cli_logging():
     """Log INFO messages to stderr when a script runs from the command line."""
     setup_logging("%(asctime)s %(levelname)s %(message)s")
