@@ -567,28 +567,18 @@ def main(argv=None):
         action="store_true",
         help="merge the finished shards (n from --shard) into MANIFEST_OUT",
     )
-    args = parse_worker_args(parser, argv)
+    keywords = vars(parse_worker_args(parser, argv))
+    del keywords["threads"]
     try:
-        if args.merge:
+        if keywords.pop("merge"):
             path = merge_continuations(
-                args.manifest_in, args.manifest_out, args.shard[1]
+                keywords["manifest_in"],
+                keywords["manifest_out"],
+                keywords["shard"][1],
             )
-            print(f"merged {args.shard[1]} shards into {path}")
+            print(f"merged {keywords['shard'][1]} shards into {path}")
             return 0
-        info = generate_continuations(
-            args.manifest_in,
-            args.manifest_out,
-            model_dir=args.model_dir,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            shard=args.shard,
-            instruction=args.instruction,
-            system_prompt=args.system_prompt,
-            transcript_separator=args.transcript_separator,
-            device=args.device,
-            dtype=args.dtype,
-            stop_after_batches=args.stop_after_batches,
-        )
+        info = generate_continuations(**keywords)
     except (RuntimeError, ValueError) as e:
         return report_error(e)
     rate = info["tokens"] / info["seconds"] if info["seconds"] else 0.0

@@ -163,13 +163,8 @@ def open_progress(path, meta):
 
 
 def check_finished(path, meta, rows):
-    """The records of ``path`` once every row of ``rows`` has one.
-
-    Raises
-    ------
-    RuntimeError
-        Naming the file and how many rows are missing.
-    """
+    """The records of ``path`` once every row of ``rows`` has one (else a
+    ``RuntimeError`` naming the file and how many rows are missing)."""
     done = load_progress(path, meta)
     missing = [r["ID"] for r in rows if r["ID"] not in done]
     if missing:

@@ -10,13 +10,12 @@ and the vocabulary size) into the label ``meta.json`` of the cache folder.
 import hashlib
 import json
 
-import torch
-
 from speechbrain_blspkd.dataprep.teacher_cache import (
     CACHE_VERSION,
     DEFAULT_K,
     bytes_per_position,
 )
+from speechbrain_blspkd.utils.cache_label import hash_tensors
 
 __all__ = ["llm_checksum", "teacher_settings", "tokenizer_checksum"]
 
@@ -56,10 +55,11 @@ def llm_checksum(llm):
     Returns
     -------
     str
-        Hexadecimal digest.
+        The SHA-256 in hexadecimal (64 characters).
 
     Example
     -------
+    >>> import torch
     >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
     >>> torch.manual_seed(0)
     <torch._C.Generator object at ...>
@@ -75,11 +75,7 @@ def llm_checksum(llm):
     False
     """
     h = hashlib.sha256()
-    for name, tensor in _base_weights(llm):
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    hash_tensors(h, _base_weights(llm), end="\n")
     return h.hexdigest()
 
 
