@@ -372,7 +372,7 @@ def test_the_model_runs_on_the_inferred_device(setup, monkeypatch, tmp_path):
         raise _Loaded
 
     monkeypatch.setattr(sb.utils.distributed, "infer_device", lambda: "cuda:3")
-    monkeypatch.setattr(cont, "_load_model", load)
+    monkeypatch.setattr(cont, "load_causal_lm", load)
     out = tmp_path / "out.csv"
     with pytest.raises(_Loaded):
         cont.main([str(d / "in.csv"), str(out), "--model-dir", str(model_dir)])

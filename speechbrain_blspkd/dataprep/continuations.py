@@ -11,10 +11,12 @@ decodes greedily up to ``max_new_tokens`` and the answer is stored in the
 before the end-of-turn token (training then appends no end-of-turn token).
 
 Generation is batched (left padding, KV cache through ``model.generate``,
-rows sorted by prompt length), sharded (``shard=(i, n)`` takes rows
+rows sorted by prompt length: :mod:`speechbrain_blspkd.dataprep.
+greedy_generation`), sharded (``shard=(i, n)`` takes rows
 ``i, i + n, i + 2n ...``) and resumable: every finished batch is appended to
 a per-shard JSONL progress file and synced to disk; a restarted run skips the
-IDs already there (a half-written last line is cut off).  The output
+IDs already there (a half-written last line is cut off;
+:mod:`speechbrain_blspkd.dataprep.shard_progress`).  The output
 manifest is written atomically once every row is done; with several shards,
 each shard writes ``<out>.shard<i>of<n>.csv`` and :func:`merge_continuations`
 (CLI ``--merge``) joins them into ``<out>``.  Under ``torchrun``,
@@ -40,19 +42,21 @@ import hashlib
 import logging
 import pathlib
 import sys
-import time
 
 import speechbrain as sb
-import torch
 
 from speechbrain_blspkd.dataio.manifest import (
     COLUMNS,
     read_manifest,
     write_manifest,
 )
+from speechbrain_blspkd.dataprep.greedy_generation import (
+    LLM_DTYPES,
+    generate_greedy,
+    load_causal_lm,
+)
 from speechbrain_blspkd.dataprep.shard_progress import (
     add_worker_options,
-    append_records,
     check_finished,
     check_shard,
     load_progress,
@@ -61,7 +65,6 @@ from speechbrain_blspkd.dataprep.shard_progress import (
     parse_worker_args,
     progress_path,
     settings_line,
-    stop_for_resume_test,
 )
 from speechbrain_blspkd.prompt import PromptBuilder
 from speechbrain_blspkd.utils.cli import report_error
@@ -70,63 +73,6 @@ from speechbrain_blspkd.utils.precision import resolve_dtype
 logger = logging.getLogger(__name__)
 
 DEFAULT_INSTRUCTION = "Continue the following text in a coherent style:"
-DEFAULT_MODEL = "smollm2-135m-instruct"
-_DTYPES = ("auto", "bfloat16", "float32")
-
-
-def _eos_ids(model, tokenizer):
-    ids = set()
-    for src in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
-        if src is None:
-            continue
-        ids.update([src] if isinstance(src, int) else list(src))
-    if not ids:
-        raise ValueError("the model and tokenizer define no end-of-turn token")
-    return sorted(ids)
-
-
-def finish_sequence(tokenizer, new_ids, eos_ids, max_new_tokens):
-    """Text and ``truncated`` flag of one generated token sequence.
-
-    The text stops before the first end-of-turn token; ``truncated`` is 1
-    when none was generated within ``max_new_tokens``.
-
-    Arguments
-    ---------
-    tokenizer : transformers.PreTrainedTokenizerBase
-    new_ids : list of int
-        Generated ids (after the prompt; may include padding).
-    eos_ids : list of int
-    max_new_tokens : int
-
-    Returns
-    -------
-    (str, int, int)
-        Continuation, truncated flag, number of generated tokens
-        (the end-of-turn token included).
-
-    Example
-    -------
-    >>> from speechbrain_blspkd.utils.testing import toy_word_tokenizer
-    >>> tok = toy_word_tokenizer(["a", "b"])
-    >>> a, b, eos = tok.convert_tokens_to_ids(["a", "b", "<|im_end|>"])
-    >>> finish_sequence(tok, [a, b, eos, 0], [eos], 4)
-    ('a b', 0, 3)
-    >>> finish_sequence(tok, [a, b], [eos], 2)
-    ('a b', 1, 2)
-    """
-    new_ids = list(new_ids)
-    stop = next((k for k, t in enumerate(new_ids) if t in eos_ids), None)
-    if stop is None:
-        kept, truncated, n = (
-            new_ids[:max_new_tokens],
-            1,
-            min(len(new_ids), max_new_tokens),
-        )
-    else:
-        kept, truncated, n = new_ids[:stop], 0, stop + 1
-    text = tokenizer.decode(kept, skip_special_tokens=True).strip()
-    return text, truncated, n
 
 
 def _shard_manifest_path(manifest_out, shard):
@@ -149,25 +95,6 @@ def _out_row(row, rec):
     out["continuation"] = rec["continuation"]
     out["truncated"] = str(rec["truncated"])
     return out
-
-
-def _load_model(model_dir, device, dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if model_dir is None:
-        from speechbrain_blspkd.assets import asset_path
-
-        model_dir = asset_path(DEFAULT_MODEL)
-    if dtype not in _DTYPES:
-        raise ValueError(
-            f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=resolve_dtype(dtype, device)
-    )
-    model.to(device).eval()
-    return model, tokenizer, str(model_dir)
 
 
 def generate_continuations(
@@ -256,7 +183,7 @@ def generate_continuations(
         raise ValueError("batch_size and max_new_tokens must be >= 1")
     rows = read_manifest(manifest_in)[i::n]
     device = device or sb.utils.distributed.infer_device()
-    model, tokenizer, model_name = _load_model(model_dir, device, dtype)
+    model, tokenizer, model_name = load_causal_lm(model_dir, device, dtype)
     builder = PromptBuilder(
         tokenizer,
         system_prompt=system_prompt,
@@ -288,7 +215,7 @@ def generate_continuations(
     prompts = builder.build_batch(
         instruction, transcripts=[r["transcript"] for r in todo]
     )
-    stats = _generate(
+    stats = generate_greedy(
         model,
         tokenizer,
         todo,
@@ -302,71 +229,6 @@ def generate_continuations(
     out_path = _shard_manifest_path(manifest_out, shard)
     write_manifest(out_path, [_out_row(r, done[r["ID"]]) for r in rows])
     stats["path"] = out_path
-    return stats
-
-
-def _generate(
-    model,
-    tokenizer,
-    todo,
-    progress,
-    prompts,
-    batch_size,
-    max_new_tokens,
-    stop_after_batches,
-):
-    """Greedy answers to ``prompts`` (token ids, one list per row of
-    ``todo``), appended to ``progress`` batch by batch."""
-    from tqdm import tqdm
-    from transformers import GenerationConfig
-
-    eos_ids = _eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = eos_ids[0]
-    gen_config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=eos_ids,
-        pad_token_id=pad_id,
-    )
-    # longest first: similar lengths share a batch, memory peaks early
-    order = sorted(range(len(todo)), key=lambda k: (-len(prompts[k]), k))
-    device = next(model.parameters()).device
-    stats = dict(generated=0, tokens=0, seconds=0.0)
-    bar = tqdm(total=len(todo), desc="continuations", unit="row")
-    for b, start in enumerate(range(0, len(order), batch_size)):
-        idx = order[start : start + batch_size]
-        width = max(len(prompts[k]) for k in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, k in enumerate(idx):  # left padding
-            p = prompts[k]
-            ids[row, width - len(p) :] = torch.tensor(p)
-            mask[row, width - len(p) :] = 1
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                generation_config=gen_config,
-            )
-        stats["seconds"] += time.perf_counter() - t0
-        records = []
-        for row, k in enumerate(idx):
-            text, trunc, n_tok = finish_sequence(
-                tokenizer, out[row, width:].tolist(), eos_ids, max_new_tokens
-            )
-            stats["tokens"] += n_tok
-            records.append(
-                dict(ID=todo[k]["ID"], continuation=text, truncated=trunc)
-            )
-        append_records(progress, records)
-        stats["generated"] += len(records)
-        bar.update(len(records))
-        stop_for_resume_test(b + 1, stop_after_batches)
-    bar.close()
     return stats
 
 
@@ -556,7 +418,7 @@ def main(argv=None):
         help="cpu, cuda, cuda:1 ... (default: speechbrain's infer_device, "
         "the GPU when there is one)",
     )
-    parser.add_argument("--dtype", default="auto", choices=sorted(_DTYPES))
+    parser.add_argument("--dtype", default="auto", choices=sorted(LLM_DTYPES))
     add_worker_options(
         parser,
         "torch CPU threads (default: torch's choice); 1 is faster when "

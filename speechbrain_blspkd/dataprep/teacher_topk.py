@@ -413,10 +413,10 @@ def prepare_teacher_topk(hparams, device=None):
 # ----------------------------------------------------------------------
 # command line
 def _text_teacher(model_dir, device, dtype, instruction, system_prompt, sep):
-    from speechbrain_blspkd.dataprep.continuations import _load_model
+    from speechbrain_blspkd.dataprep.greedy_generation import load_causal_lm
     from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
 
-    llm, tokenizer, name = _load_model(model_dir, device, dtype)
+    llm, tokenizer, name = load_causal_lm(model_dir, device, dtype)
     model = SpeechLLMModel(
         llm,
         adapter=None,
