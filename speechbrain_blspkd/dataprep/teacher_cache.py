@@ -77,7 +77,11 @@ __all__ = [
     "TeacherTopK",
     "TopKTeacherCache",
     "bytes_per_position",
+    "chunk_files",
+    "index_file",
+    "is_truncated",
     "row_digest",
+    "save_npy",
 ]
 
 CACHE_VERSION = 1
@@ -87,7 +91,7 @@ LOGPROB_DTYPES = ("float16", "float32")
 INDEX_DTYPE = "int32"
 SPANS = ("input", "response")
 _INDEX_STEM = "topk"
-_CHUNKS = "chunks"
+CHUNK_FOLDER = "chunks"
 
 
 class StaleTeacherCacheError(StaleCacheError):
@@ -149,7 +153,8 @@ def bytes_per_position(k=DEFAULT_K, logprob_dtype="float16"):
     return int(k) * (np.dtype(logprob_dtype).itemsize + 4)
 
 
-def _truncated(value):
+def is_truncated(value):
+    """Whether a manifest's ``truncated`` value means true."""
     return value is True or str(value).strip() in ("1", "True", "true")
 
 
@@ -164,7 +169,7 @@ def row_digest(transcript, continuation, truncated):
     False
     """
     text = json.dumps(
-        [str(transcript), str(continuation or ""), _truncated(truncated)],
+        [str(transcript), str(continuation or ""), is_truncated(truncated)],
         ensure_ascii=False,
     )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -220,7 +225,7 @@ class TopKTeacherCache:
         self.settings = dict(settings)
 
         def clear():
-            shutil.rmtree(self.folder / _CHUNKS, ignore_errors=True)
+            shutil.rmtree(self.folder / CHUNK_FOLDER, ignore_errors=True)
             for path in self._index_files():
                 path.unlink()
 
@@ -231,7 +236,7 @@ class TopKTeacherCache:
             what="teacher cache",
             error=StaleTeacherCacheError,
             holds_data=lambda: bool(
-                self._index_files() or (self.folder / _CHUNKS).is_dir()
+                self._index_files() or (self.folder / CHUNK_FOLDER).is_dir()
             ),
             clear=clear,
             how_to_write="write it with `python -m speechbrain_blspkd."
@@ -253,11 +258,11 @@ class TopKTeacherCache:
 
     def index_path(self, shard):
         """The index (progress) file of ``shard = (i, n)``."""
-        return progress_path(self.folder / _INDEX_STEM, shard)
+        return index_file(self.folder, shard)
 
     def chunk_paths(self, name):
         """``(logp, idx)`` file paths of chunk ``name``."""
-        return _chunk_files(self.folder, name)
+        return chunk_files(self.folder, name)
 
     def shard_meta(self, shard, rows):
         """Settings line of a shard's index: ``meta.json`` plus the shard
@@ -373,12 +378,25 @@ class TopKTeacherCache:
                 )
 
 
-def _chunk_files(folder, name):
-    base = pathlib.Path(folder) / _CHUNKS
+def index_file(folder, shard):
+    """The index (progress) file of ``shard = (i, n)`` in ``folder``.
+
+    Example
+    -------
+    >>> index_file("/cache", (0, 2)).name
+    'topk.shard0of2.progress.jsonl'
+    """
+    return progress_path(pathlib.Path(folder) / _INDEX_STEM, shard)
+
+
+def chunk_files(folder, name):
+    """``(logp, idx)`` file paths of chunk ``name`` in ``folder``."""
+    base = pathlib.Path(folder) / CHUNK_FOLDER
     return base / f"{name}.logp.npy", base / f"{name}.idx.npy"
 
 
-def _save_npy(path, array):
+def save_npy(path, array):
+    """Write ``array`` to the ``.npy`` file ``path`` atomically."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array)

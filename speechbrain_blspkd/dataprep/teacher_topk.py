@@ -12,8 +12,8 @@ folder written for another teacher) and its reader are in
 in :mod:`speechbrain_blspkd.dataprep.teacher_identity`.  This module
 computes the distributions and writes them (:func:`write_teacher_topk`).
 
-Writing is sharded and resumable with the machinery of the continuations
-(:mod:`speechbrain_blspkd.dataprep.shard_progress`): ``shard=(i, n)`` takes
+Writing is sharded and resumable with the bookkeeping it shares with the
+continuations (:mod:`speechbrain_blspkd.dataprep.shard_progress`): ``shard=(i, n)`` takes
 rows ``i, i + n, ...``; each batch's chunk files are written atomically
 (:mod:`speechbrain_blspkd.utils.atomic`) before its index lines are
 appended and synced, so a killed run resumes with the missing rows (a
@@ -61,17 +61,17 @@ from speechbrain_blspkd.dataprep.shard_progress import (
     stop_for_resume_test,
 )
 from speechbrain_blspkd.dataprep.teacher_cache import (
-    _CHUNKS,
-    _INDEX_STEM,
+    CHUNK_FOLDER,
     DEFAULT_K,
     INDEX_DTYPE,
     LOGPROB_DTYPES,
     SPANS,
     TopKTeacherCache,
-    _chunk_files,
-    _save_npy,
-    _truncated,
+    chunk_files,
+    index_file,
+    is_truncated,
     row_digest,
+    save_npy,
 )
 from speechbrain_blspkd.dataprep.teacher_identity import teacher_settings
 from speechbrain_blspkd.utils.atomic import atomic_write_text, remove_stray_tmp
@@ -183,7 +183,7 @@ def write_teacher_topk(
     )
     # this shard's leftovers only: other shards may be writing beside it
     remove_stray_tmp(
-        cache.folder, f"{_CHUNKS}/.s{i}of{n}-*.tmp", recursive=False
+        cache.folder, f"{CHUNK_FOLDER}/.s{i}of{n}-*.tmp", recursive=False
     )
     meta = cache.shard_meta(shard, rows)
     progress = cache.index_path(shard)
@@ -211,7 +211,7 @@ def write_teacher_topk(
         out = model.teacher_pass(
             [r["transcript"] for r in batch],
             [r["continuation"] for r in batch],
-            add_eot=[not _truncated(r["truncated"]) for r in batch],
+            add_eot=[not is_truncated(r["truncated"]) for r in batch],
             request=request,
         )
         spans = {
@@ -242,8 +242,8 @@ def write_teacher_topk(
         logp = np.concatenate(logps).astype(dtype)
         idx = np.concatenate(idxs).astype(INDEX_DTYPE)
         logp_path, idx_path = cache.chunk_paths(name)
-        _save_npy(logp_path, logp)
-        _save_npy(idx_path, idx)
+        save_npy(logp_path, logp)
+        save_npy(idx_path, idx)
         append_records(progress, records)  # the batch counts from here on
         seq += 1
         stats["written"] += len(batch)
@@ -316,7 +316,7 @@ def share_shards(folder, shard_count):
     rank, world = _rank_world()
     if world == 1:
         return 0
-    own = folder / f"{_INDEX_STEM}.shard{rank}of{shard_count}.progress.jsonl"
+    own = index_file(folder, (rank, shard_count))
     text = own.read_text(encoding="utf-8")
     chunks = sorted(
         {json.loads(line)["chunk"] for line in text.splitlines()[1:]}
@@ -326,7 +326,7 @@ def share_shards(folder, shard_count):
     writer = sb.utils.distributed.is_local_rank_zero()
 
     def chunk_missing(name):
-        return not all(p.is_file() for p in _chunk_files(folder, name))
+        return not all(p.is_file() for p in chunk_files(folder, name))
 
     missing = [
         (r, name)
@@ -340,17 +340,15 @@ def share_shards(folder, shard_count):
     for r, name in sorted({item for part in wanted for item in part}):
         payload = [None]
         if rank == r:
-            payload = [[np.load(p) for p in _chunk_files(folder, name)]]
+            payload = [[np.load(p) for p in chunk_files(folder, name)]]
         dist.broadcast_object_list(payload, src=r)
         if writer and (r, name) in missing:
-            for path, array in zip(_chunk_files(folder, name), payload[0]):
-                _save_npy(path, array)
+            for path, array in zip(chunk_files(folder, name), payload[0]):
+                save_npy(path, array)
             received += 1
     if writer:  # the indexes last: a row counts once its chunk is there
         for r, shard_text, _ in shards:
-            path = (
-                folder / f"{_INDEX_STEM}.shard{r}of{shard_count}.progress.jsonl"
-            )
+            path = index_file(folder, (r, shard_count))
             if (
                 not path.is_file()
                 or path.read_text(encoding="utf-8") != shard_text
