@@ -52,12 +52,12 @@ from benchmarks.common import (
     texts,
 )
 from speechbrain_blspkd.dataio.manifest import write_manifest
-from speechbrain_blspkd.dataprep.teacher_topk import (
+from speechbrain_blspkd.dataprep.teacher_cache import (
     TopKTeacherCache,
     bytes_per_position,
-    teacher_settings,
-    write_teacher_topk,
 )
+from speechbrain_blspkd.dataprep.teacher_identity import teacher_settings
+from speechbrain_blspkd.dataprep.teacher_topk import write_teacher_topk
 from speechbrain_blspkd.nnet import plora as plora_lib
 from speechbrain_blspkd.objectives import BLSPKDObjective
 from speechbrain_blspkd.objectives.blsp import BLSPObjective

@@ -8,6 +8,7 @@ import pytest
 
 from speechbrain_blspkd.dataio.manifest import read_manifest, write_manifest
 from speechbrain_blspkd.dataprep import continuations as cont
+from speechbrain_blspkd.dataprep.shard_progress import progress_path
 from speechbrain_blspkd.prompt import PromptBuilder
 from speechbrain_blspkd.utils.testing import save_toy_llm, toy_word_tokenizer
 
@@ -264,7 +265,7 @@ def test_kill_and_resume(setup, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILLed
     assert not out.exists()
-    progress = cont._progress_path(out, (0, 1))
+    progress = progress_path(out, (0, 1))
     lines = progress.read_text().splitlines()
     assert len(lines) == 1 + 3  # settings header + first batch
     with open(progress, "a") as f:  # a torn write of the next record
@@ -371,7 +372,7 @@ def test_the_model_runs_on_the_inferred_device(setup, monkeypatch, tmp_path):
         raise _Loaded
 
     monkeypatch.setattr(sb.utils.distributed, "infer_device", lambda: "cuda:3")
-    monkeypatch.setattr(cont, "_load_model", load)
+    monkeypatch.setattr(cont, "load_causal_lm", load)
     out = tmp_path / "out.csv"
     with pytest.raises(_Loaded):
         cont.main([str(d / "in.csv"), str(out), "--model-dir", str(model_dir)])

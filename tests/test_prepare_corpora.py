@@ -26,7 +26,8 @@ from speechbrain_blspkd.dataprep import (
     gigaspeech,
     librispeech,
 )
-from speechbrain_blspkd.dataprep.common import PrepareError, options_file
+from speechbrain_blspkd.dataprep.common import PrepareError
+from speechbrain_blspkd.dataprep.preparation import options_file
 
 
 def _stamp(path):

@@ -120,13 +120,13 @@ def worker(shared, own, ckpt_dir):
         return {"first": first, "again": _draws()}
 
     generated = []
-    real_generate = continuations._generate
+    real_generate = continuations.generate_greedy
 
     def counting_generate(model, tokenizer, todo, *args, **kwargs):
         generated.extend(r["ID"] for r in todo)
         return real_generate(model, tokenizer, todo, *args, **kwargs)
 
-    continuations._generate = counting_generate
+    continuations.generate_greedy = counting_generate
     manifest = str(shared / "m.csv")
 
     def teacher():

@@ -26,12 +26,14 @@ from speechbrain.utils.epoch_loop import EpochCounter
 from speechbrain_blspkd.brain import dataio_prepare
 from speechbrain_blspkd.dataio.manifest import read_manifest, write_manifest
 from speechbrain_blspkd.dataprep import teacher_topk as topk_lib
-from speechbrain_blspkd.dataprep.teacher_topk import (
+from speechbrain_blspkd.dataprep.teacher_cache import (
     StaleTeacherCacheError,
     TopKTeacherCache,
     bytes_per_position,
+)
+from speechbrain_blspkd.dataprep.teacher_identity import teacher_settings
+from speechbrain_blspkd.dataprep.teacher_topk import (
     prepare_teacher_topk,
-    teacher_settings,
     write_teacher_topk,
 )
 from speechbrain_blspkd.models.speech_llm import SpeechLLMModel

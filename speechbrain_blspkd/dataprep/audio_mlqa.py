@@ -46,14 +46,13 @@ from speechbrain_blspkd.dataprep.common import (
     language_code,
     load_json,
     manifest_row,
-    mark_prepared,
     normalise_space,
-    prepare_parser,
     require_key,
+)
+from speechbrain_blspkd.dataprep.preparation import (
+    prepare_corpus,
+    prepare_parser,
     run_cli,
-    skip_if_prepared,
-    start_preparation,
-    write_split,
 )
 
 logger = logging.getLogger(__name__)
@@ -268,7 +267,6 @@ def prepare_audio_mlqa(
         mlqa_root = data_folder / "MLQA_V1"
     save_folder = pathlib.Path(save_folder)
     audio_folder = pathlib.Path(audio_folder or save_folder / "audio")
-    manifests = {s: save_folder / f"{s}.csv" for s in splits}
     options = {
         "data_folder": str(mlqa_root.resolve()),
         "audio_folder": str(audio_folder.resolve()),
@@ -279,59 +277,67 @@ def prepare_audio_mlqa(
         "speed": None if speed is None else int(speed),
         "instruction": instruction,
     }
-    if skip_if_prepared(
-        save_folder, CORPUS, options, manifests, "Audio-MLQA", logger
-    ):
-        return manifests
-    try:
-        tts.check_tools(espeak, sox)
-    except tts.TTSError as e:
-        raise PrepareError(str(e)) from None
-    questions = {}
-    for split in splits:
-        for lang in languages:
-            questions[split, lang] = read_mlqa(
-                mlqa_file(mlqa_root, split, lang), max_questions
-            )
-    start_preparation(save_folder, CORPUS)
-    jobs = []
-    for (_split, lang), items in questions.items():
-        folder = audio_folder / lang / _voice_tag(voices[lang], speed)
-        for item in items:
-            item["wav"] = folder / f"{item['id']}.wav"
-            if not tts.is_complete_wav(item["wav"]):
-                jobs.append((item, voices[lang]))
-    logger.info(
-        "Audio-MLQA: %d questions, %d to synthesise",
-        sum(len(v) for v in questions.values()),
-        len(jobs),
-    )
-    _synthesize_all(jobs, speed, espeak, sox, num_workers)
-    for split in splits:
-        rows = []
-        for lang in languages:
-            for item in questions[split, lang]:
-                rows.append(
-                    manifest_row(
-                        f"{lang}-{item['id']}",
-                        item["wav"],
-                        audio_folder,
-                        item["question"],
-                        lang,
-                        f"espeak-ng:{voices[lang]}",
-                        where=item["where"],
-                        context=item["context"],
-                        answer="|".join(item["answers"]),
-                        instruction=instruction.replace(
-                            "{context}", item["context"]
-                        ),
-                    )
+
+    def check():
+        try:
+            tts.check_tools(espeak, sox)
+        except tts.TTSError as e:
+            raise PrepareError(str(e)) from None
+        questions = {}
+        for split in splits:
+            for lang in languages:
+                questions[split, lang] = read_mlqa(
+                    mlqa_file(mlqa_root, split, lang), max_questions
                 )
-        write_split(
-            manifests[split], rows, "spoken questions", hours=False, log=logger
+        return questions
+
+    def walk(questions):
+        jobs = []
+        for (_split, lang), items in questions.items():
+            folder = audio_folder / lang / _voice_tag(voices[lang], speed)
+            for item in items:
+                item["wav"] = folder / f"{item['id']}.wav"
+                if not tts.is_complete_wav(item["wav"]):
+                    jobs.append((item, voices[lang]))
+        logger.info(
+            "Audio-MLQA: %d questions, %d to synthesise",
+            sum(len(v) for v in questions.values()),
+            len(jobs),
         )
-    mark_prepared(save_folder, CORPUS, options)
-    return manifests
+        _synthesize_all(jobs, speed, espeak, sox, num_workers)
+        return questions
+
+    def split_rows(split, questions):
+        return [
+            manifest_row(
+                f"{lang}-{item['id']}",
+                item["wav"],
+                audio_folder,
+                item["question"],
+                lang,
+                f"espeak-ng:{voices[lang]}",
+                where=item["where"],
+                context=item["context"],
+                answer="|".join(item["answers"]),
+                instruction=instruction.replace("{context}", item["context"]),
+            )
+            for lang in languages
+            for item in questions[split, lang]
+        ]
+
+    return prepare_corpus(
+        CORPUS,
+        "Audio-MLQA",
+        save_folder,
+        splits,
+        options,
+        split_rows,
+        check=check,
+        walk=walk,
+        unit="spoken questions",
+        hours=False,
+        log=logger,
+    )
 
 
 def _synthesize_all(jobs, speed, espeak, sox, num_workers):
@@ -368,7 +374,7 @@ def _synthesize_all(jobs, speed, espeak, sox, num_workers):
 
 
 def main(argv=None):
-    """Command line entry point (see the module docstring).
+    """Speak MLQA questions and write their manifests from the command line.
 
     Example
     -------
@@ -401,25 +407,14 @@ def main(argv=None):
     parser.add_argument("--speed", type=int, help="words per minute")
     parser.add_argument("--audio-folder", help="default: SAVE/audio")
     parser.add_argument("--num-workers", type=int, default=2)
-    args = parser.parse_args(argv)
+    keywords = vars(parser.parse_args(argv))
     voices = {}
-    for item in args.voice:
+    for item in keywords.pop("voice"):
         lang, sep, voice = item.partition("=")
         if not sep or not lang or not voice:
             parser.error(f"--voice wants LANG=VOICE, got {item!r}")
         voices[lang] = voice
-    run_cli(
-        prepare_audio_mlqa,
-        args.data_folder,
-        args.save_folder,
-        splits=args.splits,
-        languages=args.languages,
-        max_questions=args.max_questions,
-        voices=voices,
-        speed=args.speed,
-        audio_folder=args.audio_folder,
-        num_workers=args.num_workers,
-    )
+    run_cli(prepare_audio_mlqa, voices=voices, **keywords)
 
 
 if __name__ == "__main__":

@@ -1,151 +1,24 @@
-"""Shared pieces of the corpus preparation scripts.
+"""Reading a corpus for its manifests, with errors that name the file and line.
 
-Every ``prepare_<corpus>`` function in :mod:`speechbrain_blspkd.dataprep`
-follows the same contract:
-
-* it writes one manifest per split, ``<save_folder>/<split>.csv``, through
-  :func:`speechbrain_blspkd.dataio.manifest.write_manifest`, with ``wav``
-  written as ``$data_root/<path relative to the audio root>``;
-* it is idempotent: after a successful run it writes the options it ran with
-  to ``<save_folder>/<corpus>_prepare.json`` (atomically, last of all); a
-  later call with the same options whose manifests all exist does nothing,
-  a call with other options redoes the work (see :func:`is_prepared`);
-* anything malformed in the corpus stops it with :class:`PrepareError`
-  naming the file and the line (or the JSON location) at fault.
+The pieces every corpus script (:mod:`speechbrain_blspkd.dataprep.
+librispeech`, ``commonvoice``, ``covost2``, ``gigaspeech``, ``audio_mlqa``)
+reads its corpus with: folder and split checks, tab-separated and JSON
+files, audio durations, and the manifest row they all write.  Anything
+malformed raises :class:`PrepareError` naming the file and the line (or the
+JSON location) at fault.  The course of a preparation run (skip it when
+done, write the manifests atomically, record the options) is
+:mod:`speechbrain_blspkd.dataprep.preparation`.
 """
 
-import argparse
 import json
-import logging
 import pathlib
 import re
 
 import soundfile as sf
 
-from speechbrain_blspkd.dataio.manifest import ManifestError, write_manifest
-from speechbrain_blspkd.utils.atomic import atomic_write_text
-from speechbrain_blspkd.utils.cli import exit_on_error, setup_logging
-
-logger = logging.getLogger(__name__)
-
-#: Bumped when a change in the scripts makes older manifests stale.
-PREPARE_VERSION = 1
-
 
 class PrepareError(ValueError):
     """A corpus cannot be prepared; the message names the file and line."""
-
-
-def options_file(save_folder, corpus):
-    """Return the path of the options record of ``corpus`` in ``save_folder``.
-
-    Arguments
-    ---------
-    save_folder : str or pathlib.Path
-        Where the manifests go.
-    corpus : str
-        Short corpus name (``librispeech`` ...).
-
-    Returns
-    -------
-    pathlib.Path
-
-    Example
-    -------
-    >>> options_file("/tmp/save", "librispeech").name
-    'librispeech_prepare.json'
-    """
-    return pathlib.Path(save_folder) / f"{corpus}_prepare.json"
-
-
-def _canonical(options):
-    """Options as they are stored: JSON types only, version included."""
-    return json.loads(
-        json.dumps(
-            {"version": PREPARE_VERSION, **options}, sort_keys=True, default=str
-        )
-    )
-
-
-def is_prepared(save_folder, corpus, options, outputs):
-    """Whether a previous run with the same ``options`` left all ``outputs``.
-
-    Arguments
-    ---------
-    save_folder : str or pathlib.Path
-        Where the manifests and the options record live.
-    corpus : str
-        Short corpus name.
-    options : dict
-        Everything that changes the outputs (folders, splits, flags); values
-        must be JSON-serialisable (paths are turned into strings).
-    outputs : iterable of str or pathlib.Path
-        Files the run writes.
-
-    Returns
-    -------
-    bool
-
-    Example
-    -------
-    >>> import tempfile, pathlib
-    >>> d = pathlib.Path(tempfile.mkdtemp())
-    >>> _ = (d / "a.csv").write_text("x")
-    >>> is_prepared(d, "toy", {"n": 1}, [d / "a.csv"])
-    False
-    >>> mark_prepared(d, "toy", {"n": 1})
-    >>> is_prepared(d, "toy", {"n": 1}, [d / "a.csv"])
-    True
-    >>> is_prepared(d, "toy", {"n": 2}, [d / "a.csv"])
-    False
-    """
-    record = options_file(save_folder, corpus)
-    if not record.is_file():
-        return False
-    if not all(pathlib.Path(p).is_file() for p in outputs):
-        return False
-    try:
-        stored = json.loads(record.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        logger.warning("%s: unreadable options record; preparing again", record)
-        return False
-    return stored == _canonical(options)
-
-
-def mark_prepared(save_folder, corpus, options):
-    """Record (atomically) that ``options`` produced the outputs now present.
-
-    Call it last, after every output is written, so an interrupted run leaves
-    no record and the next one starts over.
-
-    Example
-    -------
-    >>> import tempfile, pathlib, json
-    >>> d = pathlib.Path(tempfile.mkdtemp())
-    >>> mark_prepared(d, "toy", {"splits": ["a"]})
-    >>> json.loads(options_file(d, "toy").read_text())["splits"]
-    ['a']
-    """
-    text = json.dumps(_canonical(options), indent=2, sort_keys=True) + "\n"
-    atomic_write_text(options_file(save_folder, corpus), text)
-
-
-def forget_prepared(save_folder, corpus):
-    """Remove the options record before outputs are rewritten.
-
-    A run that is interrupted while it replaces the outputs of an earlier run
-    then cannot be mistaken for a complete one.
-
-    Example
-    -------
-    >>> import tempfile, pathlib
-    >>> d = pathlib.Path(tempfile.mkdtemp())
-    >>> mark_prepared(d, "toy", {})
-    >>> forget_prepared(d, "toy")
-    >>> options_file(d, "toy").exists()
-    False
-    """
-    options_file(save_folder, corpus).unlink(missing_ok=True)
 
 
 def audio_duration(path, where=None):
@@ -466,124 +339,3 @@ def manifest_row(
         "speaker": speaker,
         **extra,
     }
-
-
-def skip_if_prepared(save_folder, corpus, options, manifests, title, log=None):
-    """Whether an earlier run left the same outputs (then log the skip).
-
-    :func:`is_prepared` for ``manifests`` (a dict split -> path) with an INFO
-    message ``<title> manifests in <save_folder> exist ...`` when it is true.
-
-    Example
-    -------
-    >>> import tempfile, pathlib
-    >>> d = pathlib.Path(tempfile.mkdtemp())
-    >>> skip_if_prepared(d, "toy", {}, {}, "Toy")
-    False
-    >>> mark_prepared(d, "toy", {})
-    >>> skip_if_prepared(d, "toy", {}, {}, "Toy")
-    True
-    """
-    if not is_prepared(save_folder, corpus, options, manifests.values()):
-        return False
-    (log or logger).info(
-        "%s manifests in %s exist with the same options; skipping preparation",
-        title,
-        save_folder,
-    )
-    return True
-
-
-def start_preparation(save_folder, corpus):
-    """Forget the options record of ``corpus`` and create ``save_folder``.
-
-    Call it once the inputs are checked, before the first output is written.
-
-    Example
-    -------
-    >>> import tempfile, pathlib
-    >>> d = pathlib.Path(tempfile.mkdtemp()) / "save"
-    >>> start_preparation(d, "toy")
-    >>> d.is_dir(), options_file(d, "toy").exists()
-    (True, False)
-    """
-    forget_prepared(save_folder, corpus)
-    pathlib.Path(save_folder).mkdir(parents=True, exist_ok=True)
-
-
-def write_split(path, rows, unit, hours=True, log=None):
-    """Write one split's manifest and log how many ``unit`` (and hours) it has.
-
-    Example
-    -------
-    >>> import tempfile, pathlib
-    >>> p = pathlib.Path(tempfile.mkdtemp()) / "dev.csv"
-    >>> write_split(p, [manifest_row("a", "/c/a.wav", "/c", "hi", "en", "s", 2)],
-    ...     "clips")
-    >>> p.is_file()
-    True
-    """
-    write_manifest(path, rows)
-    if hours:
-        total = sum(r["duration"] for r in rows) / 3600
-        (log or logger).info("%s: %d %s, %.1f h", path, len(rows), unit, total)
-    else:
-        (log or logger).info("%s: %d %s", path, len(rows), unit)
-
-
-def prepare_parser(description, data_help, splits, splits_help=None, **kw):
-    """Argument parser with ``data_folder``, ``save_folder`` and ``--splits``.
-
-    Arguments
-    ---------
-    description : str
-        What the script does.
-    data_help : str
-        Help for the ``data_folder`` argument.
-    splits : sequence of str
-        Default ``--splits``.
-    splits_help : str, optional
-        Help for ``--splits``.
-    **kw
-        More ``add_argument`` options for ``--splits`` (``choices``).
-
-    Example
-    -------
-    >>> parser = prepare_parser("Toy.", "the corpus", ["dev"])
-    >>> parser.parse_args(["data", "save"]).splits
-    ['dev']
-    """
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("data_folder", help=data_help)
-    parser.add_argument("save_folder", help="where the manifests go")
-    parser.add_argument(
-        "--splits", nargs="+", default=list(splits), help=splits_help, **kw
-    )
-    return parser
-
-
-def run_cli(prepare, *args, **kwargs):
-    """Call ``prepare`` for a command line; bad input exits with its message.
-
-    Sets up INFO logging (:func:`setup_cli_logging`) first.
-    :class:`PrepareError` and :class:`ManifestError` become ``SystemExit``
-    with a one-line ``error: ...`` message instead of a traceback.
-
-    Example
-    -------
-    >>> def prepare():
-    ...     raise PrepareError("x.tsv line 3: empty path")
-    >>> run_cli(prepare)
-    Traceback (most recent call last):
-    ...
-    SystemExit: error: x.tsv line 3: empty path
-    """
-    setup_cli_logging()
-    return exit_on_error(
-        (PrepareError, ManifestError), prepare, *args, **kwargs
-    )
-
-
-def setup_cli_logging():
-    """Log INFO messages to stderr when a script runs from the command line."""
-    setup_logging("%(asctime)s %(levelname)s %(message)s")

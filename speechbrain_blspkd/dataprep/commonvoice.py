@@ -36,14 +36,13 @@ from speechbrain_blspkd.dataprep.common import (
     check_splits,
     language_code,
     manifest_row,
-    mark_prepared,
     normalise_space,
-    prepare_parser,
     read_tsv,
-    run_cli,
-    skip_if_prepared,
-    start_preparation,
-    write_split,
+)
+from speechbrain_blspkd.dataprep.preparation import (
+    prepare_corpus,
+    prepare_parser,
+    run_parsed,
 )
 
 logger = logging.getLogger(__name__)
@@ -103,32 +102,37 @@ def prepare_commonvoice(
     splits = check_splits(splits)
     data_folder = check_folder(data_folder, "Common Voice data folder")
     language = language_code(language or data_folder.resolve().name)
-    save_folder = pathlib.Path(save_folder)
-    manifests = {s: save_folder / f"{s}.csv" for s in splits}
     options = {
         "data_folder": str(data_folder.resolve()),
         "splits": splits,
         "language": language,
         "lowercase": bool(lowercase),
     }
-    if skip_if_prepared(
-        save_folder, CORPUS, options, manifests, "Common Voice", logger
-    ):
-        return manifests
-    check_folder(data_folder / "clips", "Common Voice clips folder")
-    for split in splits:
-        if not (data_folder / f"{split}.tsv").is_file():
-            raise PrepareError(
-                f"{data_folder / (split + '.tsv')}: file not found "
-                f"(split {split!r})"
-            )
-    start_preparation(save_folder, CORPUS)
-    for split in splits:
+
+    def check():
+        check_folder(data_folder / "clips", "Common Voice clips folder")
+        for split in splits:
+            if not (data_folder / f"{split}.tsv").is_file():
+                raise PrepareError(
+                    f"{data_folder / (split + '.tsv')}: file not found "
+                    f"(split {split!r})"
+                )
+
+    def split_rows(split, _):
         tsv = data_folder / f"{split}.tsv"
-        rows = clip_rows(data_folder, tsv, language, lowercase)
-        write_split(manifests[split], rows, "clips", log=logger)
-    mark_prepared(save_folder, CORPUS, options)
-    return manifests
+        return clip_rows(data_folder, tsv, language, lowercase)
+
+    return prepare_corpus(
+        CORPUS,
+        "Common Voice",
+        save_folder,
+        splits,
+        options,
+        split_rows,
+        check=check,
+        unit="clips",
+        log=logger,
+    )
 
 
 def clip_path(data_folder, name, where):
@@ -252,7 +256,7 @@ def tsv_entries(tsv, required=TSV_COLUMNS):
 
 
 def main(argv=None):
-    """Command line entry point (see the module docstring).
+    """Write Common Voice manifests from the command line (module docstring).
 
     Example
     -------
@@ -273,15 +277,7 @@ def main(argv=None):
     parser.add_argument(
         "--lowercase", action="store_true", help="lower-case the sentences"
     )
-    args = parser.parse_args(argv)
-    run_cli(
-        prepare_commonvoice,
-        args.data_folder,
-        args.save_folder,
-        splits=args.splits,
-        language=args.language,
-        lowercase=args.lowercase,
-    )
+    run_parsed(prepare_commonvoice, parser, argv)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ decodes greedily up to ``max_new_tokens`` and the answer is stored in the
 before the end-of-turn token (training then appends no end-of-turn token).
 
 Generation is batched (left padding, KV cache through ``model.generate``,
-rows sorted by prompt length), sharded (``shard=(i, n)`` takes rows
+rows sorted by prompt length: :mod:`speechbrain_blspkd.dataprep.
+greedy_generation`), sharded (``shard=(i, n)`` takes rows
 ``i, i + n, i + 2n ...``) and resumable: every finished batch is appended to
 a per-shard JSONL progress file and synced to disk; a restarted run skips the
-IDs already there (a half-written last line is cut off).  The output
+IDs already there (a half-written last line is cut off;
+:mod:`speechbrain_blspkd.dataprep.shard_progress`).  The output
 manifest is written atomically once every row is done; with several shards,
 each shard writes ``<out>.shard<i>of<n>.csv`` and :func:`merge_continuations`
 (CLI ``--merge``) joins them into ``<out>``.  Under ``torchrun``,
@@ -37,93 +39,40 @@ Command line::
 
 import argparse
 import hashlib
-import json
 import logging
-import os
 import pathlib
-import signal
 import sys
-import time
 
 import speechbrain as sb
-import torch
 
 from speechbrain_blspkd.dataio.manifest import (
     COLUMNS,
     read_manifest,
     write_manifest,
 )
+from speechbrain_blspkd.dataprep.greedy_generation import (
+    LLM_DTYPES,
+    generate_greedy,
+    load_causal_lm,
+)
+from speechbrain_blspkd.dataprep.shard_progress import (
+    add_worker_options,
+    check_finished,
+    check_shard,
+    load_progress,
+    open_progress,
+    parse_shard,
+    parse_worker_args,
+    progress_path,
+    settings_line,
+)
 from speechbrain_blspkd.prompt import PromptBuilder
-from speechbrain_blspkd.utils.atomic import drop_unfinished_tail
-from speechbrain_blspkd.utils.cli import report_error, setup_logging
+from speechbrain_blspkd.utils.cli import report_error
 from speechbrain_blspkd.utils.precision import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_INSTRUCTION = "Continue the following text in a coherent style:"
-DEFAULT_MODEL = "smollm2-135m-instruct"
-_DTYPES = ("auto", "bfloat16", "float32")
-
-
-def _eos_ids(model, tokenizer):
-    ids = set()
-    for src in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
-        if src is None:
-            continue
-        ids.update([src] if isinstance(src, int) else list(src))
-    if not ids:
-        raise ValueError("the model and tokenizer define no end-of-turn token")
-    return sorted(ids)
-
-
-def finish_sequence(tokenizer, new_ids, eos_ids, max_new_tokens):
-    """Text and ``truncated`` flag of one generated token sequence.
-
-    The text stops before the first end-of-turn token; ``truncated`` is 1
-    when none was generated within ``max_new_tokens``.
-
-    Arguments
-    ---------
-    tokenizer : transformers.PreTrainedTokenizerBase
-    new_ids : list of int
-        Generated ids (after the prompt; may include padding).
-    eos_ids : list of int
-    max_new_tokens : int
-
-    Returns
-    -------
-    (str, int, int)
-        Continuation, truncated flag, number of generated tokens
-        (the end-of-turn token included).
-
-    Example
-    -------
-    >>> from speechbrain_blspkd.utils.testing import toy_word_tokenizer
-    >>> tok = toy_word_tokenizer(["a", "b"])
-    >>> a, b, eos = tok.convert_tokens_to_ids(["a", "b", "<|im_end|>"])
-    >>> finish_sequence(tok, [a, b, eos, 0], [eos], 4)
-    ('a b', 0, 3)
-    >>> finish_sequence(tok, [a, b], [eos], 2)
-    ('a b', 1, 2)
-    """
-    new_ids = list(new_ids)
-    stop = next((k for k, t in enumerate(new_ids) if t in eos_ids), None)
-    if stop is None:
-        kept, truncated, n = (
-            new_ids[:max_new_tokens],
-            1,
-            min(len(new_ids), max_new_tokens),
-        )
-    else:
-        kept, truncated, n = new_ids[:stop], 0, stop + 1
-    text = tokenizer.decode(kept, skip_special_tokens=True).strip()
-    return text, truncated, n
-
-
-def _progress_path(manifest_out, shard):
-    i, n = shard
-    out = pathlib.Path(manifest_out)
-    return out.with_name(f"{out.name}.shard{i}of{n}.progress.jsonl")
 
 
 def _shard_manifest_path(manifest_out, shard):
@@ -141,75 +90,11 @@ def _rows_hash(rows):
     return h.hexdigest()[:16]
 
 
-def _load_progress(path, meta):
-    """Return ``{ID: record}`` from a progress file, repairing a torn tail."""
-    done = {}
-    if not path.is_file():
-        return done
-    raw = path.read_bytes()
-    good_end = 0
-    lines = raw.split(b"\n")
-    header_seen = False
-    pos = 0
-    for k, line in enumerate(lines):
-        end = pos + len(line) + 1
-        last = k == len(lines) - 1
-        if last:  # text after the final newline is an unfinished write
-            break
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            break
-        if not header_seen:
-            if rec.get("_meta") != meta:
-                raise ValueError(
-                    f"{path}: progress file was written with other settings "
-                    f"({rec.get('_meta')}) than this run ({meta}); delete it "
-                    "to start this shard again"
-                )
-            header_seen = True
-        else:
-            done[rec["ID"]] = rec
-        good_end = end
-        pos = end
-    drop_unfinished_tail(path, good_end)
-    return done
-
-
-def _append_records(path, records, meta=None):
-    with open(path, "ab") as f:
-        if meta is not None:
-            f.write(json.dumps({"_meta": meta}).encode() + b"\n")
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False).encode() + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _out_row(row, rec):
     out = {c: row.get(c, "") for c in COLUMNS}
     out["continuation"] = rec["continuation"]
     out["truncated"] = str(rec["truncated"])
     return out
-
-
-def _load_model(model_dir, device, dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if model_dir is None:
-        from speechbrain_blspkd.assets import asset_path
-
-        model_dir = asset_path(DEFAULT_MODEL)
-    if dtype not in _DTYPES:
-        raise ValueError(
-            f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=resolve_dtype(dtype, device)
-    )
-    model.to(device).eval()
-    return model, tokenizer, str(model_dir)
 
 
 def generate_continuations(
@@ -293,14 +178,12 @@ def generate_continuations(
     >>> info["generated"], row["transcript"], row["truncated"] in ("0", "1")
     (1, 'hello world', True)
     """
-    i, n = shard
-    if not (0 <= i < n):
-        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
+    i, n = check_shard(shard)
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be >= 1")
     rows = read_manifest(manifest_in)[i::n]
     device = device or sb.utils.distributed.infer_device()
-    model, tokenizer, model_name = _load_model(model_dir, device, dtype)
+    model, tokenizer, model_name = load_causal_lm(model_dir, device, dtype)
     builder = PromptBuilder(
         tokenizer,
         system_prompt=system_prompt,
@@ -316,13 +199,10 @@ def generate_continuations(
         shard=[i, n],
         rows=_rows_hash(rows),
     )
-    progress = _progress_path(manifest_out, shard)
+    progress = progress_path(manifest_out, shard)
     progress.parent.mkdir(parents=True, exist_ok=True)
-    done = _load_progress(progress, meta)
+    done = open_progress(progress, meta)
     todo = [r for r in rows if r["ID"] not in done]
-    need_header = not progress.is_file() or progress.stat().st_size == 0
-    if need_header:
-        _append_records(progress, [], meta=meta)
     logger.info(
         "continuations shard %d/%d: %d rows, %d done, %d to generate",
         i,
@@ -331,98 +211,24 @@ def generate_continuations(
         len(rows) - len(todo),
         len(todo),
     )
-    stats = _generate(
+    # the text-teacher generation prompts of training and decoding
+    prompts = builder.build_batch(
+        instruction, transcripts=[r["transcript"] for r in todo]
+    )
+    stats = generate_greedy(
         model,
         tokenizer,
         todo,
         progress,
-        batch_size,
-        max_new_tokens,
-        builder,
-        instruction,
-        stop_after_batches,
+        prompts=[p.input_ids for p in prompts],
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        stop_after_batches=stop_after_batches,
     )
-    done = _load_progress(progress, meta)
-    missing = [r["ID"] for r in rows if r["ID"] not in done]
-    if missing:
-        raise RuntimeError(
-            f"{progress}: {len(missing)} rows still missing (e.g. {missing[:3]})"
-        )
+    done = check_finished(progress, meta, rows)
     out_path = _shard_manifest_path(manifest_out, shard)
     write_manifest(out_path, [_out_row(r, done[r["ID"]]) for r in rows])
     stats["path"] = out_path
-    return stats
-
-
-def _generate(
-    model,
-    tokenizer,
-    todo,
-    progress,
-    batch_size,
-    max_new_tokens,
-    builder,
-    instruction,
-    stop_after_batches,
-):
-    from tqdm import tqdm
-    from transformers import GenerationConfig
-
-    eos_ids = _eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = eos_ids[0]
-    gen_config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=eos_ids,
-        pad_token_id=pad_id,
-    )
-    # the text-teacher generation prompts of training and decoding
-    prompts = [
-        p.input_ids
-        for p in builder.build_batch(
-            instruction, transcripts=[r["transcript"] for r in todo]
-        )
-    ]
-    # longest first: similar lengths share a batch, memory peaks early
-    order = sorted(range(len(todo)), key=lambda k: (-len(prompts[k]), k))
-    device = next(model.parameters()).device
-    stats = dict(generated=0, tokens=0, seconds=0.0)
-    bar = tqdm(total=len(todo), desc="continuations", unit="row")
-    for b, start in enumerate(range(0, len(order), batch_size)):
-        idx = order[start : start + batch_size]
-        width = max(len(prompts[k]) for k in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, k in enumerate(idx):  # left padding
-            p = prompts[k]
-            ids[row, width - len(p) :] = torch.tensor(p)
-            mask[row, width - len(p) :] = 1
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                generation_config=gen_config,
-            )
-        stats["seconds"] += time.perf_counter() - t0
-        records = []
-        for row, k in enumerate(idx):
-            text, trunc, n_tok = finish_sequence(
-                tokenizer, out[row, width:].tolist(), eos_ids, max_new_tokens
-            )
-            stats["tokens"] += n_tok
-            records.append(
-                dict(ID=todo[k]["ID"], continuation=text, truncated=trunc)
-            )
-        _append_records(progress, records)
-        stats["generated"] += len(records)
-        bar.update(len(records))
-        if stop_after_batches is not None and b + 1 >= stop_after_batches:
-            os.kill(os.getpid(), signal.SIGKILL)
-    bar.close()
     return stats
 
 
@@ -521,7 +327,7 @@ def generate_on_all_ranks(manifest_in, manifest_out, **options):
     if not have[rank]:
         for path in (
             _shard_manifest_path(out, (rank, world)),
-            _progress_path(out, (rank, world)),
+            progress_path(out, (rank, world)),
         ):
             path.unlink(missing_ok=True)
     stats["path"] = out
@@ -554,21 +360,19 @@ def merge_continuations(manifest_in, manifest_out, num_shards):
     merged = {}
     for i in range(num_shards):
         shard_rows = rows[i::num_shards]
-        path = _progress_path(manifest_out, (i, num_shards))
+        path = progress_path(manifest_out, (i, num_shards))
         if not path.is_file():
             raise RuntimeError(
                 f"shard {i}/{num_shards} has not run: {path} missing"
             )
-        first = path.open("rb").readline()
-        try:
-            meta = json.loads(first)["_meta"]
-        except (ValueError, KeyError):
-            raise RuntimeError(f"{path}: no settings header") from None
+        meta = settings_line(path)
+        if meta is None:
+            raise RuntimeError(f"{path}: no settings header")
         if meta.get("rows") != _rows_hash(shard_rows):
             raise RuntimeError(
                 f"{path}: written for other input rows than {manifest_in}"
             )
-        done = _load_progress(path, meta)
+        done = load_progress(path, meta)
         missing = [r["ID"] for r in shard_rows if r["ID"] not in done]
         if missing:
             raise RuntimeError(
@@ -578,18 +382,6 @@ def merge_continuations(manifest_in, manifest_out, num_shards):
         merged.update(done)
     write_manifest(manifest_out, [_out_row(r, merged[r["ID"]]) for r in rows])
     return pathlib.Path(manifest_out)
-
-
-def _parse_shard(text):
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--shard must look like i/n (e.g. 0/2), got {text!r}"
-        ) from None
-    if not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= i < n")
-    return i, n
 
 
 def main(argv=None):
@@ -602,7 +394,7 @@ def main(argv=None):
     parser.add_argument("--model-dir", default=None)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--shard", type=_parse_shard, default=(0, 1))
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1))
     parser.add_argument(
         "--instruction",
         default=DEFAULT_INSTRUCTION,
@@ -626,12 +418,10 @@ def main(argv=None):
         help="cpu, cuda, cuda:1 ... (default: speechbrain's infer_device, "
         "the GPU when there is one)",
     )
-    parser.add_argument("--dtype", default="auto", choices=sorted(_DTYPES))
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: torch's choice); 1 is faster when "
+    parser.add_argument("--dtype", default="auto", choices=sorted(LLM_DTYPES))
+    add_worker_options(
+        parser,
+        "torch CPU threads (default: torch's choice); 1 is faster when "
         "other jobs share the cores",
     )
     parser.add_argument(
@@ -639,34 +429,18 @@ def main(argv=None):
         action="store_true",
         help="merge the finished shards (n from --shard) into MANIFEST_OUT",
     )
-    parser.add_argument(
-        "--stop-after-batches", type=int, default=None, help=argparse.SUPPRESS
-    )
-    args = parser.parse_args(argv)
-    setup_logging()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    keywords = vars(parse_worker_args(parser, argv))
+    del keywords["threads"]
     try:
-        if args.merge:
+        if keywords.pop("merge"):
             path = merge_continuations(
-                args.manifest_in, args.manifest_out, args.shard[1]
+                keywords["manifest_in"],
+                keywords["manifest_out"],
+                keywords["shard"][1],
             )
-            print(f"merged {args.shard[1]} shards into {path}")
+            print(f"merged {keywords['shard'][1]} shards into {path}")
             return 0
-        info = generate_continuations(
-            args.manifest_in,
-            args.manifest_out,
-            model_dir=args.model_dir,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            shard=args.shard,
-            instruction=args.instruction,
-            system_prompt=args.system_prompt,
-            transcript_separator=args.transcript_separator,
-            device=args.device,
-            dtype=args.dtype,
-            stop_after_batches=args.stop_after_batches,
-        )
+        info = generate_continuations(**keywords)
     except (RuntimeError, ValueError) as e:
         return report_error(e)
     rate = info["tokens"] / info["seconds"] if info["seconds"] else 0.0

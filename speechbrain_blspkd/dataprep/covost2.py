@@ -26,23 +26,22 @@ Command line::
         --src fr --tgt en --splits dev test
 """
 
+import functools
 import logging
-import pathlib
 
 from speechbrain_blspkd.dataprep.common import (
     PrepareError,
     check_folder,
     check_splits,
     language_code,
-    mark_prepared,
     normalise_space,
-    prepare_parser,
-    run_cli,
-    skip_if_prepared,
-    start_preparation,
-    write_split,
 )
 from speechbrain_blspkd.dataprep.commonvoice import clip_rows, tsv_entries
+from speechbrain_blspkd.dataprep.preparation import (
+    prepare_corpus,
+    prepare_parser,
+    run_parsed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +111,6 @@ def prepare_covost2(
     )
     language = language_code(src_lang)
     language_code(tgt_lang)
-    save_folder = pathlib.Path(save_folder)
-    manifests = {s: save_folder / f"{s}.csv" for s in splits}
     options = {
         "data_folder": str(data_folder.resolve()),
         "translation_folder": str(tr_folder.resolve()),
@@ -122,27 +119,23 @@ def prepare_covost2(
         "splits": splits,
         "lowercase": bool(lowercase),
     }
-    if skip_if_prepared(
-        save_folder, CORPUS, options, manifests, "CoVoST 2", logger
-    ):
-        return manifests
-    check_folder(data_folder / "clips", "Common Voice clips folder")
-    sources = {
-        s: _split_source(tr_folder, src_lang, tgt_lang, s) for s in splits
-    }
-    start_preparation(save_folder, CORPUS)
-    cv_lines = None
-    for split in splits:
+    validated = functools.cache(lambda: _validated_lines(data_folder))
+
+    def check():
+        check_folder(data_folder / "clips", "Common Voice clips folder")
+        return {
+            s: _split_source(tr_folder, src_lang, tgt_lang, s) for s in splits
+        }
+
+    def split_rows(split, sources):
         entries = _split_entries(*sources[split], split)
         if entries and any(
             "sentence" not in f or "client_id" not in f for _, f in entries
         ):
-            if cv_lines is None:
-                cv_lines = _validated_lines(data_folder)
-            entries = _join_validated(entries, cv_lines, data_folder)
+            entries = _join_validated(entries, validated(), data_folder)
         dropped = []
 
-        def translation(fields, where, dropped=dropped):
+        def translation(fields, where):
             text = normalise_space(fields["translation"])
             if not text:
                 dropped.append(where)
@@ -156,9 +149,20 @@ def prepare_covost2(
                 len(dropped),
                 dropped[0],
             )
-        write_split(manifests[split], rows, "clips", hours=False, log=logger)
-    mark_prepared(save_folder, CORPUS, options)
-    return manifests
+        return rows
+
+    return prepare_corpus(
+        CORPUS,
+        "CoVoST 2",
+        save_folder,
+        splits,
+        options,
+        split_rows,
+        check=check,
+        unit="clips",
+        hours=False,
+        log=logger,
+    )
 
 
 def _split_source(folder, src, tgt, split):
@@ -226,7 +230,7 @@ def _join_validated(entries, cv_lines, data_folder):
 
 
 def main(argv=None):
-    """Command line entry point (see the module docstring).
+    """Write CoVoST 2 manifests from the command line (module docstring).
 
     Example
     -------
@@ -242,8 +246,20 @@ def main(argv=None):
         "splits to prepare (default: %(default)s)",
         choices=DEFAULT_SPLITS,
     )
-    parser.add_argument("--src", required=True, help="source language (fr)")
-    parser.add_argument("--tgt", required=True, help="target language (en)")
+    parser.add_argument(
+        "--src",
+        dest="src_lang",
+        metavar="SRC",
+        required=True,
+        help="source language (fr)",
+    )
+    parser.add_argument(
+        "--tgt",
+        dest="tgt_lang",
+        metavar="TGT",
+        required=True,
+        help="target language (en)",
+    )
     parser.add_argument(
         "--translation-folder",
         help="folder of the covost_v2.*.tsv files (default: DATA)",
@@ -251,17 +267,7 @@ def main(argv=None):
     parser.add_argument(
         "--lowercase", action="store_true", help="lower-case the sentences"
     )
-    args = parser.parse_args(argv)
-    run_cli(
-        prepare_covost2,
-        args.data_folder,
-        args.save_folder,
-        args.src,
-        args.tgt,
-        splits=args.splits,
-        translation_folder=args.translation_folder,
-        lowercase=args.lowercase,
-    )
+    run_parsed(prepare_covost2, parser, argv)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from speechbrain_blspkd.utils.atomic import (
     atomic_path,
     remove_stray_tmp,
 )
-from speechbrain_blspkd.utils.cache_label import check_label
+from speechbrain_blspkd.utils.cache_label import check_label, hash_tensors
 from speechbrain_blspkd.utils.distributed import (
     all_gather,
     gather_results,
@@ -87,11 +87,7 @@ def encoder_checksum(encoder_module, extra=None):
     """
     h = hashlib.sha256()
     h.update(type(encoder_module).__qualname__.encode())
-    for name, tensor in sorted(encoder_module.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    hash_tensors(h, sorted(encoder_module.state_dict().items()))
     config = getattr(encoder_module, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         h.update(

@@ -51,13 +51,12 @@ from speechbrain_blspkd.dataprep.common import (
     check_splits,
     load_json,
     manifest_row,
-    mark_prepared,
-    prepare_parser,
     require_key,
-    run_cli,
-    skip_if_prepared,
-    start_preparation,
-    write_split,
+)
+from speechbrain_blspkd.dataprep.preparation import (
+    prepare_corpus,
+    prepare_parser,
+    run_parsed,
 )
 from speechbrain_blspkd.utils.atomic import atomic_path
 
@@ -182,7 +181,6 @@ def prepare_gigaspeech(
         raise PrepareError(
             f"sample_rate must be a positive integer, got {sample_rate}"
         )
-    manifests = {s: save_folder / f"{s.lower()}.csv" for s in splits}
     options = {
         "data_folder": str(data_folder.resolve()),
         "segment_folder": str(segment_folder.resolve()),
@@ -191,14 +189,57 @@ def prepare_gigaspeech(
         "punctuation": bool(punctuation),
         "lowercase": bool(lowercase),
     }
-    if skip_if_prepared(
-        save_folder, CORPUS, options, manifests, "GigaSpeech", logger
-    ):
-        return manifests
     meta_path = data_folder / "GigaSpeech.json"
-    meta = load_json(meta_path)
-    audios = require_key(meta, "audios", str(meta_path), list)
-    start_preparation(save_folder, CORPUS)
+
+    def check():
+        meta = load_json(meta_path)
+        return require_key(meta, "audios", str(meta_path), list)
+
+    def walk(audios):
+        return _cut_corpus(
+            audios,
+            meta_path,
+            splits,
+            segment_folder,
+            int(sample_rate),
+            punctuation,
+            lowercase,
+        )
+
+    def split_rows(split, rows):
+        if not rows[split]:
+            raise PrepareError(
+                f"{meta_path}: no segments in subset {{{split}}}"
+            )
+        return sorted(rows[split], key=lambda r: r["ID"])
+
+    return prepare_corpus(
+        CORPUS,
+        "GigaSpeech",
+        save_folder,
+        splits,
+        options,
+        split_rows,
+        check=check,
+        walk=walk,
+        unit="segments",
+        hours=False,
+        manifest_name=lambda split: f"{split.lower()}.csv",
+        log=logger,
+    )
+
+
+def _cut_corpus(
+    audios,
+    meta_path,
+    splits,
+    segment_folder,
+    sample_rate,
+    punctuation,
+    lowercase,
+):
+    """Cut the segments of ``splits`` out of ``audios``; their rows by split."""
+    data_folder = meta_path.parent
     rows = {s: [] for s in splits}
     wanted = {"{" + s + "}": s for s in splits}
     seen, garbage, written = set(), 0, 0
@@ -254,7 +295,7 @@ def prepare_gigaspeech(
         if not source.is_file():
             raise PrepareError(f"{where}: audio {source} not found")
         written += _cut_segments(
-            source, todo, segment_folder / aid, int(sample_rate), where
+            source, todo, segment_folder / aid, sample_rate, where
         )
         for seg in todo:
             wav = segment_folder / aid / f"{seg['sid']}.wav"
@@ -276,20 +317,7 @@ def prepare_gigaspeech(
         written,
         len(seen) - written - garbage,
     )
-    for split in splits:
-        if not rows[split]:
-            raise PrepareError(
-                f"{meta_path}: no segments in subset {{{split}}}"
-            )
-        write_split(
-            manifests[split],
-            sorted(rows[split], key=lambda r: r["ID"]),
-            "segments",
-            hours=False,
-            log=logger,
-        )
-    mark_prepared(save_folder, CORPUS, options)
-    return manifests
+    return rows
 
 
 def _seconds(seg, key, where):
@@ -376,7 +404,7 @@ def _cut_segments(source, segments, out_dir, sample_rate, where):
 
 
 def main(argv=None):
-    """Command line entry point (see the module docstring).
+    """Cut GigaSpeech and write its manifests from the command line.
 
     Example
     -------
@@ -398,23 +426,17 @@ def main(argv=None):
     parser.add_argument("--sample-rate", type=int, default=16000)
     parser.add_argument(
         "--no-punctuation",
-        action="store_true",
+        dest="punctuation",
+        action="store_false",
         help="drop the punctuation tags instead of writing , . ? !",
     )
     parser.add_argument(
-        "--keep-case", action="store_true", help="keep the upper-case text"
+        "--keep-case",
+        dest="lowercase",
+        action="store_false",
+        help="keep the upper-case text",
     )
-    args = parser.parse_args(argv)
-    run_cli(
-        prepare_gigaspeech,
-        args.data_folder,
-        args.save_folder,
-        splits=args.splits,
-        segment_folder=args.segment_folder,
-        sample_rate=args.sample_rate,
-        punctuation=not args.no_punctuation,
-        lowercase=not args.keep_case,
-    )
+    run_parsed(prepare_gigaspeech, parser, argv)
 
 
 if __name__ == "__main__":

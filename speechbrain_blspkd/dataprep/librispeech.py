@@ -19,7 +19,6 @@ Command line::
 """
 
 import logging
-import pathlib
 import re
 
 from speechbrain_blspkd.dataprep.common import (
@@ -27,13 +26,12 @@ from speechbrain_blspkd.dataprep.common import (
     check_folder,
     check_splits,
     manifest_row,
-    mark_prepared,
     normalise_space,
+)
+from speechbrain_blspkd.dataprep.preparation import (
+    prepare_corpus,
     prepare_parser,
-    run_cli,
-    skip_if_prepared,
-    start_preparation,
-    write_split,
+    run_parsed,
 )
 
 logger = logging.getLogger(__name__)
@@ -111,25 +109,27 @@ def prepare_librispeech(
         return {}
     splits = check_splits(splits, SPLITS)
     data_folder = check_folder(data_folder, "LibriSpeech data folder")
-    save_folder = pathlib.Path(save_folder)
-    manifests = {s: save_folder / f"{s}.csv" for s in splits}
     options = {
         "data_folder": str(data_folder.resolve()),
         "splits": splits,
         "lowercase": bool(lowercase),
     }
-    if skip_if_prepared(
-        save_folder, CORPUS, options, manifests, "LibriSpeech", logger
-    ):
-        return manifests
-    for split in splits:
-        check_folder(data_folder / split, f"LibriSpeech split {split!r}:")
-    start_preparation(save_folder, CORPUS)
-    for split in splits:
-        rows = _split_rows(data_folder, split, lowercase)
-        write_split(manifests[split], rows, "utterances", log=logger)
-    mark_prepared(save_folder, CORPUS, options)
-    return manifests
+
+    def check():
+        for split in splits:
+            check_folder(data_folder / split, f"LibriSpeech split {split!r}:")
+
+    return prepare_corpus(
+        CORPUS,
+        "LibriSpeech",
+        save_folder,
+        splits,
+        options,
+        lambda split, _: _split_rows(data_folder, split, lowercase),
+        check=check,
+        unit="utterances",
+        log=logger,
+    )
 
 
 def _split_rows(data_folder, split, lowercase):
@@ -197,7 +197,7 @@ def _trans_rows(trans, data_folder, lowercase):
 
 
 def main(argv=None):
-    """Command line entry point (see the module docstring).
+    """Write LibriSpeech manifests from the command line (module docstring).
 
     Example
     -------
@@ -215,17 +215,11 @@ def main(argv=None):
     )
     parser.add_argument(
         "--keep-case",
-        action="store_true",
+        dest="lowercase",
+        action="store_false",
         help="keep the upper-case transcripts instead of lower-casing them",
     )
-    args = parser.parse_args(argv)
-    run_cli(
-        prepare_librispeech,
-        args.data_folder,
-        args.save_folder,
-        splits=args.splits,
-        lowercase=not args.keep_case,
-    )
+    run_parsed(prepare_librispeech, parser, argv)
 
 
 if __name__ == "__main__":

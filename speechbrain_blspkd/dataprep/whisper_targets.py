@@ -72,7 +72,6 @@ import time
 import torch
 
 from speechbrain_blspkd.dataio.manifest import read_manifest
-from speechbrain_blspkd.dataprep.continuations import _parse_shard
 from speechbrain_blspkd.dataprep.feature_cache import (
     META_FILE as FEATURE_META_FILE,
 )
@@ -81,7 +80,12 @@ from speechbrain_blspkd.dataprep.feature_cache import (
     StaleCacheError,
     feature_checksum,
 )
-from speechbrain_blspkd.dataprep.teacher_topk import _tokenizer_checksum
+from speechbrain_blspkd.dataprep.shard_progress import (
+    parse_shard as _parse_shard,
+)
+from speechbrain_blspkd.dataprep.teacher_identity import (
+    tokenizer_checksum as _tokenizer_checksum,
+)
 from speechbrain_blspkd.dataprep.token_timings import (
     _open_features,
     _rows,

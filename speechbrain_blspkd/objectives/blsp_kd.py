@@ -423,8 +423,8 @@ class BLSPKDObjective(Objective):
             )
         if self.teacher != "offline":
             return items
-        from speechbrain_blspkd.dataprep.teacher_topk import (
-            TopKTeacherCache,
+        from speechbrain_blspkd.dataprep.teacher_cache import TopKTeacherCache
+        from speechbrain_blspkd.dataprep.teacher_identity import (
             teacher_settings,
         )
 

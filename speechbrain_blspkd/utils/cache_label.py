@@ -5,7 +5,9 @@ targets) is only valid for the settings that wrote it.  Its folder holds a
 small JSON label with those settings; :func:`check_label` compares the
 label with this run's settings, refuses a folder written for other
 settings (or holding data without a label) with an error that names every
-difference, rebuilds it when told to, and labels a new folder.
+difference, rebuilds it when told to, and labels a new folder.  Weights go
+into a label as a checksum: :func:`hash_tensors` feeds a model's tensors to
+a hash.
 
 Authors
  * speechbrain-blspkd contributors 2026
@@ -15,11 +17,32 @@ import json
 import logging
 import pathlib
 
+import torch
+
 from speechbrain_blspkd.utils.atomic import atomic_write_text
 
-__all__ = ["check_label"]
+__all__ = ["check_label", "hash_tensors"]
 
 logger = logging.getLogger(__name__)
+
+
+def hash_tensors(h, named_tensors, end=""):
+    """Feed ``(name, tensor)`` pairs to the hash ``h``: each tensor's name,
+    dtype and shape (``name|dtype|shape`` then ``end``), then its bytes.
+
+    Example
+    -------
+    >>> import hashlib, torch
+    >>> h = hashlib.sha256()
+    >>> hash_tensors(h, [("w", torch.zeros(2))])
+    >>> h.hexdigest()[:8]
+    'a03ab0a7'
+    """
+    for name, tensor in named_tensors:
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}{end}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def check_label(
