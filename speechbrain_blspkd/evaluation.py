@@ -267,7 +267,7 @@ def evaluate_parity(
     draws any (:meth:`SpeechAdapter.plot`), and the teacher's answers into
     ``out_folder/../teacher_answers.json`` (the first process of every
     node: each node keeps its own), reused by later evaluations with the
-    same :func:`teacher_keys`.
+    same :func:`~speechbrain_blspkd.teacher_answers.teacher_keys`.
 
     Returns
     -------

@@ -357,11 +357,13 @@ class DemoBackend:
 
     def _answer_all(self, state, wav, seconds, instruction):
         for i, (label, _) in enumerate(self.models):
-            state["status"] = f"{label}: answering the speech ..."
-            yield state
-            for text in self.stream_answer(i, wav, instruction):
-                state["answers"][i] = text
-                yield state
+            yield from _show_stream(
+                state,
+                f"{label}: answering the speech ...",
+                state["answers"],
+                i,
+                self.stream_answer(i, wav, instruction),
+            )
             state["plots"][i] = self.cif_plot(i, wav)
         if self.transcriber is None:
             return
@@ -384,8 +386,20 @@ class DemoBackend:
                 state["plots"][i] = self.cif_plot(i, wav, transcript)
             yield state
         for i, (label, _) in enumerate(self.models):
-            state["status"] = f"{label}: answering the transcript ..."
-            yield state
-            for text in self.stream_text_answer(i, transcript, instruction):
-                state["cascade"][i] = text
-                yield state
+            yield from _show_stream(
+                state,
+                f"{label}: answering the transcript ...",
+                state["cascade"],
+                i,
+                self.stream_text_answer(i, transcript, instruction),
+            )
+
+
+def _show_stream(state, status, column, i, texts):
+    """Yield the page ``state`` with ``status``, then once per growing
+    text of ``texts``, put in ``column[i]`` (a list of ``state``)."""
+    state["status"] = status
+    yield state
+    for text in texts:
+        column[i] = text
+        yield state
