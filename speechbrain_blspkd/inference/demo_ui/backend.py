@@ -357,13 +357,9 @@ class DemoBackend:
 
     def _answer_all(self, state, wav, seconds, instruction):
         for i, (label, _) in enumerate(self.models):
-            yield from _show_stream(
-                state,
-                f"{label}: answering the speech ...",
-                state["answers"],
-                i,
-                self.stream_answer(i, wav, instruction),
-            )
+            texts = self.stream_answer(i, wav, instruction)
+            status = f"{label}: answering the speech ..."
+            yield from _show_stream(state, status, state["answers"], i, texts)
             state["plots"][i] = self.cif_plot(i, wav)
         if self.transcriber is None:
             return
@@ -386,13 +382,9 @@ class DemoBackend:
                 state["plots"][i] = self.cif_plot(i, wav, transcript)
             yield state
         for i, (label, _) in enumerate(self.models):
-            yield from _show_stream(
-                state,
-                f"{label}: answering the transcript ...",
-                state["cascade"],
-                i,
-                self.stream_text_answer(i, transcript, instruction),
-            )
+            texts = self.stream_text_answer(i, transcript, instruction)
+            status = f"{label}: answering the transcript ..."
+            yield from _show_stream(state, status, state["cascade"], i, texts)
 
 
 def _show_stream(state, status, column, i, texts):
