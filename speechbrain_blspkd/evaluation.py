@@ -27,13 +27,10 @@ from the command line::
         [--data-root DIR] [--task qa] [--task repeat="Repeat the text:"]
 
 The teacher's answers are cached beside the evaluation folders
-(``teacher_answers.json``) under a key of everything that changes them
-(:func:`teacher_keys`: the instruction, ``max_new_tokens``, the prompt
-settings, the LLM's configuration and weights, the device type): a changed
-setting or another LLM answers again instead of reusing old answers.
+(``teacher_answers.json``) under a key of everything that changes them:
+:mod:`speechbrain_blspkd.teacher_answers`.
 """
 
-import hashlib
 import json
 import logging
 import pathlib
@@ -42,166 +39,23 @@ import speechbrain as sb
 import torch
 from tqdm import tqdm
 
-from speechbrain_blspkd import metrics
 from speechbrain_blspkd.dataio.audio import load_row_audio
 from speechbrain_blspkd.dataio.manifest import read_manifest
+from speechbrain_blspkd.metrics import (
+    EvalSummary,
+    format_summary,
+    summarize_parity,
+)
+from speechbrain_blspkd.teacher_answers import (
+    cached_teacher_answers,
+    load_teacher_answers,
+    store_teacher_answers,
+    teacher_keys,
+)
 from speechbrain_blspkd.utils.atomic import atomic_write_text
 from speechbrain_blspkd.utils.distributed import gather_results, shard
 
 logger = logging.getLogger(__name__)
-
-#: Format of ``teacher_answers.json``: ``{"version": 2, "answers": {key:
-#: {utterance ID: [transcript, answer]}}}``.  Version 1 (keyed by task and
-#: utterance only) is never reused.
-TEACHER_CACHE_VERSION = 2
-
-
-def fingerprint(*parts):
-    """SHA-1 of JSON-able parts and of modules' weights (their bytes).
-
-    A module contributes every tensor of its state dict (name, dtype,
-    bytes) except PLoRA's (``lora_`` names), and a PLoRA-wrapped layer's
-    ``.base.`` weights count as the plain layer's: the base LLM has one
-    fingerprint with and without PLoRA.  Sharded (``DTensor``) weights are
-    gathered first, a collective: every rank computes the fingerprint.
-
-    Arguments
-    ---------
-    *parts : object
-        JSON-serialisable values (``str()`` for others) or
-        ``torch.nn.Module``.
-
-    Returns
-    -------
-    str
-        Hexadecimal digest.
-
-    Example
-    -------
-    >>> lin = torch.nn.Linear(2, 2)
-    >>> before = fingerprint("x", lin)
-    >>> before == fingerprint("x", lin), before == fingerprint("y", lin)
-    (True, False)
-    >>> with torch.no_grad():
-    ...     lin.bias[0] += 1
-    >>> before == fingerprint("x", lin)
-    False
-    """
-    from speechbrain_blspkd.utils.sharding import full_tensor
-
-    digest = hashlib.sha1()
-    for part in parts:
-        if not isinstance(part, torch.nn.Module):
-            digest.update(
-                json.dumps(part, sort_keys=True, default=str).encode()
-            )
-            continue
-        for name, tensor in sorted(part.state_dict().items()):
-            if "lora_" in name:  # PLoRA is not part of the base model
-                continue
-            digest.update(name.replace(".base.", ".").encode())
-            digest.update(str(tensor.dtype).encode())
-            data = full_tensor(tensor.detach()).cpu().contiguous()
-            digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def teacher_keys(model, tasks, max_new_tokens):
-    """The cache key of the teacher's answers for each task.
-
-    A key covers everything the text teacher's greedy answer depends on:
-    the task's instruction, ``max_new_tokens``, the system prompt and
-    transcript separator, the LLM's configuration and weights (PLoRA
-    excluded: the teacher runs without it) and the device type (bf16 GPU
-    kernels and CPU kernels may decode differently).  The LLM is hashed
-    once for all tasks.
-
-    Arguments
-    ---------
-    model : SpeechLLMModel
-        The model (its ``llm`` and ``prompts``).
-    tasks : dict
-        ``{task name: instruction}``.
-    max_new_tokens : int
-        Generation limit.
-
-    Returns
-    -------
-    dict
-        ``{task name: key}``.
-
-    Example
-    -------
-    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
-    >>> model = tiny_speech_llm(whisper=False)
-    >>> a = teacher_keys(model, {"repeat": "Repeat:", "echo": "Repeat:"}, 8)
-    >>> a["repeat"] == a["echo"]
-    True
-    >>> a["repeat"] == teacher_keys(model, {"repeat": "Repeat:"}, 9)["repeat"]
-    False
-    """
-    llm = fingerprint(model.llm.config.to_dict(), model.llm)
-    settings = [
-        TEACHER_CACHE_VERSION,
-        model.prompts.system_prompt,
-        model.prompts.transcript_separator,
-        int(max_new_tokens),
-        model.embed_tokens.weight.device.type,
-        llm,
-    ]
-    return {
-        name: fingerprint(*settings, instruction)
-        for name, instruction in tasks.items()
-    }
-
-
-def load_teacher_answers(path):
-    """The answers stored in a ``teacher_answers.json`` (version 2).
-
-    Arguments
-    ---------
-    path : str or pathlib.Path
-
-    Returns
-    -------
-    dict
-        ``{key: {utterance ID: [transcript, answer]}}``; empty when the
-        file is missing, unreadable or of another version.
-    """
-    path = pathlib.Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict) or data.get("version") != (
-        TEACHER_CACHE_VERSION
-    ):
-        return {}
-    return data.get("answers", {})
-
-
-def cached_teacher_answers(stored, keys, rows, tasks=None):
-    """``{(task, ID): answer}`` of the stored answers still valid for
-    ``rows``: same key (see :func:`teacher_keys`), same transcript (and,
-    for a task of per-row instructions in ``tasks``, same instruction).
-
-    Example
-    -------
-    >>> stored = {"k1": {"a": ["one", "One."], "b": ["two", "Two."]}}
-    >>> rows = [dict(ID="a", transcript="one"), dict(ID="b", transcript="2")]
-    >>> cached_teacher_answers(stored, {"repeat": "k1", "qa": "k2"}, rows)
-    {('repeat', 'a'): 'One.'}
-    """
-    out = {}
-    tasks = tasks or {}
-    for task, key in keys.items():
-        answers = stored.get(key, {})
-        instruction = tasks.get(task, "")
-        for r in rows:
-            entry = answers.get(r["ID"])
-            if entry is not None and entry[0] == teacher_input(r, instruction):
-                out[(task, r["ID"])] = entry[1]
-    return out
 
 
 def instructions_for(rows, instruction, source=None):
@@ -231,16 +85,6 @@ def instructions_for(rows, instruction, source=None):
             )
         out.append(text)
     return out
-
-
-def teacher_input(row, instruction):
-    """What a stored teacher answer must have been given to be reused: the
-    transcript, and for a task with per-row instructions the row's
-    instruction too."""
-    if instruction is None:
-        asked = (row.get("instruction") or "").strip()
-        return f"{asked}\n{row['transcript']}"
-    return row["transcript"]
 
 
 def _pad(tensors):
@@ -400,47 +244,6 @@ def decode_rows(
     return out
 
 
-def summarize_parity(rows, seed=0):
-    """Overall and per-language numbers of :func:`decode_rows` rows.
-
-    Returns
-    -------
-    dict
-        ``tasks``: per task ``speech`` (agreement of the speech answers with
-        the teacher: chrF, WER, shuffled baseline), ``teacher`` (the
-        teacher against itself: the upper bound) and, for ``repeat``, the
-        teacher's and the speech answer's WER against the transcript;
-        ``count``: exact-count rate and mean absolute count error;
-        ``by_language``: :meth:`EvalSummary.summarize` output.
-    """
-    tasks = {}
-    for task in sorted({r["task"] for r in rows}):
-        sub = [r for r in rows if r["task"] == task]
-        hyps = [r["hyp"] for r in sub]
-        teach = [r["teacher"] for r in sub]
-        entry = {
-            "n": len(sub),
-            "speech": metrics.parity_agreement(hyps, teach, seed=seed)
-            if len(sub) > 1
-            else metrics.parity_agreement(hyps, teach),
-            "teacher": metrics.parity_agreement(teach, teach, seed=seed),
-        }
-        refs = [r.get("ref") for r in sub]
-        if all(refs):
-            entry["teacher_vs_ref_wer"] = metrics.wer(teach, refs)["wer"]
-            entry["speech_vs_ref_wer"] = metrics.wer(hyps, refs)["wer"]
-        tasks[task] = entry
-    first_task = rows[0]["task"] if rows else None
-    per_utt = [r for r in rows if r["task"] == first_task]
-    count = metrics.count_stats(
-        [r["num_pred"] for r in per_utt], [r["num_target"] for r in per_utt]
-    )
-    by_lang = metrics.EvalSummary(
-        [{k: v for k, v in r.items() if k != "transcript"} for r in rows]
-    ).summarize(seed=seed)
-    return {"tasks": tasks, "count": count, "by_language": by_lang}
-
-
 def evaluate_parity(
     model,
     manifest,
@@ -464,7 +267,7 @@ def evaluate_parity(
     draws any (:meth:`SpeechAdapter.plot`), and the teacher's answers into
     ``out_folder/../teacher_answers.json`` (the first process of every
     node: each node keeps its own), reused by later evaluations with the
-    same :func:`teacher_keys`.
+    same :func:`~speechbrain_blspkd.teacher_answers.teacher_keys`.
 
     Returns
     -------
@@ -490,24 +293,13 @@ def evaluate_parity(
         teacher_cache=cached_teacher_answers(stored, keys, rows, tasks),
         source=str(manifest),
     )
-    merged = metrics.EvalSummary.merge(parts).rows
+    merged = EvalSummary.merge(parts).rows
     summary = summarize_parity(merged)
     if sb.utils.distributed.is_local_rank_zero():  # every node's own cache
-        for r in merged:
-            stored.setdefault(keys[r["task"]], {})[r["utt"]] = [
-                teacher_input(r, tasks[r["task"]]),
-                r["teacher"],
-            ]
-        atomic_write_text(
-            teacher_file,
-            json.dumps(
-                {"version": TEACHER_CACHE_VERSION, "answers": stored},
-                ensure_ascii=False,
-            ),
-        )
+        store_teacher_answers(teacher_file, stored, keys, merged, tasks)
     if sb.utils.distributed.if_main_process():
         out_folder.mkdir(parents=True, exist_ok=True)
-        metrics.EvalSummary(merged).write_rows(out_folder / "rows.jsonl")
+        EvalSummary(merged).write_rows(out_folder / "rows.jsonl")
         atomic_write_text(
             out_folder / "summary.json", json.dumps(summary, indent=1)
         )
@@ -553,46 +345,6 @@ def plot_adapter_examples(model, rows, out_folder, feature_cache, sample_rate):
     finally:
         model.train(was_training)
     return written
-
-
-def format_summary(summary):
-    """A Markdown table of a :func:`summarize_parity` summary: one line
-    per task and language (agreement chrF / WER with the shuffled level,
-    QA accuracy where the rows have answers).
-
-    Example
-    -------
-    >>> rows = [dict(id=f"{u}/qa", utt=u, task="qa", language="en", hyp=h,
-    ...     teacher=t, answers=[t], num_pred=1, num_target=1)
-    ...     for u, h, t in [("a", "Paris", "Paris"), ("b", "Rome", "Oslo")]]
-    >>> print(format_summary(summarize_parity(rows)))
-    | task | language | n | chrF (shuffled) | WER (shuffled) | QA accuracy |
-    |---|---|---|---|---|---|
-    | qa | all | 2 | 70.1 (2.8) | 50.0 (100.0) | 50.0 |
-    """
-    head = (
-        "| task | language | n | chrF (shuffled) | WER (shuffled) "
-        "| QA accuracy |\n|---|---|---|---|---|---|"
-    )
-
-    def fmt(value, scale=1.0):
-        return "-" if value is None else f"{scale * value:.1f}"
-
-    lines = [head]
-    for key, entry in sorted(summary["by_language"].items()):
-        task, _, language = key.partition("/")
-        language = language or "all"
-        if "parity_chrf" not in entry:
-            continue
-        lines.append(
-            f"| {task} | {language} | {entry['n']} "
-            f"| {fmt(entry['parity_chrf'])} "
-            f"({fmt(entry.get('parity_shuffled_chrf'))}) "
-            f"| {fmt(entry['parity_wer'])} "
-            f"({fmt(entry.get('parity_shuffled_wer'))}) "
-            f"| {fmt(entry.get('qa_accuracy'), 100)} |"
-        )
-    return "\n".join(lines)
 
 
 def _task_argument(text):

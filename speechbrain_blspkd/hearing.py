@@ -105,9 +105,9 @@ from speechbrain_blspkd.evaluation import (
     REPEAT_INSTRUCTION,
     decode_rows,
     speech_batch,
-    summarize_parity,
 )
-from speechbrain_blspkd.evaluation import fingerprint as _fingerprint
+from speechbrain_blspkd.metrics import summarize_parity
+from speechbrain_blspkd.teacher_answers import fingerprint as _fingerprint
 from speechbrain_blspkd.utils.atomic import atomic_write_text
 from speechbrain_blspkd.utils.cli import report_error, setup_logging
 

@@ -2,7 +2,7 @@
 
 import json
 
-from speechbrain_blspkd.evaluation import summarize_parity
+from speechbrain_blspkd.metrics import summarize_parity
 from speechbrain_blspkd.utils.testing import load_script
 
 

@@ -15,6 +15,10 @@ from speechbrain_blspkd.inference.demo_ui import (  # noqa: E402
     DemoBackend,
     DemoInputError,
 )
+from speechbrain_blspkd.inference.demo_ui import (  # noqa: E402
+    backend as demo_backend,
+)
+from speechbrain_blspkd.inference.demo_ui import cli as demo_cli  # noqa: E402
 from speechbrain_blspkd.inference.export import export_model  # noqa: E402
 from speechbrain_blspkd.utils.testing import (  # noqa: E402
     tiny_saved_speech_llm,
@@ -160,8 +164,8 @@ def test_command_line_errors(tmp_path, capsys):
     args = demo_ui.build_parser().parse_args(
         ["--model", "a", "--asr", "none", "--port", "0"]
     )
-    assert demo_ui._asr_source(args, []) is None
-    assert demo_ui._labels(["x/model", "y/model", "z/other", "z/other"]) == [
+    assert demo_cli._asr_source(args, []) is None
+    assert demo_cli._labels(["x/model", "y/model", "z/other", "z/other"]) == [
         "x/model",
         "y/model",
         "other (3)",
@@ -221,13 +225,13 @@ def test_every_method_answers_through_the_page_backend(method, setup, tmp_path):
 def _record_plots(monkeypatch):
     """Keep the arguments of each CIF plot the page draws."""
     calls = []
-    real_plot = demo_ui.plot_cif_over_waveform
+    real_plot = demo_backend.plot_cif_over_waveform
 
     def record(*args, **kwargs):
         calls.append(kwargs)
         return real_plot(*args, **kwargs)
 
-    monkeypatch.setattr(demo_ui, "plot_cif_over_waveform", record)
+    monkeypatch.setattr(demo_backend, "plot_cif_over_waveform", record)
     return calls
 
 

@@ -341,11 +341,8 @@ def _direct_transcript_answers(model, rows, instruction, batch_size, limit):
 def test_quality_ladder_rungs_and_inference(tmp_path):
     """Five rungs; rung a is the transcript's embeddings decoded by hand,
     rung e the speech answer of decode_rows (same batches)."""
-    from speechbrain_blspkd.evaluation import (
-        REPEAT_INSTRUCTION,
-        decode_rows,
-        summarize_parity,
-    )
+    from speechbrain_blspkd.evaluation import REPEAT_INSTRUCTION, decode_rows
+    from speechbrain_blspkd.metrics import summarize_parity
 
     model = tiny_speech_llm().eval()
     rows = _rows(tmp_path)

@@ -27,8 +27,8 @@ from speechbrain.utils.epoch_loop import EpochCounter
 
 from speechbrain_blspkd import brain as brain_lib
 from speechbrain_blspkd import metrics
-from speechbrain_blspkd.evaluation import summarize_parity
 from speechbrain_blspkd.losses import kd_kl
+from speechbrain_blspkd.metrics import summarize_parity
 from speechbrain_blspkd.models.speech_llm import PassRequest
 from speechbrain_blspkd.nnet.whisper_encoder import (
     WhisperEncoder,

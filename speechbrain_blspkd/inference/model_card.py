@@ -748,7 +748,7 @@ def _evaluation_section(run):
 
 def _per_language_lines(name, summary):
     """Per-language agreement rows, when the test split has several."""
-    from speechbrain_blspkd.evaluation import format_summary
+    from speechbrain_blspkd.metrics import format_summary
 
     by_language = summary.get("by_language") or {}
     languages = {key.partition("/")[2] for key in by_language}

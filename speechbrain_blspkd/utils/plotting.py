@@ -1,4 +1,5 @@
-"""Diagnostic plots: CIF weights over time and training curves.
+"""Diagnostic plots: CIF weights over time (alone, or under the waveform
+with the fired tokens, as the browser demo shows them) and training curves.
 
 matplotlib is imported lazily, and only its object-oriented API with the
 Agg canvas is used (never ``pyplot``), so importing this module is cheap and
@@ -127,6 +128,32 @@ def mark_token_timings(axes, token_timings, labels=None, label_ax=None):
     return first
 
 
+def _mark_fired_tokens(axes, seconds, labels, label_y, fontsize):
+    """Dashed red lines where tokens fired, across every axes, each labelled
+    on the first of ``axes`` at height ``label_y`` with its token ("?"
+    past the labels); only the first line carries the legend label
+    "CIF fired"."""
+    for k, x in enumerate(seconds):
+        for ax in axes:
+            ax.axvline(
+                x,
+                color="tab:red",
+                linewidth=0.8,
+                linestyle="--",
+                label="CIF fired" if k == 0 else "_nolegend_",
+            )
+        axes[0].text(
+            x,
+            label_y,
+            labels[k] if k < len(labels) else "?",
+            rotation=60,
+            fontsize=fontsize,
+            ha="left",
+            va="bottom",
+            color="tab:red",
+        )
+
+
 def plot_cif_weights(
     alphas,
     fire_frames,
@@ -211,26 +238,8 @@ def plot_cif_weights(
     ax2.plot(times, cumsum, color="tab:gray", linewidth=1.0)
     ax2.set_ylabel("cumulative alpha")
     top = max(max(alphas), 1e-6)
-    for k, frame in enumerate(fire_frames):
-        x = frame / frame_rate
-        label = tokens[k] if k < len(tokens) else "?"
-        ax.axvline(
-            x,
-            color="tab:red",
-            linewidth=0.8,
-            linestyle="--",
-            label="CIF fired" if k == 0 else "_nolegend_",
-        )
-        ax.text(
-            x,
-            top * 1.02,
-            label,
-            rotation=60,
-            fontsize=7,
-            ha="left",
-            va="bottom",
-            color="tab:red",
-        )
+    fired = [frame / frame_rate for frame in fire_frames]
+    _mark_fired_tokens([ax], fired, tokens, top * 1.02, fontsize=7)
     ax.set_ylim(0, top * 1.35)
     if token_timings is not None:
         timed = mark_token_timings(ax, token_timings)
@@ -241,6 +250,102 @@ def plot_cif_weights(
     notes = [f"{len(fire_frames)} fired / {len(tokens)} tokens"]
     notes.append(f"sum alpha {total:.2f}")
     fig.suptitle(((title + " - ") if title else "") + ", ".join(notes))
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+def plot_cif_over_waveform(
+    wav,
+    sample_rate,
+    alphas,
+    fires,
+    labels,
+    frame_rate,
+    path,
+    title=None,
+    token_timings=None,
+    timing_labels=None,
+):
+    """PNG: the waveform on top, the CIF weights below, each fired token a
+    dashed line across both, labelled.
+
+    With ``token_timings``, a thin solid line in another colour stands
+    across both at the start of each token of the transcript (labelled on
+    the waveform with ``timing_labels``), and a legend names the two kinds
+    of line ("CIF fired", "Whisper timings (transcript)").
+
+    Arguments
+    ---------
+    wav : torch.Tensor
+        (samples,) the clip.
+    sample_rate : int
+        Its rate.
+    alphas : torch.Tensor
+        (T,) CIF weights (scaled so that they sum to the token count).
+    fires : list of int
+        Frame of each fired token.
+    labels : list of str
+        A label per fired token.
+    frame_rate : float
+        CIF frames per second.
+    path : str or pathlib.Path
+        The PNG.
+    title : str, optional
+        Figure title.
+    token_timings : torch.Tensor or sequence of (float, float), optional
+        ``(N, 2)`` (start, end) seconds of the transcript's LLM tokens
+        (:func:`~speechbrain_blspkd.dataprep.token_timings.
+        utterance_timings`); None: no timing marks (the plot as before).
+    timing_labels : list of str, optional
+        A label per timed token.
+
+    Returns
+    -------
+    pathlib.Path
+
+    Example
+    -------
+    >>> import tempfile, torch
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "cif.png"
+    >>> _ = plot_cif_over_waveform(torch.randn(8000), 16000,
+    ...     torch.tensor([0.5, 0.7, 0.8]), [1, 2], ["hi", "yo"], 6.0, out,
+    ...     token_timings=[(0.05, 0.2), (0.2, 0.4)], timing_labels=["h", "y"])
+    >>> out.read_bytes()[:4] == b"\\x89PNG"
+    True
+    """
+    import torch
+
+    samples = wav.detach().float().cpu()
+    step = max(1, samples.numel() // 4000)  # enough points for 9 inches
+    shown = samples[::step]
+    times = torch.arange(shown.numel()) * (step / sample_rate)
+    fig = _new_figure(9.0, 3.6)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[1, 1.3])
+    top.plot(times.numpy(), shown.numpy(), color="tab:gray", linewidth=0.6)
+    top.set_ylabel("waveform")
+    top.set_yticks([])
+    alphas = alphas.detach().float().cpu()
+    frame_times = torch.arange(alphas.numel()) / frame_rate
+    bottom.bar(
+        frame_times.numpy(),
+        alphas.numpy(),
+        width=1.0 / frame_rate,
+        align="edge",
+        color="tab:blue",
+        alpha=0.7,
+    )
+    bottom.set_ylabel("CIF weight")
+    bottom.set_xlabel("time (s)")
+    peak = max(float(alphas.max()) if alphas.numel() else 0.0, 1e-6)
+    bottom.set_ylim(0, peak * 1.45)
+    fired = [(frame + 1) / frame_rate for frame in fires]
+    _mark_fired_tokens([bottom, top], fired, labels, peak * 1.05, fontsize=8)
+    if token_timings is not None and mark_token_timings(
+        [bottom, top], token_timings, labels=timing_labels, label_ax=top
+    ):
+        bottom.legend(loc="upper right", fontsize=7, framealpha=0.8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save_png(fig, path)
 
