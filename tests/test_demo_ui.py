@@ -238,16 +238,16 @@ def _record_plots(monkeypatch):
 def test_cif_plot_marks_token_timings_of_the_transcript(
     setup, tmp_path, monkeypatch
 ):
-    from speechbrain_blspkd.dataprep import token_timings
+    from speechbrain_blspkd.nnet import whisper_decoder
 
     loads = []
-    real_teacher = token_timings.WhisperDecoderTeacher
+    real_teacher = whisper_decoder.WhisperDecoderTeacher
 
     def counted(*args, **kwargs):
         loads.append(args)
         return real_teacher(*args, **kwargs)
 
-    monkeypatch.setattr(token_timings, "WhisperDecoderTeacher", counted)
+    monkeypatch.setattr(whisper_decoder, "WhisperDecoderTeacher", counted)
     models, asr = setup["models"], setup["backend"].transcriber
     backend = DemoBackend(models, asr, plot_dir=tmp_path / "plots")
     calls = _record_plots(monkeypatch)

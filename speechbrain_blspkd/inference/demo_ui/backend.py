@@ -241,7 +241,7 @@ class DemoBackend:
 
         The decoder of the Whisper asset the model's encoder comes from
         (``encoder_source`` of the exported folder), teacher-forced by
-        :func:`~speechbrain_blspkd.dataprep.token_timings.utterance_timings`.
+        :func:`~speechbrain_blspkd.nnet.token_alignment.utterance_timings`.
         Loaded on first use and kept for the server's life (one per source
         and device); None, also kept, when the model has no Whisper
         encoder, the source has no loadable decoder or no alignment heads,
@@ -249,7 +249,7 @@ class DemoBackend:
 
         Returns
         -------
-        speechbrain_blspkd.dataprep.token_timings.WhisperDecoderTeacher or None
+        speechbrain_blspkd.nnet.whisper_decoder.WhisperDecoderTeacher or None
         """
         from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
 

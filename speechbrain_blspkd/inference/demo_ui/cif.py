@@ -140,11 +140,11 @@ def load_timing_teacher(source, encoder, llm):
     features of ``encoder`` (on ``llm``'s device), or None (logged) when
     it cannot be loaded, lists no alignment heads or is not the encoder's
     partner (another width)."""
-    from speechbrain_blspkd.dataprep import token_timings
+    from speechbrain_blspkd.nnet import whisper_decoder
 
     why = None
     try:
-        teacher = token_timings.WhisperDecoderTeacher(source)
+        teacher = whisper_decoder.WhisperDecoderTeacher(source)
     except Exception as err:  # no decoder: the plot goes without marks
         teacher, why = None, f"its decoder cannot be loaded ({err})"
     if teacher is not None and not teacher.alignment_heads:
@@ -184,7 +184,7 @@ def transcript_timings(llm, teacher, feats, feat_lens, transcript, language):
     labels : list of str or None
         The N tokens, printable.
     """
-    from speechbrain_blspkd.dataprep.token_timings import (
+    from speechbrain_blspkd.nnet.token_alignment import (
         llm_token_spans,
         utterance_timings,
     )
