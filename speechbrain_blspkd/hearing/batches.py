@@ -59,13 +59,11 @@ def encoded_batches(model, order, batch_size, sample_rate, source):
     model : speechbrain_blspkd.models.speech_llm.SpeechLLMModel
         The model (its encoder runs, on the model's device).
     order : list of dict
-        Manifest rows (``wav`` resolved), in decoding order.
-    batch_size : int
-        Utterances per batch.
-    sample_rate : int
-        Audio rate.
-    source : str, optional
-        The manifest, named in audio errors.
+        Manifest rows (``wav`` resolved), in decoding order
+        (:func:`by_duration`).
+    batch_size, sample_rate, source
+        As :func:`~speechbrain_blspkd.hearing.tokens.adapter_token_accuracy`
+        takes them.
 
     Yields
     ------

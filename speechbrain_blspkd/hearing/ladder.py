@@ -210,13 +210,14 @@ def quality_ladder(
 
     Example
     -------
-    >>> import pathlib, tempfile, numpy, soundfile
-    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
-    >>> tmp = pathlib.Path(tempfile.mkdtemp())
-    >>> soundfile.write(tmp / "a.wav", numpy.zeros(6000, "float32"), 16000)
-    >>> rows = [dict(ID="a", wav=str(tmp / "a.wav"), duration=0.375,
-    ...     transcript="the cat sat", language="en")]
-    >>> out = quality_ladder(tiny_speech_llm(), rows, {"a": "the cat sat"},
+    >>> import pathlib, tempfile
+    >>> from speechbrain_blspkd.dataio.manifest import read_manifest
+    >>> from speechbrain_blspkd.utils.testing import (
+    ...     tiny_speech_llm, write_speech_manifest)
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> manifest = write_speech_manifest(folder, ["the cat sat"])
+    >>> rows = read_manifest(manifest, data_root=folder)
+    >>> out = quality_ladder(tiny_speech_llm(), rows, {"u0": "the cat sat"},
     ...     max_new_tokens=2)
     >>> list(out["rungs"]), out["n"]
     (['a', 'b', 'c', 'd', 'e'], 1)
