@@ -1,4 +1,4 @@
-"""The hearing measurement (speechbrain_blspkd/hearing.py) with tiny models:
+"""The hearing measurement (speechbrain_blspkd/hearing/) with tiny models:
 token accuracies at the true and predicted count, caches, and the command
 end to end on a tiny exported model, a tiny SynthSpeech corpus and piper."""
 
@@ -12,6 +12,8 @@ from conftest import needs_piper
 
 from speechbrain_blspkd import hearing, metrics
 from speechbrain_blspkd.dataprep import tts
+from speechbrain_blspkd.hearing.cache import load_teacher, save_teacher
+from speechbrain_blspkd.teacher_answers import fingerprint
 from speechbrain_blspkd.utils.testing import tiny_speech_llm
 
 
@@ -104,38 +106,36 @@ def test_teacher_cache_is_keyed_and_checked(tmp_path):
         dict(task="repeat", utt="a", transcript="one", teacher="One."),
         dict(task="repeat", utt="b", transcript="two", teacher="Two."),
     ]
-    hearing._save_teacher(path, "k1", {}, decoded)
-    got, _ = hearing._load_teacher(path, "k1", rows)
+    save_teacher(path, "k1", {}, decoded)
+    got, _ = load_teacher(path, "k1", rows)
     assert got == {("repeat", "a"): "One.", ("repeat", "b"): "Two."}
     # another model / prompt / limit: nothing is reused
-    assert hearing._load_teacher(path, "k2", rows)[0] == {}
+    assert load_teacher(path, "k2", rows)[0] == {}
     # a row whose transcript changed is answered again
     rows[1]["transcript"] = "three"
-    assert hearing._load_teacher(path, "k1", rows)[0] == {
-        ("repeat", "a"): "One."
-    }
+    assert load_teacher(path, "k1", rows)[0] == {("repeat", "a"): "One."}
 
 
 def test_fingerprint_follows_the_weights():
     model = tiny_speech_llm(whisper=False)
-    before = hearing._fingerprint("x", model.llm)
-    assert before == hearing._fingerprint("x", model.llm)
+    before = fingerprint("x", model.llm)
+    assert before == fingerprint("x", model.llm)
     with torch.no_grad():  # PLoRA weights are not part of the base LLM
         for name, p in model.llm.named_parameters():
             if "lora_" in name:
                 p.add_(1.0)
-    assert hearing._fingerprint("x", model.llm) == before
+    assert fingerprint("x", model.llm) == before
     with torch.no_grad():
         model.embed_tokens.weight[0, 0] += 1.0
-    assert hearing._fingerprint("x", model.llm) != before
-    assert hearing._fingerprint("y", model.llm) != before
+    assert fingerprint("x", model.llm) != before
+    assert fingerprint("y", model.llm) != before
     # the same base LLM with and without PLoRA layers: the same teacher
     from speechbrain_blspkd.nnet.plora import apply_plora
 
     plain = tiny_speech_llm(whisper=False, plora=None).llm
-    plain_key = hearing._fingerprint(plain)
+    plain_key = fingerprint(plain)
     apply_plora(plain, r=4, alpha=8, dropout=0.0, scope="audio")
-    assert hearing._fingerprint(plain) == plain_key
+    assert fingerprint(plain) == plain_key
 
 
 @pytest.fixture(scope="module")
