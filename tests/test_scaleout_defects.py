@@ -29,7 +29,7 @@ from speechbrain_blspkd import brain as brain_lib
 from speechbrain_blspkd import metrics
 from speechbrain_blspkd.evaluation import summarize_parity
 from speechbrain_blspkd.losses import kd_kl
-from speechbrain_blspkd.models.speech_llm import PassRequest
+from speechbrain_blspkd.models.passes import PassRequest
 from speechbrain_blspkd.nnet.whisper_encoder import (
     WhisperEncoder,
     WhisperLogMel,

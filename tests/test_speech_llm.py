@@ -11,12 +11,12 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
-from speechbrain_blspkd.models.speech_llm import (
+from speechbrain_blspkd.models.passes import (
     LLMPass,
     PassRequest,
-    SpeechLLMModel,
     SpeechLLMOutput,
 )
+from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
 from speechbrain_blspkd.nnet.adapter import AdapterOutput, AdapterTargets
 from speechbrain_blspkd.nnet.cformer import CFormer
 from speechbrain_blspkd.nnet.plora import plora_parameters

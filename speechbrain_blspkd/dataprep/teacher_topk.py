@@ -627,7 +627,7 @@ def write_teacher_topk(
     >>> rows.count("input") == len(model.transcript_ids(["hello world"])[0])
     True
     """
-    from speechbrain_blspkd.models.speech_llm import PassRequest
+    from speechbrain_blspkd.models.passes import PassRequest
 
     i, n = shard
     if not 0 <= i < n:
