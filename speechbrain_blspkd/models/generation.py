@@ -110,8 +110,9 @@ def generate(
     """Answers the speech: batched decoding with the KV cache.
 
     The model hears the speech (its ``_hear``: :func:`hear_speech`, or the
-    cascade's recogniser), then every speech prompt plus ``max_new_tokens`` is checked against the
-    LLM context first (``ContextLengthError`` names the item).
+    cascade's recogniser), then every speech prompt plus ``max_new_tokens``
+    is checked against the LLM context (``ContextLengthError`` names the
+    item) and answered (:func:`answer`).
 
     Arguments
     ---------
@@ -166,15 +167,9 @@ def generate(
         **span,
     )
     prompts = model.prompts.build_batch(instructions, **span)
-    texts = answer(
-        model,
-        prompts,
-        max_new_tokens,
-        num_beams,
-        return_ids,
-        generate_kwargs,
-        adapter_out=heard.adapter,
-    )
+    options = dict(generate_kwargs, max_new_tokens=max_new_tokens)
+    options["num_beams"] = num_beams
+    texts = answer(model, prompts, options, return_ids, heard.adapter)
     out = [texts]
     if return_num_tokens:
         out.append(heard.counts(model))
@@ -230,22 +225,16 @@ def generate_text(
         model._instructions(instructions, len(transcripts)),
         transcripts=transcripts,
     )
-    return answer(
-        model, prompts, max_new_tokens, num_beams, return_ids, generate_kwargs
-    )
+    options = dict(generate_kwargs, max_new_tokens=max_new_tokens)
+    options["num_beams"] = num_beams
+    return answer(model, prompts, options, return_ids)
 
 
-def answer(
-    model,
-    prompts,
-    max_new_tokens,
-    num_beams,
-    return_ids,
-    generate_kwargs,
-    adapter_out=None,
-):
+def answer(model, prompts, options, return_ids=False, adapter_out=None):
     """The one generation loop: ``prompts`` answered with the KV cache.
 
+    ``options`` are the ``generate`` keywords (``max_new_tokens``,
+    ``num_beams`` ...); ``return_ids`` returns token ids, not text.
     With ``adapter_out`` the speech slots of the prompts get its
     embeddings and PLoRA acts on them (the student); without, the prompts
     are text and PLoRA is off (the teacher). The model runs in eval mode.
@@ -270,9 +259,7 @@ def answer(
                 )
                 context = plora_lib.plora_mask(model.llm, mask)
         with context:
-            seqs = hf_generate(
-                model, embeds, batch, max_new_tokens, num_beams, generate_kwargs
-            )
+            seqs = hf_generate(model, embeds, batch, options)
     return decode(model, seqs, return_ids)
 
 
@@ -347,21 +334,18 @@ def check_fits(
     )
 
 
-def hf_generate(model, embeds, batch, max_new_tokens, num_beams, kwargs):
+def hf_generate(model, embeds, batch, options):
     """The LLM's own ``generate`` (KV cache) on left-padded prompt
-    embeddings: greedy or beam search unless ``kwargs`` sample, stopping
-    at the end of turn."""
+    embeddings: greedy or beam search unless ``options`` sample, stopping
+    at the end of turn. ``options`` are ``generate`` keywords
+    (``max_new_tokens``, ``num_beams`` ...)."""
     pad = model.tokenizer.pad_token_id
     if pad is None:
         pad = model.prompts.placeholder_id
     gen = dict(
-        max_new_tokens=max_new_tokens,
-        num_beams=num_beams,
-        do_sample=False,
-        eos_token_id=model.prompts.eot_ids,
-        pad_token_id=pad,
+        do_sample=False, eos_token_id=model.prompts.eot_ids, pad_token_id=pad
     )
-    gen.update(kwargs)
+    gen.update(options)
     if not gen.get("do_sample"):
         gen.setdefault("temperature", None)
         gen.setdefault("top_p", None)

@@ -69,8 +69,9 @@ def run_llm(
     """Final hidden states (B, L, D) and any requested layers.
 
     ``model`` is the :class:`~speechbrain_blspkd.models.speech_llm.
-    SpeechLLMModel` whose ``llm`` runs; ``batch`` is a right-padded collated prompt batch; ``plora_mask``
-    the student's PLoRA mask (None: no delta, e.g. the teacher). With
+    SpeechLLMModel` whose ``llm`` runs; ``batch`` is a right-padded
+    collated prompt batch; ``plora_mask`` the student's PLoRA mask (None:
+    no delta, e.g. the teacher). With
     ``prefix_reuse`` the shared prefix comes from the cache and the
     returned states cover the prefix positions with zeros (nothing is
     read there: every span starts after the instruction).  With
@@ -85,9 +86,9 @@ def run_llm(
     if collective and not sharding.agree(start > 0, "all", embeds.device):
         start = 0  # another process cannot reuse: none does
     past = None
-    if start:  # through the model, so that a test can watch the cache
-        past = model._prefix_keys_values(
-            batch["input_ids"][0, :start], embeds.shape[0], collective
+    if start:
+        past = prefix_keys_values(
+            model, batch["input_ids"][0, :start], embeds.shape[0], collective
         )
         embeds = embeds[:, start:]
         position_ids = position_ids[:, start:]

@@ -16,6 +16,9 @@ the one LLM (:func:`teacher_pass`, :func:`student_pass`), and returns a
   positions that predict the continuation tokens, the first one being the
   last prompt position): :func:`read_pass`.
 
+What the adapter is told of a batch (the transcripts' token counts,
+languages, token timings) is :func:`adapter_targets`.
+
 The passes are methods of
 :class:`~speechbrain_blspkd.models.speech_llm.SpeechLLMModel`
 (``model.teacher_pass``, ``model.student_pass``); the functions here take
@@ -37,6 +40,7 @@ __all__ = [
     "LLMPass",
     "PassRequest",
     "SpeechLLMOutput",
+    "adapter_targets",
     "read_pass",
     "student_pass",
     "teacher_pass",
@@ -358,6 +362,70 @@ def _run_and_read(model, embeds, batch, prompts, request, plora_mask=None):
         final=needs_final(request),
     )
     return read_pass(model, final, layers, batch, prompts, request)
+
+
+def adapter_targets(model, transcripts, languages=None, token_spans=None):
+    """What the adapter is told of a batch, and the transcripts' ids.
+
+    Returns
+    -------
+    transcript_ids : torch.Tensor
+        (B, N) LLM token ids of the transcripts (0 where masked).
+    transcript_mask : torch.Tensor
+        (B, N) bool.
+    targets : speechbrain_blspkd.nnet.adapter.AdapterTargets
+        The transcripts' token counts, the ``languages`` and the token
+        timings ``token_spans`` (checked: one span per token).
+    """
+    ids = model.transcript_ids(transcripts)
+    device = model.device
+    transcript_ids, transcript_mask = _pad_ids(ids, device)
+    targets = AdapterTargets(
+        num_tokens=transcript_mask.sum(1),
+        language=None if languages is None else languages.to(device),
+        token_spans=_checked_spans(token_spans, transcript_mask),
+    )
+    return transcript_ids, transcript_mask, targets
+
+
+def _checked_spans(token_spans, transcript_mask):
+    """``token_spans`` on the transcripts' device, checked to hold one
+    span per transcript token of every row (None stays None)."""
+    if token_spans is None:
+        return None
+    spans = torch.as_tensor(token_spans).to(transcript_mask.device)
+    batch, width = transcript_mask.shape
+    if spans.dim() != 3 or spans.shape[0] != batch or spans.shape[2] != 2:
+        raise ValueError(
+            f"SpeechLLMModel: `token_spans` must be ({batch}, N, 2), got "
+            f"{tuple(spans.shape)}"
+        )
+    if spans.shape[1] < width:
+        spans = torch.nn.functional.pad(
+            spans, (0, 0, 0, width - spans.shape[1]), value=-1.0
+        )
+    spans = spans[:, :width]
+    have = (spans[..., 0] >= 0).sum(1)
+    if not torch.equal(have, transcript_mask.sum(1)):
+        raise ValueError(
+            "SpeechLLMModel: the token timings hold "
+            f"{have.tolist()} spans for transcripts of "
+            f"{transcript_mask.sum(1).tolist()} tokens"
+        )
+    return spans
+
+
+def _pad_ids(ids, device):
+    """(B, N) long ids (0-padded) and their mask from lists of ids."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    rows = [torch.tensor(x, dtype=torch.long) for x in ids]
+    if not rows or max(len(x) for x in ids) == 0:
+        rows = rows + [torch.zeros(1, dtype=torch.long)]
+    padded = pad_sequence(rows, batch_first=True)[: len(ids)]
+    lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
+    mask = torch.arange(padded.shape[1])[None] < lengths[:, None]
+    return padded.to(device), mask.to(device)
 
 
 def _as_list(flags):

@@ -49,10 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speechbrain_blspkd.models import generation, llm_forward, passes
+from speechbrain_blspkd.models import generation, passes
 from speechbrain_blspkd.models.passes import PassRequest, SpeechLLMOutput
 from speechbrain_blspkd.nnet import plora as plora_lib
-from speechbrain_blspkd.nnet.adapter import AdapterTargets
 from speechbrain_blspkd.prompt import PromptBuilder
 from speechbrain_blspkd.utils.precision import resolve_dtype
 
@@ -359,7 +358,7 @@ class SpeechLLMModel(nn.Module):
         Example
         -------
         >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
-        >>> model = tiny_speech_llm()
+        >>>         >>> model = tiny_speech_llm()
         >>> out = model.encode_speech(torch.randn(1, 4000),
         ...     targets=AdapterTargets(num_tokens=torch.tensor([3])))
         >>> out.tokens.shape
@@ -428,7 +427,10 @@ class SpeechLLMModel(nn.Module):
         )
 
     # ------------------------------------------------------------------
-    # training
+    # training: the passes are functions of models/passes.py
+    teacher_pass = passes.teacher_pass
+    student_pass = passes.student_pass
+
     def forward(
         self,
         transcripts,
@@ -481,13 +483,8 @@ class SpeechLLMModel(nn.Module):
         SpeechLLMOutput
         """
         request = request or PassRequest()
-        ids = self.transcript_ids(transcripts)
-        device = self.device
-        transcript_ids, transcript_mask = _pad_ids(ids, device)
-        targets = AdapterTargets(
-            num_tokens=transcript_mask.sum(1),
-            language=None if languages is None else languages.to(device),
-            token_spans=_checked_spans(token_spans, transcript_mask),
+        transcript_ids, transcript_mask, targets = passes.adapter_targets(
+            self, transcripts, languages, token_spans
         )
         if self.adapter is not None:  # else encode_speech says why not
             feats, feat_lens = self.speech_features(
@@ -528,58 +525,9 @@ class SpeechLLMModel(nn.Module):
         return out
 
     # ------------------------------------------------------------------
-    # methods defined beside the model, as functions taking it
-    teacher_pass = passes.teacher_pass
-    student_pass = passes.student_pass
+    # inference: functions of models/generation.py
     generate = generation.generate
     generate_text = generation.generate_text
     snapped = generation.snapped
     check_fits = generation.check_fits
-    # what stands in the speech span at generation (the cascade overrides)
-    _hear = generation.hear_speech
-    # private steps that tests watch or call
-    _run_llm = llm_forward.run_llm
-    _collective_prefix = llm_forward.collective_prefix
-    _prefix_keys_values = llm_forward.prefix_keys_values
-    _generate = generation.hf_generate
-    _decode = generation.decode
-
-
-def _checked_spans(token_spans, transcript_mask):
-    """``token_spans`` on the transcripts' device, checked to hold one
-    span per transcript token of every row (None stays None)."""
-    if token_spans is None:
-        return None
-    spans = torch.as_tensor(token_spans).to(transcript_mask.device)
-    batch, width = transcript_mask.shape
-    if spans.dim() != 3 or spans.shape[0] != batch or spans.shape[2] != 2:
-        raise ValueError(
-            f"SpeechLLMModel: `token_spans` must be ({batch}, N, 2), got "
-            f"{tuple(spans.shape)}"
-        )
-    if spans.shape[1] < width:
-        spans = torch.nn.functional.pad(
-            spans, (0, 0, 0, width - spans.shape[1]), value=-1.0
-        )
-    spans = spans[:, :width]
-    have = (spans[..., 0] >= 0).sum(1)
-    if not torch.equal(have, transcript_mask.sum(1)):
-        raise ValueError(
-            "SpeechLLMModel: the token timings hold "
-            f"{have.tolist()} spans for transcripts of "
-            f"{transcript_mask.sum(1).tolist()} tokens"
-        )
-    return spans
-
-
-def _pad_ids(ids, device):
-    """(B, N) long ids (0-padded) and their mask from lists of ids."""
-    from torch.nn.utils.rnn import pad_sequence
-
-    rows = [torch.tensor(x, dtype=torch.long) for x in ids]
-    if not rows or max(len(x) for x in ids) == 0:
-        rows = rows + [torch.zeros(1, dtype=torch.long)]
-    padded = pad_sequence(rows, batch_first=True)[: len(ids)]
-    lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
-    mask = torch.arange(padded.shape[1])[None] < lengths[:, None]
-    return padded.to(device), mask.to(device)
+    _hear = generation.hear_speech  # what stands in the speech span
