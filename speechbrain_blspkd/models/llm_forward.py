@@ -98,13 +98,13 @@ def run_llm(
     # the student forward is re-run in backward().
     if model.has_plora:
         plora_lib.set_plora_mask(model.llm, plora_mask)
-    kwargs = dict(
-        inputs_embeds=embeds,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        past_key_values=past,
-        use_cache=False,
-    )
+    kwargs = {
+        "inputs_embeds": embeds,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "past_key_values": past,
+        "use_cache": False,
+    }
     stop = stop_layer(model, hidden_layers, final)
     if stop is not None:
         layers = truncated_forward(model, kwargs, hidden_layers, stop)

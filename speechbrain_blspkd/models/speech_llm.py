@@ -358,7 +358,8 @@ class SpeechLLMModel(nn.Module):
         Example
         -------
         >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
-        >>>         >>> model = tiny_speech_llm()
+        >>> from speechbrain_blspkd.nnet.adapter import AdapterTargets
+        >>> model = tiny_speech_llm()
         >>> out = model.encode_speech(torch.randn(1, 4000),
         ...     targets=AdapterTargets(num_tokens=torch.tensor([3])))
         >>> out.tokens.shape
