@@ -314,6 +314,7 @@ def _direct_transcript_answers(model, rows, instruction, batch_size, limit):
     """Rung a decoded by hand: the speech prompt's slots hold the
     transcript's own token ids, the whole prompt is embedded by the LLM's
     table and generated with PLoRA on the slots (no adapter at all)."""
+    from speechbrain_blspkd.models import generation
     from speechbrain_blspkd.nnet import plora
 
     order = sorted(rows, key=lambda r: (r["duration"], r["ID"]))
@@ -332,8 +333,9 @@ def _direct_transcript_answers(model, rows, instruction, batch_size, limit):
             embeds = model.embed_tokens(input_ids)
             mask = model._student_mask(slots, batch["attention_mask"])
             with plora.plora_mask(model.llm, mask):
-                seqs = model._generate(embeds, batch, limit, 1, {})
-        for r, text in zip(chunk, model._decode(seqs)):
+                options = {"max_new_tokens": limit, "num_beams": 1}
+                seqs = generation.hf_generate(model, embeds, batch, options)
+        for r, text in zip(chunk, generation.decode(model, seqs)):
             answers[r["ID"]] = text
     return answers
 

@@ -8,7 +8,7 @@ import speechbrain as sb
 import torch
 
 from speechbrain_blspkd.losses import kd_kl, response_ce
-from speechbrain_blspkd.models.speech_llm import PassRequest, SpeechLLMOutput
+from speechbrain_blspkd.models.passes import PassRequest, SpeechLLMOutput
 from speechbrain_blspkd.nnet.adapter import AdapterOutput
 from speechbrain_blspkd.nnet.cif import quantity_loss
 from speechbrain_blspkd.nnet.qformer import QFormer

@@ -29,7 +29,8 @@ from speechbrain_blspkd import brain as brain_lib
 from speechbrain_blspkd import metrics
 from speechbrain_blspkd.losses import kd_kl
 from speechbrain_blspkd.metrics import summarize_parity
-from speechbrain_blspkd.models.speech_llm import PassRequest
+from speechbrain_blspkd.models import llm_forward
+from speechbrain_blspkd.models.passes import PassRequest
 from speechbrain_blspkd.nnet.whisper_encoder import (
     WhisperEncoder,
     WhisperLogMel,
@@ -205,7 +206,8 @@ def test_prefix_reuse_is_decided_by_every_process_under_fsdp(
     reference.prefix_reuse = False
     want = reference(texts, conts, feats=feats, request=request).teacher
     sharding.shard_model(model, device="cpu")
-    assert model._collective_prefix() and not reference._collective_prefix()
+    assert llm_forward.collective_prefix(model)
+    assert not llm_forward.collective_prefix(reference)
 
     def run():
         with count_llm_calls(model) as calls:
@@ -227,9 +229,11 @@ def test_prefix_reuse_is_decided_by_every_process_under_fsdp(
     # another process cannot reuse (e.g. left padding): none does
     _spy_agree(monkeypatch, {"all": False})
     spans = []
-    real = model._prefix_keys_values
+    real = llm_forward.prefix_keys_values
     monkeypatch.setattr(
-        model, "_prefix_keys_values", lambda *a: spans.append(a) or real(*a)
+        llm_forward,
+        "prefix_keys_values",
+        lambda *a: spans.append(a) or real(*a),
     )
     assert run() == 1 and not spans
 

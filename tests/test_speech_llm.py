@@ -11,12 +11,13 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
-from speechbrain_blspkd.models.speech_llm import (
+from speechbrain_blspkd.models.llm_forward import run_llm
+from speechbrain_blspkd.models.passes import (
     LLMPass,
     PassRequest,
-    SpeechLLMModel,
     SpeechLLMOutput,
 )
+from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
 from speechbrain_blspkd.nnet.adapter import AdapterOutput, AdapterTargets
 from speechbrain_blspkd.nnet.cformer import CFormer
 from speechbrain_blspkd.nnet.plora import plora_parameters
@@ -457,9 +458,9 @@ def test_plora_only_at_speech_positions(pristine_and_model):
     emb = model.embed_tokens(batch["input_ids"])
     mask = model._student_mask(batch["speech_mask"], batch["attention_mask"])
     with torch.no_grad():
-        on, _ = model._run_llm(emb, batch, mask)
+        on, _ = run_llm(model, emb, batch, mask)
         with model.plora_off():
-            off, _ = model._run_llm(emb, batch, mask)
+            off, _ = run_llm(model, emb, batch, mask)
     s0 = int(batch["span_start"][0])
     assert torch.allclose(on[0, :s0], off[0, :s0], atol=1e-6)
     assert not torch.allclose(on[0, s0:], off[0, s0:], atol=1e-3)

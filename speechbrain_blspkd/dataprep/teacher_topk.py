@@ -163,7 +163,7 @@ def write_teacher_topk(
     >>> rows.count("input") == len(model.transcript_ids(["hello world"])[0])
     True
     """
-    from speechbrain_blspkd.models.speech_llm import PassRequest
+    from speechbrain_blspkd.models.passes import PassRequest
 
     i, n = check_shard(shard)
     if batch_size < 1:

@@ -5,8 +5,12 @@
 evaluation and inference use (``generate`` on speech, ``generate_text`` on
 text, the same prompt builder and chat template), so the cascade is scored
 by the same code as every trained speech LLM and loads through the same
-inference interface.  It has no adapter and nothing to train: its recipe
-YAML declares no stage.
+inference interface: its ``generate`` is the speech LLM's
+(:func:`~speechbrain_blspkd.models.generation.generate`, the same
+generation loop), with the transcripts in place of speech embeddings
+(``return_num_tokens`` gives the LLM token count of each transcript,
+``return_transcripts`` the transcripts).  It has no adapter and nothing
+to train: its recipe YAML declares no stage.
 
 Authors
  * speechbrain-blspkd contributors 2026
@@ -14,6 +18,7 @@ Authors
 
 import torch
 
+from speechbrain_blspkd.models.generation import Heard
 from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
 
 __all__ = ["CascadeModel"]
@@ -71,69 +76,21 @@ class CascadeModel(SpeechLLMModel):
             self._transcripts[key] = self.transcriber.transcribe(wavs, wav_lens)
         return list(self._transcripts[key])
 
-    @torch.no_grad()
-    def generate(
-        self,
-        wavs=None,
-        wav_lens=None,
-        instructions=None,
-        max_new_tokens=64,
-        num_beams=1,
-        feats=None,
-        feat_lens=None,
-        return_num_tokens=False,
-        return_ids=False,
-        names=None,
-        source=None,
-        item="row",
-        return_transcripts=False,
-        **generate_kwargs,
-    ):
-        """Transcribe, then answer the transcripts (batched, KV cache).
-
-        Arguments are those of
-        :meth:`SpeechLLMModel.generate`; ``feats`` are refused (the
-        recogniser needs the audio: set ``use_feature_cache: False``).
-        ``return_num_tokens`` returns the LLM token count of each
-        transcript; ``return_transcripts`` also returns the transcripts.
-
-        Returns
-        -------
-        list of str (then the counts, then the transcripts, when asked)
-        """
+    def _hear(self, wavs=None, wav_lens=None, feats=None, feat_lens=None):
+        """The transcripts stand in the speech span of the prompts (the
+        hook of :func:`~speechbrain_blspkd.models.generation.generate`,
+        which answers them as text, PLoRA off); ``feats`` are refused
+        (the recogniser needs the audio: set ``use_feature_cache:
+        False``)."""
         if wavs is None or feats is not None:
             raise ValueError(
                 "CascadeModel.generate: needs `wavs` (the recogniser reads "
                 "audio, not cached encoder features)"
             )
         transcripts = self.transcribe(wavs, wav_lens)
-        n = len(transcripts)
-        instructions = self._instructions(instructions, n, audio=True)
         # an empty transcript (silence) is answered as a blank one
         texts = [t or " " for t in transcripts]
-        self.check_fits(
-            instructions,
-            max_new_tokens,
-            transcripts=texts,
-            names=names,
-            source=source,
-            item=item,
-        )
-        answers = self.generate_text(
-            texts,
-            instructions=instructions,
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-            return_ids=return_ids,
-            **generate_kwargs,
-        )
-        out = [answers]
-        if return_num_tokens:
-            counts = [len(x) for x in self.transcript_ids(texts)]
-            out.append(torch.tensor(counts, dtype=torch.long))
-        if return_transcripts:
-            out.append(transcripts)
-        return out[0] if len(out) == 1 else tuple(out)
+        return Heard(texts=texts, transcripts=transcripts)
 
     def trainable_parameters(self):
         """None: the cascade has nothing to train."""

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speechbrain_blspkd.models.speech_llm import PassRequest
+from speechbrain_blspkd.models.passes import PassRequest
 from speechbrain_blspkd.objectives.base import Objective
 from speechbrain_blspkd.objectives.blsp_kd import BLSPKDObjective
 

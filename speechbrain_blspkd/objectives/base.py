@@ -249,7 +249,7 @@ class Objective(nn.Module):
         -------
         speechbrain_blspkd.models.speech_llm.PassRequest
         """
-        from speechbrain_blspkd.models.speech_llm import PassRequest
+        from speechbrain_blspkd.models.passes import PassRequest
 
         return PassRequest()
 

@@ -12,7 +12,7 @@ Authors
 """
 
 from speechbrain_blspkd.losses import response_ce
-from speechbrain_blspkd.models.speech_llm import PassRequest
+from speechbrain_blspkd.models.passes import PassRequest
 from speechbrain_blspkd.objectives.base import Objective
 
 __all__ = ["BLSPObjective"]

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from speechbrain_blspkd.losses import kd_kl, kd_kl_topk, response_ce
-from speechbrain_blspkd.models.speech_llm import PassRequest
+from speechbrain_blspkd.models.passes import PassRequest
 from speechbrain_blspkd.nnet.cif import quantity_loss, timing_loss
 from speechbrain_blspkd.objectives.base import Objective
 from speechbrain_blspkd.objectives.vocab_ctc import (

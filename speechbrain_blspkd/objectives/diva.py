@@ -31,7 +31,7 @@ Authors
 import torch
 import torch.nn.functional as F
 
-from speechbrain_blspkd.models.speech_llm import PassRequest
+from speechbrain_blspkd.models.passes import PassRequest
 from speechbrain_blspkd.objectives.base import Objective
 
 __all__ = ["DiVAObjective", "stretch"]
