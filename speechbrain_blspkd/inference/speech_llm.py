@@ -27,7 +27,10 @@ import torch
 from speechbrain.inference.interfaces import Pretrained
 
 from speechbrain_blspkd.dataio.audio import load_audio
-from speechbrain_blspkd.inference.export import HPARAMS_FILE, check_model_folder
+from speechbrain_blspkd.inference.model_folder import (
+    HPARAMS_FILE,
+    check_model_folder,
+)
 from speechbrain_blspkd.prompt import context_limit
 
 __all__ = ["SpeechLLM"]
@@ -94,7 +97,7 @@ class SpeechLLM(Pretrained):
 
         Raises
         ------
-        speechbrain_blspkd.inference.export.ModelFolderError
+        speechbrain_blspkd.inference.model_folder.ModelFolderError
             A file is missing or does not match ``export.json``.
         speechbrain_blspkd.models.trainable.WeightsMismatchError
             ``model.ckpt`` does not fit the model of ``hyperparams.yaml``.
@@ -105,7 +108,7 @@ class SpeechLLM(Pretrained):
         >>> SpeechLLM.from_hparams(tempfile.mkdtemp())  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        speechbrain_blspkd.inference.export.ModelFolderError: .../hyperparams.yaml: missing; ...
+        speechbrain_blspkd.inference.model_folder.ModelFolderError: .../hyperparams.yaml: missing; ...
         """
         folder = check_model_folder(source, hparams_file)
         return super().from_hparams(

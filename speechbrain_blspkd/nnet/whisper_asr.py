@@ -258,7 +258,7 @@ class WhisperTranscriber(nn.Module):
             model = WhisperForConditionalGeneration(config).to(dtype)
             model.generation_config = generation_config
         else:
-            from speechbrain_blspkd.inference.export import resolve_source
+            from speechbrain_blspkd.assets.paths import resolve_source
 
             folder = resolve_source(source)
             if not (folder / "config.json").is_file():
