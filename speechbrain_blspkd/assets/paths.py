@@ -31,6 +31,7 @@ def resolve_source(name_or_path):
     Returns
     -------
     pathlib.Path
+        The local folder (an asset's once it is installed).
 
     Example
     -------

@@ -37,6 +37,7 @@ def read_done_ids(path):
     Returns
     -------
     set of str
+        The ids of the complete records.
 
     Example
     -------

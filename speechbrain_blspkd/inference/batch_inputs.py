@@ -70,6 +70,7 @@ def read_wav_list(path):
     Returns
     -------
     list of str
+        The paths, in the file's order.
 
     Example
     -------

@@ -359,8 +359,8 @@ def evaluation_lines(run):
     Arguments
     ---------
     run : dict or None
-        :func:`~speechbrain_blspkd.inference.training_run.read_run` of the
-        training run (its ``evaluation``: {model name: summary}).
+        What :func:`~speechbrain_blspkd.inference.training_run.read_run`
+        found; its ``evaluation`` maps a model name to its summary.
 
     Returns
     -------

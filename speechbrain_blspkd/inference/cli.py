@@ -303,7 +303,8 @@ def main(argv=None):
     Arguments
     ---------
     argv : list of str, optional
-        Arguments (default ``sys.argv[1:]``).
+        The command line after the program name (default
+        ``sys.argv[1:]``).
 
     Returns
     -------

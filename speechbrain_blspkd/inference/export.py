@@ -360,7 +360,7 @@ def export_model(model, folder, config=None, overwrite=False):
     Returns
     -------
     pathlib.Path
-        The folder.
+        The folder, complete in its final place.
 
     Example
     -------

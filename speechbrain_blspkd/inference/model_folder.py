@@ -218,7 +218,7 @@ def check_model_folder(folder, hparams_file=HPARAMS_FILE):
     Returns
     -------
     pathlib.Path
-        The folder.
+        ``folder``, checked.
 
     Example
     -------
