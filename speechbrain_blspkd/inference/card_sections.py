@@ -15,12 +15,12 @@ import json
 import logging
 import pathlib
 
+from speechbrain_blspkd.assets.paths import base_model_info
 from speechbrain_blspkd.inference.training_run import class_doc_line
 
 __all__ = [
     "KNOWN_CORPORA",
     "NEAR_CHANCE_CHRF",
-    "base_model_info",
     "base_model_rows",
     "evaluation_lines",
     "limits_lines",
@@ -46,66 +46,6 @@ KNOWN_CORPORA = {
 #: Chance-level check: evaluated chrF within this many points of the
 #: shuffled-pair level means the answers barely depend on the speech.
 NEAR_CHANCE_CHRF = 5.0
-
-
-def base_model_info(source):
-    """Name, description and licence of a base-model source.
-
-    Arguments
-    ---------
-    source : str
-        An asset name or a folder (an asset folder is recognised by its
-        marker file).
-
-    Returns
-    -------
-    dict
-        ``source``, ``asset`` (name or None), ``description``, ``license``,
-        ``packages`` (the PyPI packages it is built from).
-
-    Example
-    -------
-    >>> base_model_info("whisper-base")["license"]
-    'MIT'
-    >>> base_model_info("/no/such/folder")["license"]
-    'unknown (not a registered asset: see the model folder)'
-    """
-    from speechbrain_blspkd.assets.fetch import ASSETS, MARKER
-
-    info = {
-        "source": str(source),
-        "asset": None,
-        "description": "",
-        "license": "unknown (not a registered asset: see the model folder)",
-        "packages": [],
-    }
-    name = str(source)
-    marker = pathlib.Path(name).expanduser() / MARKER
-    if name not in ASSETS and marker.is_file():
-        try:
-            name = json.loads(marker.read_text(encoding="utf-8"))["name"]
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    asset = ASSETS.get(name)
-    if asset is not None:
-        info.update(
-            asset=asset.name,
-            description=asset.description,
-            license=asset.license,
-            packages=list(asset.packages),
-        )
-        return info
-    config = pathlib.Path(str(source)).expanduser() / "config.json"
-    if config.is_file():
-        try:
-            cfg = json.loads(config.read_text(encoding="utf-8"))
-            arch = ", ".join(cfg.get("architectures") or []) or cfg.get(
-                "model_type", ""
-            )
-            info["description"] = f"local transformers folder ({arch})"
-        except (OSError, ValueError, AttributeError):
-            pass
-    return info
 
 
 def short_name(class_path):

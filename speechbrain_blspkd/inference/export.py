@@ -1,17 +1,9 @@
 """Export a trained speech LLM as a self-contained inference folder.
 
-A model folder holds four small files; the frozen bases (Whisper encoder,
-LLM) are referenced by asset name or folder path, never copied:
-
-* ``hyperparams.yaml``: the HyperPyYAML that
-  :meth:`speechbrain_blspkd.inference.SpeechLLM.from_hparams` builds the
-  model from;
-* ``model.ckpt``: the learned weights only (adapter, PLoRA, unfrozen encoder),
-  written by :class:`~speechbrain_blspkd.models.trainable.TrainableWeights`;
-* ``export.json``: what was exported, when, and the sha256 of each file;
-* ``README.md``: the model card (method, base models and licences, the
-  training run and its evaluation when found, intended use and limits, the
-  commands that load it), :mod:`speechbrain_blspkd.inference.model_card`.
+:func:`export_model` writes, atomically, the folder laid out in
+:mod:`speechbrain_blspkd.inference.model_folder` (``hyperparams.yaml``,
+``model.ckpt``, ``export.json`` and the ``README.md`` model card); the
+frozen bases are referenced by asset name or folder path, never copied.
 
 How ``hyperparams.yaml`` is generated
 -------------------------------------

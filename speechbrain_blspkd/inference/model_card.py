@@ -46,6 +46,7 @@ import re
 import string
 import sys
 
+from speechbrain_blspkd.assets.paths import base_model_info
 from speechbrain_blspkd.inference import card_sections
 from speechbrain_blspkd.inference.model_folder import (
     DEFAULT_CONFIG,
@@ -130,7 +131,7 @@ def card_fields(values, destination, run=None, weights=None):
     if values.get("transcriber_source"):
         kind.append("cascade")
     llm = values.get("llm_source") or "?"
-    asset = card_sections.base_model_info(llm)["asset"]
+    asset = base_model_info(llm)["asset"]
     kind.append(asset or pathlib.Path(str(llm)).name)
     title = destination.name
     if run is not None and run["recipe"] and title in ("model", "export"):

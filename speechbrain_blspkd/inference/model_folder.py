@@ -1,15 +1,22 @@
 """The layout of an exported model folder, and its ``hyperparams.yaml`` values.
 
 An exported folder (written by
-:func:`speechbrain_blspkd.inference.export.export_model`) holds:
+:func:`speechbrain_blspkd.inference.export.export_model`) holds four small
+files; the frozen bases (Whisper encoder, LLM) are referenced by asset name
+or folder path, never copied:
 
-* ``hyperparams.yaml`` (:data:`HPARAMS_FILE`): the values of
-  :data:`DEFAULT_CONFIG` (plain YAML keys, grouped as in
-  :data:`CONFIG_SECTIONS`), then the fixed wiring;
-* ``model.ckpt`` (:data:`WEIGHTS_FILE`): the learned weights;
+* ``hyperparams.yaml`` (:data:`HPARAMS_FILE`): the HyperPyYAML that
+  :meth:`speechbrain_blspkd.inference.SpeechLLM.from_hparams` builds the
+  model from: the values of :data:`DEFAULT_CONFIG` (plain YAML keys,
+  grouped as in :data:`CONFIG_SECTIONS`), then the fixed wiring;
+* ``model.ckpt`` (:data:`WEIGHTS_FILE`): the learned weights only (adapter,
+  PLoRA, unfrozen encoder), written by
+  :class:`~speechbrain_blspkd.models.trainable.TrainableWeights`;
 * ``export.json`` (:data:`INFO_FILE`): what was exported, when, and the
   sha256 of each file (format :data:`FORMAT`, :data:`FORMAT_VERSION`);
-* ``README.md``: the model card.
+* ``README.md``: the model card (method, base models and licences, the
+  training run and its evaluation when found, intended use and limits, the
+  commands that load it), :mod:`speechbrain_blspkd.inference.model_card`.
 
 :func:`check_model_folder` tells whether a folder is complete (raising
 :class:`ModelFolderError`); :func:`merge_config` checks and merges
@@ -166,7 +173,36 @@ DEFAULT_CONFIG = {
 
 
 def merge_config(base, update, where):
-    """``base`` updated by ``update``; ``prompts`` is merged key by key."""
+    """``base`` updated by ``update``; ``prompts`` is merged key by key.
+
+    ``adapter_options`` are merged key by key too, unless ``update`` also
+    names another ``adapter_class``.
+
+    Arguments
+    ---------
+    base : dict
+        ``hyperparams.yaml`` values.
+    update : dict
+        Values overriding them (keys of :data:`DEFAULT_CONFIG`).
+    where : str
+        Who asks, named in the errors.
+
+    Returns
+    -------
+    dict
+
+    Raises
+    ------
+    ValueError
+        An unknown key (or an unknown ``prompts`` key) in ``update``.
+
+    Example
+    -------
+    >>> merged = merge_config(DEFAULT_CONFIG,
+    ...     {"prompts": {"instruction": "Repeat:"}}, "example")
+    >>> merged["prompts"]["instruction"], merged["prompts"]["system_prompt"]
+    ('Repeat:', None)
+    """
     unknown = sorted(set(update) - set(DEFAULT_CONFIG))
     if unknown:
         raise ValueError(
