@@ -21,6 +21,8 @@ setup(
     packages=find_packages(
         include=["speechbrain_blspkd", "speechbrain_blspkd.*"]
     ),
+    # files read at run time beside the modules: the model card's template
+    package_data={"speechbrain_blspkd.inference": ["model_card.md"]},
     install_requires=[
         "torch>=2.3",
         "torchaudio>=2.3",

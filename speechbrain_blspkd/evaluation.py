@@ -406,7 +406,7 @@ def main(argv=None):
     >>> main([tempfile.mkdtemp(), "missing.csv", tempfile.mkdtemp()])
     2
     """
-    from speechbrain_blspkd.inference.export import ModelFolderError
+    from speechbrain_blspkd.inference.model_folder import ModelFolderError
     from speechbrain_blspkd.utils.cli import report_error, setup_logging
 
     args = build_parser().parse_args(argv)

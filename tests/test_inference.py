@@ -12,14 +12,16 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from speechbrain_blspkd.assets.paths import resolve_source  # noqa: E402
 from speechbrain_blspkd.dataio.audio import AudioError, load_audio  # noqa: E402
-from speechbrain_blspkd.inference import export as export_lib  # noqa: E402
 from speechbrain_blspkd.inference.cli import main as cli_main  # noqa: E402
 from speechbrain_blspkd.inference.export import (  # noqa: E402
-    ModelFolderError,
     export_model,
     render_hparams,
-    resolve_source,
+)
+from speechbrain_blspkd.inference.model_folder import (  # noqa: E402
+    ModelFolderError,
+    file_sha256,
 )
 from speechbrain_blspkd.models.trainable import (  # noqa: E402
     WeightsMismatchError,
@@ -89,7 +91,7 @@ def test_export_folder_contents(exported):
         "model.ckpt",
     ]
     info = json.loads((folder / "export.json").read_text())
-    assert info["files"]["model.ckpt"]["sha256"] == export_lib._sha256(
+    assert info["files"]["model.ckpt"]["sha256"] == file_sha256(
         folder / "model.ckpt"
     )
     assert info["config"]["adapter_options"]["n_post"] == 1

@@ -8,7 +8,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from speechbrain_blspkd.inference import model_card  # noqa: E402
+from speechbrain_blspkd.inference import (  # noqa: E402
+    card_sections,
+    model_card,
+)
 from speechbrain_blspkd.inference.export import export_model  # noqa: E402
 from speechbrain_blspkd.utils.testing import (  # noqa: E402
     tiny_saved_speech_llm,
@@ -267,7 +270,7 @@ def test_multilingual_summary_gets_language_rows_and_the_gate_confusion():
             "lid_confusion/zh/zh": 0.375,
         },
     }
-    lines = model_card._evaluation_section({"evaluation": {"trained": summary}})
+    lines = card_sections.evaluation_lines({"evaluation": {"trained": summary}})
     card = "\n".join(lines)
     assert "| repeat | zh | 2 | 12.5 (10.0) | 99.0 (-) | - |" in card
     assert "LID accuracy 87.5 %" in card
@@ -277,6 +280,6 @@ def test_multilingual_summary_gets_language_rows_and_the_gate_confusion():
     assert "lid_confusion/en/en" not in card
     # one language: no per-language table, no gate: no confusion
     plain = "\n".join(
-        model_card._evaluation_section({"evaluation": {"trained": SUMMARY}})
+        card_sections.evaluation_lines({"evaluation": {"trained": SUMMARY}})
     )
     assert "Per language" not in plain and "Language gate" not in plain

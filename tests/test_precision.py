@@ -144,7 +144,7 @@ def test_model_parts_follow_auto(monkeypatch, native, expected):
 
 
 def test_export_leaves_the_dtype_to_the_loading_machine():
-    from speechbrain_blspkd.inference.export import config_from_model
+    from speechbrain_blspkd.inference.model_config import config_from_model
 
     model = tiny_speech_llm(llm_dtype="bfloat16")
     config = config_from_model(model)

@@ -68,6 +68,8 @@ def main(argv=None):
     Returns
     -------
     int
+        0, or the status of :func:`~speechbrain_blspkd.utils.cli.
+        report_error` when an asset cannot be fetched or found.
 
     Example
     -------

@@ -300,6 +300,7 @@ def asset_path(name, dest=None, fetch=True):
     Returns
     -------
     pathlib.Path
+        ``dest/name``, installed.
 
     Example
     -------

@@ -697,7 +697,7 @@ def main(argv=None):
     try:
         from transformers import AutoTokenizer
 
-        from speechbrain_blspkd.inference.export import resolve_source
+        from speechbrain_blspkd.assets.paths import resolve_source
         from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
         from speechbrain_blspkd.prompt import PromptBuilder
         from speechbrain_blspkd.utils import precision

@@ -93,7 +93,7 @@ def main(argv=None):
     """
     args = build_parser().parse_args(argv)
     setup_logging()
-    from speechbrain_blspkd.inference.export import ModelFolderError
+    from speechbrain_blspkd.inference.model_folder import ModelFolderError
 
     try:
         results = measure(

@@ -61,20 +61,28 @@ Errors
     folder, unreadable ``--wav-list`` / ``--manifest``, weights that do not
     fit) is a one-line error and exit status 2. Otherwise 0.
 
+Where it lives
+    This module holds the command line and the batch loop; the inputs are
+    gathered in :mod:`speechbrain_blspkd.inference.batch_inputs`, the
+    answers file is written and resumed by
+    :mod:`speechbrain_blspkd.inference.answers_file`.
+
 Authors
  * speechbrain-blspkd contributors 2025
 """
 
 import argparse
-import dataclasses
-import json
-import logging
-import os
-import pathlib
 import sys
 import time
 
-from speechbrain_blspkd.utils.atomic import drop_unfinished_tail
+from speechbrain_blspkd.inference.answers_file import JsonlWriter, read_done_ids
+from speechbrain_blspkd.inference.batch_inputs import (
+    Input,
+    InputError,
+    collect_inputs,
+    length_sorted_batches,
+    probe_audio,
+)
 from speechbrain_blspkd.utils.cli import report_error
 
 __all__ = [
@@ -88,40 +96,6 @@ __all__ = [
 ]
 
 PROG = "blspkd-infer"
-
-logger = logging.getLogger(__name__)
-
-
-class InputError(ValueError):
-    """A ``--wav-list`` or ``--manifest`` cannot be read."""
-
-
-@dataclasses.dataclass
-class Input:
-    """One thing to answer.
-
-    Arguments
-    ---------
-    id : str
-        Its id in the output (resuming skips ids already written).
-    file : str, optional
-        The audio file (None for a transcript).
-    text : str, optional
-        The transcript (for a text input).
-    instruction : str, optional
-        Its own instruction (None: ``--instruction`` or the model's).
-    seconds : float, optional
-        Audio duration, once known.
-    wav : torch.Tensor, optional
-        The loaded audio while its batch is decoded.
-    """
-
-    id: str
-    file: str = None
-    text: str = None
-    instruction: str = None
-    seconds: float = None
-    wav: object = dataclasses.field(default=None, repr=False)
 
 
 def build_parser():
@@ -218,267 +192,6 @@ def build_parser():
 
 def _fail(message):
     return report_error(message, prog=PROG, status=2)
-
-
-def read_wav_list(path):
-    """The audio paths of a ``--wav-list`` file.
-
-    Arguments
-    ---------
-    path : str or pathlib.Path
-        Text file: one path a line; blank lines and ``#`` comments skipped.
-
-    Returns
-    -------
-    list of str
-
-    Example
-    -------
-    >>> import tempfile, pathlib
-    >>> p = pathlib.Path(tempfile.mkdtemp()) / "list.txt"
-    >>> _ = p.write_text("# mine\\na.wav\\n\\n  b c.wav  \\n")
-    >>> read_wav_list(p)
-    ['a.wav', 'b c.wav']
-    """
-    path = pathlib.Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{path}: wav list not found") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: cannot read the wav list ({err})") from None
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            out.append(line)
-    return out
-
-
-def collect_inputs(
-    wavs=(), wav_lists=(), manifests=(), texts=(), data_root=None
-):
-    """Every input of a command line, in order, each id once.
-
-    Arguments
-    ---------
-    wavs : list of str
-        ``--wav`` paths.
-    wav_lists : list of str
-        ``--wav-list`` files.
-    manifests : list of str
-        ``--manifest`` CSV files.
-    texts : list of str
-        ``--text`` transcripts.
-    data_root : str, optional
-        ``$data_root`` of the manifests (default: each manifest's folder).
-
-    Returns
-    -------
-    list of Input
-
-    Raises
-    ------
-    InputError
-        A wav list or manifest cannot be read (the message names it).
-
-    Example
-    -------
-    >>> [i.id for i in collect_inputs(["a.wav", "b.wav", "a.wav"],
-    ...     texts=["hello"])]
-    ['a.wav', 'b.wav', 'hello']
-    """
-    from speechbrain_blspkd.dataio.manifest import ManifestError, read_manifest
-
-    found = [Input(id=str(w), file=str(w)) for w in wavs]
-    for path in wav_lists:
-        found += [Input(id=w, file=w) for w in read_wav_list(path)]
-    for path in manifests:
-        root = data_root
-        if root is None:
-            root = str(pathlib.Path(path).resolve().parent)
-        try:
-            rows = read_manifest(path, data_root=root)
-        except ManifestError as err:
-            raise InputError(str(err)) from None
-        for row in rows:
-            found.append(
-                Input(
-                    id=row["ID"],
-                    file=row["wav"],
-                    instruction=(row.get("instruction") or "").strip() or None,
-                    seconds=row["duration"],
-                )
-            )
-    found += [Input(id=str(t), text=str(t)) for t in texts]
-    seen, out = set(), []
-    for item in found:
-        if item.id in seen:
-            logger.warning("%s: given more than once; answered once", item.id)
-            continue
-        seen.add(item.id)
-        out.append(item)
-    return out
-
-
-def read_done_ids(path):
-    """Ids already answered in a JSON-lines output; repair its end.
-
-    A last line without its newline (a write interrupted mid-line) is cut
-    off the file, so appending goes on from a complete line. Lines that are
-    not JSON objects with an ``id`` are ignored (with a warning).
-
-    Arguments
-    ---------
-    path : str or pathlib.Path
-        The ``--out`` file (missing: nothing done).
-
-    Returns
-    -------
-    set of str
-
-    Example
-    -------
-    >>> import tempfile, pathlib
-    >>> p = pathlib.Path(tempfile.mkdtemp()) / "out.jsonl"
-    >>> _ = p.write_text('{"id": "a", "answer": "x"}\\n{"id": "b", "ans')
-    >>> sorted(read_done_ids(p)), p.read_text()
-    (['a'], '{"id": "a", "answer": "x"}\\n')
-    """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        return set()
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    drop_unfinished_tail(path, end, "a truncated last line")
-    done = set()
-    for number, line in enumerate(data[:end].split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line.decode("utf-8"))
-            done.add(str(record["id"]))
-        except (ValueError, KeyError, TypeError):
-            logger.warning(
-                "%s line %d: not an answer record; ignored", path, number
-            )
-    return done
-
-
-class JsonlWriter:
-    """Appends JSON lines to a file (each line whole, synced) or stdout.
-
-    Arguments
-    ---------
-    path : str or pathlib.Path, optional
-        The file (created when missing; None: stdout).
-    overwrite : bool
-        Empty the file first.
-
-    Example
-    -------
-    >>> import tempfile, pathlib
-    >>> p = pathlib.Path(tempfile.mkdtemp()) / "out.jsonl"
-    >>> with JsonlWriter(p) as out:
-    ...     out.write([{"id": "a", "answer": "ü"}])
-    >>> p.read_text(encoding="utf-8")
-    '{"id": "a", "answer": "ü"}\\n'
-    """
-
-    def __init__(self, path=None, overwrite=False):
-        self.path = None if path is None else pathlib.Path(path)
-        self._fd = None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
-            if overwrite:
-                flags |= os.O_TRUNC
-            self._fd = os.open(self.path, flags, 0o644)
-
-    def write(self, records):
-        """Write ``records`` (dicts), one line each, and sync.
-
-        Arguments
-        ---------
-        records : list of dict
-            JSON-serialisable records.
-        """
-        lines = [
-            json.dumps(r, ensure_ascii=False, default=str) + "\n"
-            for r in records
-        ]
-        if self._fd is None:
-            sys.stdout.write("".join(lines))
-            sys.stdout.flush()
-            return
-        for line in lines:
-            data = line.encode("utf-8")
-            # one write per line: an interruption can only cut the last one
-            while data:
-                written = os.write(self._fd, data)
-                data = data[written:]
-        os.fsync(self._fd)
-
-    def close(self):
-        """Close the file."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def length_sorted_batches(items, batch_size):
-    """Batches of at most ``batch_size`` items, longest first.
-
-    Arguments
-    ---------
-    items : list of Input
-        Each with ``seconds`` (audio) or ``text``.
-    batch_size : int
-        Largest batch.
-
-    Returns
-    -------
-    list of list of Input
-
-    Example
-    -------
-    >>> items = [Input(str(s), file="x", seconds=s) for s in (1, 5, 3, 4)]
-    >>> [[i.seconds for i in b] for b in length_sorted_batches(items, 3)]
-    [[5, 4, 3], [1]]
-    """
-
-    def length(item):
-        if item.text is not None:
-            return len(item.text)
-        return item.seconds or 0.0
-
-    ordered = sorted(items, key=length, reverse=True)
-    return [
-        ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)
-    ]
-
-
-def _probe(item):
-    """Fill ``item.seconds`` from the audio header; an error message or None."""
-    import soundfile
-
-    path = pathlib.Path(item.file)
-    if not path.is_file():
-        return f"{path}: audio file not found"
-    try:
-        info = soundfile.info(str(path))
-    except Exception as err:  # soundfile raises several types
-        return f"{path}: cannot read audio ({err})"
-    if not info.frames:
-        return f"{path}: zero-length audio"
-    item.seconds = info.frames / float(info.samplerate)
-    return None
 
 
 class _Run:
@@ -590,7 +303,8 @@ def main(argv=None):
     Arguments
     ---------
     argv : list of str, optional
-        Arguments (default ``sys.argv[1:]``).
+        The command line after the program name (default
+        ``sys.argv[1:]``).
 
     Returns
     -------
@@ -629,7 +343,7 @@ def main(argv=None):
         if not torch.cuda.is_available():
             return _fail(f"--device {args.device}: CUDA is not available")
 
-    from speechbrain_blspkd.inference.export import (
+    from speechbrain_blspkd.inference.model_folder import (
         ModelFolderError,
         check_model_folder,
     )
@@ -657,7 +371,7 @@ def main(argv=None):
     failed_early = []
     for item in todo:  # missing / unreadable files fail before the model loads
         if item.file is not None:
-            message = _probe(item)
+            message = probe_audio(item)
             if message:
                 report_error(message, prog=PROG)
                 failed_early.append(item.id)
@@ -695,7 +409,7 @@ def main(argv=None):
 
 def _decode_all(args, todo, writer, text_mode):
     """Load the model and decode ``todo``; the run, or an exit status."""
-    from speechbrain_blspkd.inference.export import ModelFolderError
+    from speechbrain_blspkd.inference.model_folder import ModelFolderError
     from speechbrain_blspkd.inference.speech_llm import SpeechLLM
     from speechbrain_blspkd.models.trainable import WeightsMismatchError
 

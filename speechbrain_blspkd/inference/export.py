@@ -1,28 +1,30 @@
 """Export a trained speech LLM as a self-contained inference folder.
 
-A model folder holds four small files; the frozen bases (Whisper encoder,
-LLM) are referenced by asset name or folder path, never copied:
-
-* ``hyperparams.yaml``: the HyperPyYAML that
-  :meth:`speechbrain_blspkd.inference.SpeechLLM.from_hparams` builds the
-  model from;
-* ``model.ckpt``: the learned weights only (adapter, PLoRA, unfrozen encoder),
-  written by :class:`~speechbrain_blspkd.models.trainable.TrainableWeights`;
-* ``export.json``: what was exported, when, and the sha256 of each file;
-* ``README.md``: the model card (method, base models and licences, the
-  training run and its evaluation when found, intended use and limits, the
-  commands that load it), :mod:`speechbrain_blspkd.inference.model_card`.
+:func:`export_model` writes, atomically, the folder laid out in
+:mod:`speechbrain_blspkd.inference.model_folder` (``hyperparams.yaml``,
+``model.ckpt``, ``export.json`` and the ``README.md`` model card); the
+frozen bases are referenced by asset name or folder path, never copied.
 
 How ``hyperparams.yaml`` is generated
 -------------------------------------
-One source of truth: this module. :data:`DEFAULT_CONFIG` holds the values
-(plain YAML keys a user may edit) and :data:`WIRING` the fixed HyperPyYAML
-that builds the model from them. :func:`render_hparams` writes the values
+:data:`~speechbrain_blspkd.inference.model_folder.DEFAULT_CONFIG`
+(:mod:`speechbrain_blspkd.inference.model_folder`, the folder's layout)
+holds the values (plain YAML keys a user may edit) and :data:`WIRING`, in
+this module, the fixed HyperPyYAML that builds the model from them with the
+``build_*`` functions below. :func:`render_hparams` writes the values
 first, then the wiring. The repository file ``hparams/speech_llm.yaml`` is
 ``render_hparams(DEFAULT_CONFIG)`` (regenerate it with
 ``python -m speechbrain_blspkd.inference.export TEMPLATE``; a test checks
 that it is up to date), so the installed package never needs a template
-file at run time.
+file at run time. The values read off a model object come from
+:func:`speechbrain_blspkd.inference.model_config.config_from_model`.
+
+The wiring of folders already exported names
+``speechbrain_blspkd.inference.export.build_*`` and
+``speechbrain_blspkd.inference.export.resolve_source``
+(:mod:`speechbrain_blspkd.assets.paths`); this module keeps those names,
+and those of the folder layout it used to hold (``DEFAULT_CONFIG``,
+``ModelFolderError``, ``check_model_folder``), importable from here.
 
 How a folder is loaded
 ----------------------
@@ -39,7 +41,6 @@ Authors
 """
 
 import datetime
-import hashlib
 import json
 import os
 import pathlib
@@ -48,6 +49,22 @@ import tempfile
 import textwrap
 
 import yaml
+
+from speechbrain_blspkd.assets.paths import resolve_source
+from speechbrain_blspkd.inference.model_config import config_from_model
+from speechbrain_blspkd.inference.model_folder import (
+    CONFIG_SECTIONS,
+    DEFAULT_CONFIG,
+    FORMAT,
+    FORMAT_VERSION,
+    HPARAMS_FILE,
+    INFO_FILE,
+    WEIGHTS_FILE,
+    ModelFolderError,
+    check_model_folder,
+    file_sha256,
+    merge_config,
+)
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -63,132 +80,6 @@ __all__ = [
     "render_hparams",
     "resolve_source",
 ]
-
-HPARAMS_FILE = "hyperparams.yaml"
-WEIGHTS_FILE = "model.ckpt"
-INFO_FILE = "export.json"
-FORMAT = "speechbrain-blspkd/speech-llm"
-FORMAT_VERSION = 1
-
-
-class ModelFolderError(FileNotFoundError):
-    """A model folder is missing a file or a file does not match."""
-
-
-#: The values of ``hyperparams.yaml``: (section comment, {key: default}).
-CONFIG_SECTIONS = (
-    (
-        "The model class (speechbrain_blspkd.models.speech_llm.SpeechLLMModel"
-        ", or speechbrain_blspkd.models.cascade.CascadeModel)",
-        {"model_class": "speechbrain_blspkd.models.speech_llm.SpeechLLMModel"},
-    ),
-    (
-        "Pretrained bases: an asset name (python -m speechbrain_blspkd."
-        "assets list) or a local transformers folder; encoder_source null: "
-        "no pretrained speech encoder (see encoder_class below)",
-        {
-            "llm_source": "smollm2-135m-instruct",
-            "encoder_source": "whisper-base",
-        },
-    ),
-    (
-        "Speech encoder (speechbrain_blspkd.nnet.whisper_encoder."
-        "WhisperEncoder). *_dtype: auto (bf16 where this machine computes "
-        "it fast, else fp32), a dtype name, or null (fp32)",
-        {
-            "encoder_freeze": True,
-            "encoder_dynamic_length": True,
-            "encoder_mask_padding": True,
-            "encoder_dtype": "auto",
-        },
-    ),
-    (
-        "Speech encoder built from its constructor arguments alone, used "
-        "when encoder_source is null: a class and its options (e.g. the "
-        "log-mel front end speechbrain_blspkd.nnet.whisper_encoder."
-        "WhisperLogMel of an encoder-free model); null: none",
-        {"encoder_class": None, "encoder_options": {}},
-    ),
-    (
-        "Speech adapter: a speechbrain_blspkd.nnet.adapter.SpeechAdapter "
-        "class and its constructor arguments (SpeechAdapter.export_hparams)",
-        {
-            "adapter_class": "speechbrain_blspkd.nnet.cformer.CFormer",
-            "adapter_options": {
-                "input_size": 512,
-                "output_size": 576,
-                "n_pre": 4,
-                "n_post": 4,
-                "nhead": 8,
-                "d_ffn": 2048,
-                "dropout": 0.1,
-                "out_init_std": None,
-                "weight_norm": True,
-                "pre_dropout": 0.0,
-                "activation": "gelu",
-                "threshold": 1.0,
-                "weight_bias_init": 0.0,
-                "frame_stride": 1,
-            },
-        },
-    ),
-    (
-        "Partial LoRA in the LLM (speechbrain_blspkd.nnet.plora.apply_plora);"
-        " null: none",
-        {
-            "plora": {
-                "r": 16,
-                "alpha": 16.0,
-                "dropout": 0.05,
-                "scope": "audio",
-                "target_modules": [
-                    "q_proj",
-                    "k_proj",
-                    "v_proj",
-                    "o_proj",
-                    "gate_proj",
-                    "up_proj",
-                    "down_proj",
-                ],
-            },
-            "llm_dtype": "auto",
-            "snap_speech": False,
-        },
-    ),
-    (
-        "Prompts (speechbrain_blspkd.prompt.PromptBuilder); a mapping, so "
-        "that HyperPyYAML never interpolates <...> inside these strings",
-        {
-            "prompts": {
-                "system_prompt": None,
-                "instruction": (
-                    "Continue the following text in a coherent style:"
-                ),
-                "audio_instruction": None,
-                "transcript_separator": " ",
-            },
-        },
-    ),
-    (
-        "Speech recogniser of a cascade (speechbrain_blspkd.nnet.whisper_asr"
-        ".WhisperTranscriber); null: none",
-        {"transcriber_source": None, "transcriber_options": {}},
-    ),
-    (
-        "Audio input and generation defaults",
-        {
-            "sample_rate": 16000,
-            "max_audio_seconds": 30.0,
-            "max_new_tokens": 64,
-            "num_beams": 1,
-        },
-    ),
-)
-
-#: Every value key of ``hyperparams.yaml`` and its default.
-DEFAULT_CONFIG = {
-    key: value for _, values in CONFIG_SECTIONS for key, value in values.items()
-}
 
 #: The fixed HyperPyYAML that builds the model from the values.
 WIRING = """\
@@ -243,46 +134,6 @@ pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
     loadables:
         model: !ref <weights>
 """
-
-
-def resolve_source(name_or_path):
-    """A local folder path as is, else the folder of the asset so named.
-
-    Arguments
-    ---------
-    name_or_path : str or pathlib.Path
-        An existing folder, or an asset name of
-        :data:`speechbrain_blspkd.assets.ASSETS` (fetched on first use).
-
-    Returns
-    -------
-    pathlib.Path
-
-    Example
-    -------
-    >>> import tempfile
-    >>> folder = tempfile.mkdtemp()
-    >>> resolve_source(folder) == pathlib.Path(folder)
-    True
-    >>> resolve_source("no-such-model")
-    Traceback (most recent call last):
-    ...
-    FileNotFoundError: model source 'no-such-model' is neither a folder nor a known asset (whisper-base, ...)
-    """
-    if name_or_path is None or str(name_or_path) == "":
-        raise ValueError("model source is empty (give a folder or an asset)")
-    path = pathlib.Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    from speechbrain_blspkd.assets import ASSETS, asset_path
-
-    name = str(name_or_path)
-    if name in ASSETS:
-        return asset_path(name)
-    raise FileNotFoundError(
-        f"model source {name!r} is neither a folder nor a known asset "
-        f"({', '.join(ASSETS)})"
-    )
 
 
 def build_encoder(source, encoder_class=None, encoder_options=None, **options):
@@ -426,139 +277,6 @@ def build_adapter(class_path, options):
     return cls(**dict(options or {}))
 
 
-def config_from_model(model):
-    """The ``hyperparams.yaml`` values that rebuild ``model``'s structure.
-
-    Sources (``llm_source``, ``encoder_source``) are taken from the folders
-    the LLM / encoder were loaded from when they are known; other values
-    come from the adapter, the encoder, PLoRA and the prompt builder.
-
-    Arguments
-    ---------
-    model : speechbrain_blspkd.models.speech_llm.SpeechLLMModel
-        The model.
-
-    Returns
-    -------
-    dict
-        Keys of :data:`DEFAULT_CONFIG` that could be read off the model.
-
-    Example
-    -------
-    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
-    >>> config = config_from_model(tiny_speech_llm())
-    >>> config["adapter_class"]
-    'speechbrain_blspkd.nnet.cformer.CFormer'
-    >>> config["adapter_options"]["n_pre"], config["plora"]["r"]
-    (1, 4)
-    """
-    from speechbrain_blspkd.nnet import plora as plora_lib
-
-    config = {}
-    name = getattr(model.llm.config, "_name_or_path", "") or ""
-    if name and pathlib.Path(name).is_dir():
-        config["llm_source"] = name
-    enc = model.encoder
-    if callable(getattr(enc, "export_hparams", None)):
-        # built from its arguments alone (no pretrained weights)
-        config.update(
-            encoder_source=None,
-            encoder_class=_class_path(enc),
-            encoder_options=enc.export_hparams(),
-        )
-    elif enc is not None:
-        enc_name = getattr(enc.config, "_name_or_path", "") or ""
-        if enc_name and pathlib.Path(enc_name).is_dir():
-            config["encoder_source"] = enc_name
-        config.update(
-            encoder_freeze=bool(enc.freeze),
-            encoder_dynamic_length=bool(enc.dynamic_length),
-            encoder_mask_padding=bool(enc.mask_padding),
-        )
-    config["model_class"] = _class_path(model)
-    if enc is None:
-        config["encoder_source"] = None
-    ad = model.adapter
-    if ad is None:
-        config.update(adapter_class=None, adapter_options={})
-    else:
-        config["adapter_class"] = _class_path(ad)
-        config["adapter_options"] = ad.export_hparams()
-    asr = getattr(model, "transcriber", None)
-    if asr is not None:
-        asr_name = getattr(asr.config, "_name_or_path", "") or ""
-        if asr_name and pathlib.Path(asr_name).is_dir():
-            config["transcriber_source"] = asr_name
-        config["transcriber_options"] = dict(
-            language=asr.language,
-            max_new_tokens=int(asr.max_new_tokens),
-            num_beams=int(asr.num_beams),
-        )
-    if model.has_plora:
-        plora = plora_lib.plora_config(model.llm)
-        plora["target_modules"] = _plora_targets(model.llm)
-        config["plora"] = plora
-    else:
-        config["plora"] = None
-    config["snap_speech"] = bool(getattr(model, "snap_speech", False))
-    config["prompts"] = dict(
-        system_prompt=model.prompts.system_prompt,
-        instruction=model.instruction,
-        audio_instruction=model.audio_instruction,
-        transcript_separator=model.prompts.transcript_separator,
-    )
-    return config
-
-
-def _class_path(obj):
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
-
-
-def _plora_targets(llm):
-    """Module-name suffixes that re-wrap exactly the wrapped layers of
-    ``llm`` (the full names when suffixes would wrap more)."""
-    from torch import nn
-
-    from speechbrain_blspkd.nnet import plora as plora_lib
-
-    names = [n for n, _ in plora_lib._wrapped(llm)]
-    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
-    inner = {f"{n}.base" for n in names}
-    for name, module in plora_lib._unwrap(llm).named_modules():
-        if not isinstance(module, nn.Linear) or name in inner:
-            continue
-        if name.rsplit(".", 1)[-1] in suffixes:
-            return names
-    return suffixes
-
-
-def _merge_config(base, update, where):
-    """``base`` updated by ``update``; ``prompts`` is merged key by key."""
-    unknown = sorted(set(update) - set(DEFAULT_CONFIG))
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; known: "
-            f"{', '.join(DEFAULT_CONFIG)}"
-        )
-    out = {**base, **update}
-    if "adapter_options" in update and "adapter_class" not in update:
-        out["adapter_options"] = {
-            **base.get("adapter_options", {}),
-            **(update["adapter_options"] or {}),
-        }
-    if "prompts" in update:
-        prompts = update["prompts"] or {}
-        known = DEFAULT_CONFIG["prompts"]
-        bad = sorted(set(prompts) - set(known))
-        if bad:
-            raise ValueError(
-                f"{where}: unknown prompts key(s) {', '.join(bad)}; known: "
-                f"{', '.join(known)}"
-            )
-        out["prompts"] = {**known, **base.get("prompts", {}), **prompts}
-    return out
-
-
 def render_hparams(config=None):
     """The text of ``hyperparams.yaml``: the values, then :data:`WIRING`.
 
@@ -583,7 +301,7 @@ def render_hparams(config=None):
     ...
     ValueError: render_hparams: unknown key(s) n_posts; known: model_class, ...
     """
-    config = _merge_config(DEFAULT_CONFIG, config or {}, "render_hparams")
+    config = merge_config(DEFAULT_CONFIG, config or {}, "render_hparams")
     lines = [
         "# ############################################################",
         "# Speech LLM inference hyperparameters",
@@ -610,14 +328,6 @@ def render_hparams(config=None):
     return "\n".join(lines) + "\n\n" + WIRING
 
 
-def _sha256(path, chunk=1 << 20):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def export_model(model, folder, config=None, overwrite=False):
     """Write ``model`` as an inference folder, atomically.
 
@@ -642,7 +352,7 @@ def export_model(model, folder, config=None, overwrite=False):
     Returns
     -------
     pathlib.Path
-        The folder.
+        The folder, complete in its final place.
 
     Example
     -------
@@ -658,7 +368,7 @@ def export_model(model, folder, config=None, overwrite=False):
     from speechbrain_blspkd.version import __version__
 
     folder = pathlib.Path(folder)
-    values = _merge_config(
+    values = merge_config(
         config_from_model(model), config or {}, "export_model"
     )
     needed = ["llm_source"]
@@ -707,7 +417,7 @@ def export_model(model, folder, config=None, overwrite=False):
             "unfrozen encoder) + hyperparameters; bases by reference",
             "files": {
                 name: {
-                    "sha256": _sha256(tmp / name),
+                    "sha256": file_sha256(tmp / name),
                     "bytes": (tmp / name).stat().st_size,
                 }
                 for name in (HPARAMS_FILE, WEIGHTS_FILE)
@@ -749,59 +459,6 @@ def _write_card(tmp, values, folder):
         logging.getLogger(__name__).warning(
             "export_model: no model card written (%s)", err
         )
-
-
-def check_model_folder(folder, hparams_file=HPARAMS_FILE):
-    """Check that ``folder`` holds a complete exported model.
-
-    Raises :class:`ModelFolderError` naming the missing file, or the file
-    whose sha256 differs from the one recorded in ``export.json`` (when
-    that file exists: a folder assembled by hand needs only
-    ``hyperparams.yaml`` and ``model.ckpt``).
-
-    Arguments
-    ---------
-    folder : str or pathlib.Path
-        The model folder.
-    hparams_file : str
-        Name of the hyperparameter file in it.
-
-    Returns
-    -------
-    pathlib.Path
-        The folder.
-
-    Example
-    -------
-    >>> import tempfile
-    >>> check_model_folder(tempfile.mkdtemp())
-    Traceback (most recent call last):
-    ...
-    speechbrain_blspkd.inference.export.ModelFolderError: .../hyperparams.yaml: missing; not an exported model folder (see speechbrain_blspkd.inference.export)
-    """
-    folder = pathlib.Path(folder)
-    if not folder.is_dir():
-        raise ModelFolderError(f"{folder}: model folder not found")
-    for name in (hparams_file, WEIGHTS_FILE):
-        if not (folder / name).is_file():
-            raise ModelFolderError(
-                f"{folder / name}: missing; not an exported model folder "
-                "(see speechbrain_blspkd.inference.export)"
-            )
-    info_path = folder / INFO_FILE
-    if info_path.is_file():
-        try:
-            info = json.loads(info_path.read_text(encoding="utf-8"))
-            files = info["files"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ModelFolderError(f"{info_path}: unreadable ({e})") from None
-        entry = files.get(WEIGHTS_FILE)
-        if entry and _sha256(folder / WEIGHTS_FILE) != entry.get("sha256"):
-            raise ModelFolderError(
-                f"{folder / WEIGHTS_FILE}: sha256 differs from the one "
-                f"recorded in {info_path} (corrupted or replaced weights)"
-            )
-    return folder
 
 
 def main(argv=None):

@@ -27,7 +27,10 @@ import torch
 from speechbrain.inference.interfaces import Pretrained
 
 from speechbrain_blspkd.dataio.audio import load_audio
-from speechbrain_blspkd.inference.export import HPARAMS_FILE, check_model_folder
+from speechbrain_blspkd.inference.model_folder import (
+    HPARAMS_FILE,
+    check_model_folder,
+)
 from speechbrain_blspkd.prompt import context_limit
 
 __all__ = ["SpeechLLM"]
@@ -49,7 +52,11 @@ class SpeechLLM(Pretrained):
 
     Example
     -------
-    >>> import tempfile, pathlib
+    Several clips are decoded as one batch: a padded tensor
+    (:meth:`generate_batch`), waveforms of different lengths
+    (:meth:`generate_waveforms`) or audio files (:meth:`generate_files`).
+
+    >>> import tempfile, pathlib, numpy, soundfile
     >>> from speechbrain_blspkd.inference.export import (
     ...     export_model)
     >>> from speechbrain_blspkd.utils.testing import tiny_saved_speech_llm
@@ -61,6 +68,15 @@ class SpeechLLM(Pretrained):
     ...     torch.tensor([1.0, 0.5]), max_new_tokens=3)
     >>> len(answers)
     2
+    >>> len(llm.generate_waveforms([torch.zeros(800), torch.zeros(400)],
+    ...     max_new_tokens=2))
+    2
+    >>> for name, samples in [("a.wav", 8000), ("b.wav", 4000)]:
+    ...     soundfile.write(tmp / name, numpy.zeros(samples), 16000)
+    >>> answers = llm.generate_files([tmp / "a.wav", tmp / "b.wav"],
+    ...     ["Repeat it.", "Say it again."], max_new_tokens=3)
+    >>> len(answers), all(isinstance(a, str) for a in answers)
+    (2, True)
     """
 
     HPARAMS_NEEDED = [
@@ -94,7 +110,7 @@ class SpeechLLM(Pretrained):
 
         Raises
         ------
-        speechbrain_blspkd.inference.export.ModelFolderError
+        speechbrain_blspkd.inference.model_folder.ModelFolderError
             A file is missing or does not match ``export.json``.
         speechbrain_blspkd.models.trainable.WeightsMismatchError
             ``model.ckpt`` does not fit the model of ``hyperparams.yaml``.
@@ -105,7 +121,7 @@ class SpeechLLM(Pretrained):
         >>> SpeechLLM.from_hparams(tempfile.mkdtemp())  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        speechbrain_blspkd.inference.export.ModelFolderError: .../hyperparams.yaml: missing; ...
+        speechbrain_blspkd.inference.model_folder.ModelFolderError: .../hyperparams.yaml: missing; ...
         """
         folder = check_model_folder(source, hparams_file)
         return super().from_hparams(
@@ -201,32 +217,17 @@ class SpeechLLM(Pretrained):
         instructions : str or list of str, optional
             One instruction, or one per file.
         **gen
-            Generation options.
+            Generation options, as for :meth:`generate_file`.
 
         Returns
         -------
         list of str
+            An answer per file (see the class example).
 
         Raises
         ------
         speechbrain_blspkd.prompt.ContextLengthError
             See :meth:`generate_file`.
-
-        Example
-        -------
-        >>> import tempfile, pathlib, numpy, soundfile
-        >>> from speechbrain_blspkd.inference.export import export_model
-        >>> from speechbrain_blspkd.utils.testing import tiny_saved_speech_llm
-        >>> tmp = pathlib.Path(tempfile.mkdtemp())
-        >>> folder = export_model(tiny_saved_speech_llm(tmp), tmp / "model")
-        >>> llm = SpeechLLM.from_hparams(source=folder,
-        ...     run_opts={"device": "cpu"})
-        >>> for name, samples in [("a.wav", 8000), ("b.wav", 4000)]:
-        ...     soundfile.write(tmp / name, numpy.zeros(samples), 16000)
-        >>> answers = llm.generate_files([tmp / "a.wav", tmp / "b.wav"],
-        ...     ["Repeat it.", "Say it again."], max_new_tokens=3)
-        >>> len(answers), all(isinstance(a, str) for a in answers)
-        (2, True)
         """
         wavs = [self.load_file(p) for p in paths]
         names = [str(p) for p in paths]
@@ -250,24 +251,12 @@ class SpeechLLM(Pretrained):
             How each waveform is named in a context-length error (file
             names; default: its index in the batch).
         **gen
-            Generation options.
+            Generation options, as for :meth:`generate_file`.
 
         Returns
         -------
         list of str
-
-        Example
-        -------
-        >>> import tempfile, pathlib
-        >>> from speechbrain_blspkd.inference.export import export_model
-        >>> from speechbrain_blspkd.utils.testing import tiny_saved_speech_llm
-        >>> tmp = pathlib.Path(tempfile.mkdtemp())
-        >>> folder = export_model(tiny_saved_speech_llm(tmp), tmp / "model")
-        >>> llm = SpeechLLM.from_hparams(source=folder,
-        ...     run_opts={"device": "cpu"})
-        >>> len(llm.generate_waveforms([torch.zeros(800), torch.zeros(400)],
-        ...     max_new_tokens=2))
-        2
+            An answer per waveform (see the class example).
         """
         from speechbrain.utils.data_utils import batch_pad_right
 
@@ -291,11 +280,12 @@ class SpeechLLM(Pretrained):
         instructions : str or list of str, optional
             One instruction, or one per clip.
         **gen
-            Generation options.
+            Generation options, as for :meth:`generate_file`.
 
         Returns
         -------
         list of str
+            An answer per clip.
 
         Raises
         ------

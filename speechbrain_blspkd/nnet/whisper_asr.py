@@ -19,7 +19,7 @@ Why it is written here rather than taken from a pipeline:
   and an English-only model (``*.en``) is never given a language token;
 * **offline assets** -- the model and tokenizer are read from a local
   folder or a project asset (resolved by
-  :func:`speechbrain_blspkd.inference.export.resolve_source`); no hub is
+  :func:`speechbrain_blspkd.assets.paths.resolve_source`); no hub is
   contacted;
 * **the project's features** -- the log-mel spectrogram is
   :func:`speechbrain_blspkd.nnet.whisper_features.whisper_log_mel`, computed
@@ -174,7 +174,7 @@ class WhisperTranscriber(nn.Module):
     source : str, pathlib.Path or transformers.WhisperConfig
         A local transformers Whisper folder, a project asset name (e.g.
         ``"whisper-base"``, ``"whisper-tiny.en"``; resolved with
-        :func:`speechbrain_blspkd.inference.export.resolve_source`), or a
+        :func:`speechbrain_blspkd.assets.paths.resolve_source`), or a
         config for a randomly initialised model (tests; needs
         ``tokenizer``).
     dtype : torch.dtype or str, optional
@@ -258,7 +258,7 @@ class WhisperTranscriber(nn.Module):
             model = WhisperForConditionalGeneration(config).to(dtype)
             model.generation_config = generation_config
         else:
-            from speechbrain_blspkd.inference.export import resolve_source
+            from speechbrain_blspkd.assets.paths import resolve_source
 
             folder = resolve_source(source)
             if not (folder / "config.json").is_file():

@@ -35,7 +35,7 @@ class WhisperDecoderTeacher(nn.Module):
     ---------
     source : str or pathlib.Path
         A local transformers Whisper folder or a project asset name
-        (``"whisper-base"``; :func:`~speechbrain_blspkd.inference.export.
+        (``"whisper-base"``; :func:`~speechbrain_blspkd.assets.paths.
         resolve_source`), with its tokenizer.
     dtype : torch.dtype or str, optional
         Weight dtype (``"auto"``: bfloat16 where the device computes it
@@ -65,7 +65,7 @@ class WhisperDecoderTeacher(nn.Module):
         super().__init__()
         from transformers import AutoTokenizer, WhisperForConditionalGeneration
 
-        from speechbrain_blspkd.inference.export import resolve_source
+        from speechbrain_blspkd.assets.paths import resolve_source
         from speechbrain_blspkd.utils.precision import resolve_dtype
 
         folder = resolve_source(source)

@@ -105,7 +105,7 @@ def main(argv=None):
         from speechbrain_blspkd.serve.app import create_app
     except ImportError as err:
         return report_error(str(err), prog=PROG, status=2)
-    from speechbrain_blspkd.inference.export import ModelFolderError
+    from speechbrain_blspkd.inference.model_folder import ModelFolderError
     from speechbrain_blspkd.inference.speech_llm import SpeechLLM
 
     logging.basicConfig(level=args.log_level.upper())

@@ -90,7 +90,7 @@ def llm_tokenize(model):
     ``model`` (an asset name or a folder)."""
     from transformers import AutoTokenizer
 
-    from speechbrain_blspkd.inference.export import resolve_source
+    from speechbrain_blspkd.assets.paths import resolve_source
     from speechbrain_blspkd.prompt import PromptBuilder
 
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_source(model)))
