@@ -70,7 +70,10 @@ def resolve_model_folder(path):
     ...
     FileNotFoundError: .../nothing: no exported model (hyperparams.yaml + model.ckpt) here or in model/
     """
-    from speechbrain_blspkd.inference.model_folder import HPARAMS_FILE, WEIGHTS_FILE
+    from speechbrain_blspkd.inference.model_folder import (
+        HPARAMS_FILE,
+        WEIGHTS_FILE,
+    )
 
     path = pathlib.Path(path)
     for folder in (path, path / "model"):
