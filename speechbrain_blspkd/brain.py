@@ -958,16 +958,12 @@ def run_recipe(argv):
     if model.encoder is not None:
         model.encoder.to(device)
     cache = prepare_features(hparams, model.encoder, device)  # every rank
-    if stages:  # Whisper-decoder targets, when a stage weighs them
+    if stages:  # token timings, when the recipe names their folder
         from speechbrain_blspkd.dataprep.token_timings import (
             prepare_token_timings,
         )
-        from speechbrain_blspkd.dataprep.whisper_targets import (
-            prepare_whisper_targets,
-        )
 
         if sb.utils.distributed.is_local_rank_zero():  # one copy per node
-            prepare_whisper_targets(hparams, cache, device=device)
             prepare_token_timings(hparams, cache, device=device)
         sb.utils.distributed.ddp_barrier()
     datasets = dataio_prepare(hparams, feature_cache=cache) if stages else {}

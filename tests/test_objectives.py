@@ -508,3 +508,25 @@ def test_predicted_count_batches_distil_the_response_only(model):
         BLSPKDObjective(
             {"align": 1.0, "cif": 1.0}, predicted_count_fraction=0.5
         )
+
+
+def test_alignment_loss_sampled_equals_full_when_every_token_is_drawn():
+    from speechbrain_blspkd.nnet.adapter import AdapterTargets
+
+    torch.manual_seed(0)
+    model = tiny_speech_llm(whisper=False)
+    out = model.adapter(
+        torch.randn(2, 20, 64), targets=AdapterTargets(torch.tensor([3, 2]))
+    )
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    mask = torch.tensor([[True] * 3, [True, True, False]])
+    vocab = model.embed_tokens.weight.shape[0]
+    full, _ = blsp_kd.alignment_loss(model, out, ids, transcript_mask=mask)
+    same, _ = blsp_kd.alignment_loss(
+        model, out, ids, transcript_mask=mask, negatives=vocab
+    )
+    fewer, _ = blsp_kd.alignment_loss(
+        model, out, ids, transcript_mask=mask, negatives=3
+    )
+    assert torch.allclose(full, same, atol=1e-5)
+    assert float(fewer.detach()) < float(full.detach())  # fewer competitors

@@ -23,15 +23,7 @@ PLoRA on the adapter's speech embeddings (``docs/algorithms.md`` section
   cosine logits against the whole embedding table, ``1 - cos`` and MSE
   over the embedding variance; section 2.9); ``align_negatives`` restricts
   the cross-entropy to the batch's tokens plus that many random ones (a
-  sampled softmax, much cheaper than all V);
-* ``ctc``: CTC over the LLM vocabulary on the frames CIF integrates
-  (:mod:`speechbrain_blspkd.objectives.vocab_ctc`; needs ``ctc`` settings,
-  whose head the objective owns and trains);
-* ``whisper``: the CFormer's post-CIF token states pulled towards
-  Whisper's decoder states, span-pooled per LLM token and stored once per
-  clip (:mod:`speechbrain_blspkd.objectives.whisper_target`,
-  :mod:`speechbrain_blspkd.dataprep.whisper_targets`; needs ``whisper``
-  settings; training only: validation and test do not report it).
+  sampled softmax, much cheaper than all V).
 
 The teacher runs online in every step (``teacher="online"``, default) or
 is read from a stored top-k cache (``teacher="offline"``: the top-k
@@ -53,21 +45,15 @@ import speechbrain as sb
 import torch
 import torch.nn.functional as F
 
-from speechbrain_blspkd.losses import kd_kl, kd_kl_topk, response_ce
+from speechbrain_blspkd.losses import (
+    kd_kl,
+    kd_kl_topk,
+    response_ce,
+    sampled_vocabulary,
+)
 from speechbrain_blspkd.models.speech_llm import PassRequest
 from speechbrain_blspkd.nnet.cif import quantity_loss, timing_loss
 from speechbrain_blspkd.objectives.base import Objective
-from speechbrain_blspkd.objectives.vocab_ctc import (
-    VocabCTCHead,
-    sampled_vocabulary,
-)
-from speechbrain_blspkd.objectives.whisper_target import (
-    DATA_KEY as WHISPER_KEY,
-)
-from speechbrain_blspkd.objectives.whisper_target import (
-    WhisperTargetHead,
-    whisper_target_items,
-)
 
 __all__ = [
     "BLSPKDObjective",
@@ -121,7 +107,7 @@ def alignment_loss(
         transcript length.
     negatives : int, optional
         Score the cross-entropy against the batch's tokens plus this many
-        random others (:func:`~speechbrain_blspkd.objectives.vocab_ctc.
+        random others (:func:`~speechbrain_blspkd.losses.
         sampled_vocabulary`); None: the whole table.
 
     Returns
@@ -249,17 +235,6 @@ class BLSPKDObjective(Objective):
         batches have no one-to-one input positions: ``input_kl`` and
         ``align`` are left out of them, the response terms, the quantity
         and timing losses stay.  Needs a weighted response term.  0: never.
-    ctc : dict, optional
-        Settings of the objective-owned CTC head
-        (:class:`~speechbrain_blspkd.objectives.vocab_ctc.VocabCTCHead`:
-        ``input_size`` (CFormer width - 1), ``embedding_size`` (LLM width),
-        ``temperature``, ``negatives``); needed when ``ctc`` has a weight.
-    whisper : dict, optional
-        Settings of the ``whisper`` term: ``folder`` (the stored targets),
-        ``input_size`` (CFormer width), ``target_size`` (Whisper's width)
-        and ``mse_weight`` (:class:`~speechbrain_blspkd.objectives.
-        whisper_target.WhisperTargetHead`); needed when ``whisper`` has a
-        weight.
 
     Example
     -------
@@ -281,8 +256,6 @@ class BLSPKDObjective(Objective):
         "cif",
         "timing",
         "align",
-        "ctc",
-        "whisper",
     )
 
     def __init__(
@@ -297,8 +270,6 @@ class BLSPKDObjective(Objective):
         teacher_topk=64,
         topk_student_norm="full",
         align_negatives=None,
-        ctc=None,
-        whisper=None,
         predicted_count_fraction=0.0,
     ):
         if weights is None:
@@ -340,26 +311,6 @@ class BLSPKDObjective(Objective):
         self.align_negatives = (
             None if align_negatives is None else int(align_negatives)
         )
-        if self.active("ctc") and not ctc:
-            raise ValueError(
-                "BLSPKDObjective: the ctc term needs `ctc` settings "
-                "({input_size: ..., embedding_size: ...}, see "
-                "objectives.vocab_ctc.VocabCTCHead)"
-            )
-        # the head exists only when the term is weighted (no idle weights
-        # in the optimiser or the checkpoint)
-        self.ctc_head = (
-            VocabCTCHead(**ctc) if ctc and self.active("ctc") else None
-        )
-        whisper = dict(whisper or {}) if self.active("whisper") else {}
-        if self.active("whisper") and not whisper.get("folder"):
-            raise ValueError(
-                "BLSPKDObjective: the whisper term needs `whisper` settings "
-                "({folder: ..., input_size: ..., target_size: ...}, see "
-                "objectives.whisper_target.WhisperTargetHead)"
-            )
-        self.whisper_target_folder = whisper.pop("folder", None)
-        self.whisper_head = WhisperTargetHead(**whisper) if whisper else None
         self.eval_kl = bool(eval_kl)
         self.scale_by_t2 = bool(scale_by_t2)
         self.teacher = teacher
@@ -400,29 +351,17 @@ class BLSPKDObjective(Objective):
         )
 
     def data_keys(self):
-        """``("teacher_topk",)`` with the offline teacher, and
-        ``"whisper_target"`` with a weighted ``whisper`` term."""
-        keys = ("teacher_topk",) if self.teacher == "offline" else ()
-        if self.whisper_head is not None:
-            keys += (WHISPER_KEY,)
-        return keys
+        """``("teacher_topk",)`` with the offline teacher."""
+        return ("teacher_topk",) if self.teacher == "offline" else ()
 
     def data_items(self, model, dataset, source=None):
         """With the offline teacher: the item that reads each utterance's
         stored teacher, after checking the cache against ``model`` (LLM,
         tokenizer, prompt, k: :class:`~speechbrain_blspkd.dataprep.
         teacher_topk.StaleTeacherCacheError` otherwise) and every row of
-        ``dataset`` (present, text unchanged); with a weighted ``whisper``
-        term, the item that reads the stored Whisper-decoder targets
-        (:func:`~speechbrain_blspkd.objectives.whisper_target.
-        whisper_target_items`: checked likewise)."""
-        items = []
-        if self.whisper_head is not None:
-            items += whisper_target_items(
-                model, dataset, self.whisper_target_folder, source
-            )
+        ``dataset`` (present, text unchanged)."""
         if self.teacher != "offline":
-            return items
+            return []
         from speechbrain_blspkd.dataprep.teacher_topk import (
             TopKTeacherCache,
             teacher_settings,
@@ -446,7 +385,7 @@ class BLSPKDObjective(Objective):
         def stored_teacher(uid):
             return cache.get(uid)
 
-        return items + [stored_teacher]
+        return [stored_teacher]
 
     def _stored(self, outputs, span, mask):
         """The batch's stored teacher at ``span`` as ``(B, P, k)`` tensors
@@ -561,10 +500,6 @@ class BLSPKDObjective(Objective):
                 negatives=self.align_negatives,
             )[0]
         )
-        if self.ctc_head is not None:
-            terms["ctc"] = lambda: self._ctc(outputs, model)
-        if self.whisper_head is not None:
-            terms["whisper"] = lambda: self._whisper(outputs, stage)
         return terms
 
     def _timing(self, adapter, outputs, stage):
@@ -585,26 +520,6 @@ class BLSPKDObjective(Objective):
             outputs.targets.num_tokens,
         )
 
-    def _whisper(self, outputs, stage):
-        """The ``whisper`` term; None in validation and test, whose rows
-        carry no stored targets."""
-        rows = outputs.data.get(WHISPER_KEY)
-        if rows is None:
-            if stage is not None and stage != sb.Stage.TRAIN:
-                return None
-            raise ValueError(
-                "BLSPKDObjective: the whisper term needs the batch item "
-                f"{WHISPER_KEY!r} (dataio_prepare adds it through data_items)"
-            )
-        adapter = outputs.adapter
-        hidden = getattr(adapter, "token_hidden", None)
-        if hidden is None:
-            raise ValueError(
-                "BLSPKDObjective: the whisper term needs the adapter's token "
-                f"states (a CFormer); {type(adapter).__name__} gives none"
-            )
-        return self.whisper_head.loss(hidden, adapter.token_mask, list(rows))
-
     def stat_counts(self, outputs):
         """Positions behind each statistic: the KL and CE terms are means
         over the distilled positions, the alignment term and the token
@@ -624,25 +539,9 @@ class BLSPKDObjective(Objective):
             if "response" in side.masks:
                 counts["response_ce"] = int(side.masks["response"].sum())
         tokens = int(outputs.transcript_mask.sum())
-        counts["align"] = counts["token_acc"] = counts["whisper"] = tokens
+        counts["align"] = counts["token_acc"] = tokens
         counts["token_acc_pred"] = tokens
         return counts
-
-    def _ctc(self, outputs, model):
-        adapter = outputs.adapter
-        frames = getattr(adapter, "frames", None)
-        if frames is None:
-            raise ValueError(
-                "BLSPKDObjective: the ctc term needs the adapter's frames "
-                f"(a CFormer); {type(adapter).__name__} gives none"
-            )
-        table, _ = model.embedding_table(frames.device)
-        mask = outputs.transcript_mask
-        if mask is None:
-            mask = torch.ones_like(outputs.transcript_ids, dtype=torch.bool)
-        return self.ctc_head.loss(
-            frames, adapter.frame_mask, outputs.transcript_ids, mask, table
-        )
 
     def metrics(self, outputs, model, stage):
         """KL values (when the passes ran) and the token accuracy; the
