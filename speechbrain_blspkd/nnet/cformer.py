@@ -33,6 +33,10 @@ from speechbrain_blspkd.nnet.cif import (
     scale_alphas,
     span_weights,
 )
+from speechbrain_blspkd.nnet.weight_predictor import (
+    build_weight_predictor,
+    predict_weights,
+)
 
 __all__ = [
     "CFormer",
@@ -207,7 +211,8 @@ class CFormer(SpeechAdapter):
         frames. ``"rnn"``: a bidirectional LSTM (``predictor_hidden`` units
         each way) over them, so each weight sees the whole utterance (how
         many LLM tokens a stretch holds depends on its words). With
-        ``"conv"`` and ``"rnn"`` all d channels are integrated.
+        ``"conv"`` and ``"rnn"`` all d channels are integrated
+        (:mod:`speechbrain_blspkd.nnet.weight_predictor`).
     predictor_hidden : int
         Width of the ``"conv"`` / ``"rnn"`` weight predictor.
     forcing_until : float
@@ -301,22 +306,10 @@ class CFormer(SpeechAdapter):
             with torch.no_grad():
                 self.norm.bias[-1] = weight_bias_init
             integrated = d - 1
-        elif weight_predictor == "conv":
-            self.predictor = nn.ModuleList(
-                [
-                    nn.Conv1d(d, predictor_hidden, 5, padding=2),
-                    nn.Conv1d(predictor_hidden, predictor_hidden, 5, padding=2),
-                ]
-            )
-            self.predictor_out = nn.Linear(predictor_hidden, 1)
         else:
-            self.predictor = nn.LSTM(
-                d, predictor_hidden, batch_first=True, bidirectional=True
+            self.predictor, self.predictor_out = build_weight_predictor(
+                weight_predictor, d, predictor_hidden, weight_bias_init
             )
-            self.predictor_out = nn.Linear(2 * predictor_hidden, 1)
-        if weight_predictor != "channel":
-            with torch.no_grad():
-                self.predictor_out.bias.fill_(weight_bias_init)
         self.dropout = nn.Dropout(dropout)
         self.token_proj = nn.Linear(integrated, d)
         self.post_layers = nn.ModuleList(
@@ -441,7 +434,13 @@ class CFormer(SpeechAdapter):
             weight_logit = normed[..., -1] if self.weight_norm else x[..., -1]
             frames = normed[..., :-1]
         else:
-            weight_logit = self._predict_weights(normed, padding)
+            weight_logit = predict_weights(
+                self.weight_predictor,
+                self.predictor,
+                self.predictor_out,
+                normed,
+                padding,
+            )
             frames = normed
         alphas = torch.sigmoid(weight_logit) * frame_mask.to(x.dtype)
         alpha_sum = alphas.sum(dim=1)
@@ -498,26 +497,6 @@ class CFormer(SpeechAdapter):
             target_alphas=target,
             forced=forced,
         )
-
-    def _predict_weights(self, normed, padding):
-        """Weight logits (B, T) of the ``conv`` / ``rnn`` predictor."""
-        inputs = normed.masked_fill(padding[..., None], 0.0)
-        if self.weight_predictor == "conv":
-            hidden = inputs.transpose(1, 2)
-            keep = (~padding)[:, None, :].to(hidden.dtype)
-            for conv in self.predictor:  # padding stays zero between them
-                hidden = nn.functional.gelu(conv(hidden)) * keep
-            hidden = hidden.transpose(1, 2)
-        else:
-            lengths = (~padding).sum(1).clamp(min=1).cpu()
-            packed = nn.utils.rnn.pack_padded_sequence(
-                inputs, lengths, batch_first=True, enforce_sorted=False
-            )
-            hidden, _ = self.predictor(packed)
-            hidden, _ = nn.utils.rnn.pad_packed_sequence(
-                hidden, batch_first=True, total_length=inputs.shape[1]
-            )
-        return self.predictor_out(hidden).squeeze(-1)
 
     def _frame_mask(self, hidden, lengths, mask):
         """Checked (B, T) bool frame mask from ``mask`` or ``lengths``.
