@@ -25,6 +25,11 @@ unless ``scale_by_t2=True`` (the classic Hinton scaling keeps gradient
 magnitudes comparable across temperatures; with a fixed ``T`` it is only a
 constant factor on the loss weight). Teacher inputs are detached: gradients
 reach the student only.
+
+:func:`sampled_vocabulary` picks the token ids a sampled softmax scores
+(the batch's targets plus random others), e.g. for the alignment loss's
+cross-entropy against the LLM embedding table, which is far cheaper than
+scoring all V embeddings (for SmolLM2 V = 49,152).
 """
 
 import math
@@ -245,3 +250,56 @@ def response_ce(logits, targets, mask=None):
     if selected.shape[0] == 0:
         return selected.sum() * 0.0
     return F.cross_entropy(selected, targets[mask].long())
+
+
+def sampled_vocabulary(ids, vocab_size, negatives=None, generator=None):
+    """The token ids a sampled softmax scores: the targets plus random ones.
+
+    Arguments
+    ---------
+    ids : torch.Tensor
+        Target ids (any shape; every one is kept).
+    vocab_size : int
+        Size V of the full vocabulary.
+    negatives : int, optional
+        How many other ids to draw uniformly (without replacement among
+        the non-targets); None: the whole vocabulary.
+    generator : torch.Generator, optional
+        Random source of the draw (default: torch's global one, so a run
+        seeded by speechbrain is reproducible).
+
+    Returns
+    -------
+    vocab : torch.Tensor
+        (K,) sorted unique ids on ``ids``' device; ``ids`` map into it with
+        ``torch.searchsorted(vocab, ids)``.
+
+    Example
+    -------
+    >>> ids = torch.tensor([[7, 3], [3, 9]])
+    >>> sampled_vocabulary(ids, 12).tolist() == list(range(12))
+    True
+    >>> vocab = sampled_vocabulary(ids, 12, negatives=4)
+    >>> len(vocab), {3, 7, 9} <= set(vocab.tolist())
+    (7, True)
+    >>> torch.equal(vocab[torch.searchsorted(vocab, ids)], ids)
+    True
+    """
+    device = ids.device
+    if negatives is None:
+        return torch.arange(vocab_size, device=device)
+    targets = torch.unique(ids.reshape(-1))
+    if targets.numel() and (
+        int(targets.min()) < 0 or int(targets.max()) >= vocab_size
+    ):
+        raise ValueError(
+            f"sampled_vocabulary: ids must be in [0, {vocab_size}), got "
+            f"{int(targets.min())}..{int(targets.max())}"
+        )
+    is_target = torch.zeros(vocab_size, dtype=torch.bool)
+    is_target[targets.cpu()] = True
+    others = torch.nonzero(~is_target).squeeze(1)
+    count = min(int(negatives), others.numel())
+    pick = torch.randperm(others.numel(), generator=generator)[:count]
+    vocab = torch.cat([targets.cpu(), others[pick]])
+    return torch.sort(vocab).values.to(device)

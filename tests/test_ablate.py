@@ -47,7 +47,7 @@ def test_table_from_finished_variants_and_resume(tmp_path, capsys):
         "synth_folder": "d",
         "output_folder": str(out),
         "common": [],
-        "variants": {"done": [], "todo": ["--ctc_weight", "0.5"]},
+        "variants": {"done": [], "todo": ["--length_pool_batches", "8"]},
     }
     figures = {
         "count": {"exact_rate": 0.25},
@@ -82,7 +82,7 @@ def test_table_from_finished_variants_and_resume(tmp_path, capsys):
     ablate.run(plan, ["done", "todo"], dry_run=True)
     printed = capsys.readouterr().out
     assert "done: done before" in printed
-    assert "--ctc_weight 0.5" in printed and "--tokens-only" in printed
+    assert "--length_pool_batches 8" in printed and "--tokens-only" in printed
 
 
 def test_bad_plan_is_refused(tmp_path):

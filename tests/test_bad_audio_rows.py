@@ -7,9 +7,9 @@ import soundfile as sf
 import torch
 from speechbrain.utils.epoch_loop import EpochCounter
 
-from speechbrain_blspkd.brain import dataio_prepare
 from speechbrain_blspkd.dataio.audio import AudioError
 from speechbrain_blspkd.dataio.manifest import write_manifest
+from speechbrain_blspkd.dataio.pipelines import dataio_prepare
 from speechbrain_blspkd.stages import Stage
 
 

@@ -170,7 +170,7 @@ def test_without_tensorboard_only_the_step_log(tmp_path, monkeypatch, caplog):
 def test_dynamic_batching_buckets_by_duration_and_follows_the_epoch():
     from speechbrain.dataio.dataset import DynamicItemDataset
 
-    from speechbrain_blspkd.brain import loader_kwargs
+    from speechbrain_blspkd.dataio.sampler import loader_kwargs
 
     durations = [1.0, 9.0, 1.2, 8.5, 1.1, 9.5, 0.9, 8.8, 1.05, 9.2]
     data = {f"u{i}": {"duration": d} for i, d in enumerate(durations)}
@@ -261,7 +261,7 @@ def test_validation_stats_come_from_the_objective_and_the_adapter(tmp_path):
 def test_encoder_fn_pads_right_and_crops_each_row():
     """Feature-cache encoding: right zero-padding with SpeechBrain relative
     lengths in, each row cut back to its own frames out."""
-    from speechbrain_blspkd.brain import _encoder_fn
+    from speechbrain_blspkd.recipe import _encoder_fn
 
     calls = []
 

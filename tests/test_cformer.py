@@ -195,43 +195,6 @@ def test_out_init_std_sets_output_scale():
     assert torch.all(model.out_proj.bias == 0)
 
 
-def test_init_pre_layers_from_whisper():
-    from transformers import WhisperConfig
-    from transformers.models.whisper.modeling_whisper import (
-        WhisperEncoderLayer,
-    )
-
-    config = WhisperConfig(
-        d_model=D_IN,
-        encoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-    )
-    torch.manual_seed(2)
-    whisper = [WhisperEncoderLayer(config).eval() for _ in range(2)]
-    for layer in whisper:  # non-trivial layer norms
-        for norm in (layer.self_attn_layer_norm, layer.final_layer_norm):
-            torch.nn.init.normal_(norm.weight, 1.0, 0.2)
-            torch.nn.init.normal_(norm.bias, 0.0, 0.2)
-    model = tiny().eval()
-    model.init_pre_layers_from(whisper)
-    x = torch.randn(2, 7, D_IN)
-    with torch.no_grad():
-        expected = x
-        for layer in whisper:
-            expected = layer(expected, attention_mask=None)
-            if isinstance(expected, tuple):
-                expected = expected[0]
-        got = x
-        for layer in model.pre_layers:
-            got = layer(got)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="layers"):
-        model.init_pre_layers_from(whisper[:1])
-
-
 def test_bfloat16_model():
     model = tiny().to(torch.bfloat16).eval()
     hidden = torch.randn(2, 20, D_IN, dtype=torch.bfloat16)

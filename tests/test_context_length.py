@@ -14,8 +14,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from speechbrain_blspkd.brain import dataio_prepare
 from speechbrain_blspkd.dataio.manifest import write_manifest
+from speechbrain_blspkd.dataio.pipelines import dataio_prepare
 from speechbrain_blspkd.evaluation import decode_rows
 from speechbrain_blspkd.prompt import (
     ContextLengthError,

@@ -315,7 +315,7 @@ def test_recipe_prepares_with_the_model_prompt(setup, tmp_path, fed_prompts):
 
     from transformers import AutoTokenizer
 
-    from speechbrain_blspkd.brain import prepare_continuations
+    from speechbrain_blspkd.recipe import prepare_continuations
 
     d, model_dir = setup
     prompts = PromptBuilder(
@@ -362,7 +362,7 @@ def test_the_model_runs_on_the_inferred_device(setup, monkeypatch, tmp_path):
 
     import speechbrain as sb
 
-    from speechbrain_blspkd.brain import prepare_continuations
+    from speechbrain_blspkd.recipe import prepare_continuations
 
     d, model_dir = setup
     devices = []

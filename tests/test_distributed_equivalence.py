@@ -98,7 +98,8 @@ def worker(data, out, batch_size):
     from speechbrain.utils.epoch_loop import EpochCounter
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-    from speechbrain_blspkd.brain import SpeechLLMBrain, dataio_prepare
+    from speechbrain_blspkd.brain import SpeechLLMBrain
+    from speechbrain_blspkd.dataio.pipelines import dataio_prepare
     from speechbrain_blspkd.evaluation import evaluate_parity
     from speechbrain_blspkd.models.trainable import trainable_state_dict
     from speechbrain_blspkd.objectives import BLSPKDObjective

@@ -42,7 +42,7 @@ def test_token_accuracy_true_count_matches_the_objective(tmp_path):
     the BLSP-KD objective; at the predicted count the counts are those
     that generation uses."""
     from speechbrain_blspkd.nnet.adapter import AdapterTargets
-    from speechbrain_blspkd.objectives.blsp_kd import nearest_token_accuracy
+    from speechbrain_blspkd.objectives.alignment import nearest_token_accuracy
 
     model = tiny_speech_llm().eval()
     rows = _rows(tmp_path)

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.utils.epoch_loop import EpochCounter
 
-from speechbrain_blspkd.brain import dataio_prepare
 from speechbrain_blspkd.dataio.manifest import write_manifest
+from speechbrain_blspkd.dataio.pipelines import dataio_prepare
 from speechbrain_blspkd.nnet.adapter import AdapterTargets
 from speechbrain_blspkd.nnet.language_aware_qformer import (
     AttentionPoolingGate,

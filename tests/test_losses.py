@@ -10,7 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from speechbrain_blspkd.losses import kd_kl, kd_kl_topk, response_ce
+from speechbrain_blspkd.losses import (
+    kd_kl,
+    kd_kl_topk,
+    response_ce,
+    sampled_vocabulary,
+)
 
 
 def _hand_kl(s, t, temp):
@@ -141,3 +146,19 @@ def test_response_ce_matches_cross_entropy():
     mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]]).bool()
     want = nn.functional.cross_entropy(logits[mask], targets[mask])
     torch.testing.assert_close(response_ce(logits, targets, mask), want)
+
+
+def test_sampled_vocabulary_keeps_every_target_and_draws_the_rest():
+    ids = torch.tensor([[5, 1, 5], [9, 2, 0]])
+    gen = torch.Generator().manual_seed(0)
+    vocab = sampled_vocabulary(ids, 40, negatives=10, generator=gen)
+    assert len(vocab) == 5 + 10
+    assert set(ids.flatten().tolist()) <= set(vocab.tolist())
+    assert torch.equal(vocab, torch.sort(vocab).values)
+    assert len(set(vocab.tolist())) == len(vocab)
+    # asking for more negatives than exist: the whole vocabulary
+    assert sampled_vocabulary(ids, 12, negatives=100).tolist() == list(
+        range(12)
+    )
+    with pytest.raises(ValueError, match=r"\[0, 8\)"):
+        sampled_vocabulary(torch.tensor([3, 8]), 8, negatives=2)

@@ -12,7 +12,12 @@ from speechbrain_blspkd.models.passes import PassRequest, SpeechLLMOutput
 from speechbrain_blspkd.nnet.adapter import AdapterOutput
 from speechbrain_blspkd.nnet.cif import quantity_loss
 from speechbrain_blspkd.nnet.qformer import QFormer
-from speechbrain_blspkd.objectives import BLSPKDObjective, Objective, blsp_kd
+from speechbrain_blspkd.objectives import (
+    BLSPKDObjective,
+    Objective,
+    alignment,
+    blsp_kd,
+)
 from speechbrain_blspkd.utils.testing import count_llm_calls, tiny_speech_llm
 
 TRAIN, VALID, TEST = sb.Stage.TRAIN, sb.Stage.VALID, sb.Stage.TEST
@@ -226,7 +231,7 @@ def test_blspkd_terms_are_the_loss_functions(model):
         "cif": quantity_loss(
             out.adapter.alphas, out.adapter.frame_mask, out.targets.num_tokens
         ),
-        "align": blsp_kd.alignment_loss(
+        "align": alignment.alignment_loss(
             model, out.adapter, out.transcript_ids, 0.05
         )[0],
     }
@@ -275,7 +280,7 @@ def test_zero_weight_terms_are_never_computed(model, monkeypatch):
 def test_valid_stats_include_token_acc(model):
     objective = BLSPKDObjective(ALL_KL)
     out, (_, stats) = run(model, objective, VALID)
-    want = blsp_kd.nearest_token_accuracy(
+    want = alignment.nearest_token_accuracy(
         model, out.adapter, out.transcript_ids
     )
     assert stats["token_acc"] == pytest.approx(want)
@@ -333,7 +338,7 @@ def test_kl_is_zero_when_the_student_sees_the_transcript():
     loss, stats = objective(same, model, TRAIN)
     assert stats["input_kl"] < 1e-6 and stats["response_kl"] < 1e-6
     # and a perfect adapter has a nearest-token accuracy of 1
-    assert blsp_kd.nearest_token_accuracy(
+    assert alignment.nearest_token_accuracy(
         model, true, out.transcript_ids
     ) == pytest.approx(1.0)
 
@@ -508,3 +513,25 @@ def test_predicted_count_batches_distil_the_response_only(model):
         BLSPKDObjective(
             {"align": 1.0, "cif": 1.0}, predicted_count_fraction=0.5
         )
+
+
+def test_alignment_loss_sampled_equals_full_when_every_token_is_drawn():
+    from speechbrain_blspkd.nnet.adapter import AdapterTargets
+
+    torch.manual_seed(0)
+    model = tiny_speech_llm(whisper=False)
+    out = model.adapter(
+        torch.randn(2, 20, 64), targets=AdapterTargets(torch.tensor([3, 2]))
+    )
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    mask = torch.tensor([[True] * 3, [True, True, False]])
+    vocab = model.embed_tokens.weight.shape[0]
+    full, _ = alignment.alignment_loss(model, out, ids, transcript_mask=mask)
+    same, _ = alignment.alignment_loss(
+        model, out, ids, transcript_mask=mask, negatives=vocab
+    )
+    fewer, _ = alignment.alignment_loss(
+        model, out, ids, transcript_mask=mask, negatives=3
+    )
+    assert torch.allclose(full, same, atol=1e-5)
+    assert float(fewer.detach()) < float(full.detach())  # fewer competitors

@@ -108,7 +108,7 @@ def test_run_device_is_what_auto_resolves_for(monkeypatch):
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
 def test_brain_run_options(monkeypatch, native, expected):
-    from speechbrain_blspkd.brain import resolve_run_precision
+    from speechbrain_blspkd.utils.run_options import resolve_run_precision
 
     mock_cpu(monkeypatch, native=native, speedup=2.0 if native else None)
     opts = resolve_run_precision({"precision": "auto"}, {"device": "cpu"})
@@ -197,7 +197,8 @@ def test_parsed_run_options_keep_their_defaults_below_the_yaml(monkeypatch):
     given ones (and the resolved precision) may override the YAML."""
     import speechbrain as sb
 
-    from speechbrain_blspkd.brain import SpeechLLMBrain, resolve_run_precision
+    from speechbrain_blspkd.brain import SpeechLLMBrain
+    from speechbrain_blspkd.utils.run_options import resolve_run_precision
     from speechbrain_blspkd.utils.testing import tiny_speech_llm
 
     mock_cpu(monkeypatch, native=True, speedup=3.0)

@@ -1,8 +1,8 @@
 """Work that every rank shares, on two "nodes" that share no output folder.
 
 One worker (this file run as a script) prepares the teacher continuations
-(:func:`speechbrain_blspkd.brain.prepare_continuations`) and the feature
-cache (:func:`speechbrain_blspkd.brain.prepare_features`), decodes a test
+(:func:`speechbrain_blspkd.recipe.prepare_continuations`) and the feature
+cache (:func:`speechbrain_blspkd.recipe.prepare_features`), decodes a test
 split (:func:`speechbrain_blspkd.evaluation.evaluate_parity`), saves and
 recovers the random generators (:class:`~speechbrain_blspkd.utils.rng.
 RNGState`, in a checkpoint folder both nodes see) and a checkpoint in each
@@ -90,7 +90,7 @@ def worker(shared, own, ckpt_dir):
     import speechbrain as sb
     from speechbrain.utils.checkpoints import Checkpointer
 
-    from speechbrain_blspkd import brain
+    from speechbrain_blspkd import recipe
     from speechbrain_blspkd.dataprep import continuations
     from speechbrain_blspkd.evaluation import evaluate_parity
     from speechbrain_blspkd.utils.rng import RNGState
@@ -150,7 +150,7 @@ def worker(shared, own, ckpt_dir):
             "continuation_device": None,
             "continuation_dtype": "float32",
         }
-        brain.prepare_continuations(hparams, device="cpu")
+        recipe.prepare_continuations(hparams, device="cpu")
         return {"generated": generated}
 
     encoder = FrameEncoder()
@@ -167,7 +167,7 @@ def worker(shared, own, ckpt_dir):
             "sample_rate": 16000,
             "max_audio_seconds": 30,
         }
-        cache = brain.prepare_features(hparams, encoder, "cpu")
+        cache = recipe.prepare_features(hparams, encoder, "cpu")
         uids = [f"u{k}" for k in range(len(SECONDS))]
         found = [uid for uid in uids if cache.get(uid) is not None]
         return {"encoded": encoder.encoded, "cached": found}

@@ -3,11 +3,13 @@
 For every ``recipes/*/speech_llm/hparams/*.yaml``:
 
 * every top-level key is used: referenced with ``!ref``/``!copy`` in the
-  same file, read by :mod:`speechbrain_blspkd.brain` (found by walking the
-  module's syntax tree, f-strings and loop variables expanded), a
+  same file, read by the training code (:mod:`speechbrain_blspkd.brain`,
+  :mod:`speechbrain_blspkd.recipe`, :mod:`speechbrain_blspkd.dataio.
+  pipelines`; found by walking the modules' syntax trees, f-strings and
+  loop variables expanded), a
   SpeechBrain run option (``speechbrain.utils.run_opts.RunOptions``), or
   ``__``-prefixed (evaluated for its side effect);
-* every key that ``brain.py`` requires is defined;
+* every key that the training code requires is defined;
 * the file resolves as HyperPyYAML text (references, arithmetic, the
   ``!PLACEHOLDER`` keys filled by overrides) without building any object.
 """
@@ -21,7 +23,13 @@ import yaml
 from hyperpyyaml import resolve_references
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-BRAIN = ROOT / "speechbrain_blspkd" / "brain.py"
+#: The modules that read the recipe's hparams (the Brain, the recipe
+#: runner, the data pipelines).
+READERS = [
+    ROOT / "speechbrain_blspkd" / "brain.py",
+    ROOT / "speechbrain_blspkd" / "recipe.py",
+    ROOT / "speechbrain_blspkd" / "dataio" / "pipelines.py",
+]
 RECIPE_YAMLS = sorted(ROOT.glob("recipes/*/speech_llm/hparams/*.yaml"))
 IDS = [str(p.relative_to(ROOT / "recipes")) for p in RECIPE_YAMLS]
 
@@ -242,7 +250,12 @@ def run_option_keys():
 
 @pytest.fixture(scope="module")
 def brain_reads():
-    return brain_keys(BRAIN.read_text(encoding="utf-8"), str(BRAIN))
+    required, optional = set(), set()
+    for path in READERS:
+        more, maybe = brain_keys(path.read_text(encoding="utf-8"), str(path))
+        required |= more
+        optional |= maybe
+    return required, optional - required
 
 
 def unused_keys(text, brain_required, brain_optional):
@@ -328,7 +341,9 @@ def test_brain_keys_defined(path, brain_reads):
     required, _ = brain_reads
     tree = load_tree(path.read_text(encoding="utf-8"))
     missing = sorted(required - set(tree))
-    assert not missing, f"{path}: keys brain.py reads are missing: {missing}"
+    assert not missing, (
+        f"{path}: keys the training code reads are missing: {missing}"
+    )
 
 
 def _arithmetic_refs(orig, resolved, where="root"):

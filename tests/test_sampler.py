@@ -6,8 +6,7 @@ import pytest
 import torch
 from speechbrain.dataio.dataset import DynamicItemDataset
 
-from speechbrain_blspkd.brain import loader_kwargs
-from speechbrain_blspkd.dataio.sampler import PooledLengthSampler
+from speechbrain_blspkd.dataio.sampler import PooledLengthSampler, loader_kwargs
 
 
 def _lengths(n=203, seed=0):

@@ -27,7 +27,7 @@ from speechbrain_blspkd.nnet.whisper_encoder import (
     whisper_log_mel,
 )
 from speechbrain_blspkd.objectives import BLSPKDObjective
-from speechbrain_blspkd.objectives.blsp_kd import (
+from speechbrain_blspkd.objectives.alignment import (
     alignment_loss,
     nearest_token_accuracy,
 )

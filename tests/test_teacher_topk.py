@@ -23,8 +23,8 @@ import torch
 from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.utils.epoch_loop import EpochCounter
 
-from speechbrain_blspkd.brain import dataio_prepare
 from speechbrain_blspkd.dataio.manifest import read_manifest, write_manifest
+from speechbrain_blspkd.dataio.pipelines import dataio_prepare
 from speechbrain_blspkd.dataprep import teacher_topk as topk_lib
 from speechbrain_blspkd.dataprep.teacher_cache import (
     StaleTeacherCacheError,

@@ -33,11 +33,14 @@ from speechbrain_blspkd.nnet.cif import (
     scale_alphas,
     span_weights,
 )
+from speechbrain_blspkd.nnet.weight_predictor import (
+    build_weight_predictor,
+    predict_weights,
+)
 
 __all__ = [
     "CFormer",
     "CFormerOutput",
-    "init_pre_from_encoder",
     "pool_frames",
 ]
 
@@ -65,14 +68,11 @@ class CFormerOutput(AdapterOutput):
     frames : torch.Tensor, optional
         (B, T, input_size - 1) the layer-normalised channels that CIF
         integrates, before dropout, at the rate of ``alphas`` (what a
-        frame-level auxiliary loss such as CTC over the LLM vocabulary
-        reads: :mod:`speechbrain_blspkd.objectives.vocab_ctc`).
+        frame-level auxiliary loss reads).
     token_hidden : torch.Tensor, optional
         (B, Nmax, input_size) the post-CIF token states after ``post_norm``,
         before ``out_proj`` (zero beyond each row's count): what a
-        token-level auxiliary loss in the adapter's own width reads, e.g.
-        the Whisper-decoder targets
-        (:mod:`speechbrain_blspkd.objectives.whisper_target`).
+        token-level auxiliary loss in the adapter's own width reads.
     target_alphas : torch.Tensor, optional
         (B, T) the weights the token timings ask for
         (:func:`~speechbrain_blspkd.nnet.cif.span_weights`, at the rate of
@@ -186,7 +186,7 @@ class CFormer(SpeechAdapter):
         channel, so alphas differ between train and eval.
     activation : str
         Activation of the transformer feed-forward blocks ("gelu" matches
-        Whisper, see :meth:`init_pre_layers_from`).
+        Whisper).
     threshold : float
         CIF firing threshold.
     weight_bias_init : float
@@ -211,7 +211,8 @@ class CFormer(SpeechAdapter):
         frames. ``"rnn"``: a bidirectional LSTM (``predictor_hidden`` units
         each way) over them, so each weight sees the whole utterance (how
         many LLM tokens a stretch holds depends on its words). With
-        ``"conv"`` and ``"rnn"`` all d channels are integrated.
+        ``"conv"`` and ``"rnn"`` all d channels are integrated
+        (:mod:`speechbrain_blspkd.nnet.weight_predictor`).
     predictor_hidden : int
         Width of the ``"conv"`` / ``"rnn"`` weight predictor.
     forcing_until : float
@@ -305,22 +306,10 @@ class CFormer(SpeechAdapter):
             with torch.no_grad():
                 self.norm.bias[-1] = weight_bias_init
             integrated = d - 1
-        elif weight_predictor == "conv":
-            self.predictor = nn.ModuleList(
-                [
-                    nn.Conv1d(d, predictor_hidden, 5, padding=2),
-                    nn.Conv1d(predictor_hidden, predictor_hidden, 5, padding=2),
-                ]
-            )
-            self.predictor_out = nn.Linear(predictor_hidden, 1)
         else:
-            self.predictor = nn.LSTM(
-                d, predictor_hidden, batch_first=True, bidirectional=True
+            self.predictor, self.predictor_out = build_weight_predictor(
+                weight_predictor, d, predictor_hidden, weight_bias_init
             )
-            self.predictor_out = nn.Linear(2 * predictor_hidden, 1)
-        if weight_predictor != "channel":
-            with torch.no_grad():
-                self.predictor_out.bias.fill_(weight_bias_init)
         self.dropout = nn.Dropout(dropout)
         self.token_proj = nn.Linear(integrated, d)
         self.post_layers = nn.ModuleList(
@@ -445,7 +434,13 @@ class CFormer(SpeechAdapter):
             weight_logit = normed[..., -1] if self.weight_norm else x[..., -1]
             frames = normed[..., :-1]
         else:
-            weight_logit = self._predict_weights(normed, padding)
+            weight_logit = predict_weights(
+                self.weight_predictor,
+                self.predictor,
+                self.predictor_out,
+                normed,
+                padding,
+            )
             frames = normed
         alphas = torch.sigmoid(weight_logit) * frame_mask.to(x.dtype)
         alpha_sum = alphas.sum(dim=1)
@@ -503,26 +498,6 @@ class CFormer(SpeechAdapter):
             forced=forced,
         )
 
-    def _predict_weights(self, normed, padding):
-        """Weight logits (B, T) of the ``conv`` / ``rnn`` predictor."""
-        inputs = normed.masked_fill(padding[..., None], 0.0)
-        if self.weight_predictor == "conv":
-            hidden = inputs.transpose(1, 2)
-            keep = (~padding)[:, None, :].to(hidden.dtype)
-            for conv in self.predictor:  # padding stays zero between them
-                hidden = nn.functional.gelu(conv(hidden)) * keep
-            hidden = hidden.transpose(1, 2)
-        else:
-            lengths = (~padding).sum(1).clamp(min=1).cpu()
-            packed = nn.utils.rnn.pack_padded_sequence(
-                inputs, lengths, batch_first=True, enforce_sorted=False
-            )
-            hidden, _ = self.predictor(packed)
-            hidden, _ = nn.utils.rnn.pad_packed_sequence(
-                hidden, batch_first=True, total_length=inputs.shape[1]
-            )
-        return self.predictor_out(hidden).squeeze(-1)
-
     def _frame_mask(self, hidden, lengths, mask):
         """Checked (B, T) bool frame mask from ``mask`` or ``lengths``.
 
@@ -559,151 +534,3 @@ class CFormer(SpeechAdapter):
                 f"got {lengths.tolist()}"
             )
         return self.frame_mask(hidden, lengths)
-
-    @torch.no_grad()
-    def init_pre_layers_from(self, layers):
-        """Copies pretrained transformer layers into the pre layers.
-
-        Accepts ``torch.nn.TransformerEncoderLayer`` modules or Hugging Face
-        Whisper encoder layers (``WhisperEncoderLayer``: pre-norm, GELU, no
-        key bias), e.g. the top layers of the speech encoder (docs/algorithms.md §2.9.6).
-        Shapes must match (width d, feed-forward width, and the layers must
-        use the same activation as this model).
-
-        Arguments
-        ---------
-        layers : sequence of torch.nn.Module
-            One layer per pre layer, in order.
-
-        Example
-        -------
-        >>> a = CFormer(8, 4, n_pre=1, n_post=0, nhead=2, d_ffn=16)
-        >>> b = CFormer(8, 4, n_pre=1, n_post=0, nhead=2, d_ffn=16)
-        >>> b.init_pre_layers_from(a.pre_layers)
-        >>> x = torch.randn(1, 5, 8)
-        >>> _ = a.eval(), b.eval()
-        >>> torch.allclose(a.pre_layers[0](x), b.pre_layers[0](x))
-        True
-        """
-        layers = list(layers)
-        if len(layers) != len(self.pre_layers):
-            raise ValueError(
-                f"CFormer.init_pre_layers_from: got {len(layers)} layers "
-                f"for {len(self.pre_layers)} pre layers"
-            )
-        for target, source in zip(self.pre_layers, layers):
-            if isinstance(source, nn.TransformerEncoderLayer):
-                target.load_state_dict(source.state_dict())
-            elif hasattr(source, "self_attn") and hasattr(source, "fc1"):
-                _copy_whisper_layer(target, source)
-            else:
-                raise TypeError(
-                    "CFormer.init_pre_layers_from: unsupported layer type "
-                    f"{type(source).__name__}"
-                )
-
-
-def _copy_whisper_layer(target, source):
-    """Copies a Hugging Face Whisper encoder layer into a PyTorch one."""
-    attn = source.self_attn
-    d = target.self_attn.embed_dim
-    if attn.q_proj.weight.shape != (d, d):
-        raise ValueError(
-            "CFormer.init_pre_layers_from: Whisper layer width "
-            f"{attn.q_proj.weight.shape[0]} != CFormer width {d}"
-        )
-    if source.fc1.weight.shape != target.linear1.weight.shape:
-        raise ValueError(
-            "CFormer.init_pre_layers_from: feed-forward shape "
-            f"{tuple(source.fc1.weight.shape)} != "
-            f"{tuple(target.linear1.weight.shape)}"
-        )
-
-    def bias(linear):
-        if linear.bias is None:
-            return linear.weight.new_zeros(linear.weight.shape[0])
-        return linear.bias
-
-    mha = target.self_attn
-    mha.in_proj_weight.copy_(
-        torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-    )
-    mha.in_proj_bias.copy_(
-        torch.cat([bias(attn.q_proj), bias(attn.k_proj), bias(attn.v_proj)])
-    )
-    mha.out_proj.weight.copy_(attn.out_proj.weight)
-    mha.out_proj.bias.copy_(bias(attn.out_proj))
-    target.norm1.load_state_dict(source.self_attn_layer_norm.state_dict())
-    target.linear1.load_state_dict(source.fc1.state_dict())
-    target.linear2.load_state_dict(source.fc2.state_dict())
-    target.norm2.load_state_dict(source.final_layer_norm.state_dict())
-
-
-def init_pre_from_encoder(adapter, encoder, enabled=True):
-    """Start a CFormer's pre layers from the top layers of a Whisper encoder.
-
-    Meant for a recipe YAML, applied once the adapter and the encoder are
-    built (``!apply``; the recipe's ``init_pre_from_encoder`` switch): with
-    ``enabled`` the ``n_pre`` pre layers of ``adapter`` become copies of
-    the last ``n_pre`` layers of ``encoder``, in order (pre layer 0 from
-    encoder layer ``L - n_pre``, the last pre layer from the top layer),
-    through :meth:`CFormer.init_pre_layers_from`.  The copies are trained
-    with the adapter; the encoder is unchanged.  A run that resumes from a
-    checkpoint loads the trained pre layers over them.
-
-    Arguments
-    ---------
-    adapter : CFormer
-        The adapter (its ``d_ffn`` and width must be the encoder's).
-    encoder : speechbrain_blspkd.nnet.whisper_encoder.WhisperEncoder
-        The speech encoder (its Hugging Face encoder's ``layers``).
-    enabled : bool
-        False: nothing is copied.
-
-    Returns
-    -------
-    bool
-        Whether layers were copied.
-
-    Example
-    -------
-    >>> from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
-    >>> from speechbrain_blspkd.utils.testing import tiny_whisper_config
-    >>> encoder = WhisperEncoder(tiny_whisper_config(encoder_layers=3))
-    >>> adapter = CFormer(64, 8, n_pre=2, n_post=0, nhead=4, d_ffn=128)
-    >>> init_pre_from_encoder(adapter, encoder)
-    True
-    >>> top = encoder.encoder.layers[-1].fc1.weight
-    >>> torch.equal(adapter.pre_layers[1].linear1.weight, top)
-    True
-    >>> init_pre_from_encoder(adapter, encoder, enabled=False)
-    False
-    """
-    if not enabled:
-        return False
-    if not isinstance(adapter, CFormer):
-        raise TypeError(
-            "init_pre_from_encoder: the adapter must be a CFormer, got "
-            f"{type(adapter).__name__}"
-        )
-    layers = getattr(getattr(encoder, "encoder", None), "layers", None)
-    if layers is None:
-        raise TypeError(
-            "init_pre_from_encoder: the encoder must be a WhisperEncoder "
-            f"(transformer layers to copy), got {type(encoder).__name__}"
-        )
-    count = len(adapter.pre_layers)
-    if count == 0 or count > len(layers):
-        raise ValueError(
-            f"init_pre_from_encoder: the CFormer has {count} pre layers, the "
-            f"encoder {len(layers)}; need 1 to {len(layers)} pre layers"
-        )
-    heads = getattr(layers[0].self_attn, "num_heads", None)
-    if heads is not None and heads != adapter.pre_layers[0].self_attn.num_heads:
-        raise ValueError(
-            f"init_pre_from_encoder: the encoder layers have {heads} attention "
-            f"heads, the CFormer {adapter.pre_layers[0].self_attn.num_heads}; "
-            "the copies would compute another function"
-        )
-    adapter.init_pre_layers_from(list(layers)[-count:])
-    return True

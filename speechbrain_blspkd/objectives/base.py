@@ -191,9 +191,10 @@ class Objective(nn.Module):
         """Dynamic items that add :meth:`data_keys` to a training dataset.
 
         Called once per training stage by
-        :func:`~speechbrain_blspkd.brain.dataio_prepare` with the stage's
-        dataset, before any training; it may check the dataset's rows and
-        refuse them (with a message naming ``source``).  Default: none.
+        :func:`~speechbrain_blspkd.dataio.pipelines.dataio_prepare` with the
+        stage's dataset, before any training; it may check the dataset's
+        rows and refuse them (with a message naming ``source``).  Default:
+        none.
 
         Arguments
         ---------

@@ -19,19 +19,13 @@ PLoRA on the adapter's speech embeddings (``docs/algorithms.md`` section
   and the target weights; needs ``token_timings_folder`` in the recipe;
   weight 0, the paper's configuration, leaves the quantity loss alone);
 * ``align``: the adapter outputs at the N CIF positions pulled towards the
-  LLM embeddings of the transcript tokens (no LLM pass; cross-entropy over
+  LLM embeddings of the transcript tokens
+  (:func:`~speechbrain_blspkd.objectives.alignment.alignment_loss`; no LLM
+  pass; cross-entropy over
   cosine logits against the whole embedding table, ``1 - cos`` and MSE
   over the embedding variance; section 2.9); ``align_negatives`` restricts
   the cross-entropy to the batch's tokens plus that many random ones (a
-  sampled softmax, much cheaper than all V);
-* ``ctc``: CTC over the LLM vocabulary on the frames CIF integrates
-  (:mod:`speechbrain_blspkd.objectives.vocab_ctc`; needs ``ctc`` settings,
-  whose head the objective owns and trains);
-* ``whisper``: the CFormer's post-CIF token states pulled towards
-  Whisper's decoder states, span-pooled per LLM token and stored once per
-  clip (:mod:`speechbrain_blspkd.objectives.whisper_target`,
-  :mod:`speechbrain_blspkd.dataprep.whisper_targets`; needs ``whisper``
-  settings; training only: validation and test do not report it).
+  sampled softmax, much cheaper than all V).
 
 The teacher runs online in every step (``teacher="online"``, default) or
 is read from a stored top-k cache (``teacher="offline"``: the top-k
@@ -51,159 +45,20 @@ Authors
 
 import speechbrain as sb
 import torch
-import torch.nn.functional as F
 
 from speechbrain_blspkd.losses import kd_kl, kd_kl_topk, response_ce
 from speechbrain_blspkd.models.passes import PassRequest
 from speechbrain_blspkd.nnet.cif import quantity_loss, timing_loss
+from speechbrain_blspkd.objectives.alignment import (
+    alignment_loss,
+    nearest_token_accuracy,
+    predicted_count_accuracy,
+)
 from speechbrain_blspkd.objectives.base import Objective
-from speechbrain_blspkd.objectives.vocab_ctc import (
-    VocabCTCHead,
-    sampled_vocabulary,
-)
-from speechbrain_blspkd.objectives.whisper_target import (
-    DATA_KEY as WHISPER_KEY,
-)
-from speechbrain_blspkd.objectives.whisper_target import (
-    WhisperTargetHead,
-    whisper_target_items,
-)
 
-__all__ = [
-    "BLSPKDObjective",
-    "alignment_loss",
-    "nearest_token_accuracy",
-    "predicted_count_accuracy",
-]
+__all__ = ["BLSPKDObjective"]
 
 LLM_TERMS = ("input_kl", "response_kl", "response_ce")
-
-
-def _aligned(output, transcript_ids, transcript_mask=None):
-    """Predictions and targets at the positions an aligned adapter filled."""
-    mask = output.token_mask
-    counts = output.token_counts.tolist()
-    wanted = counts
-    if transcript_mask is not None:
-        wanted = transcript_mask.sum(1).tolist()
-    if mask.shape[1] > transcript_ids.shape[1] or counts != wanted:
-        raise ValueError(
-            "alignment: the adapter must emit one embedding per transcript "
-            f"token (a CIF adapter); it emitted {counts} for transcripts of "
-            f"{wanted} tokens"
-        )
-    ids = transcript_ids.to(mask.device)[:, : mask.shape[1]][mask]
-    return output.tokens[mask].float(), ids
-
-
-def alignment_loss(
-    model,
-    output,
-    transcript_ids,
-    temperature=0.05,
-    transcript_mask=None,
-    negatives=None,
-):
-    """Pull an aligned adapter's outputs towards the transcript embeddings.
-
-    Arguments
-    ---------
-    model : speechbrain_blspkd.models.speech_llm.SpeechLLMModel
-        Gives the embedding table.
-    output : speechbrain_blspkd.nnet.adapter.AdapterOutput
-        Produced with the transcript token counts (position i is token i).
-    transcript_ids : torch.Tensor
-        (B, N) target ids.
-    temperature : float
-        Temperature of the cosine logits.
-    transcript_mask : torch.Tensor, optional
-        (B, N) bool; when given, each row's embedding count must equal its
-        transcript length.
-    negatives : int, optional
-        Score the cross-entropy against the batch's tokens plus this many
-        random others (:func:`~speechbrain_blspkd.objectives.vocab_ctc.
-        sampled_vocabulary`); None: the whole table.
-
-    Returns
-    -------
-    loss : torch.Tensor
-        ``ce + (1 - cos) + mse / var`` (a scalar).
-    accuracy : torch.Tensor
-        Nearest-token accuracy within the scored tokens (no grad).
-
-    Example
-    -------
-    >>> from speechbrain_blspkd.nnet.adapter import AdapterTargets
-    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
-    >>> model = tiny_speech_llm(whisper=False)
-    >>> out = model.adapter(torch.randn(2, 20, 64),
-    ...     targets=AdapterTargets(torch.tensor([3, 2])))
-    >>> loss, acc = alignment_loss(model, out, torch.tensor([[5, 6, 7], [8, 9, 0]]))
-    >>> bool(loss > 0), 0 <= float(acc) <= 1
-    (True, True)
-    """
-    pred, ids = _aligned(output, transcript_ids, transcript_mask)
-    table, var = model.embedding_table(pred.device)
-    with torch.no_grad():
-        target = model.embed_tokens(ids).float()
-    vocab = sampled_vocabulary(ids, table.shape[0], negatives)
-    if negatives is not None:
-        table = table[vocab]
-        ids_in = torch.searchsorted(vocab, ids)
-    else:
-        ids_in = ids
-    logits = F.normalize(pred, dim=-1) @ table.T
-    ce = F.cross_entropy(logits / temperature, ids_in)
-    cos = (1 - F.cosine_similarity(pred, target, dim=-1)).mean()
-    mse = ((pred - target) ** 2).mean() / var
-    accuracy = (logits.detach().argmax(-1) == ids_in).float().mean()
-    return ce + cos + mse, accuracy
-
-
-@torch.no_grad()
-def nearest_token_accuracy(model, output, transcript_ids, transcript_mask=None):
-    """Share of aligned adapter outputs whose nearest embedding (cosine) is
-    the transcript token at their position.
-
-    Returns
-    -------
-    float
-    """
-    pred, ids = _aligned(output, transcript_ids, transcript_mask)
-    if ids.numel() == 0:
-        return 0.0
-    table, _ = model.embedding_table(pred.device)
-    nearest = (F.normalize(pred, dim=-1) @ table.T).argmax(-1)
-    return float((nearest == ids).float().mean())
-
-
-@torch.no_grad()
-def predicted_count_accuracy(model, outputs):
-    """Nearest-token accuracy of a CIF adapter at the count it predicts.
-
-    The adapter runs again on the batch's features without targets (what
-    inference feeds the LLM); position ``i`` of its nearest tokens is
-    scored against transcript token ``i`` and a missing or extra position
-    is an error (:func:`speechbrain_blspkd.metrics.
-    positional_token_accuracy`).
-
-    Returns
-    -------
-    float
-    """
-    from speechbrain_blspkd.metrics import positional_token_accuracy
-
-    out = model.adapter(outputs.feats, lengths=outputs.feat_lens)
-    table, _ = model.embedding_table(out.tokens.device)
-    nearest = (F.normalize(out.tokens.float(), dim=-1) @ table.T).argmax(-1)
-    predicted = [
-        row[mask].tolist() for row, mask in zip(nearest, out.token_mask)
-    ]
-    truth = [
-        row[mask].tolist()
-        for row, mask in zip(outputs.transcript_ids, outputs.transcript_mask)
-    ]
-    return positional_token_accuracy(predicted, truth)["accuracy"]
 
 
 class BLSPKDObjective(Objective):
@@ -249,17 +104,6 @@ class BLSPKDObjective(Objective):
         batches have no one-to-one input positions: ``input_kl`` and
         ``align`` are left out of them, the response terms, the quantity
         and timing losses stay.  Needs a weighted response term.  0: never.
-    ctc : dict, optional
-        Settings of the objective-owned CTC head
-        (:class:`~speechbrain_blspkd.objectives.vocab_ctc.VocabCTCHead`:
-        ``input_size`` (CFormer width - 1), ``embedding_size`` (LLM width),
-        ``temperature``, ``negatives``); needed when ``ctc`` has a weight.
-    whisper : dict, optional
-        Settings of the ``whisper`` term: ``folder`` (the stored targets),
-        ``input_size`` (CFormer width), ``target_size`` (Whisper's width)
-        and ``mse_weight`` (:class:`~speechbrain_blspkd.objectives.
-        whisper_target.WhisperTargetHead`); needed when ``whisper`` has a
-        weight.
 
     Example
     -------
@@ -281,8 +125,6 @@ class BLSPKDObjective(Objective):
         "cif",
         "timing",
         "align",
-        "ctc",
-        "whisper",
     )
 
     def __init__(
@@ -297,8 +139,6 @@ class BLSPKDObjective(Objective):
         teacher_topk=64,
         topk_student_norm="full",
         align_negatives=None,
-        ctc=None,
-        whisper=None,
         predicted_count_fraction=0.0,
     ):
         if weights is None:
@@ -340,26 +180,6 @@ class BLSPKDObjective(Objective):
         self.align_negatives = (
             None if align_negatives is None else int(align_negatives)
         )
-        if self.active("ctc") and not ctc:
-            raise ValueError(
-                "BLSPKDObjective: the ctc term needs `ctc` settings "
-                "({input_size: ..., embedding_size: ...}, see "
-                "objectives.vocab_ctc.VocabCTCHead)"
-            )
-        # the head exists only when the term is weighted (no idle weights
-        # in the optimiser or the checkpoint)
-        self.ctc_head = (
-            VocabCTCHead(**ctc) if ctc and self.active("ctc") else None
-        )
-        whisper = dict(whisper or {}) if self.active("whisper") else {}
-        if self.active("whisper") and not whisper.get("folder"):
-            raise ValueError(
-                "BLSPKDObjective: the whisper term needs `whisper` settings "
-                "({folder: ..., input_size: ..., target_size: ...}, see "
-                "objectives.whisper_target.WhisperTargetHead)"
-            )
-        self.whisper_target_folder = whisper.pop("folder", None)
-        self.whisper_head = WhisperTargetHead(**whisper) if whisper else None
         self.eval_kl = bool(eval_kl)
         self.scale_by_t2 = bool(scale_by_t2)
         self.teacher = teacher
@@ -400,29 +220,17 @@ class BLSPKDObjective(Objective):
         )
 
     def data_keys(self):
-        """``("teacher_topk",)`` with the offline teacher, and
-        ``"whisper_target"`` with a weighted ``whisper`` term."""
-        keys = ("teacher_topk",) if self.teacher == "offline" else ()
-        if self.whisper_head is not None:
-            keys += (WHISPER_KEY,)
-        return keys
+        """``("teacher_topk",)`` with the offline teacher."""
+        return ("teacher_topk",) if self.teacher == "offline" else ()
 
     def data_items(self, model, dataset, source=None):
         """With the offline teacher: the item that reads each utterance's
         stored teacher, after checking the cache against ``model`` (LLM,
         tokenizer, prompt, k: :class:`~speechbrain_blspkd.dataprep.
-        teacher_topk.StaleTeacherCacheError` otherwise) and every row of
-        ``dataset`` (present, text unchanged); with a weighted ``whisper``
-        term, the item that reads the stored Whisper-decoder targets
-        (:func:`~speechbrain_blspkd.objectives.whisper_target.
-        whisper_target_items`: checked likewise)."""
-        items = []
-        if self.whisper_head is not None:
-            items += whisper_target_items(
-                model, dataset, self.whisper_target_folder, source
-            )
+        teacher_cache.StaleTeacherCacheError` otherwise) and every row of
+        ``dataset`` (present, text unchanged)."""
         if self.teacher != "offline":
-            return items
+            return []
         from speechbrain_blspkd.dataprep.teacher_cache import TopKTeacherCache
         from speechbrain_blspkd.dataprep.teacher_identity import (
             teacher_settings,
@@ -446,7 +254,7 @@ class BLSPKDObjective(Objective):
         def stored_teacher(uid):
             return cache.get(uid)
 
-        return items + [stored_teacher]
+        return [stored_teacher]
 
     def _stored(self, outputs, span, mask):
         """The batch's stored teacher at ``span`` as ``(B, P, k)`` tensors
@@ -561,10 +369,6 @@ class BLSPKDObjective(Objective):
                 negatives=self.align_negatives,
             )[0]
         )
-        if self.ctc_head is not None:
-            terms["ctc"] = lambda: self._ctc(outputs, model)
-        if self.whisper_head is not None:
-            terms["whisper"] = lambda: self._whisper(outputs, stage)
         return terms
 
     def _timing(self, adapter, outputs, stage):
@@ -585,26 +389,6 @@ class BLSPKDObjective(Objective):
             outputs.targets.num_tokens,
         )
 
-    def _whisper(self, outputs, stage):
-        """The ``whisper`` term; None in validation and test, whose rows
-        carry no stored targets."""
-        rows = outputs.data.get(WHISPER_KEY)
-        if rows is None:
-            if stage is not None and stage != sb.Stage.TRAIN:
-                return None
-            raise ValueError(
-                "BLSPKDObjective: the whisper term needs the batch item "
-                f"{WHISPER_KEY!r} (dataio_prepare adds it through data_items)"
-            )
-        adapter = outputs.adapter
-        hidden = getattr(adapter, "token_hidden", None)
-        if hidden is None:
-            raise ValueError(
-                "BLSPKDObjective: the whisper term needs the adapter's token "
-                f"states (a CFormer); {type(adapter).__name__} gives none"
-            )
-        return self.whisper_head.loss(hidden, adapter.token_mask, list(rows))
-
     def stat_counts(self, outputs):
         """Positions behind each statistic: the KL and CE terms are means
         over the distilled positions, the alignment term and the token
@@ -624,25 +408,9 @@ class BLSPKDObjective(Objective):
             if "response" in side.masks:
                 counts["response_ce"] = int(side.masks["response"].sum())
         tokens = int(outputs.transcript_mask.sum())
-        counts["align"] = counts["token_acc"] = counts["whisper"] = tokens
+        counts["align"] = counts["token_acc"] = tokens
         counts["token_acc_pred"] = tokens
         return counts
-
-    def _ctc(self, outputs, model):
-        adapter = outputs.adapter
-        frames = getattr(adapter, "frames", None)
-        if frames is None:
-            raise ValueError(
-                "BLSPKDObjective: the ctc term needs the adapter's frames "
-                f"(a CFormer); {type(adapter).__name__} gives none"
-            )
-        table, _ = model.embedding_table(frames.device)
-        mask = outputs.transcript_mask
-        if mask is None:
-            mask = torch.ones_like(outputs.transcript_ids, dtype=torch.bool)
-        return self.ctc_head.loss(
-            frames, adapter.frame_mask, outputs.transcript_ids, mask, table
-        )
 
     def metrics(self, outputs, model, stage):
         """KL values (when the passes ran) and the token accuracy; the

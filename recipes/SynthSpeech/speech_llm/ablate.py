@@ -15,7 +15,7 @@ overrides::
     common: [--kd_epochs_limit, "0"]
     variants:
         base: []
-        ctc: [--ctc_weight, "0.5"]
+        pooled: [--length_pool_batches, "8"]
 
 Each variant trains with ``python train.py HPARAMS --output_folder
 OUT/NAME ... COMMON VARIANT`` (its log in ``OUT/NAME.train.log``), then

@@ -16,7 +16,7 @@ and exported to ``<output_folder>/model`` for
 
 import sys
 
-from speechbrain_blspkd.brain import run_recipe
+from speechbrain_blspkd.recipe import run_recipe
 
 if __name__ == "__main__":
     run_recipe(sys.argv[1:])
