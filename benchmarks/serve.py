@@ -48,7 +48,7 @@ CONCURRENCY = (1, 8, 32)
 
 def _tiny_folder(tmp, answer_tokens):
     from speechbrain_blspkd.inference.export import export_model
-    from speechbrain_blspkd.utils.testing import tiny_saved_speech_llm
+    from speechbrain_blspkd.testing import tiny_saved_speech_llm
 
     model = tiny_saved_speech_llm(tmp / "tiny", seed=0)
     return export_model(
@@ -71,7 +71,7 @@ def _clips(tmp, n, tiny):
     import soundfile as sf
 
     from benchmarks.common import SAMPLE_RATE, speech_clip
-    from speechbrain_blspkd.utils.testing import write_speechlike_wav
+    from speechbrain_blspkd.testing import write_speechlike_wav
 
     folder = tmp / "clips"
     folder.mkdir(parents=True, exist_ok=True)

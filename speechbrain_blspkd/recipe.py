@@ -228,15 +228,24 @@ def run_recipe(argv):
     if model.encoder is not None:
         model.encoder.to(device)
     cache = prepare_features(hparams, model.encoder, device)  # every rank
+    row_items = []
     if stages:  # token timings, when the recipe names their folder
         from speechbrain_blspkd.dataprep.token_timings import (
             prepare_token_timings,
+            timing_items,
         )
 
         if sb.utils.distributed.is_local_rank_zero():  # one copy per node
             prepare_token_timings(hparams, cache, device=device)
         sb.utils.distributed.ddp_barrier()
-    datasets = dataio_prepare(hparams, feature_cache=cache) if stages else {}
+        if hparams.get("token_timings_folder"):
+            timings = timing_items(model, hparams["token_timings_folder"])
+            row_items.append((timings, "token_spans"))
+    datasets = (
+        dataio_prepare(hparams, feature_cache=cache, row_items=row_items)
+        if stages
+        else {}
+    )
     checkpointer = hparams["checkpointer"]
     for stage in stages:  # every stage's progress is in every checkpoint
         checkpointer.add_recoverable(f"epochs_{stage.name}", stage.epochs)

@@ -99,7 +99,7 @@ def teacher_keys(model, tasks, max_new_tokens):
 
     Example
     -------
-    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> from speechbrain_blspkd.testing import tiny_speech_llm
     >>> model = tiny_speech_llm(whisper=False)
     >>> a = teacher_keys(model, {"repeat": "Repeat:", "echo": "Repeat:"}, 8)
     >>> a["repeat"] == a["echo"]

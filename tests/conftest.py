@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests that speak with piper (the second TTS engine) skip, with the reason,
 # only where it cannot run.
 def _needs_piper():
-    from speechbrain_blspkd.utils.testing import piper_unavailable
+    from speechbrain_blspkd.testing import piper_unavailable
 
     reason = piper_unavailable()
     return pytest.mark.skipif(reason is not None, reason=str(reason))

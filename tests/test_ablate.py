@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from speechbrain_blspkd.utils.testing import load_script
+from speechbrain_blspkd.testing import load_script
 
 RECIPE = (
     pathlib.Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ from speechbrain_blspkd.objectives.aura import (
     evenly_spaced,
 )
 from speechbrain_blspkd.stages import Stage
-from speechbrain_blspkd.utils.testing import (
+from speechbrain_blspkd.testing import (
     tiny_aura,
     tiny_brain,
     tiny_whisper_config,
@@ -376,7 +376,7 @@ def test_export_holds_no_encoder_and_answers_without_whisper(
     from speechbrain_blspkd.inference import SpeechLLM
     from speechbrain_blspkd.inference.export import export_model
     from speechbrain_blspkd.nnet import whisper_encoder
-    from speechbrain_blspkd.utils.testing import tiny_saved_speech_llm
+    from speechbrain_blspkd.testing import tiny_saved_speech_llm
 
     model = tiny_saved_speech_llm(
         tmp_path / "bases",

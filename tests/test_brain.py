@@ -12,7 +12,7 @@ from speechbrain.utils.epoch_loop import EpochCounter
 from speechbrain_blspkd.models.trainable import trainable_state_dict
 from speechbrain_blspkd.objectives import BLSPKDObjective
 from speechbrain_blspkd.stages import Stage
-from speechbrain_blspkd.utils.testing import tiny_brain, tiny_speech_llm
+from speechbrain_blspkd.testing import tiny_brain, tiny_speech_llm
 
 
 def _batch(seed=0):

@@ -3,7 +3,7 @@
 import json
 
 from speechbrain_blspkd.metrics import summarize_parity
-from speechbrain_blspkd.utils.testing import load_script
+from speechbrain_blspkd.testing import load_script
 
 
 def _module():

@@ -22,7 +22,7 @@ from speechbrain_blspkd.prompt import (
     PromptBuilder,
     context_limit,
 )
-from speechbrain_blspkd.utils.testing import build_test_tokenizer
+from speechbrain_blspkd.testing import build_test_tokenizer
 
 LIMIT = 128
 INSTRUCTION = "Continue:"
@@ -34,7 +34,7 @@ def _tiny(limit=LIMIT, whisper=False, **kwargs):
     from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
     from speechbrain_blspkd.nnet.cformer import CFormer
     from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
-    from speechbrain_blspkd.utils.testing import (
+    from speechbrain_blspkd.testing import (
         tiny_llm_config,
         tiny_whisper_config,
     )
@@ -302,7 +302,7 @@ def test_decode_rows_checks_the_predicted_speech_length(model):
 def interface(tmp_path_factory):
     from speechbrain_blspkd.inference import SpeechLLM
     from speechbrain_blspkd.inference.export import export_model
-    from speechbrain_blspkd.utils.testing import (
+    from speechbrain_blspkd.testing import (
         tiny_saved_speech_llm as _tiny_model,
     )
 

@@ -10,7 +10,7 @@ from speechbrain_blspkd.dataio.manifest import read_manifest, write_manifest
 from speechbrain_blspkd.dataprep import continuations as cont
 from speechbrain_blspkd.dataprep.shard_progress import progress_path
 from speechbrain_blspkd.prompt import PromptBuilder
-from speechbrain_blspkd.utils.testing import save_toy_llm, toy_word_tokenizer
+from speechbrain_blspkd.testing import save_toy_llm, toy_word_tokenizer
 
 WORDS = (
     "the cat sat on a mat dog ran far away in house big small red blue sun "

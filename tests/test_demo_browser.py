@@ -21,7 +21,7 @@ import urllib.request
 
 import pytest
 
-from speechbrain_blspkd.utils.testing import write_speechlike_wav
+from speechbrain_blspkd.testing import write_speechlike_wav
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -71,7 +71,7 @@ def _free_port():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from speechbrain_blspkd.inference.export import export_model
-    from speechbrain_blspkd.utils.testing import tiny_saved_speech_llm
+    from speechbrain_blspkd.testing import tiny_saved_speech_llm
 
     tmp = tmp_path_factory.mktemp("browser")
     model = tiny_saved_speech_llm(tmp / "bases", seed=0, instruction="Repeat:")

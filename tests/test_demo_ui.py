@@ -20,7 +20,7 @@ from speechbrain_blspkd.inference.demo_ui import (  # noqa: E402
 )
 from speechbrain_blspkd.inference.demo_ui import cli as demo_cli  # noqa: E402
 from speechbrain_blspkd.inference.export import export_model  # noqa: E402
-from speechbrain_blspkd.utils.testing import (  # noqa: E402
+from speechbrain_blspkd.testing import (  # noqa: E402
     tiny_saved_speech_llm,
     write_speechlike_wav,
 )
@@ -192,7 +192,7 @@ def _method_model(method, folder):
     from speechbrain_blspkd.nnet.audio_embedding import AudioEmbedding
     from speechbrain_blspkd.nnet.qformer import QFormer
     from speechbrain_blspkd.nnet.whisper_encoder import WhisperLogMel
-    from speechbrain_blspkd.utils.testing import tiny_language_aware_qformer
+    from speechbrain_blspkd.testing import tiny_language_aware_qformer
 
     options = {"instruction": "Repeat:"}
     if method == "qformer":

@@ -63,7 +63,7 @@ def _model():
     from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
     from speechbrain_blspkd.nnet.cformer import CFormer
     from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
-    from speechbrain_blspkd.utils.testing import (
+    from speechbrain_blspkd.testing import (
         build_test_tokenizer,
         tiny_llm_config,
         tiny_whisper_config,
@@ -235,7 +235,7 @@ def _write_data(folder):
 
     from speechbrain_blspkd.dataio.manifest import write_manifest
     from speechbrain_blspkd.prompt import PromptBuilder
-    from speechbrain_blspkd.utils.testing import build_test_tokenizer
+    from speechbrain_blspkd.testing import build_test_tokenizer
 
     builder = PromptBuilder(build_test_tokenizer())
     transcripts = _texts(builder.transcript_ids, NUM_TRAIN, 10, seed=1)

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from speechbrain_blspkd.evaluation import evaluate_parity, main  # noqa: E402
 from speechbrain_blspkd.inference.export import export_model  # noqa: E402
-from speechbrain_blspkd.utils.testing import (  # noqa: E402
+from speechbrain_blspkd.testing import (  # noqa: E402
     tiny_saved_speech_llm,
     tiny_speech_llm,
     write_speech_manifest,

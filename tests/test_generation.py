@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from speechbrain_blspkd.models import generation
-from speechbrain_blspkd.utils.testing import tiny_cascade, tiny_speech_llm
+from speechbrain_blspkd.testing import tiny_cascade, tiny_speech_llm
 
 
 def test_the_cascade_answers_its_transcripts_as_text():

@@ -14,7 +14,7 @@ from speechbrain_blspkd import hearing, metrics
 from speechbrain_blspkd.dataprep import tts
 from speechbrain_blspkd.hearing.cache import load_teacher, save_teacher
 from speechbrain_blspkd.teacher_answers import fingerprint
-from speechbrain_blspkd.utils.testing import tiny_speech_llm
+from speechbrain_blspkd.testing import tiny_speech_llm
 
 
 def _rows(tmp_path, n=3):
@@ -141,7 +141,7 @@ def test_fingerprint_follows_the_weights():
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     from speechbrain_blspkd.inference.export import export_model
-    from speechbrain_blspkd.utils.testing import tiny_saved_speech_llm
+    from speechbrain_blspkd.testing import tiny_saved_speech_llm
 
     tmp = tmp_path_factory.mktemp("hearing")
     model = tiny_saved_speech_llm(tmp / "bases", instruction="Continue:")

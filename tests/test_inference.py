@@ -27,7 +27,7 @@ from speechbrain_blspkd.models.trainable import (  # noqa: E402
     WeightsMismatchError,
     trainable_state_dict,
 )
-from speechbrain_blspkd.utils.testing import (  # noqa: E402
+from speechbrain_blspkd.testing import (  # noqa: E402
     tiny_saved_speech_llm as _tiny_model,
 )
 
@@ -324,7 +324,7 @@ def test_every_method_exports_and_loads(tmp_path):
     from speechbrain_blspkd.inference import SpeechLLM
     from speechbrain_blspkd.nnet.conv_subsampler import ConvSubsampler
     from speechbrain_blspkd.nnet.qformer import QFormer
-    from speechbrain_blspkd.utils.testing import tiny_cascade
+    from speechbrain_blspkd.testing import tiny_cascade
 
     wav = torch.randn(1, 12000) * 0.1
     adapters = {
@@ -367,7 +367,7 @@ def test_cascade_transcribes_the_same_speech_once(monkeypatch):
     reuses the transcripts of the same audio (and only of the same)."""
     import torch
 
-    from speechbrain_blspkd.utils.testing import tiny_cascade
+    from speechbrain_blspkd.testing import tiny_cascade
 
     cascade = tiny_cascade()
     calls = []

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from speechbrain_blspkd.dataio.manifest import write_manifest  # noqa: E402
 from speechbrain_blspkd.inference import cli  # noqa: E402
 from speechbrain_blspkd.inference.export import export_model  # noqa: E402
-from speechbrain_blspkd.utils.testing import (  # noqa: E402
+from speechbrain_blspkd.testing import (  # noqa: E402
     tiny_saved_speech_llm,
 )
 

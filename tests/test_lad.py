@@ -24,7 +24,7 @@ from speechbrain_blspkd.nnet.language_aware_qformer import (
 from speechbrain_blspkd.nnet.qformer import QFormer
 from speechbrain_blspkd.objectives import LADObjective
 from speechbrain_blspkd.stages import Stage
-from speechbrain_blspkd.utils.testing import (
+from speechbrain_blspkd.testing import (
     tiny_brain,
     tiny_language_aware_qformer,
     tiny_speech_llm,
@@ -604,7 +604,7 @@ def test_exported_bank_model_answers_through_from_hparams_and_the_cli(
     from speechbrain_blspkd.inference import SpeechLLM
     from speechbrain_blspkd.inference.cli import main as cli_main
     from speechbrain_blspkd.inference.export import export_model
-    from speechbrain_blspkd.utils.testing import tiny_saved_speech_llm
+    from speechbrain_blspkd.testing import tiny_saved_speech_llm
 
     adapter = tiny_language_aware_qformer(("en", "de", "zh"), gate="attention")
     model = tiny_saved_speech_llm(

@@ -13,7 +13,7 @@ from speechbrain_blspkd.inference import (  # noqa: E402
     model_card,
 )
 from speechbrain_blspkd.inference.export import export_model  # noqa: E402
-from speechbrain_blspkd.utils.testing import (  # noqa: E402
+from speechbrain_blspkd.testing import (  # noqa: E402
     tiny_saved_speech_llm,
 )
 

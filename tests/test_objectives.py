@@ -18,7 +18,7 @@ from speechbrain_blspkd.objectives import (
     alignment,
     blsp_kd,
 )
-from speechbrain_blspkd.utils.testing import count_llm_calls, tiny_speech_llm
+from speechbrain_blspkd.testing import count_llm_calls, tiny_speech_llm
 
 TRAIN, VALID, TEST = sb.Stage.TRAIN, sb.Stage.VALID, sb.Stage.TEST
 TRANSCRIPTS = ["the cat sat on the mat", "a dog", "hello world how are you"]
@@ -453,7 +453,7 @@ def test_diva_input_target_is_what_a_scaled_embedding_feeds_the_llm():
     from speechbrain_blspkd.nnet.qformer import QFormer
     from speechbrain_blspkd.objectives import DiVAObjective
     from speechbrain_blspkd.objectives.diva import stretch
-    from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    from speechbrain_blspkd.testing import tiny_speech_llm
 
     class ScaledEmbedding(torch.nn.Embedding):
         def __init__(self, weight, scale):

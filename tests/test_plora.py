@@ -22,7 +22,7 @@ from speechbrain_blspkd.nnet.plora import (  # noqa: E402
     scope_mask,
     set_plora_mask,
 )
-from speechbrain_blspkd.utils.testing import tiny_llm_config  # noqa: E402
+from speechbrain_blspkd.testing import tiny_llm_config  # noqa: E402
 
 PAD, EOS = 0, 1
 

@@ -26,23 +26,12 @@ def _is_png(path):
 def test_plot_cif_weights(tmp_path, monkeypatch):
     torch.manual_seed(0)
     alphas = torch.rand(120) * 0.2
+    fires = cif_module.fire_positions(alphas).tolist()
     out = plotting.plot_cif_weights(
-        alphas, None, ["the", "cat", "sat"], tmp_path / "cif.png", title="u1"
+        alphas, fires, ["the", "cat", "sat"], tmp_path / "cif.png", title="u1"
     )
     assert out == tmp_path / "cif.png"
     assert _is_png(out)
-    # fire_frames=None draws the frames nnet.cif.fire_positions computes
-    seen = []
-    real_fire_positions = cif_module.fire_positions
-    monkeypatch.setattr(
-        cif_module,
-        "fire_positions",
-        lambda *a, **k: seen.append((a, k)) or real_fire_positions(*a, **k),
-    )
-    plotting.plot_cif_weights(
-        [0.6, 0.6, 0.9], None, ["x", "y"], tmp_path / "t.png", threshold=0.5
-    )
-    assert seen and seen[0][0][1] == 0.5
     # explicit fire frames, more firings than tokens, list input
     out2 = plotting.plot_cif_weights(
         [0.5, 0.7, 0.9], [1, 2], ["a"], tmp_path / "sub" / "b.png"
@@ -50,7 +39,7 @@ def test_plot_cif_weights(tmp_path, monkeypatch):
     assert _is_png(out2)
     assert not list(tmp_path.rglob(".*.tmp"))
     with pytest.raises(ValueError, match="empty"):
-        plotting.plot_cif_weights([], None, [], tmp_path / "c.png")
+        plotting.plot_cif_weights([], [], [], tmp_path / "c.png")
 
 
 def _capture_figures(monkeypatch):
@@ -87,16 +76,19 @@ def test_plot_cif_weights_marks_token_timings(tmp_path, monkeypatch):
     figures = _capture_figures(monkeypatch)
     alphas = [0.3] * 20  # 0.4 s at 50 frames/s
     timings = torch.tensor([[0.02, 0.1], [0.1, 0.22], [0.22, 0.3]])
+    fires = cif_module.fire_positions(torch.tensor(alphas)).tolist()
     out = plotting.plot_cif_weights(
         alphas,
-        None,
+        fires,
         ["a", "b", "c"],
         tmp_path / "timed.png",
         token_timings=timings,
     )
     assert _is_png(out)
     # without the argument (as before): no timing lines, no legend
-    plotting.plot_cif_weights(alphas, None, ["a", "b", "c"], tmp_path / "p.png")
+    plotting.plot_cif_weights(
+        alphas, fires, ["a", "b", "c"], tmp_path / "p.png"
+    )
     timed, plain = figures
     lines = _timing_lines(timed.axes[0])
     assert [line.get_xdata()[0] for line in lines] == pytest.approx(

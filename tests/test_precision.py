@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
+from speechbrain_blspkd.testing import tiny_speech_llm
 from speechbrain_blspkd.utils import precision
-from speechbrain_blspkd.utils.testing import tiny_speech_llm
 
 
 @pytest.fixture(autouse=True)
@@ -130,7 +130,7 @@ def test_brain_run_options(monkeypatch, native, expected):
 )
 def test_model_parts_follow_auto(monkeypatch, native, expected):
     from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
-    from speechbrain_blspkd.utils.testing import tiny_whisper_config
+    from speechbrain_blspkd.testing import tiny_whisper_config
 
     mock_cpu(monkeypatch, native=native, speedup=2.0 if native else None)
     precision.set_run_device("cpu")
@@ -198,8 +198,8 @@ def test_parsed_run_options_keep_their_defaults_below_the_yaml(monkeypatch):
     import speechbrain as sb
 
     from speechbrain_blspkd.brain import SpeechLLMBrain
+    from speechbrain_blspkd.testing import tiny_speech_llm
     from speechbrain_blspkd.utils.run_options import resolve_run_precision
-    from speechbrain_blspkd.utils.testing import tiny_speech_llm
 
     mock_cpu(monkeypatch, native=True, speedup=3.0)
     _, parsed, _ = sb.parse_arguments(["x.yaml", "--device=cpu"])

@@ -8,7 +8,7 @@ from speechbrain_blspkd.prompt import (
     PromptBuilder,
     collate_prompts,
 )
-from speechbrain_blspkd.utils.testing import build_test_tokenizer
+from speechbrain_blspkd.testing import build_test_tokenizer
 
 GEMMA_TEMPLATE = (
     "{{ bos_token }}"
@@ -234,7 +234,7 @@ def test_a_turn_closed_by_a_blank_line_keeps_it_as_the_end_marker():
     # continuation is closed with it
     from speechbrain_blspkd.assets.gguf import COMPLETION_TEMPLATE
     from speechbrain_blspkd.prompt import PromptBuilder
-    from speechbrain_blspkd.utils.testing import build_test_tokenizer
+    from speechbrain_blspkd.testing import build_test_tokenizer
 
     tok = build_test_tokenizer()
     tok.chat_template = COMPLETION_TEMPLATE

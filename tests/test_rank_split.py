@@ -32,7 +32,7 @@ import traceback
 import pytest
 import torch
 
-from speechbrain_blspkd.utils.testing import run_together, torchrun_node
+from speechbrain_blspkd.testing import run_together, torchrun_node
 
 HERE = pathlib.Path(__file__).resolve()
 ROOT = HERE.parents[1]
@@ -93,8 +93,8 @@ def worker(shared, own, ckpt_dir):
     from speechbrain_blspkd import recipe
     from speechbrain_blspkd.dataprep import continuations
     from speechbrain_blspkd.evaluation import evaluate_parity
+    from speechbrain_blspkd.testing import tiny_speech_llm
     from speechbrain_blspkd.utils.rng import RNGState
-    from speechbrain_blspkd.utils.testing import tiny_speech_llm
 
     shared, own = pathlib.Path(shared), pathlib.Path(own)
     own.mkdir(parents=True, exist_ok=True)
@@ -216,7 +216,7 @@ def worker(shared, own, ckpt_dir):
 # the test side
 def _write_shared(folder):
     from speechbrain_blspkd.dataio.manifest import write_manifest
-    from speechbrain_blspkd.utils.testing import (
+    from speechbrain_blspkd.testing import (
         build_test_tokenizer,
         save_toy_llm,
         write_speechlike_wav,

@@ -20,7 +20,7 @@ RECIPE = ROOT / "recipes" / "SynthSpeech" / "speech_llm"
 
 @pytest.fixture(scope="module")
 def tiny_bases(tmp_path_factory):
-    from speechbrain_blspkd.utils.testing import (
+    from speechbrain_blspkd.testing import (
         tiny_saved_speech_llm as _tiny_model,
     )
 
@@ -215,7 +215,7 @@ def test_two_nodes_train_and_decode_like_one_node(
     import torch
 
     from speechbrain_blspkd.dataio.manifest import read_manifest
-    from speechbrain_blspkd.utils.testing import run_together, torchrun_node
+    from speechbrain_blspkd.testing import run_together, torchrun_node
 
     data, one_node = one_node_two_processes
     nodes = [tmp_path / "node0", tmp_path / "node1"]

@@ -38,13 +38,13 @@ from speechbrain_blspkd.nnet.whisper_encoder import (
 )
 from speechbrain_blspkd.objectives import BLSPKDObjective
 from speechbrain_blspkd.stages import Stage
-from speechbrain_blspkd.utils import sharding
-from speechbrain_blspkd.utils.testing import (
+from speechbrain_blspkd.testing import (
     count_llm_calls,
     tiny_brain,
     tiny_speech_llm,
     tiny_whisper_config,
 )
+from speechbrain_blspkd.utils import sharding
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from speechbrain_blspkd.serve.app import (  # noqa: E402
     BackgroundServer,
     create_app,
 )
-from speechbrain_blspkd.utils.testing import (  # noqa: E402
+from speechbrain_blspkd.testing import (  # noqa: E402
     tiny_saved_speech_llm,
     write_speechlike_wav,
 )

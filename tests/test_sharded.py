@@ -24,8 +24,8 @@ import sys
 import pytest
 import torch
 
+from speechbrain_blspkd.testing import tiny_speech_llm
 from speechbrain_blspkd.utils import sharding
-from speechbrain_blspkd.utils.testing import tiny_speech_llm
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -392,7 +392,7 @@ def _worker(out):
 def test_recipe_fsdp_run_and_single_process_resume(tmp_path):
     from test_recipe_run import RECIPE, _overrides, _run
 
-    from speechbrain_blspkd.utils.testing import (
+    from speechbrain_blspkd.testing import (
         tiny_saved_speech_llm as _tiny_model,
     )
 

@@ -32,7 +32,7 @@ from speechbrain_blspkd.objectives.alignment import (
     nearest_token_accuracy,
 )
 from speechbrain_blspkd.prompt import ContextLengthError
-from speechbrain_blspkd.utils.testing import (
+from speechbrain_blspkd.testing import (
     build_test_tokenizer,
     count_llm_calls,
     tiny_llm_config,

@@ -8,7 +8,7 @@ import torch
 
 from speechbrain_blspkd.dataio.manifest import write_manifest
 from speechbrain_blspkd.evaluation import evaluate_parity
-from speechbrain_blspkd.utils.testing import (
+from speechbrain_blspkd.testing import (
     tiny_speech_llm,
     write_speech_manifest,
 )

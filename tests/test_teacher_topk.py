@@ -39,7 +39,7 @@ from speechbrain_blspkd.dataprep.teacher_topk import (
 from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
 from speechbrain_blspkd.objectives import BLSPKDObjective
 from speechbrain_blspkd.stages import Stage
-from speechbrain_blspkd.utils.testing import (
+from speechbrain_blspkd.testing import (
     count_llm_calls,
     tiny_brain,
     tiny_saved_speech_llm,

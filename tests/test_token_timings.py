@@ -231,7 +231,7 @@ def test_objective_timing_term_needs_timings_in_training():
     import speechbrain as sb
 
     from speechbrain_blspkd.objectives import BLSPKDObjective
-    from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    from speechbrain_blspkd.testing import tiny_speech_llm
 
     torch.manual_seed(0)
     model = tiny_speech_llm()
@@ -256,7 +256,7 @@ def test_objective_timing_term_needs_timings_in_training():
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    from speechbrain_blspkd.utils.testing import tiny_saved_speech_llm
+    from speechbrain_blspkd.testing import tiny_saved_speech_llm
 
     folder = tmp_path_factory.mktemp("tiny_timings")
     model = tiny_saved_speech_llm(folder)

@@ -9,7 +9,7 @@ import soundfile as sf
 from conftest import needs_piper
 
 from speechbrain_blspkd.dataprep import synthspeech, tts
-from speechbrain_blspkd.utils.testing import piper_unavailable
+from speechbrain_blspkd.testing import piper_unavailable
 
 needs_tts = pytest.mark.skipif(
     shutil.which("espeak-ng") is None or shutil.which("sox") is None,

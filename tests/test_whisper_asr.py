@@ -14,7 +14,7 @@ import torch
 
 from speechbrain_blspkd.dataio.audio import AudioError
 from speechbrain_blspkd.nnet.whisper_asr import WhisperTranscriber
-from speechbrain_blspkd.utils.testing import (
+from speechbrain_blspkd.testing import (
     build_test_whisper_tokenizer,
     tiny_whisper_config,
     whisper_token_settings,

@@ -12,7 +12,7 @@ from speechbrain_blspkd.dataprep.token_timings import (
     llm_token_spans,
 )
 from speechbrain_blspkd.prompt import PromptBuilder
-from speechbrain_blspkd.utils.testing import (
+from speechbrain_blspkd.testing import (
     build_test_tokenizer,
     tiny_saved_speech_llm,
 )

@@ -227,3 +227,57 @@ def manifest_to_dataset(path, data_root, output_keys=None):
         output_keys or ["id"] + [c for c in COLUMNS if c != "ID"]
     )
     return ds
+
+
+def language_index(languages, rows, source="manifest"):
+    """``{code: index}`` of ``languages``, checked against manifest rows.
+
+    Arguments
+    ---------
+    languages : sequence of str
+        An adapter's :meth:`~speechbrain_blspkd.nnet.adapter.SpeechAdapter.language_codes` (index order).
+    rows : iterable of dict
+        Manifest rows (``ID`` and ``language``).
+    source : str
+        Name of the manifest, for the message.
+
+    Returns
+    -------
+    dict
+        Language code -> index.
+
+    Raises
+    ------
+    ValueError
+        Naming each language code of ``rows`` that ``languages`` lacks
+        and the first row that has it.
+
+    Example
+    -------
+    >>> rows = [dict(ID="a", language="de"), dict(ID="b", language="en")]
+    >>> language_index(["en", "de"], rows)
+    {'en': 0, 'de': 1}
+    >>> language_index(["en"], rows, "train.csv")
+    Traceback (most recent call last):
+    ...
+    ValueError: train.csv: language 'de' (row a) is not one of the adapter's languages ['en']; add it to the languages of the YAML or remove those rows
+    """
+    index = {}
+    for i, code in enumerate(languages):
+        if code in index:
+            raise ValueError(f"language {code!r} is listed twice")
+        index[str(code)] = i
+    unknown = {}
+    for row in rows:
+        code = row["language"]
+        if code not in index:
+            unknown.setdefault(code, row["ID"])
+    if unknown:
+        named = ", ".join(f"{c!r} (row {uid})" for c, uid in unknown.items())
+        which = "is not one" if len(unknown) == 1 else "are not"
+        raise ValueError(
+            f"{source}: language {named} {which} of the adapter's "
+            f"languages {list(index)}; add it to the languages of the YAML "
+            "or remove those rows"
+        )
+    return index

@@ -13,12 +13,15 @@ checked before any training (languages, context length).
 import speechbrain as sb
 
 from speechbrain_blspkd.dataio.audio import load_row_audio
-from speechbrain_blspkd.dataio.manifest import manifest_to_dataset
+from speechbrain_blspkd.dataio.manifest import (
+    language_index,
+    manifest_to_dataset,
+)
 
 __all__ = ["dataio_prepare"]
 
 
-def dataio_prepare(hparams, feature_cache=None):
+def dataio_prepare(hparams, feature_cache=None, row_items=()):
     """Datasets of every training stage, validation and test.
 
     Arguments
@@ -30,6 +33,11 @@ def dataio_prepare(hparams, feature_cache=None):
     feature_cache : FeatureCache, optional
         When given, items carry cached encoder features (``feats``) instead
         of waveforms (``sig``).
+    row_items : sequence of (callable, str)
+        More dynamic items for every split, each with the key it provides
+        (the recipe runner passes the stored token timings,
+        :func:`speechbrain_blspkd.dataprep.token_timings.timing_items`, as
+        ``token_spans``).
 
     Returns
     -------
@@ -137,14 +145,9 @@ def dataio_prepare(hparams, feature_cache=None):
 
         sb.dataio.dataset.add_dynamic_item(all_sets, language_pipeline)
         keys.append("language_id")
-    timings = hparams.get("token_timings_folder")
-    if timings and model is not None:  # where each transcript token is
-        from speechbrain_blspkd.dataprep.token_timings import timing_items
-
-        sb.dataio.dataset.add_dynamic_item(
-            all_sets, timing_items(model, timings)
-        )
-        keys.append("token_spans")
+    for item, key in row_items:  # e.g. where each transcript token is
+        sb.dataio.dataset.add_dynamic_item(all_sets, item)
+        keys.append(key)
     sb.dataio.dataset.set_output_keys(all_sets, keys)
     for stage in hparams["stages"]:  # what each objective reads per row
         objective, ds = stage.objective, datasets[stage.name]
@@ -164,8 +167,6 @@ def _language_ids(model, datasets, sources):
     every row of every dataset is checked (ValueError naming the manifest,
     the unknown code and a row that has it).
     """
-    from speechbrain_blspkd.nnet.adapter import language_index
-
     adapter = getattr(model, "adapter", None)
     codes = None if adapter is None else adapter.language_codes()
     if codes is None:

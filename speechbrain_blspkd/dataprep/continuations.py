@@ -166,7 +166,7 @@ def generate_continuations(
     -------
     >>> import tempfile
     >>> from speechbrain_blspkd.dataio.manifest import write_manifest
-    >>> from speechbrain_blspkd.utils.testing import (
+    >>> from speechbrain_blspkd.testing import (
     ...     doctest_tokenizer, save_toy_llm)
     >>> d = pathlib.Path(tempfile.mkdtemp())
     >>> model_dir = save_toy_llm(d / "lm", doctest_tokenizer())
@@ -271,7 +271,7 @@ def generate_on_all_ranks(manifest_in, manifest_out, **options):
     Example
     -------
     >>> import tempfile
-    >>> from speechbrain_blspkd.utils.testing import (
+    >>> from speechbrain_blspkd.testing import (
     ...     doctest_tokenizer, save_toy_llm)
     >>> d = pathlib.Path(tempfile.mkdtemp())
     >>> model_dir = save_toy_llm(d / "lm", doctest_tokenizer())

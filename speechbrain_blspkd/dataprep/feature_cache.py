@@ -106,7 +106,7 @@ def feature_checksum(encoder):
     Example
     -------
     >>> from speechbrain_blspkd.nnet.whisper_encoder import WhisperEncoder
-    >>> from speechbrain_blspkd.utils.testing import tiny_whisper_config
+    >>> from speechbrain_blspkd.testing import tiny_whisper_config
     >>> len(feature_checksum(WhisperEncoder(tiny_whisper_config())))
     64
     """

@@ -71,7 +71,7 @@ def finish_sequence(tokenizer, new_ids, eos_ids, max_new_tokens):
 
     Example
     -------
-    >>> from speechbrain_blspkd.utils.testing import toy_word_tokenizer
+    >>> from speechbrain_blspkd.testing import toy_word_tokenizer
     >>> tok = toy_word_tokenizer(["a", "b"])
     >>> a, b, eos = tok.convert_tokens_to_ids(["a", "b", "<|im_end|>"])
     >>> finish_sequence(tok, [a, b, eos, 0], [eos], 4)

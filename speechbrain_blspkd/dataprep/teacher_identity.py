@@ -60,7 +60,7 @@ def llm_checksum(llm):
     Example
     -------
     >>> import torch
-    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> from speechbrain_blspkd.testing import tiny_speech_llm
     >>> torch.manual_seed(0)
     <torch._C.Generator object at ...>
     >>> model = tiny_speech_llm(whisper=False)
@@ -111,7 +111,7 @@ def teacher_settings(model, k=DEFAULT_K, logprob_dtype=None):
 
     Example
     -------
-    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> from speechbrain_blspkd.testing import tiny_speech_llm
     >>> s = teacher_settings(tiny_speech_llm(whisper=False, instruction="Say:"), 8)
     >>> s["k"], s["vocab_size"], s["instruction"]
     (8, 300, 'Say:')

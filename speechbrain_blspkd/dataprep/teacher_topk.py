@@ -150,7 +150,7 @@ def write_teacher_topk(
     -------
     >>> import tempfile
     >>> from speechbrain_blspkd.dataio.manifest import write_manifest
-    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> from speechbrain_blspkd.testing import tiny_speech_llm
     >>> d = pathlib.Path(tempfile.mkdtemp())
     >>> write_manifest(d / "kd.csv", [dict(ID="u1", wav="x.wav", duration=1,
     ...     transcript="hello world", language="en", speaker="s",

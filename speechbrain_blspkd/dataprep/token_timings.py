@@ -170,7 +170,7 @@ def reader_settings(model):
 
     Example
     -------
-    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> from speechbrain_blspkd.testing import tiny_speech_llm
     >>> sorted(reader_settings(tiny_speech_llm()))
     ['features', 'llm_tokenizer', 'transcript_separator', 'version']
     """
@@ -346,7 +346,7 @@ def write_token_timings(
     Example
     -------
     >>> import tempfile
-    >>> from speechbrain_blspkd.utils.testing import tiny_saved_speech_llm
+    >>> from speechbrain_blspkd.testing import tiny_saved_speech_llm
     >>> d = pathlib.Path(tempfile.mkdtemp())
     >>> model = tiny_saved_speech_llm(d)
     >>> features = FeatureCache(d / "feats", "enc")

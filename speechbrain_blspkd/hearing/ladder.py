@@ -104,7 +104,7 @@ def generate_from_embeddings(
 
     Example
     -------
-    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> from speechbrain_blspkd.testing import tiny_speech_llm
     >>> model = tiny_speech_llm().eval()
     >>> ids = torch.tensor([model.transcript_ids(["the cat"])[0]])
     >>> texts = generate_from_embeddings(model, model.embed_tokens(ids),
@@ -212,7 +212,7 @@ def quality_ladder(
     -------
     >>> import pathlib, tempfile
     >>> from speechbrain_blspkd.dataio.manifest import read_manifest
-    >>> from speechbrain_blspkd.utils.testing import (
+    >>> from speechbrain_blspkd.testing import (
     ...     tiny_speech_llm, write_speech_manifest)
     >>> folder = pathlib.Path(tempfile.mkdtemp())
     >>> manifest = write_speech_manifest(folder, ["the cat sat"])

@@ -58,7 +58,7 @@ def adapter_token_accuracy(
     Example
     -------
     >>> import pathlib, tempfile, numpy, soundfile
-    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> from speechbrain_blspkd.testing import tiny_speech_llm
     >>> tmp = pathlib.Path(tempfile.mkdtemp())
     >>> soundfile.write(tmp / "a.wav", numpy.zeros(6000, "float32"), 16000)
     >>> rows = [dict(ID="a", wav=str(tmp / "a.wav"), duration=0.375,

@@ -358,7 +358,7 @@ def export_model(model, folder, config=None, overwrite=False):
     -------
     >>> import tempfile
     >>> tmp = pathlib.Path(tempfile.mkdtemp())
-    >>> from speechbrain_blspkd.utils.testing import tiny_saved_speech_llm
+    >>> from speechbrain_blspkd.testing import tiny_saved_speech_llm
     >>> model = tiny_saved_speech_llm(tmp)
     >>> folder = export_model(model, tmp / "exported")
     >>> sorted(p.name for p in folder.iterdir())

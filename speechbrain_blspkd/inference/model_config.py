@@ -35,7 +35,7 @@ def config_from_model(model):
 
     Example
     -------
-    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> from speechbrain_blspkd.testing import tiny_speech_llm
     >>> config = config_from_model(tiny_speech_llm())
     >>> config["adapter_class"]
     'speechbrain_blspkd.nnet.cformer.CFormer'

@@ -11,7 +11,7 @@ Example
 -------
 >>> import tempfile, pathlib, numpy, soundfile
 >>> from speechbrain_blspkd.inference.export import export_model
->>> from speechbrain_blspkd.utils.testing import tiny_saved_speech_llm
+>>> from speechbrain_blspkd.testing import tiny_saved_speech_llm
 >>> tmp = pathlib.Path(tempfile.mkdtemp())
 >>> folder = export_model(tiny_saved_speech_llm(tmp), tmp / "model")
 >>> llm = SpeechLLM.from_hparams(source=folder, run_opts={"device": "cpu"})
@@ -59,7 +59,7 @@ class SpeechLLM(Pretrained):
     >>> import tempfile, pathlib, numpy, soundfile
     >>> from speechbrain_blspkd.inference.export import (
     ...     export_model)
-    >>> from speechbrain_blspkd.utils.testing import tiny_saved_speech_llm
+    >>> from speechbrain_blspkd.testing import tiny_saved_speech_llm
     >>> tmp = pathlib.Path(tempfile.mkdtemp())
     >>> folder = export_model(tiny_saved_speech_llm(tmp), tmp / "model")
     >>> llm = SpeechLLM.from_hparams(source=folder,

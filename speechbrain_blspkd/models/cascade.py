@@ -41,7 +41,7 @@ class CascadeModel(SpeechLLMModel):
 
     Example
     -------
-    >>> from speechbrain_blspkd.utils.testing import tiny_cascade
+    >>> from speechbrain_blspkd.testing import tiny_cascade
     >>> cascade = tiny_cascade()
     >>> answers, counts = cascade.generate(torch.randn(2, 8000) * 0.1,
     ...     max_new_tokens=3, return_num_tokens=True)

@@ -149,7 +149,7 @@ def generate(
 
     Example
     -------
-    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> from speechbrain_blspkd.testing import tiny_speech_llm
     >>> model = tiny_speech_llm()
     >>> texts = model.generate(torch.randn(2, 4000), max_new_tokens=3)
     >>> len(texts)
@@ -216,7 +216,7 @@ def generate_text(
 
     Example
     -------
-    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> from speechbrain_blspkd.testing import tiny_speech_llm
     >>> model = tiny_speech_llm(whisper=False)
     >>> len(model.generate_text(["a b", "c"], max_new_tokens=2))
     2
@@ -283,7 +283,7 @@ def snapped(model, output):
 
     Example
     -------
-    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> from speechbrain_blspkd.testing import tiny_speech_llm
     >>> model = tiny_speech_llm()
     >>> ids = torch.tensor([[5, 9, 2]])
     >>> from speechbrain_blspkd.nnet.adapter import AdapterOutput

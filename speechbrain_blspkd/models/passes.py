@@ -209,7 +209,7 @@ def teacher_pass(
 
     Example
     -------
-    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> from speechbrain_blspkd.testing import tiny_speech_llm
     >>> model = tiny_speech_llm(whisper=False)
     >>> out = model.teacher_pass(["a b"], ["c"], "Say:")
     >>> out.logits["input"].shape[1] == len(model.transcript_ids(["a b"])[0])

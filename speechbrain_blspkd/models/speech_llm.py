@@ -118,7 +118,7 @@ class SpeechLLMModel(nn.Module):
 
     Example
     -------
-    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> from speechbrain_blspkd.testing import tiny_speech_llm
     >>> model = tiny_speech_llm()
     >>> request = PassRequest(teacher=True, student=True,
     ...     logits=("input", "response"))
@@ -281,7 +281,7 @@ class SpeechLLMModel(nn.Module):
 
         Example
         -------
-        >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+        >>> from speechbrain_blspkd.testing import tiny_speech_llm
         >>> model = tiny_speech_llm(whisper=False)
         >>> [len(x) > 0 for x in model.transcript_ids(["a", "b c"])]
         [True, True]
@@ -294,7 +294,7 @@ class SpeechLLMModel(nn.Module):
 
         Example
         -------
-        >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+        >>> from speechbrain_blspkd.testing import tiny_speech_llm
         >>> model = tiny_speech_llm(whisper=False)
         >>> all(p.requires_grad for p in model.trainable_parameters())
         True
@@ -357,7 +357,7 @@ class SpeechLLMModel(nn.Module):
 
         Example
         -------
-        >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+        >>> from speechbrain_blspkd.testing import tiny_speech_llm
         >>> from speechbrain_blspkd.nnet.adapter import AdapterTargets
         >>> model = tiny_speech_llm()
         >>> out = model.encode_speech(torch.randn(1, 4000),
@@ -396,7 +396,7 @@ class SpeechLLMModel(nn.Module):
 
         Example
         -------
-        >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+        >>> from speechbrain_blspkd.testing import tiny_speech_llm
         >>> feats, lens = tiny_speech_llm().speech_features(torch.randn(1, 4000))
         >>> feats.shape
         torch.Size([1, 13, 64])

@@ -54,7 +54,7 @@ def trainable_state_dict(model):
     Example
     -------
     >>> from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
-    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> from speechbrain_blspkd.testing import tiny_speech_llm
     >>> sd = trainable_state_dict(tiny_speech_llm())
     >>> sorted({k.split(".")[0] for k in sd})
     ['adapter', 'plora']
@@ -153,7 +153,7 @@ class TrainableWeights:
     -------
     >>> import tempfile, pathlib
     >>> from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
-    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> from speechbrain_blspkd.testing import tiny_speech_llm
     >>> model = tiny_speech_llm()
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "model.ckpt"
     >>> TrainableWeights(model).save(path)

@@ -36,7 +36,8 @@ Besides ``forward``, an adapter answers:
   ``targets.language`` indexes, for an adapter that uses the utterance
   language (None, the default: it uses none).  The training loop then maps
   every manifest row's ``language`` to its position in this list
-  (:func:`language_index`, which refuses a code the list lacks) and passes
+  (:func:`speechbrain_blspkd.dataio.manifest.language_index`, which
+  refuses a code the list lacks) and passes
   the indices as ``AdapterTargets.language``;
 * :meth:`SpeechAdapter.set_training_progress`: the training loop calls it
   before every training batch with the fraction of the current stage done
@@ -58,7 +59,6 @@ __all__ = [
     "AdapterOutput",
     "AdapterTargets",
     "SpeechAdapter",
-    "language_index",
 ]
 
 
@@ -308,57 +308,3 @@ class SpeechAdapter(nn.Module):
         return length_to_mask(
             absolute.clamp(min=1), max_len=frames, device=feats.device
         ).bool()
-
-
-def language_index(languages, rows, source="manifest"):
-    """``{code: index}`` of ``languages``, checked against manifest rows.
-
-    Arguments
-    ---------
-    languages : sequence of str
-        An adapter's :meth:`SpeechAdapter.language_codes` (index order).
-    rows : iterable of dict
-        Manifest rows (``ID`` and ``language``).
-    source : str
-        Name of the manifest, for the message.
-
-    Returns
-    -------
-    dict
-        Language code -> index.
-
-    Raises
-    ------
-    ValueError
-        Naming each language code of ``rows`` that ``languages`` lacks
-        and the first row that has it.
-
-    Example
-    -------
-    >>> rows = [dict(ID="a", language="de"), dict(ID="b", language="en")]
-    >>> language_index(["en", "de"], rows)
-    {'en': 0, 'de': 1}
-    >>> language_index(["en"], rows, "train.csv")
-    Traceback (most recent call last):
-    ...
-    ValueError: train.csv: language 'de' (row a) is not one of the adapter's languages ['en']; add it to the languages of the YAML or remove those rows
-    """
-    index = {}
-    for i, code in enumerate(languages):
-        if code in index:
-            raise ValueError(f"language {code!r} is listed twice")
-        index[str(code)] = i
-    unknown = {}
-    for row in rows:
-        code = row["language"]
-        if code not in index:
-            unknown.setdefault(code, row["ID"])
-    if unknown:
-        named = ", ".join(f"{c!r} (row {uid})" for c, uid in unknown.items())
-        which = "is not one" if len(unknown) == 1 else "are not"
-        raise ValueError(
-            f"{source}: language {named} {which} of the adapter's "
-            f"languages {list(index)}; add it to the languages of the YAML "
-            "or remove those rows"
-        )
-    return index

@@ -30,6 +30,7 @@ from speechbrain_blspkd.nnet.adapter import (
 from speechbrain_blspkd.nnet.cif import (
     boundary_error,
     cif,
+    fire_positions,
     scale_alphas,
     span_weights,
 )
@@ -385,11 +386,10 @@ class CFormer(SpeechAdapter):
         scaled = alphas * count / alphas.sum().clamp(min=1e-6)
         plot_cif_weights(
             scaled,
-            None,
+            fire_positions(scaled, self.threshold).tolist(),
             list(tokens or []),
             path,
             frame_rate=self.frame_rate(),
-            threshold=self.threshold,
             title=title or f"sum(alpha)={float(alphas.sum()):.1f}, N={count}",
         )
         return True

@@ -42,7 +42,7 @@ def char_spans(tokenizer, text, offset):
 
     Example
     -------
-    >>> from speechbrain_blspkd.utils.testing import doctest_tokenizer
+    >>> from speechbrain_blspkd.testing import doctest_tokenizer
     >>> ids, spans = char_spans(doctest_tokenizer(), " the cat", 1)
     >>> spans[0][0], spans[-1][1]
     (-1, 7)
@@ -75,7 +75,7 @@ def llm_token_spans(prompts, transcript):
     Example
     -------
     >>> from speechbrain_blspkd.prompt import PromptBuilder
-    >>> from speechbrain_blspkd.utils.testing import doctest_tokenizer
+    >>> from speechbrain_blspkd.testing import doctest_tokenizer
     >>> prompts = PromptBuilder(doctest_tokenizer())
     >>> ids, spans = llm_token_spans(prompts, " the cat ")
     >>> ids == prompts.transcript_ids(" the cat "), spans[0][0], spans[-1][1]

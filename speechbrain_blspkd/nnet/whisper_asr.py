@@ -37,7 +37,7 @@ A randomly initialised model (unit tests, doctests) is built from a
 ``WhisperConfig`` with a tokenizer passed explicitly: its generation
 settings (start-of-transcript, language, task and no-timestamps tokens) are
 read from the tokenizer's special tokens;
-:func:`speechbrain_blspkd.utils.testing.build_test_whisper_tokenizer` makes a
+:func:`speechbrain_blspkd.testing.build_test_whisper_tokenizer` makes a
 tiny one.
 
 Authors
@@ -194,13 +194,13 @@ class WhisperTranscriber(nn.Module):
         The tokenizer (or its folder).  Default: the one in ``source``'s
         folder.  Required with a config; it must then hold Whisper's special
         tokens (e.g.
-        :func:`speechbrain_blspkd.utils.testing.build_test_whisper_tokenizer`),
+        :func:`speechbrain_blspkd.testing.build_test_whisper_tokenizer`),
         which set the
         generation settings, and ``config.vocab_size`` must cover it.
 
     Example
     -------
-    >>> from speechbrain_blspkd.utils.testing import (
+    >>> from speechbrain_blspkd.testing import (
     ...     build_test_whisper_tokenizer, tiny_whisper_config,
     ...     whisper_token_settings)
     >>> tok = build_test_whisper_tokenizer()

@@ -44,7 +44,7 @@ class WhisperDecoderTeacher(nn.Module):
     Example
     -------
     >>> import tempfile
-    >>> from speechbrain_blspkd.utils.testing import tiny_saved_speech_llm
+    >>> from speechbrain_blspkd.testing import tiny_saved_speech_llm
     >>> folder = pathlib.Path(tempfile.mkdtemp())
     >>> _ = tiny_saved_speech_llm(folder)
     >>> teacher = WhisperDecoderTeacher(folder / "whisper")

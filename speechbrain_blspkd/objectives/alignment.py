@@ -87,7 +87,7 @@ def alignment_loss(
     Example
     -------
     >>> from speechbrain_blspkd.nnet.adapter import AdapterTargets
-    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> from speechbrain_blspkd.testing import tiny_speech_llm
     >>> model = tiny_speech_llm(whisper=False)
     >>> out = model.adapter(torch.randn(2, 20, 64),
     ...     targets=AdapterTargets(torch.tensor([3, 2])))

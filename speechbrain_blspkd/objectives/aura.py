@@ -273,7 +273,7 @@ class AuRAObjective(Objective):
 
     Example
     -------
-    >>> from speechbrain_blspkd.utils.testing import tiny_aura
+    >>> from speechbrain_blspkd.testing import tiny_aura
     >>> model, objective = tiny_aura()
     >>> out = model(["the cat"], ["sat."], wavs=torch.randn(1, 8000) * 0.1,
     ...     request=objective.request(sb.Stage.TRAIN))

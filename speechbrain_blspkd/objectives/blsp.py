@@ -31,7 +31,7 @@ class BLSPObjective(Objective):
     >>> import speechbrain as sb
     >>> import torch
     >>> from speechbrain_blspkd.nnet.conv_subsampler import ConvSubsampler
-    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> from speechbrain_blspkd.testing import tiny_speech_llm
     >>> model = tiny_speech_llm(adapter=ConvSubsampler(64, 64, bottleneck=16),
     ...     plora=None)
     >>> objective = BLSPObjective()

@@ -107,7 +107,7 @@ class BLSPKDObjective(Objective):
 
     Example
     -------
-    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> from speechbrain_blspkd.testing import tiny_speech_llm
     >>> model = tiny_speech_llm()
     >>> objective = BLSPKDObjective({"input_kl": 1.0, "response_kl": 1.0,
     ...     "cif": 1.0})

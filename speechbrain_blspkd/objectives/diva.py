@@ -89,7 +89,7 @@ class DiVAObjective(Objective):
     -------
     >>> import speechbrain as sb
     >>> from speechbrain_blspkd.nnet.qformer import QFormer
-    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> from speechbrain_blspkd.testing import tiny_speech_llm
     >>> model = tiny_speech_llm(plora=None, adapter=QFormer(64, 64,
     ...     num_queries=4, num_layers=1, num_heads=4, ffn_size=128))
     >>> objective = DiVAObjective()

@@ -41,7 +41,7 @@ class LADObjective(DiVAObjective):
     >>> import torch
     >>> from speechbrain_blspkd.nnet.language_aware_qformer import (
     ...     LanguageAwareQFormer)
-    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> from speechbrain_blspkd.testing import tiny_speech_llm
     >>> model = tiny_speech_llm(plora=None, adapter=LanguageAwareQFormer(
     ...     64, 64, ["en", "de"], num_queries=4, num_layers=1,
     ...     num_heads=4, ffn_size=128, gate_size=16))

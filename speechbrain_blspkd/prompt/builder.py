@@ -40,7 +40,7 @@ class PromptBuilder:
 
     Example
     -------
-    >>> from speechbrain_blspkd.utils.testing import doctest_tokenizer
+    >>> from speechbrain_blspkd.testing import doctest_tokenizer
     >>> tok = doctest_tokenizer()
     >>> builder = PromptBuilder(tok, system_prompt="Be brief.")
     >>> t = builder.build("Repeat:", transcript="a b", continuation="b a")
@@ -103,7 +103,7 @@ class PromptBuilder:
 
         Example
         -------
-        >>> from speechbrain_blspkd.utils.testing import doctest_tokenizer
+        >>> from speechbrain_blspkd.testing import doctest_tokenizer
         >>> builder = PromptBuilder(doctest_tokenizer())
         >>> builder.tokenizer.decode(builder.transcript_ids(" a b "))
         ' a b'
@@ -159,7 +159,7 @@ class PromptBuilder:
 
         Example
         -------
-        >>> from speechbrain_blspkd.utils.testing import doctest_tokenizer
+        >>> from speechbrain_blspkd.testing import doctest_tokenizer
         >>> builder = PromptBuilder(doctest_tokenizer())
         >>> p = builder.build("Say:", n_speech=3, continuation="ok")
         >>> start, n = p.speech_span
@@ -224,7 +224,7 @@ class PromptBuilder:
 
         Example
         -------
-        >>> from speechbrain_blspkd.utils.testing import doctest_tokenizer
+        >>> from speechbrain_blspkd.testing import doctest_tokenizer
         >>> builder = PromptBuilder(doctest_tokenizer())
         >>> ps = builder.build_batch("Say:", n_speech=[1, 2])
         >>> [p.speech_span[1] for p in ps]
@@ -285,7 +285,7 @@ class PromptBuilder:
 
         Example
         -------
-        >>> from speechbrain_blspkd.utils.testing import doctest_tokenizer
+        >>> from speechbrain_blspkd.testing import doctest_tokenizer
         >>> builder = PromptBuilder(doctest_tokenizer())
         >>> b = builder.collate(builder.build_batch("Say:", n_speech=[1, 3]))
         >>> b["speech_mask"].sum(1).tolist()

@@ -141,7 +141,7 @@ def sequence_lengths(
     Example
     -------
     >>> from speechbrain_blspkd.prompt import PromptBuilder
-    >>> from speechbrain_blspkd.utils.testing import doctest_tokenizer
+    >>> from speechbrain_blspkd.testing import doctest_tokenizer
     >>> builder = PromptBuilder(doctest_tokenizer())
     >>> p = builder.build("Say:", transcript="a b", continuation="ok")
     >>> n = builder.sequence_lengths("Say:", ["a b"], continuations=["ok"])
@@ -201,7 +201,7 @@ def check_fits(
     Example
     -------
     >>> from speechbrain_blspkd.prompt import PromptBuilder
-    >>> from speechbrain_blspkd.utils.testing import doctest_tokenizer
+    >>> from speechbrain_blspkd.testing import doctest_tokenizer
     >>> builder = PromptBuilder(doctest_tokenizer())
     >>> builder.check_fits(  # doctest: +ELLIPSIS
     ...     70, "Say:", ["a b", "the cat " * 9], max_new_tokens=8,
@@ -256,7 +256,7 @@ def check_rows(
     Example
     -------
     >>> from speechbrain_blspkd.prompt import PromptBuilder
-    >>> from speechbrain_blspkd.utils.testing import doctest_tokenizer
+    >>> from speechbrain_blspkd.testing import doctest_tokenizer
     >>> builder = PromptBuilder(doctest_tokenizer())
     >>> rows = [dict(ID="u1", transcript="a b", continuation="c",
     ...     truncated="0")]

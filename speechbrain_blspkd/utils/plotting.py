@@ -160,7 +160,6 @@ def plot_cif_weights(
     token_strings,
     path,
     frame_rate=50,
-    threshold=1.0,
     title=None,
     token_timings=None,
 ):
@@ -177,9 +176,9 @@ def plot_cif_weights(
     ---------
     alphas : torch.Tensor or sequence of float
         (T,) CIF weights (padding already removed).
-    fire_frames : sequence of int or None
-        Frame of each fired token; None computes them with
-        :func:`speechbrain_blspkd.nnet.cif.fire_positions`.
+    fire_frames : sequence of int
+        Frame of each fired token (e.g.
+        :func:`speechbrain_blspkd.nnet.cif.fire_positions`).
     token_strings : sequence of str
         Transcript tokens, in order (labels of the markers).  Extra tokens
         without a firing, or firings without a token ("?"), are noted in
@@ -188,13 +187,11 @@ def plot_cif_weights(
         Destination PNG.
     frame_rate : float
         Encoder frames per second (x axis in seconds).
-    threshold : float
-        CIF threshold (used when ``fire_frames`` is None).
     title : str, optional
         Figure title.
     token_timings : torch.Tensor or sequence of (float, float), optional
         ``(N, 2)`` (start, end) seconds of the transcript's tokens (e.g.
-        :func:`speechbrain_blspkd.dataprep.token_timings.utterance_timings`);
+        :func:`speechbrain_blspkd.nnet.token_alignment.utterance_timings`);
         None (default) draws no timing marks.
 
     Returns
@@ -206,7 +203,7 @@ def plot_cif_weights(
     -------
     >>> import tempfile, pathlib
     >>> out = pathlib.Path(tempfile.mkdtemp()) / "cif.png"
-    >>> _ = plot_cif_weights([0.5, 0.6, 0.9, 0.0], None, ["hi", "yo"], out,
+    >>> _ = plot_cif_weights([0.5, 0.6, 0.9, 0.0], [1, 2], ["hi", "yo"], out,
     ...     token_timings=[(0.0, 0.03), (0.03, 0.08)])
     >>> out.read_bytes()[:8] == b"\\x89PNG\\r\\n\\x1a\\n"
     True
@@ -216,10 +213,6 @@ def plot_cif_weights(
         raise ValueError("plot_cif_weights: alphas are empty")
     if frame_rate <= 0:
         raise ValueError(f"plot_cif_weights: bad frame_rate {frame_rate}")
-    if fire_frames is None:
-        from speechbrain_blspkd.nnet.cif import fire_positions
-
-        fire_frames = fire_positions(alphas, threshold).tolist()
     fire_frames = [int(f) for f in _to_float_list(fire_frames, "fire_frames")]
     tokens = [str(t) for t in token_strings]
 

@@ -25,7 +25,7 @@ class TokenStreamer:
     Example
     -------
     >>> import torch
-    >>> from speechbrain_blspkd.utils.testing import doctest_tokenizer
+    >>> from speechbrain_blspkd.testing import doctest_tokenizer
     >>> tok = doctest_tokenizer()
     >>> streamer = TokenStreamer(tok)
     >>> streamer.put(torch.zeros(1, 0, dtype=torch.long))  # the prompt

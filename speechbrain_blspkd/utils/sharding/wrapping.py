@@ -38,7 +38,7 @@ def decoder_layers(llm):
     Example
     -------
     >>> from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
-    >>> from speechbrain_blspkd.utils.testing import tiny_speech_llm
+    >>> from speechbrain_blspkd.testing import tiny_speech_llm
     >>> llm = tiny_speech_llm(whisper=False).llm
     >>> [name for name, _ in decoder_layers(llm)]
     ['model.layers.0', 'model.layers.1']

@@ -3,24 +3,24 @@
 Not part of the library's public API: the factories here exist for tests,
 doctests and benchmarks only, and no library module imports them outside
 its doctest examples.  Import them from this package
-(``from speechbrain_blspkd.utils.testing import tiny_speech_llm``); by
+(``from speechbrain_blspkd.testing import tiny_speech_llm``); by
 concept they live in:
 
-* :mod:`~speechbrain_blspkd.utils.testing.models`: tiny random models and
+* :mod:`~speechbrain_blspkd.testing.models`: tiny random models and
   the sizes they share;
-* :mod:`~speechbrain_blspkd.utils.testing.tokenizers`: test tokenizers;
-* :mod:`~speechbrain_blspkd.utils.testing.audio`: speech-like clips, their
+* :mod:`~speechbrain_blspkd.testing.tokenizers`: test tokenizers;
+* :mod:`~speechbrain_blspkd.testing.audio`: speech-like clips, their
   manifests, and whether piper can run;
-* :mod:`~speechbrain_blspkd.utils.testing.processes`: multi-node launch
+* :mod:`~speechbrain_blspkd.testing.processes`: multi-node launch
   rehearsals, commands run together, recipe scripts loaded by path.
 """
 
-from speechbrain_blspkd.utils.testing.audio import (
+from speechbrain_blspkd.testing.audio import (
     piper_unavailable,
     write_speech_manifest,
     write_speechlike_wav,
 )
-from speechbrain_blspkd.utils.testing.models import (
+from speechbrain_blspkd.testing.models import (
     count_llm_calls,
     save_toy_llm,
     tiny_aura,
@@ -32,12 +32,12 @@ from speechbrain_blspkd.utils.testing.models import (
     tiny_speech_llm,
     tiny_whisper_config,
 )
-from speechbrain_blspkd.utils.testing.processes import (
+from speechbrain_blspkd.testing.processes import (
     load_script,
     run_together,
     torchrun_node,
 )
-from speechbrain_blspkd.utils.testing.tokenizers import (
+from speechbrain_blspkd.testing.tokenizers import (
     CHATML_TEMPLATE,
     DOCTEST_TOKENIZERS,
     build_test_tokenizer,

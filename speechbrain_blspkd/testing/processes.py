@@ -184,7 +184,7 @@ def load_script(path):
 
     path = pathlib.Path(path)
     if not path.is_absolute():
-        path = pathlib.Path(__file__).resolve().parents[3] / "recipes" / path
+        path = pathlib.Path(__file__).resolve().parents[2] / "recipes" / path
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -8,7 +8,7 @@ these helpers give the sizes every tiny model uses, so that one change
 reaches them all.
 """
 
-from speechbrain_blspkd.utils.testing.tokenizers import (
+from speechbrain_blspkd.testing.tokenizers import (
     build_test_tokenizer,
     build_test_whisper_tokenizer,
     whisper_token_settings,
@@ -433,7 +433,7 @@ def save_toy_llm(folder, tokenizer, seed=0, **overrides):
     -------
     >>> import tempfile
     >>> from transformers import AutoModelForCausalLM
-    >>> from speechbrain_blspkd.utils.testing import toy_word_tokenizer
+    >>> from speechbrain_blspkd.testing import toy_word_tokenizer
     >>> folder = save_toy_llm(tempfile.mkdtemp(), toy_word_tokenizer(["hi"]))
     >>> AutoModelForCausalLM.from_pretrained(folder).config.hidden_size
     32
