@@ -1,16 +1,13 @@
 """Token timings: where each LLM token of a transcript is spoken.
 
-A CIF adapter has to learn both *what* each LLM token of a transcript
-sounds like and *where* it is in the clip (how much weight each encoder
-frame gives it).  Whisper already knows the second: when its decoder is
-teacher-forced on the transcript, a few of its cross-attention heads (the
-*alignment heads* that Whisper's own word timestamps use, listed in the
-asset's ``generation_config.json``) look at the frames of the token being
-predicted.  This module turns that into one ``(start, end)`` time per LLM
-token of every utterance, stored once beside the feature cache, so that
-training can tell the CIF where tokens are (the timing loss and scheduled
-forcing of :class:`~speechbrain_blspkd.nnet.cformer.CFormer`,
-``docs/algorithms.md`` "Token timings").
+A CIF adapter learns *what* each LLM token sounds like and *where* it is
+in the clip.  Whisper knows the second: teacher-forced on the transcript,
+its *alignment heads* (listed in the asset's ``generation_config.json``)
+look at the frames of the token being predicted.  This module stores one
+``(start, end)`` time per LLM token of every utterance beside the feature
+cache, so that training can tell the CIF where tokens are (the timing
+loss and scheduled forcing of :class:`~speechbrain_blspkd.nnet.cformer.
+CFormer`, ``docs/algorithms.md`` "Token timings").
 
 How (per utterance)
 -------------------
