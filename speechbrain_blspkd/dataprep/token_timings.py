@@ -34,9 +34,8 @@ How (per utterance)
    token that covers it; it ends where the next starts, the last where
    the speech ends (the two tokenisers split most sentences differently).
 
-Steps 2-4 are :mod:`speechbrain_blspkd.nnet.token_alignment` (which says
-why); the decoder is :mod:`speechbrain_blspkd.nnet.whisper_decoder`.
-Trailing silence belongs to no token.
+Steps 2-4: :mod:`speechbrain_blspkd.nnet.token_alignment`; the decoder:
+:mod:`speechbrain_blspkd.nnet.whisper_decoder`.
 
 Storage and stale caches
 ------------------------
@@ -50,12 +49,10 @@ for other settings is refused (:class:`StaleTokenTimingsError`, naming
 what differs) unless ``overwrite=True`` (``--overwrite``).  Training
 checks the settings it can see and each utterance's token count.
 
-Command line::
+Command line (``--help`` lists the options)::
 
     python -m speechbrain_blspkd.dataprep.token_timings MANIFEST [...] \\
-        --features FEATURE_CACHE_FOLDER --out FOLDER [--whisper whisper-base] \\
-        [--llm smollm2-135m-instruct] [--batch-size 16] [--shard 0/2] \\
-        [--limit N] [--device cpu] [--overwrite]
+        --features FEATURE_CACHE_FOLDER --out FOLDER [--shard 0/2]
 
 In a recipe, ``token_timings_folder`` makes :func:`prepare_token_timings`
 write every split's timings before training; :func:`timing_items` hands
