@@ -1,5 +1,6 @@
 """The Whisper decoder pass and the LLM token spans of the token timings
-(:mod:`speechbrain_blspkd.dataprep.token_timings`): the decoder states equal
+(:mod:`speechbrain_blspkd.nnet.whisper_decoder`,
+:mod:`speechbrain_blspkd.nnet.token_alignment`): the decoder states equal
 Hugging Face's decoder and do not depend on the batch padding; the LLM
 token spans cover the transcript.
 """
@@ -7,10 +8,8 @@ token spans cover the transcript.
 import pytest
 import torch
 
-from speechbrain_blspkd.dataprep.token_timings import (
-    WhisperDecoderTeacher,
-    llm_token_spans,
-)
+from speechbrain_blspkd.nnet.token_alignment import llm_token_spans
+from speechbrain_blspkd.nnet.whisper_decoder import WhisperDecoderTeacher
 from speechbrain_blspkd.prompt import PromptBuilder
 from speechbrain_blspkd.testing import (
     build_test_tokenizer,
