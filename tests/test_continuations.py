@@ -309,7 +309,7 @@ def test_changed_settings_are_refused(setup, tmp_path, change):
 
 
 def test_recipe_prepares_with_the_model_prompt(setup, tmp_path, fed_prompts):
-    """brain.prepare_continuations prompts with the recipe's instruction and
+    """recipe.prepare_continuations prompts with the recipe's instruction and
     the model's system prompt and transcript separator."""
     import types
 

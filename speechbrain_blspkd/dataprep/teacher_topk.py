@@ -368,8 +368,8 @@ def prepare_teacher_topk(hparams, device=None):
     rows per pass.  Resumable and idempotent (rows already stored are
     skipped); a folder written for another teacher is refused
     (:class:`StaleTeacherCacheError`).  Call it after the continuations and
-    before :func:`~speechbrain_blspkd.brain.dataio_prepare`, on **every**
-    process of a run: rank ``r`` of ``n`` writes shard ``(r, n)`` and the
+    before :func:`~speechbrain_blspkd.dataio.pipelines.dataio_prepare`, on
+    **every** process of a run: rank ``r`` of ``n`` writes shard ``(r, n)`` and the
     shards then reach every node's folder through the process group
     (:func:`share_shards`).
 

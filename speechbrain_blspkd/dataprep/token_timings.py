@@ -439,7 +439,7 @@ def prepare_token_timings(hparams, feature_cache, device="cpu", shard=(0, 1)):
     transcript separator, ``feature_batch_size`` rows per pass.  Resumable
     and idempotent; a folder written for other settings is refused
     (:class:`StaleTokenTimingsError`).  Call it after
-    :func:`~speechbrain_blspkd.brain.prepare_features`, on one process per
+    :func:`~speechbrain_blspkd.recipe.prepare_features`, on one process per
     node (or on every process with its ``shard`` followed by a barrier).
 
     Returns

@@ -1,7 +1,7 @@
 """The label of a cache folder: the settings that wrote it, checked on reuse.
 
-A cache built once and reused across runs (stored teachers, Whisper-decoder
-targets) is only valid for the settings that wrote it.  Its folder holds a
+A cache built once and reused across runs (stored teachers, token
+timings) is only valid for the settings that wrote it.  Its folder holds a
 small JSON label with those settings; :func:`check_label` compares the
 label with this run's settings, refuses a folder written for other
 settings (or holding data without a label) with an error that names every
