@@ -108,9 +108,9 @@ def tiny_whisper_model(**overrides):
     >>> tiny_whisper_model().config.d_model
     16
     """
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
+    from transformers import WhisperForConditionalGeneration
 
-    config = dict(
+    sizes = dict(
         vocab_size=60,
         d_model=16,
         encoder_layers=1,
@@ -124,8 +124,8 @@ def tiny_whisper_model(**overrides):
         max_target_positions=12,
         pad_token_id=0,
     )
-    config.update(overrides)
-    return WhisperForConditionalGeneration(WhisperConfig(**config))
+    config = tiny_whisper_config(**{**sizes, **overrides})
+    return WhisperForConditionalGeneration(config)
 
 
 def tiny_speech_llm(llm_type="llama", whisper=True, init_std=0.3, **kwargs):
