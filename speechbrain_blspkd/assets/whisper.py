@@ -73,14 +73,8 @@ def ct2_to_hf(model, dtype=torch.float32):
 
     Example
     -------
-    >>> from transformers import WhisperConfig, WhisperForConditionalGeneration
-    >>> cfg = WhisperConfig(vocab_size=60, d_model=16, encoder_layers=1,
-    ...     decoder_layers=1, encoder_attention_heads=2,
-    ...     decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-    ...     num_mel_bins=8, max_source_positions=10, max_target_positions=12,
-    ...     pad_token_id=0)
-    >>> hf = WhisperForConditionalGeneration(cfg)
-    >>> config, sd = ct2_to_hf(hf_to_ct2(hf))
+    >>> from speechbrain_blspkd.testing import tiny_whisper_model
+    >>> config, sd = ct2_to_hf(hf_to_ct2(tiny_whisper_model()))
     >>> config["d_model"], config["decoder_layers"]
     (16, 1)
     """
@@ -196,13 +190,8 @@ def hf_to_ct2(hf_model, dtype=None):
 
     Example
     -------
-    >>> from transformers import WhisperConfig, WhisperForConditionalGeneration
-    >>> cfg = WhisperConfig(vocab_size=60, d_model=16, encoder_layers=1,
-    ...     decoder_layers=1, encoder_attention_heads=2,
-    ...     decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-    ...     num_mel_bins=8, max_source_positions=10, max_target_positions=12,
-    ...     pad_token_id=0)
-    >>> m = hf_to_ct2(WhisperForConditionalGeneration(cfg))
+    >>> from speechbrain_blspkd.testing import tiny_whisper_model
+    >>> m = hf_to_ct2(tiny_whisper_model())
     >>> tuple(m.get("encoder/layer_0/self_attention/linear_0/weight").shape)
     (48, 16)
     """

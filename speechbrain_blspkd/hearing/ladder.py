@@ -24,6 +24,7 @@ from speechbrain_blspkd.hearing.batches import (
     encoded_batches,
     evaluating,
 )
+from speechbrain_blspkd.models.passes import adapter_targets
 from speechbrain_blspkd.utils.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -125,33 +126,6 @@ def generate_from_embeddings(
         )
 
 
-def _padded_ids(ids, device):
-    """(B, N) right-padded token ids (0 beyond a row) and their mask."""
-    width = max(1, max(len(x) for x in ids))
-    padded = torch.zeros(len(ids), width, dtype=torch.long)
-    for k, seq in enumerate(ids):
-        padded[k, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-    lengths = torch.tensor([len(x) for x in ids])
-    mask = torch.arange(width)[None] < lengths[:, None]
-    return padded.to(device), mask.to(device)
-
-
-def _snapped(model, tokens, mask):
-    """``tokens`` with every masked vector replaced by the LLM input
-    embedding of its nearest token (cosine over the whole table)."""
-    nearest = metrics.nearest_tokens(
-        tokens[mask].float(), model.embed_tokens.weight
-    )
-    embeds = model.embed_tokens(nearest)
-    out = torch.zeros(
-        tokens.shape[:2] + embeds.shape[-1:],
-        dtype=embeds.dtype,
-        device=embeds.device,
-    )
-    out[mask.to(out.device)] = embeds
-    return out
-
-
 @torch.no_grad()
 def quality_ladder(
     model,
@@ -173,7 +147,9 @@ def quality_ladder(
     transcripts' token counts, and free: its own count, as in inference),
     and each rung is decoded through :func:`generate_from_embeddings`.
     Snapping reads each vector as its nearest LLM input embedding (cosine,
-    as the nearest-token accuracy does) and feeds that embedding.  Rung
+    as the nearest-token accuracy does) and feeds that embedding: the
+    model's own :meth:`~speechbrain_blspkd.models.speech_llm.
+    SpeechLLMModel.snapped`, as generation with ``snap_speech``.  Rung
     ``e`` is what inference does: its answers are those of the speech row
     of :func:`~speechbrain_blspkd.hearing.measure.measure_set` decoded in
     the same batches.
@@ -222,8 +198,6 @@ def quality_ladder(
     >>> list(out["rungs"]), out["n"]
     (['a', 'b', 'c', 'd', 'e'], 1)
     """
-    from speechbrain_blspkd.nnet.adapter import AdapterTargets
-
     if model.adapter is None or model.encoder is None:
         return {"skipped": "no adapter or no encoder (no speech embeddings)"}
     device = model.device
@@ -232,13 +206,11 @@ def quality_ladder(
     with evaluating(model):
         batches = encoded_batches(model, order, batch_size, sample_rate, source)
         for chunk, feats, feat_lens in batches:
-            ids, ids_mask = _padded_ids(
-                model.transcript_ids([r["transcript"] for r in chunk]), device
+            ids, ids_mask, targets = adapter_targets(
+                model, [r["transcript"] for r in chunk]
             )
             told = model.encode_speech(
-                feats=feats,
-                feat_lens=feat_lens,
-                targets=AdapterTargets(num_tokens=ids_mask.sum(1)),
+                feats=feats, feat_lens=feat_lens, targets=targets
             )
             if not torch.equal(told.token_counts.to(device), ids_mask.sum(1)):
                 return {
@@ -247,14 +219,12 @@ def quality_ladder(
                     "told the count"
                 }
             free = model.encode_speech(feats=feats, feat_lens=feat_lens)
-            told_pair = (told.tokens, told.token_mask)
-            free_pair = (free.tokens, free.token_mask)
             fed = {
                 "a": (model.embed_tokens(ids), ids_mask),
-                "b": (_snapped(model, *told_pair), told.token_mask),
-                "c": told_pair,
-                "d": (_snapped(model, *free_pair), free.token_mask),
-                "e": free_pair,
+                "b": (model.snapped(told).tokens, told.token_mask),
+                "c": (told.tokens, told.token_mask),
+                "d": (model.snapped(free).tokens, free.token_mask),
+                "e": (free.tokens, free.token_mask),
             }
             for key, (tokens, mask) in fed.items():
                 answers[key].extend(

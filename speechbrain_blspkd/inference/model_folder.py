@@ -31,6 +31,8 @@ import hashlib
 import json
 import pathlib
 
+from speechbrain_blspkd.nnet.plora_targets import DEFAULT_TARGETS
+
 __all__ = [
     "CONFIG_SECTIONS",
     "DEFAULT_CONFIG",
@@ -122,15 +124,7 @@ CONFIG_SECTIONS = (
                 "alpha": 16.0,
                 "dropout": 0.05,
                 "scope": "audio",
-                "target_modules": [
-                    "q_proj",
-                    "k_proj",
-                    "v_proj",
-                    "o_proj",
-                    "gate_proj",
-                    "up_proj",
-                    "down_proj",
-                ],
+                "target_modules": list(DEFAULT_TARGETS),
             },
             "llm_dtype": "auto",
             "snap_speech": False,

@@ -16,7 +16,7 @@ from speechbrain_blspkd.metrics.agreement import (
     wer,
 )
 from speechbrain_blspkd.metrics.tokens import count_stats
-from speechbrain_blspkd.utils.atomic import atomic_write_text
+from speechbrain_blspkd.utils.atomic import atomic_write_text, read_jsonl
 
 
 def _json_default(value):
@@ -127,18 +127,7 @@ class EvalSummary:
     @staticmethod
     def load_rows(path):
         """Read rows back from a JSONL file written by :meth:`write_rows`."""
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(
-                        f"{path}:{lineno}: invalid JSON line ({err})"
-                    ) from err
-        return rows
+        return read_jsonl(path)
 
     def write_rows(self, path):
         """Write the rows as JSONL (one a line, sorted by id), atomically."""

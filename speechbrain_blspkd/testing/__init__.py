@@ -31,6 +31,7 @@ from speechbrain_blspkd.testing.models import (
     tiny_saved_speech_llm,
     tiny_speech_llm,
     tiny_whisper_config,
+    tiny_whisper_model,
 )
 from speechbrain_blspkd.testing.processes import (
     load_script,
@@ -66,6 +67,7 @@ __all__ = [
     "tiny_saved_speech_llm",
     "tiny_speech_llm",
     "tiny_whisper_config",
+    "tiny_whisper_model",
     "torchrun_node",
     "toy_word_tokenizer",
     "whisper_token_settings",

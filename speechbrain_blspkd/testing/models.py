@@ -89,6 +89,45 @@ def tiny_whisper_config(**overrides):
     return WhisperConfig(**config)
 
 
+def tiny_whisper_model(**overrides):
+    """A tiny random ``WhisperForConditionalGeneration`` (encoder and
+    decoder: d_model 16, one layer each, 2 heads, 8 mel bins, vocabulary
+    60), e.g. for the CTranslate2 converters' examples.
+
+    Arguments
+    ---------
+    **overrides
+        Config values that replace (or add to) these.
+
+    Returns
+    -------
+    transformers.WhisperForConditionalGeneration
+
+    Example
+    -------
+    >>> tiny_whisper_model().config.d_model
+    16
+    """
+    from transformers import WhisperForConditionalGeneration
+
+    sizes = dict(
+        vocab_size=60,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        num_mel_bins=8,
+        max_source_positions=10,
+        max_target_positions=12,
+        pad_token_id=0,
+    )
+    config = tiny_whisper_config(**{**sizes, **overrides})
+    return WhisperForConditionalGeneration(config)
+
+
 def tiny_speech_llm(llm_type="llama", whisper=True, init_std=0.3, **kwargs):
     """A tiny random speech LLM (test tokenizer, 2-layer LLM, CFormer).
 

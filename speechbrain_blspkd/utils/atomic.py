@@ -3,10 +3,11 @@
 Everything this project writes that a rerun trusts (manifests, converted
 weights, generated audio, checkpoints of generation) goes through these
 helpers, so that a run killed at any point never leaves a half-written file
-that looks complete.
+that looks complete.  :func:`read_jsonl` reads such a JSONL file back.
 """
 
 import contextlib
+import json
 import os
 import pathlib
 import tempfile
@@ -152,3 +153,48 @@ def drop_unfinished_tail(path, keep, what="an unfinished last line"):
         f.truncate(keep)
         f.flush()
         os.fsync(f.fileno())
+
+
+def read_jsonl(path):
+    """The JSON objects of a JSONL file, one a non-blank line.
+
+    Arguments
+    ---------
+    path : str or pathlib.Path
+        The file (UTF-8); blank lines are skipped.
+
+    Returns
+    -------
+    list
+        The decoded lines, in file order.
+
+    Raises
+    ------
+    ValueError
+        On a line that is not JSON, naming ``path:line``.
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "rows.jsonl"
+    >>> _ = p.write_text('{"a": 1}\\n\\n{"b": 2}\\n')
+    >>> read_jsonl(p)
+    [{'a': 1}, {'b': 2}]
+    >>> _ = p.write_text('{"a": 1}\\n{"b"\\n')
+    >>> read_jsonl(p)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: ...rows.jsonl:2: invalid JSON line (...)
+    """
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{path}:{lineno}: invalid JSON line ({err})"
+                ) from err
+    return rows

@@ -7,11 +7,10 @@ plotting never changes the caller's matplotlib backend or global state.
 Every PNG is written atomically.
 """
 
-import json
 import logging
 import pathlib
 
-from speechbrain_blspkd.utils.atomic import atomic_path
+from speechbrain_blspkd.utils.atomic import atomic_path, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -416,17 +415,7 @@ def load_stats(source):
         path = pathlib.Path(source)
         if path.suffix != ".jsonl":
             return parse_train_log(path)
-        raw = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    raw.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(
-                        f"{path}:{lineno}: invalid JSON line ({err})"
-                    ) from err
+        raw = read_jsonl(path)
     else:
         raw = list(source)
     records = []

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from speechbrain_blspkd.nnet.plora.layer import SCOPES, PLoRALinear, PLoRAState
+from speechbrain_blspkd.nnet.plora_targets import DEFAULT_TARGETS
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -26,16 +27,6 @@ __all__ = [
     "scope_mask",
     "set_plora_mask",
 ]
-
-DEFAULT_TARGETS = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-)
 
 
 def _unwrap(model):
