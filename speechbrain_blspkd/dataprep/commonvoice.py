@@ -270,12 +270,10 @@ def main(argv=None):
         "one language of a release",
         DEFAULT_SPLITS,
         "tsv files to read, without .tsv (default: %(default)s)",
+        lowercase=False,
     )
     parser.add_argument(
         "--language", help="language code (default: the folder's name)"
-    )
-    parser.add_argument(
-        "--lowercase", action="store_true", help="lower-case the sentences"
     )
     run_parsed(prepare_commonvoice, parser, argv)
 

@@ -244,6 +244,7 @@ def main(argv=None):
         "Common Voice source-language folder",
         DEFAULT_SPLITS,
         "splits to prepare (default: %(default)s)",
+        lowercase=False,
         choices=DEFAULT_SPLITS,
     )
     parser.add_argument(
@@ -263,9 +264,6 @@ def main(argv=None):
     parser.add_argument(
         "--translation-folder",
         help="folder of the covost_v2.*.tsv files (default: DATA)",
-    )
-    parser.add_argument(
-        "--lowercase", action="store_true", help="lower-case the sentences"
     )
     run_parsed(prepare_covost2, parser, argv)
 
