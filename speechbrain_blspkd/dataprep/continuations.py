@@ -67,7 +67,7 @@ from speechbrain_blspkd.dataprep.shard_progress import (
     settings_line,
 )
 from speechbrain_blspkd.prompt import PromptBuilder
-from speechbrain_blspkd.utils.cli import report_error
+from speechbrain_blspkd.utils.cli import per, report_run
 from speechbrain_blspkd.utils.precision import resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -431,24 +431,23 @@ def main(argv=None):
     )
     keywords = vars(parse_worker_args(parser, argv))
     del keywords["threads"]
-    try:
+
+    def run():
         if keywords.pop("merge"):
             path = merge_continuations(
                 keywords["manifest_in"],
                 keywords["manifest_out"],
                 keywords["shard"][1],
             )
-            print(f"merged {keywords['shard'][1]} shards into {path}")
-            return 0
+            return f"merged {keywords['shard'][1]} shards into {path}"
         info = generate_continuations(**keywords)
-    except (RuntimeError, ValueError) as e:
-        return report_error(e)
-    rate = info["tokens"] / info["seconds"] if info["seconds"] else 0.0
-    print(
-        f"wrote {info['path']}: {info['generated']} rows generated, "
-        f"{info['tokens']} tokens, {rate:.1f} tokens/s"
-    )
-    return 0
+        rate = per(info["tokens"], info["seconds"])
+        return (
+            f"wrote {info['path']}: {info['generated']} rows generated, "
+            f"{info['tokens']} tokens, {rate:.1f} tokens/s"
+        )
+
+    return report_run((RuntimeError, ValueError), run)
 
 
 if __name__ == "__main__":
