@@ -165,13 +165,9 @@ def generate_continuations(
     Example
     -------
     >>> import tempfile
-    >>> from speechbrain_blspkd.dataio.manifest import write_manifest
-    >>> from speechbrain_blspkd.testing import (
-    ...     doctest_tokenizer, save_toy_llm)
+    >>> from speechbrain_blspkd.testing import save_toy_continuation_inputs
     >>> d = pathlib.Path(tempfile.mkdtemp())
-    >>> model_dir = save_toy_llm(d / "lm", doctest_tokenizer())
-    >>> write_manifest(d / "in.csv", [dict(ID="u1", wav="x.wav",
-    ...     duration=1, transcript="hello world", language="en", speaker="s")])
+    >>> model_dir = save_toy_continuation_inputs(d)
     >>> info = generate_continuations(d / "in.csv", d / "out.csv", model_dir,
     ...     max_new_tokens=3, instruction="Repeat:", dtype="float32")
     >>> row = read_manifest(d / "out.csv")[0]
@@ -271,12 +267,9 @@ def generate_on_all_ranks(manifest_in, manifest_out, **options):
     Example
     -------
     >>> import tempfile
-    >>> from speechbrain_blspkd.testing import (
-    ...     doctest_tokenizer, save_toy_llm)
+    >>> from speechbrain_blspkd.testing import save_toy_continuation_inputs
     >>> d = pathlib.Path(tempfile.mkdtemp())
-    >>> model_dir = save_toy_llm(d / "lm", doctest_tokenizer())
-    >>> write_manifest(d / "in.csv", [dict(ID="u1", wav="x.wav",
-    ...     duration=1, transcript="hello world", language="en", speaker="s")])
+    >>> model_dir = save_toy_continuation_inputs(d)
     >>> opts = dict(model_dir=model_dir, max_new_tokens=2, dtype="float32")
     >>> generate_on_all_ranks(d / "in.csv", d / "out.csv", **opts)["generated"]
     1

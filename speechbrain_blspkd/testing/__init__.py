@@ -22,6 +22,7 @@ from speechbrain_blspkd.testing.audio import (
 )
 from speechbrain_blspkd.testing.models import (
     count_llm_calls,
+    save_toy_continuation_inputs,
     save_toy_llm,
     tiny_aura,
     tiny_brain,
@@ -57,6 +58,7 @@ __all__ = [
     "load_script",
     "piper_unavailable",
     "run_together",
+    "save_toy_continuation_inputs",
     "save_toy_llm",
     "tiny_aura",
     "tiny_brain",
