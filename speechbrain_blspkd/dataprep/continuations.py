@@ -164,11 +164,9 @@ def generate_continuations(
 
     Example
     -------
-    >>> import tempfile
     >>> from speechbrain_blspkd.testing import save_toy_continuation_inputs
-    >>> d = pathlib.Path(tempfile.mkdtemp())
-    >>> model_dir = save_toy_continuation_inputs(d)
-    >>> info = generate_continuations(d / "in.csv", d / "out.csv", model_dir,
+    >>> d = save_toy_continuation_inputs()
+    >>> info = generate_continuations(d / "in.csv", d / "out.csv", d / "lm",
     ...     max_new_tokens=3, instruction="Repeat:", dtype="float32")
     >>> row = read_manifest(d / "out.csv")[0]
     >>> info["generated"], row["transcript"], row["truncated"] in ("0", "1")
@@ -266,11 +264,9 @@ def generate_on_all_ranks(manifest_in, manifest_out, **options):
 
     Example
     -------
-    >>> import tempfile
     >>> from speechbrain_blspkd.testing import save_toy_continuation_inputs
-    >>> d = pathlib.Path(tempfile.mkdtemp())
-    >>> model_dir = save_toy_continuation_inputs(d)
-    >>> opts = dict(model_dir=model_dir, max_new_tokens=2, dtype="float32")
+    >>> d = save_toy_continuation_inputs()
+    >>> opts = dict(model_dir=d / "lm", max_new_tokens=2, dtype="float32")
     >>> generate_on_all_ranks(d / "in.csv", d / "out.csv", **opts)["generated"]
     1
     >>> generate_on_all_ranks(d / "in.csv", d / "out.csv", **opts)["generated"]

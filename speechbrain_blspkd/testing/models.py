@@ -457,30 +457,35 @@ def save_toy_llm(folder, tokenizer, seed=0, **overrides):
     return pathlib.Path(folder)
 
 
-def save_toy_continuation_inputs(folder):
+def save_toy_continuation_inputs(folder=None):
     """A toy LLM ``<folder>/lm`` and a manifest ``<folder>/in.csv`` to continue.
 
     The manifest has one row (``u1``, transcript ``hello world``); the LLM
     is :func:`save_toy_llm` with :func:`doctest_tokenizer` (the setup of the
     examples of :mod:`speechbrain_blspkd.dataprep.continuations`).
 
+    Arguments
+    ---------
+    folder : str or pathlib.Path, optional
+        Where to write them (default: a new temporary folder).
+
     Returns
     -------
     pathlib.Path
-        The LLM folder.
+        ``folder``.
 
     Example
     -------
-    >>> import tempfile
-    >>> model_dir = save_toy_continuation_inputs(tempfile.mkdtemp())
-    >>> sorted(p.name for p in model_dir.parent.iterdir())
+    >>> sorted(p.name for p in save_toy_continuation_inputs().iterdir())
     ['in.csv', 'lm']
     """
     import pathlib
+    import tempfile
 
     from speechbrain_blspkd.dataio.manifest import write_manifest
 
-    folder = pathlib.Path(folder)
+    folder = pathlib.Path(folder or tempfile.mkdtemp())
     row = dict(ID="u1", wav="x.wav", duration=1, transcript="hello world")
     write_manifest(folder / "in.csv", [row | dict(language="en", speaker="s")])
-    return save_toy_llm(folder / "lm", doctest_tokenizer())
+    save_toy_llm(folder / "lm", doctest_tokenizer())
+    return folder
