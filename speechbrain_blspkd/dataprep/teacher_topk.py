@@ -51,6 +51,7 @@ import torch
 from speechbrain_blspkd.dataio.manifest import read_manifest
 from speechbrain_blspkd.dataprep.continuations import DEFAULT_INSTRUCTION
 from speechbrain_blspkd.dataprep.shard_progress import (
+    WORKER_ERRORS,
     add_worker_options,
     append_records,
     check_finished,
@@ -495,9 +496,7 @@ def main(argv=None):
             f"{info['bytes']} bytes ({per_position:.0f} per position)"
         )
 
-    return report_run(
-        (RuntimeError, ValueError, KeyError, FileNotFoundError), run
-    )
+    return report_run(WORKER_ERRORS, run)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ from speechbrain_blspkd.dataprep.feature_cache import (
     feature_checksum,
 )
 from speechbrain_blspkd.dataprep.shard_progress import (
+    WORKER_ERRORS,
     parse_shard,
     parse_worker_args,
 )
@@ -590,9 +591,7 @@ def main(argv=None):
             f"{info['skipped']} already there, {info['tokens']} LLM tokens"
         )
 
-    return report_run(
-        (RuntimeError, ValueError, KeyError, FileNotFoundError), run
-    )
+    return report_run(WORKER_ERRORS, run)
 
 
 if __name__ == "__main__":
