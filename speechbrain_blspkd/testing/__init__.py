@@ -17,6 +17,7 @@ concept they live in:
 
 from speechbrain_blspkd.testing.audio import (
     piper_unavailable,
+    write_clip_folder,
     write_speech_manifest,
     write_speechlike_wav,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "torchrun_node",
     "toy_word_tokenizer",
     "whisper_token_settings",
+    "write_clip_folder",
     "write_speech_manifest",
     "write_speechlike_wav",
 ]
