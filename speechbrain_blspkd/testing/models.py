@@ -467,12 +467,12 @@ def save_toy_continuation_inputs(folder=None):
     Arguments
     ---------
     folder : str or pathlib.Path, optional
-        Where to write them (default: a new temporary folder).
+        Where to write them.
 
     Returns
     -------
     pathlib.Path
-        ``folder``.
+        ``folder``, or the new temporary folder used when none was given.
 
     Example
     -------
