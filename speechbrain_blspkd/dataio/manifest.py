@@ -134,6 +134,47 @@ def write_manifest(path, rows):
     atomic_write_text(path, buf.getvalue())
 
 
+def read_utf8(path, error=ManifestError, what="file", encoding="utf-8"):
+    """The text of a UTF-8 file; a bad byte raises ``error`` naming its line.
+
+    Arguments
+    ---------
+    path : str or pathlib.Path
+        The file.
+    error : type
+        Exception raised for a missing file or a byte that is not UTF-8.
+    what : str
+        Name of the file in the "not found" message.
+    encoding : str
+        ``utf-8``, or ``utf-8-sig`` to drop a leading byte-order mark.
+
+    Returns
+    -------
+    str
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "t.txt"
+    >>> _ = p.write_bytes(b"ok\\n\\xff\\n")
+    >>> read_utf8(p)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    speechbrain_blspkd.dataio.manifest.ManifestError: ...t.txt line 2: not valid UTF-8 (invalid start byte at byte 3)
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {what} not found")
+    raw = path.read_bytes()
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise error(
+            f"{path} line {line}: not valid UTF-8 ({e.reason} at byte {e.start})"
+        ) from None
+
+
 def read_manifest(path, data_root=None):
     """Read and validate a manifest; return a list of row dicts.
 
@@ -157,17 +198,7 @@ def read_manifest(path, data_root=None):
         Naming the file and row for: non-UTF-8 bytes, missing required
         columns, duplicate IDs, empty transcript, bad duration.
     """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise ManifestError(f"{path}: manifest file not found")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ManifestError(
-            f"{path} line {line}: not valid UTF-8 ({e.reason} at byte {e.start})"
-        ) from None
+    text = read_utf8(path, what="manifest file")
     reader = csv.DictReader(io.StringIO(text))
     header = reader.fieldnames or []
     missing = [c for c in REQUIRED_COLUMNS if c not in header]

@@ -16,6 +16,8 @@ import re
 
 import soundfile as sf
 
+from speechbrain_blspkd.dataio.manifest import read_utf8
+
 
 class PrepareError(ValueError):
     """A corpus cannot be prepared; the message names the file and line."""
@@ -197,15 +199,7 @@ def read_tsv(path, required):
     >>> read_tsv(p, ["path", "sentence"])
     [(2, {'path': 'a.mp3', 'sentence': 'Hello.'})]
     """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise PrepareError(f"{path}: file not found")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise PrepareError(f"{path} line {line}: not valid UTF-8") from None
+    text = read_utf8(path, PrepareError, encoding="utf-8-sig")
     lines = text.split("\n")
     header = [h.strip() for h in lines[0].rstrip("\r").split("\t")]
     missing = [c for c in required if c not in header]
@@ -241,18 +235,13 @@ def load_json(path):
     ...
     speechbrain_blspkd.dataprep.common.PrepareError: ...a.json line 1 column 10: ...
     """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise PrepareError(f"{path}: file not found")
+    text = read_utf8(path, PrepareError, encoding="utf-8-sig")
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            return json.load(f)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise PrepareError(
             f"{path} line {e.lineno} column {e.colno}: invalid JSON ({e.msg})"
         ) from None
-    except UnicodeDecodeError as e:
-        raise PrepareError(f"{path}: not valid UTF-8 ({e.reason})") from None
 
 
 def require_key(obj, key, where, kind=None):

@@ -84,13 +84,9 @@ def prepare_commonvoice(
 
     Example
     -------
-    >>> import tempfile, pathlib, numpy, soundfile
-    >>> data = pathlib.Path(tempfile.mkdtemp()) / "de"
-    >>> (data / "clips").mkdir(parents=True)
-    >>> soundfile.write(data / "clips" / "c1.wav",
-    ...     numpy.zeros(4000, dtype="float32"), 16000)
-    >>> _ = (data / "dev.tsv").write_text(
-    ...     "client_id\\tpath\\tsentence\\nspk1\\tc1.wav\\tGuten Tag.\\n")
+    >>> from speechbrain_blspkd.testing import write_clip_folder
+    >>> data = write_clip_folder("dev.tsv", "client_id\\tpath\\tsentence\\n"
+    ...     "spk1\\tc1.wav\\tGuten Tag.\\n", name="de")
     >>> out = prepare_commonvoice(data, data / "save", splits=["dev"])
     >>> from speechbrain_blspkd.dataio.manifest import read_manifest
     >>> row = read_manifest(out["dev"])[0]
@@ -188,12 +184,9 @@ def clip_rows(data_folder, entries, language, lowercase=False, extra=None):
 
     Example
     -------
-    >>> import tempfile, pathlib, numpy, soundfile
-    >>> d = pathlib.Path(tempfile.mkdtemp())
-    >>> (d / "clips").mkdir()
-    >>> soundfile.write(d / "clips" / "a.wav", numpy.zeros(160), 16000)
-    >>> _ = (d / "t.tsv").write_text("client_id\\tpath\\tsentence\\n"
-    ...     "s\\ta.wav\\tHi\\n")
+    >>> from speechbrain_blspkd.testing import write_clip_folder
+    >>> d = write_clip_folder("t.tsv", "client_id\\tpath\\tsentence\\n"
+    ...     "s\\ta.wav\\tHi\\n", clip="a.wav", frames=160)
     >>> clip_rows(d, d / "t.tsv", "en", lowercase=True)[0]["transcript"]
     'hi'
     """
@@ -270,12 +263,10 @@ def main(argv=None):
         "one language of a release",
         DEFAULT_SPLITS,
         "tsv files to read, without .tsv (default: %(default)s)",
+        lowercase=False,
     )
     parser.add_argument(
         "--language", help="language code (default: the folder's name)"
-    )
-    parser.add_argument(
-        "--lowercase", action="store_true", help="lower-case the sentences"
     )
     run_parsed(prepare_commonvoice, parser, argv)
 

@@ -67,7 +67,7 @@ from speechbrain_blspkd.dataprep.shard_progress import (
     settings_line,
 )
 from speechbrain_blspkd.prompt import PromptBuilder
-from speechbrain_blspkd.utils.cli import report_error
+from speechbrain_blspkd.utils.cli import per, report_run
 from speechbrain_blspkd.utils.precision import resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -164,15 +164,9 @@ def generate_continuations(
 
     Example
     -------
-    >>> import tempfile
-    >>> from speechbrain_blspkd.dataio.manifest import write_manifest
-    >>> from speechbrain_blspkd.testing import (
-    ...     doctest_tokenizer, save_toy_llm)
-    >>> d = pathlib.Path(tempfile.mkdtemp())
-    >>> model_dir = save_toy_llm(d / "lm", doctest_tokenizer())
-    >>> write_manifest(d / "in.csv", [dict(ID="u1", wav="x.wav",
-    ...     duration=1, transcript="hello world", language="en", speaker="s")])
-    >>> info = generate_continuations(d / "in.csv", d / "out.csv", model_dir,
+    >>> from speechbrain_blspkd.testing import save_toy_continuation_inputs
+    >>> d = save_toy_continuation_inputs()
+    >>> info = generate_continuations(d / "in.csv", d / "out.csv", d / "lm",
     ...     max_new_tokens=3, instruction="Repeat:", dtype="float32")
     >>> row = read_manifest(d / "out.csv")[0]
     >>> info["generated"], row["transcript"], row["truncated"] in ("0", "1")
@@ -270,14 +264,9 @@ def generate_on_all_ranks(manifest_in, manifest_out, **options):
 
     Example
     -------
-    >>> import tempfile
-    >>> from speechbrain_blspkd.testing import (
-    ...     doctest_tokenizer, save_toy_llm)
-    >>> d = pathlib.Path(tempfile.mkdtemp())
-    >>> model_dir = save_toy_llm(d / "lm", doctest_tokenizer())
-    >>> write_manifest(d / "in.csv", [dict(ID="u1", wav="x.wav",
-    ...     duration=1, transcript="hello world", language="en", speaker="s")])
-    >>> opts = dict(model_dir=model_dir, max_new_tokens=2, dtype="float32")
+    >>> from speechbrain_blspkd.testing import save_toy_continuation_inputs
+    >>> d = save_toy_continuation_inputs()
+    >>> opts = dict(model_dir=d / "lm", max_new_tokens=2, dtype="float32")
     >>> generate_on_all_ranks(d / "in.csv", d / "out.csv", **opts)["generated"]
     1
     >>> generate_on_all_ranks(d / "in.csv", d / "out.csv", **opts)["generated"]
@@ -431,24 +420,23 @@ def main(argv=None):
     )
     keywords = vars(parse_worker_args(parser, argv))
     del keywords["threads"]
-    try:
+
+    def run():
         if keywords.pop("merge"):
             path = merge_continuations(
                 keywords["manifest_in"],
                 keywords["manifest_out"],
                 keywords["shard"][1],
             )
-            print(f"merged {keywords['shard'][1]} shards into {path}")
-            return 0
+            return f"merged {keywords['shard'][1]} shards into {path}"
         info = generate_continuations(**keywords)
-    except (RuntimeError, ValueError) as e:
-        return report_error(e)
-    rate = info["tokens"] / info["seconds"] if info["seconds"] else 0.0
-    print(
-        f"wrote {info['path']}: {info['generated']} rows generated, "
-        f"{info['tokens']} tokens, {rate:.1f} tokens/s"
-    )
-    return 0
+        rate = per(info["tokens"], info["seconds"])
+        return (
+            f"wrote {info['path']}: {info['generated']} rows generated, "
+            f"{info['tokens']} tokens, {rate:.1f} tokens/s"
+        )
+
+    return report_run((RuntimeError, ValueError), run)
 
 
 if __name__ == "__main__":

@@ -88,12 +88,8 @@ def prepare_covost2(
 
     Example
     -------
-    >>> import tempfile, pathlib, numpy, soundfile
-    >>> data = pathlib.Path(tempfile.mkdtemp())
-    >>> (data / "clips").mkdir()
-    >>> soundfile.write(data / "clips" / "c1.wav",
-    ...     numpy.zeros(4000, dtype="float32"), 16000)
-    >>> _ = (data / "covost_v2.fr_en.tsv").write_text(
+    >>> from speechbrain_blspkd.testing import write_clip_folder
+    >>> data = write_clip_folder("covost_v2.fr_en.tsv",
     ...     "path\\tsentence\\ttranslation\\tclient_id\\tsplit\\n"
     ...     "c1.wav\\tBonjour.\\tHello.\\tspk\\ttest\\n")
     >>> out = prepare_covost2(data, data / "save", "fr", "en", ["test"])
@@ -244,6 +240,7 @@ def main(argv=None):
         "Common Voice source-language folder",
         DEFAULT_SPLITS,
         "splits to prepare (default: %(default)s)",
+        lowercase=False,
         choices=DEFAULT_SPLITS,
     )
     parser.add_argument(
@@ -263,9 +260,6 @@ def main(argv=None):
     parser.add_argument(
         "--translation-folder",
         help="folder of the covost_v2.*.tsv files (default: DATA)",
-    )
-    parser.add_argument(
-        "--lowercase", action="store_true", help="lower-case the sentences"
     )
     run_parsed(prepare_covost2, parser, argv)
 

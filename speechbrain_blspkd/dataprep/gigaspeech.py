@@ -418,6 +418,7 @@ def main(argv=None):
         "the GigaSpeech folder",
         DEFAULT_SPLITS,
         f"subsets among {' '.join(SUBSETS)} (default: %(default)s)",
+        lowercase=True,
     )
     parser.add_argument(
         "--segment-folder",
@@ -429,12 +430,6 @@ def main(argv=None):
         dest="punctuation",
         action="store_false",
         help="drop the punctuation tags instead of writing , . ? !",
-    )
-    parser.add_argument(
-        "--keep-case",
-        dest="lowercase",
-        action="store_false",
-        help="keep the upper-case text",
     )
     run_parsed(prepare_gigaspeech, parser, argv)
 

@@ -211,13 +211,8 @@ def main(argv=None):
         "the LibriSpeech folder",
         DEFAULT_SPLITS,
         "splits to prepare (default: %(default)s)",
+        lowercase=True,
         choices=SPLITS,
-    )
-    parser.add_argument(
-        "--keep-case",
-        dest="lowercase",
-        action="store_false",
-        help="keep the upper-case transcripts instead of lower-casing them",
     )
     run_parsed(prepare_librispeech, parser, argv)
 

@@ -301,7 +301,9 @@ def prepare_corpus(
     return manifests
 
 
-def prepare_parser(description, data_help, splits, splits_help=None, **kw):
+def prepare_parser(
+    description, data_help, splits, splits_help=None, lowercase=None, **kw
+):
     """Argument parser with ``data_folder``, ``save_folder`` and ``--splits``.
 
     Arguments
@@ -314,6 +316,9 @@ def prepare_parser(description, data_help, splits, splits_help=None, **kw):
         Default ``--splits``.
     splits_help : str, optional
         Help for ``--splits``.
+    lowercase : bool, optional
+        The default of the script's ``lowercase`` option: ``False`` adds
+        ``--lowercase``, ``True`` adds ``--keep-case`` (``None``: neither).
     **kw
         More ``add_argument`` options for ``--splits`` (``choices``).
 
@@ -322,6 +327,9 @@ def prepare_parser(description, data_help, splits, splits_help=None, **kw):
     >>> parser = prepare_parser("Toy.", "the corpus", ["dev"])
     >>> parser.parse_args(["data", "save"]).splits
     ['dev']
+    >>> parser = prepare_parser("Toy.", "the corpus", ["dev"], lowercase=True)
+    >>> parser.parse_args(["data", "save", "--keep-case"]).lowercase
+    False
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("data_folder", help=data_help)
@@ -329,6 +337,17 @@ def prepare_parser(description, data_help, splits, splits_help=None, **kw):
     parser.add_argument(
         "--splits", nargs="+", default=list(splits), help=splits_help, **kw
     )
+    if lowercase is True:
+        parser.add_argument(
+            "--keep-case",
+            dest="lowercase",
+            action="store_false",
+            help="keep the upper-case text instead of lower-casing it",
+        )
+    elif lowercase is False:
+        parser.add_argument(
+            "--lowercase", action="store_true", help="lower-case the text"
+        )
     return parser
 
 

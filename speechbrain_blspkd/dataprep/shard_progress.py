@@ -29,6 +29,7 @@ from speechbrain_blspkd.utils.atomic import drop_unfinished_tail
 from speechbrain_blspkd.utils.cli import setup_logging
 
 __all__ = [
+    "WORKER_ERRORS",
     "add_worker_options",
     "append_records",
     "check_finished",
@@ -41,6 +42,11 @@ __all__ = [
     "settings_line",
     "stop_for_resume_test",
 ]
+
+
+#: What the cache writers' command lines report in one line instead of a
+#: traceback: bad input or settings, a missing file, an unknown row.
+WORKER_ERRORS = (RuntimeError, ValueError, KeyError, FileNotFoundError)
 
 
 def check_shard(shard):

@@ -51,6 +51,7 @@ import torch
 from speechbrain_blspkd.dataio.manifest import read_manifest
 from speechbrain_blspkd.dataprep.continuations import DEFAULT_INSTRUCTION
 from speechbrain_blspkd.dataprep.shard_progress import (
+    WORKER_ERRORS,
     add_worker_options,
     append_records,
     check_finished,
@@ -75,7 +76,7 @@ from speechbrain_blspkd.dataprep.teacher_cache import (
 )
 from speechbrain_blspkd.dataprep.teacher_identity import teacher_settings
 from speechbrain_blspkd.utils.atomic import atomic_write_text, remove_stray_tmp
-from speechbrain_blspkd.utils.cli import report_error
+from speechbrain_blspkd.utils.cli import per, report_run
 
 logger = logging.getLogger(__name__)
 
@@ -467,7 +468,8 @@ def main(argv=None):
         import speechbrain as sb
 
         args.device = sb.utils.distributed.infer_device()
-    try:
+
+    def run():
         model, name = _text_teacher(
             args.model_dir,
             args.device,
@@ -487,15 +489,14 @@ def main(argv=None):
             overwrite=args.overwrite,
             stop_after_batches=args.stop_after_batches,
         )
-    except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:
-        return report_error(e)
-    per = info["bytes"] / info["positions"] if info["positions"] else 0.0
-    print(
-        f"{args.folder} ({name}): {info['written']} rows written, "
-        f"{info['skipped']} already there, {info['positions']} positions, "
-        f"{info['bytes']} bytes ({per:.0f} per position)"
-    )
-    return 0
+        per_position = per(info["bytes"], info["positions"])
+        return (
+            f"{args.folder} ({name}): {info['written']} rows written, "
+            f"{info['skipped']} already there, {info['positions']} positions, "
+            f"{info['bytes']} bytes ({per_position:.0f} per position)"
+        )
+
+    return report_run(WORKER_ERRORS, run)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,9 @@ from speechbrain_blspkd.dataprep.feature_cache import (
     feature_checksum,
 )
 from speechbrain_blspkd.dataprep.shard_progress import (
-    parse_shard as _parse_shard,
+    WORKER_ERRORS,
+    parse_shard,
+    parse_worker_args,
 )
 from speechbrain_blspkd.dataprep.teacher_identity import (
     tokenizer_checksum as _tokenizer_checksum,
@@ -96,7 +98,7 @@ from speechbrain_blspkd.nnet.token_alignment import (
 from speechbrain_blspkd.nnet.whisper_decoder import WhisperDecoderTeacher
 from speechbrain_blspkd.utils.atomic import remove_stray_tmp
 from speechbrain_blspkd.utils.cache_label import check_label
-from speechbrain_blspkd.utils.cli import report_error, setup_logging
+from speechbrain_blspkd.utils.cli import per, report_run
 
 logger = logging.getLogger(__name__)
 
@@ -148,14 +150,9 @@ def _rows(manifest):
     items = list(manifest)
     if items and isinstance(items[0], dict):
         return items
-    rows = []
-    for path in items:
-        rows.extend(read_manifest(path))
-    return rows
+    return [row for path in items for row in read_manifest(path)]
 
 
-# ----------------------------------------------------------------------
-# from attention to times (pure)
 # ----------------------------------------------------------------------
 # settings and the cache folder
 def reader_settings(model):
@@ -537,7 +534,7 @@ def main(argv=None):
     parser.add_argument("--system-prompt", default=None)
     parser.add_argument("--transcript-separator", default=" ")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--shard", type=_parse_shard, default=(0, 1))
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1))
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
@@ -548,11 +545,9 @@ def main(argv=None):
     )
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    setup_logging()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    args = parse_worker_args(parser, argv)
+
+    def run():
         from transformers import AutoTokenizer
 
         from speechbrain_blspkd.assets.paths import resolve_source
@@ -584,14 +579,13 @@ def main(argv=None):
             encoder=encoder,
             overwrite=args.overwrite,
         )
-    except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:
-        return report_error(e)
-    rate = info["written"] / info["seconds"] if info["seconds"] else 0.0
-    print(
-        f"{args.out}: {info['written']} utterances written ({rate:.1f}/s), "
-        f"{info['skipped']} already there, {info['tokens']} LLM tokens"
-    )
-    return 0
+        rate = per(info["written"], info["seconds"])
+        return (
+            f"{args.out}: {info['written']} utterances written ({rate:.1f}/s), "
+            f"{info['skipped']} already there, {info['tokens']} LLM tokens"
+        )
+
+    return report_run(WORKER_ERRORS, run)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import argparse
 
 from speechbrain_blspkd.hearing.measure import measure
 from speechbrain_blspkd.hearing.report import format_tables
-from speechbrain_blspkd.utils.cli import report_error, setup_logging
+from speechbrain_blspkd.utils.cli import report_run, setup_logging
 
 
 def build_parser():
@@ -95,31 +95,27 @@ def main(argv=None):
     setup_logging()
     from speechbrain_blspkd.inference.model_folder import ModelFolderError
 
-    try:
-        results = measure(
-            args.model,
-            args.synth_folder,
-            out_folder=args.out,
-            cache_dir=args.cache_dir,
-            train_manifest=args.train_manifest,
-            piper_folder=args.piper_folder,
-            piper_num=args.piper_num,
-            asr=args.asr,
-            asr_max_new_tokens=args.asr_max_new_tokens,
-            cascade=args.cascade,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            max_utterances=args.max_utterances,
-            device=args.device,
-            decode=args.decode,
-            ladder=args.ladder,
+    def run():
+        return format_tables(
+            measure(
+                args.model,
+                args.synth_folder,
+                out_folder=args.out,
+                cache_dir=args.cache_dir,
+                train_manifest=args.train_manifest,
+                piper_folder=args.piper_folder,
+                piper_num=args.piper_num,
+                asr=args.asr,
+                asr_max_new_tokens=args.asr_max_new_tokens,
+                cascade=args.cascade,
+                batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens,
+                max_utterances=args.max_utterances,
+                device=args.device,
+                decode=args.decode,
+                ladder=args.ladder,
+            )
         )
-    except (
-        ModelFolderError,
-        FileNotFoundError,
-        RuntimeError,
-        ValueError,
-    ) as err:
-        return report_error(err, prog="hearing", status=2)
-    print(format_tables(results))
-    return 0
+
+    errors = (ModelFolderError, FileNotFoundError, RuntimeError, ValueError)
+    return report_run(errors, run, prog="hearing", status=2)

@@ -17,11 +17,13 @@ concept they live in:
 
 from speechbrain_blspkd.testing.audio import (
     piper_unavailable,
+    write_clip_folder,
     write_speech_manifest,
     write_speechlike_wav,
 )
 from speechbrain_blspkd.testing.models import (
     count_llm_calls,
+    save_toy_continuation_inputs,
     save_toy_llm,
     tiny_aura,
     tiny_brain,
@@ -58,6 +60,7 @@ __all__ = [
     "load_script",
     "piper_unavailable",
     "run_together",
+    "save_toy_continuation_inputs",
     "save_toy_llm",
     "tiny_aura",
     "tiny_brain",
@@ -71,6 +74,7 @@ __all__ = [
     "torchrun_node",
     "toy_word_tokenizer",
     "whisper_token_settings",
+    "write_clip_folder",
     "write_speech_manifest",
     "write_speechlike_wav",
 ]

@@ -132,3 +132,44 @@ def write_speech_manifest(folder, transcripts, name="test.csv", **columns):
         rows.append(row)
     write_manifest(folder / name, rows)
     return folder / name
+
+
+def write_clip_folder(tsv_name, tsv_text, clip="c1.wav", frames=4000, name=""):
+    """A Common Voice-like folder: one silent clip in ``clips/`` and a tsv.
+
+    Arguments
+    ---------
+    tsv_name : str
+        File name of the tsv (``dev.tsv``, ``covost_v2.fr_en.tsv`` ...).
+    tsv_text : str
+        Its content.
+    clip : str
+        File name of the clip (16 kHz wav).
+    frames : int
+        Its length in samples.
+    name : str
+        Name of the folder inside a new temporary folder (``de``); empty:
+        the temporary folder itself.
+
+    Returns
+    -------
+    pathlib.Path
+        The folder.
+
+    Example
+    -------
+    >>> d = write_clip_folder("t.tsv", "path\\nc1.wav\\n", name="de")
+    >>> d.name, sorted(p.name for p in (d / "clips").iterdir())
+    ('de', ['c1.wav'])
+    """
+    import pathlib
+    import tempfile
+
+    import numpy as np
+    import soundfile as sf
+
+    folder = pathlib.Path(tempfile.mkdtemp()) / name
+    (folder / "clips").mkdir(parents=True, exist_ok=True)
+    sf.write(folder / "clips" / clip, np.zeros(frames, "float32"), 16000)
+    (folder / tsv_name).write_text(tsv_text, encoding="utf-8")
+    return folder

@@ -11,6 +11,7 @@ reaches them all.
 from speechbrain_blspkd.testing.tokenizers import (
     build_test_tokenizer,
     build_test_whisper_tokenizer,
+    doctest_tokenizer,
     whisper_token_settings,
 )
 
@@ -493,3 +494,37 @@ def save_toy_llm(folder, tokenizer, seed=0, **overrides):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return pathlib.Path(folder)
+
+
+def save_toy_continuation_inputs(folder=None):
+    """A toy LLM ``<folder>/lm`` and a manifest ``<folder>/in.csv`` to continue.
+
+    The manifest has one row (``u1``, transcript ``hello world``); the LLM
+    is :func:`save_toy_llm` with :func:`doctest_tokenizer` (the setup of the
+    examples of :mod:`speechbrain_blspkd.dataprep.continuations`).
+
+    Arguments
+    ---------
+    folder : str or pathlib.Path, optional
+        Where to write them.
+
+    Returns
+    -------
+    pathlib.Path
+        ``folder``, or the new temporary folder used when none was given.
+
+    Example
+    -------
+    >>> sorted(p.name for p in save_toy_continuation_inputs().iterdir())
+    ['in.csv', 'lm']
+    """
+    import pathlib
+    import tempfile
+
+    from speechbrain_blspkd.dataio.manifest import write_manifest
+
+    folder = pathlib.Path(folder or tempfile.mkdtemp())
+    row = dict(ID="u1", wav="x.wav", duration=1, transcript="hello world")
+    write_manifest(folder / "in.csv", [row | dict(language="en", speaker="s")])
+    save_toy_llm(folder / "lm", doctest_tokenizer())
+    return folder

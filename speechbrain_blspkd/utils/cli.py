@@ -2,7 +2,7 @@
 
 Every ``main`` of the package turns the errors that mean "bad input" into a
 one-line ``error: ...`` message instead of a traceback: either by returning
-an exit status (:func:`report_error`) or by raising ``SystemExit``
+an exit status (:func:`report_error`, :func:`report_run`) or by raising ``SystemExit``
 (:func:`exit_on_error`).
 """
 
@@ -40,6 +40,59 @@ def report_error(message, prog=None, status=1):
     prefix = f"{prog}: " if prog else ""
     print(f"{prefix}error: {message}", file=sys.stderr)
     return status
+
+
+def report_run(errors, run, prog=None, status=1):
+    """Call ``run()`` and print the line it returns: a ``main``'s tail.
+
+    Returns 0 after success; an exception of ``errors`` is reported instead
+    (:func:`report_error`) and ``status`` returned.
+
+    Arguments
+    ---------
+    errors : type or tuple of type
+        Exception types that mean bad input (no traceback wanted).
+    run : callable
+        The work, called without arguments; returns the summary line to
+        print (or ``None``).
+    prog : str, optional
+        Program name to put in front of an error message.
+    status : int
+        The exit status returned after an error.
+
+    Returns
+    -------
+    int
+        0 after success, else ``status``.
+
+    Example
+    -------
+    >>> report_run(ValueError, lambda: f"{int('3')} rows written")
+    3 rows written
+    0
+    >>> import contextlib, io
+    >>> with contextlib.redirect_stderr(io.StringIO()):
+    ...     report_run(ValueError, lambda: int("x"), status=2)
+    2
+    """
+    try:
+        line = run()
+    except errors as e:
+        return report_error(e, prog=prog, status=status)
+    if line is not None:
+        print(line)
+    return 0
+
+
+def per(amount, total):
+    """``amount / total``, or 0.0 when ``total`` is 0 (rates in summaries).
+
+    Example
+    -------
+    >>> per(6, 3), per(6, 0)
+    (2.0, 0.0)
+    """
+    return amount / total if total else 0.0
 
 
 def exit_on_error(errors, func, *args, **kwargs):
