@@ -238,9 +238,9 @@ def run_recipe(argv):
         if sb.utils.distributed.is_local_rank_zero():  # one copy per node
             prepare_token_timings(hparams, cache, device=device)
         sb.utils.distributed.ddp_barrier()
-        if hparams.get("token_timings_folder"):
-            timings = timing_items(model, hparams["token_timings_folder"])
-            row_items.append((timings, "token_spans"))
+        folder = hparams.get("token_timings_folder")
+        if folder:  # each row's stored timings, as ``token_spans``
+            row_items.append((timing_items(model, folder), "token_spans"))
     datasets = (
         dataio_prepare(hparams, feature_cache=cache, row_items=row_items)
         if stages
