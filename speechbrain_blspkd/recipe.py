@@ -176,6 +176,8 @@ def run_recipe(argv):
     # the device `dtype: auto` in the YAML resolves for
     device = run_opts.get("device") or sb.utils.distributed.infer_device()
     precision_lib.set_run_device(device)
+    # decide `auto` now, on every process at once (one answer for all)
+    auto = precision_lib.choose(torch.device(device).type)
     with open(hparams_file, encoding="utf-8") as fin:
         text = fin.read()
     check_overrides(text, overrides, hparams_file)
@@ -194,7 +196,6 @@ def run_recipe(argv):
         hyperparams_to_save=hparams_file,
         overrides=overrides,
     )
-    auto = precision_lib.choose(torch.device(device).type)
     logger.info(
         "precision %s (requested %s); dtype auto on %s: %s (%s)",
         run_opts["precision"],

@@ -246,11 +246,16 @@ def choose(device_type):
         )
     else:
         speedup = matmul_speedup("cpu")
-        precision = "bf16" if speedup > 1.0 else "fp32"
+        fast = _on_every_process(speedup > 1.0)
         choice = PrecisionChoice(
-            precision,
+            "bf16" if fast else "fp32",
             "cpu",
-            f"{capability}; 512^3 matmul bf16 {speedup:.2f}x the speed of fp32",
+            f"{capability}; 512^3 matmul bf16 {speedup:.2f}x the speed of fp32"
+            + (
+                ""
+                if fast == (speedup > 1.0)
+                else "; fp32 as another process of the run measured bf16 slower"
+            ),
         )
     logger.info(
         "precision auto on %s: %s (%s)",
@@ -259,6 +264,36 @@ def choose(device_type):
         choice.reason,
     )
     return choice
+
+
+def _on_every_process(flag):
+    """``flag`` where it holds on every process of a CPU run, else False.
+
+    The processes of one run (torchrun on one or several nodes) time the
+    matmul each on its own, at the same moment on the same cores, and can
+    come to different answers; one precision for all of them keeps the
+    encoder's cached features (whose label holds the weights' dtype) the
+    same on every rank.  Only a gloo group (a CPU run) is asked, and
+    :func:`choose` runs first on every process while the recipe is loaded,
+    so every process takes part; without a process group the flag is
+    returned as it is.
+
+    Example
+    -------
+    >>> _on_every_process(True), _on_every_process(False)
+    (True, False)
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return bool(flag)
+    if dist.get_world_size() == 1 or dist.get_backend() != "gloo":
+        return bool(flag)
+    if run_device().type != "cpu":
+        return bool(flag)
+    value = torch.tensor([float(bool(flag))])
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def _device_type(device):
