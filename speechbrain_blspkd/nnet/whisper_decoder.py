@@ -1,9 +1,9 @@
 """Whisper's decoder on cached encoder output, teacher-forced.
 
-:class:`WhisperDecoderTeacher` loads only the decoder (and its output
-projection) of a transformers Whisper checkpoint and runs it over encoder
-frames that are already computed (the feature cache, or the encoder pass
-the speech LLM makes anyway), so no second encoder pass is needed.  It
+:class:`WhisperDecoderTeacher` keeps only the decoder of a transformers
+Whisper checkpoint and runs it over encoder frames that are already
+computed (the feature cache, or the encoder pass the speech LLM makes
+anyway), so no second encoder pass is needed.  It
 gives the final decoder states of a transcript, and the cross-attention
 weights of the *alignment heads* that Whisper's own word timestamps use
 (listed in the checkpoint's ``generation_config.json``), from which
@@ -80,7 +80,6 @@ class WhisperDecoderTeacher(nn.Module):
         )
         self.source = str(source)
         self.decoder = whisper.model.decoder
-        self.proj_out = whisper.proj_out
         self.config = whisper.config
         generation = whisper.generation_config
         del whisper
@@ -178,7 +177,7 @@ class WhisperDecoderTeacher(nn.Module):
         return char_spans(self.tokenizer, " " + transcript.strip(), 1)
 
     @torch.no_grad()
-    def states(self, feats, frame_counts, ids, id_counts=None):
+    def states(self, feats, frame_counts, ids):
         """Final decoder states (after the final layer norm) of a batch.
 
         The self-attention is causal, the cross-attention sees each row's
@@ -193,9 +192,6 @@ class WhisperDecoderTeacher(nn.Module):
             (B,) real frames of each row.
         ids : torch.Tensor
             (B, L) decoder input ids (prompt + text), right-padded.
-        id_counts : torch.Tensor, optional
-            (B,) real ids of each row (only checked against the positional
-            table; padded positions' states are meaningless).
 
         Returns
         -------
@@ -204,10 +200,9 @@ class WhisperDecoderTeacher(nn.Module):
         """
         dec = self.decoder
         batch, length = ids.shape
-        longest = int(length if id_counts is None else max(id_counts))
-        if longest > dec.embed_positions.weight.shape[0]:
+        if length > dec.embed_positions.weight.shape[0]:
             raise ValueError(
-                f"WhisperDecoderTeacher: {longest} decoder positions exceed "
+                f"WhisperDecoderTeacher: {length} decoder positions exceed "
                 f"the model's {dec.embed_positions.weight.shape[0]}"
             )
         weight = dec.embed_tokens.weight
