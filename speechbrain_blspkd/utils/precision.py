@@ -247,16 +247,14 @@ def choose(device_type):
     else:
         speedup = matmul_speedup("cpu")
         fast = _on_every_process(speedup > 1.0)
-        choice = PrecisionChoice(
-            "bf16" if fast else "fp32",
-            "cpu",
+        reason = (
             f"{capability}; 512^3 matmul bf16 {speedup:.2f}x the speed of fp32"
-            + (
-                ""
-                if fast == (speedup > 1.0)
-                else "; fp32 as another process of the run measured bf16 slower"
-            ),
         )
+        if fast != (speedup > 1.0):
+            reason += (
+                "; fp32 as another process of the run measured bf16 slower"
+            )
+        choice = PrecisionChoice("bf16" if fast else "fp32", "cpu", reason)
     logger.info(
         "precision auto on %s: %s (%s)",
         device_type,
@@ -285,15 +283,13 @@ def _on_every_process(flag):
     """
     import torch.distributed as dist
 
+    from speechbrain_blspkd.utils.sharding import agree
+
     if not (dist.is_available() and dist.is_initialized()):
         return bool(flag)
-    if dist.get_world_size() == 1 or dist.get_backend() != "gloo":
+    if dist.get_backend() != "gloo" or run_device().type != "cpu":
         return bool(flag)
-    if run_device().type != "cpu":
-        return bool(flag)
-    value = torch.tensor([float(bool(flag))])
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
+    return agree(flag, "all")
 
 
 def _device_type(device):
