@@ -254,3 +254,42 @@ def test_frame_stride_pools_before_the_pre_layers():
 def test_frame_stride_must_be_a_positive_int():
     with pytest.raises(ValueError, match="frame_stride"):
         CFormer(16, 24, n_pre=1, n_post=1, nhead=2, d_ffn=32, frame_stride=0)
+
+
+@pytest.mark.parametrize("window", [None, 0, 2])
+def test_cross_attention_padding_invariance_and_gradients(window):
+    model = tiny(
+        n_pre=0, weight_predictor="conv", cross_attention=True,
+        cross_window=window,
+    ).eval()
+    hidden = torch.randn(2, 30, D_IN)
+    both = model(hidden, lengths=torch.tensor([1.0, 0.6]),
+                 num_tokens=torch.tensor([6, 3]))
+    alone = model(hidden[1:, :18], num_tokens=torch.tensor([3]))
+    torch.testing.assert_close(both.tokens[1:, :3], alone.tokens,
+                               atol=1e-5, rtol=1e-4)
+    assert torch.isfinite(both.tokens).all()
+    model.train()
+    out = model(hidden, lengths=torch.tensor([1.0, 0.6]),
+                num_tokens=torch.tensor([6, 3]))
+    out.tokens.pow(2).sum().backward()
+    cross = [p for n, p in model.named_parameters() if "multihead_attn" in n]
+    assert cross and all(p.grad is not None and p.grad.abs().sum() > 0
+                         for p in cross)
+
+
+def test_cross_window_wider_than_the_clip_equals_full_attention():
+    hidden = torch.randn(2, 30, D_IN)
+    lengths, n = torch.tensor([1.0, 0.6]), torch.tensor([6, 3])
+    outs = {}
+    for window in (None, 100, 0):
+        model = tiny(n_pre=0, weight_predictor="conv", cross_attention=True,
+                     cross_window=window).eval()
+        outs[window] = model(hidden, lengths=lengths, num_tokens=n).tokens
+    torch.testing.assert_close(outs[100], outs[None])
+    assert (outs[0] - outs[None]).abs().max() > 1e-3
+
+
+def test_cross_window_is_checked():
+    with pytest.raises(ValueError, match="cross_window"):
+        tiny(cross_attention=True, cross_window=-1)

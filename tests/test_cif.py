@@ -246,3 +246,34 @@ def test_fire_positions_rejects_bad_input():
         fire_positions([0.5], threshold=0.0)
     with pytest.raises(ValueError, match="sequence of numbers"):
         fire_positions(["a", "b"])
+
+
+def test_token_windows_cover_each_tokens_fire_frame():
+    from speechbrain_blspkd.nnet.cif import (
+        fire_positions, scale_alphas, token_windows,
+    )
+
+    torch.manual_seed(0)
+    mask = torch.ones(3, 40, dtype=torch.bool)
+    mask[1, 25:] = False
+    mask[2, 9:] = False
+    n = torch.tensor([9, 5, 2])
+    alphas = torch.rand(3, 40) * mask
+    scaled = scale_alphas(alphas, n)
+    windows = token_windows(scaled, mask, n, window=0)
+    assert windows.shape == (3, 9, 40)
+    assert not windows[~mask[:, None, :].expand_as(windows)].any()
+    for b in range(3):
+        fires = fire_positions(scaled[b][mask[b]]).tolist()
+        assert len(fires) == int(n[b])
+        for i, t in enumerate(fires):
+            assert windows[b, i, t], (b, i, t)
+            # a token's own stretch is contiguous and ends where it fires
+            frames = windows[b, i].nonzero().flatten().tolist()
+            assert frames == list(range(frames[0], frames[-1] + 1))
+            assert frames[-1] == t
+        # rows past the count see every real frame
+        assert torch.equal(windows[b, int(n[b]):], mask[b].expand(
+            9 - int(n[b]), -1))
+    wide = token_windows(scaled, mask, n, window=2)
+    assert (wide >= windows).all() and wide.sum() > windows.sum()

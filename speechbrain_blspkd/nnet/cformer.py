@@ -33,6 +33,7 @@ from speechbrain_blspkd.nnet.cif import (
     fire_positions,
     scale_alphas,
     span_weights,
+    token_windows,
 )
 from speechbrain_blspkd.nnet.weight_predictor import (
     build_weight_predictor,
@@ -142,8 +143,9 @@ def pool_frames(hidden, frame_mask, stride):
     return pooled, count > 0
 
 
-def _encoder_layer(d_model, nhead, d_ffn, dropout, activation):
-    return nn.TransformerEncoderLayer(
+def _encoder_layer(d_model, nhead, d_ffn, dropout, activation, cross=False):
+    layer = nn.TransformerDecoderLayer if cross else nn.TransformerEncoderLayer
+    return layer(
         d_model,
         nhead,
         dim_feedforward=d_ffn,
@@ -225,6 +227,15 @@ class CFormer(SpeechAdapter):
     input_frame_rate : float
         Frames per second of the encoder output (Whisper: 50), to place
         the token timings on the frames.
+    cross_attention : bool
+        The token layers also attend to the (normalised, pooled) frames, as
+        a decoder layer does, so each token can read the frames around it
+        instead of only their CIF-weighted sum.
+    cross_window : int or None
+        With ``cross_attention``: token ``i`` attends only to the frames
+        it was integrated from and ``cross_window`` frames on each side
+        (:func:`~speechbrain_blspkd.nnet.cif.token_windows`); None: to all
+        frames.
 
     Example
     -------
@@ -262,8 +273,18 @@ class CFormer(SpeechAdapter):
         predictor_hidden=256,
         forcing_until=0.0,
         input_frame_rate=50.0,
+        cross_attention=False,
+        cross_window=None,
     ):
         super().__init__()
+        if cross_window is not None and int(cross_window) < 0:
+            raise ValueError(
+                f"CFormer: `cross_window` must be >= 0 or None, got "
+                f"{cross_window}"
+            )
+        self.cross_attention = bool(cross_attention)
+        self.cross_window = None if cross_window is None else int(cross_window)
+        self.nhead = nhead
         if weight_predictor not in ("channel", "conv", "rnn"):
             raise ValueError(
                 "CFormer: `weight_predictor` must be 'channel', 'conv' or "
@@ -314,7 +335,9 @@ class CFormer(SpeechAdapter):
         self.dropout = nn.Dropout(dropout)
         self.token_proj = nn.Linear(integrated, d)
         self.post_layers = nn.ModuleList(
-            _encoder_layer(d, nhead, d_ffn, dropout, activation)
+            _encoder_layer(
+                d, nhead, d_ffn, dropout, activation, self.cross_attention
+            )
             for _ in range(n_post)
         )
         self.post_norm = nn.LayerNorm(d)
@@ -480,8 +503,11 @@ class CFormer(SpeechAdapter):
         )
 
         y = self.token_proj(tokens)
-        for layer in self.post_layers:
-            y = layer(y, src_key_padding_mask=~token_mask)
+        if self.cross_attention:
+            y = self._read_frames(y, token_mask, normed, frame_mask, scaled)
+        else:
+            for layer in self.post_layers:
+                y = layer(y, src_key_padding_mask=~token_mask)
         token_hidden = self.post_norm(y) * token_mask[..., None].to(y.dtype)
         y = self.out_proj(token_hidden)
         y = y * token_mask[..., None].to(y.dtype)
@@ -497,6 +523,28 @@ class CFormer(SpeechAdapter):
             target_alphas=target,
             forced=forced,
         )
+
+    def _read_frames(self, y, token_mask, frames, frame_mask, scaled):
+        """The token layers as decoder layers over the frames."""
+        if self.cross_window is None:
+            blocked = (~frame_mask)[:, None, :].expand(-1, y.shape[1], -1)
+        else:
+            blocked = ~token_windows(
+                scaled,
+                frame_mask,
+                token_mask.sum(1),
+                self.cross_window,
+                self.threshold,
+            )
+        blocked = blocked.repeat_interleave(self.nhead, dim=0)
+        for layer in self.post_layers:
+            y = layer(
+                y,
+                frames,
+                tgt_key_padding_mask=~token_mask,
+                memory_mask=blocked,
+            )
+        return y
 
     def _frame_mask(self, hidden, lengths, mask):
         """Checked (B, T) bool frame mask from ``mask`` or ``lengths``.

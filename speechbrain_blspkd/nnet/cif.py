@@ -487,3 +487,71 @@ def boundary_error(alphas, target, num_tokens, frame_rate):
         return 0.0
     diff = (fired - wanted).abs().to(torch.float64)[valid]
     return float(diff.mean()) * 1000.0 / frame_rate
+
+
+def token_windows(scaled, frame_mask, num_tokens, window, threshold=1.0):
+    """Which frames each integrated token may attend to: its own stretch of
+    frames (where the running sum of ``scaled`` passes from ``i`` to
+    ``i + 1`` thresholds) widened by ``window`` frames on each side.
+
+    No library offers this mask: it is the CIF's own segmentation, turned
+    into a cross-attention mask so that a token reads the frames it was
+    integrated from and their neighbours, not the whole utterance.
+
+    Arguments
+    ---------
+    scaled : torch.Tensor
+        (B, T) weights as integrated (:func:`scale_alphas`: row ``b`` sums
+        to ``num_tokens[b] * threshold``).
+    frame_mask : torch.Tensor
+        (B, T) bool, True on real frames.
+    num_tokens : torch.Tensor
+        (B,) token counts N.
+    window : int
+        Frames added on each side of a token's stretch.
+    threshold : float
+        CIF threshold.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, max N, T) bool, True where token ``i`` may attend to frame
+        ``t``.  Every row has at least one True (rows past ``N`` see every
+        real frame), so an attention over it is never empty.
+
+    Example
+    -------
+    >>> scaled = torch.tensor([[0.5, 0.5, 0.5, 0.5, 0.0]])
+    >>> mask = torch.tensor([[True, True, True, True, False]])
+    >>> token_windows(scaled, mask, torch.tensor([2]), window=0).int()
+    tensor([[[1, 1, 0, 0, 0],
+             [0, 0, 1, 1, 0]]], dtype=torch.int32)
+    >>> token_windows(scaled, mask, torch.tensor([2]), window=1).int()
+    tensor([[[1, 1, 1, 0, 0],
+             [0, 1, 1, 1, 0]]], dtype=torch.int32)
+    """
+    batch, frames = scaled.shape
+    n_max = int(num_tokens.max())
+    with torch.no_grad():
+        after = scaled.float().cumsum(1)
+        before = after - scaled.float()
+        level = torch.arange(n_max, device=scaled.device, dtype=after.dtype)
+        level = (level * threshold)[None].expand(batch, n_max).contiguous()
+        eps = 1e-4 * threshold
+        # first frame whose running sum passes i thresholds, and the frame
+        # where it reaches i + 1
+        start = torch.searchsorted(after.contiguous(), level + eps)
+        end = torch.searchsorted(before.contiguous(), level + threshold - eps)
+        end = end - 1
+        last = frame_mask.sum(1, keepdim=True) - 1
+        start = torch.minimum(start, last).clamp(min=0)
+        end = torch.maximum(torch.minimum(end, last), start)
+        t = torch.arange(frames, device=scaled.device)
+        inside = (t[None, None] >= (start - window)[..., None]) & (
+            t[None, None] <= (end + window)[..., None]
+        )
+        real = torch.arange(n_max, device=scaled.device)[None] < num_tokens[
+            :, None
+        ].to(scaled.device)
+        inside = inside | ~real[..., None]
+        return inside & frame_mask[:, None, :]
