@@ -149,11 +149,12 @@ def test_lever_rows_change_one_setting_and_see_the_same_clips():
     assert "--align_max_utterances" not in common
 
 
-def test_timing_plan_gives_every_variant_the_same_minutes():
-    """timings.yaml compares at equal wall time: each variant's steps
-    (epochs x utterances / batch) times its pilot seconds per step agree
-    within 2 %, and every variant reads the token timings."""
-    plan = _module().load_plan(RECIPE / "timings.yaml")
+@pytest.mark.parametrize("name", ["timings.yaml", "cross.yaml"])
+def test_timing_plan_gives_every_variant_the_same_minutes(name):
+    """timings.yaml and cross.yaml compare at equal wall time: each
+    variant's steps (epochs x utterances / batch) times its pilot seconds
+    per step agree within 2 %, and every variant reads the token timings."""
+    plan = _module().load_plan(RECIPE / name)
 
     def value(args, flag, default=None):
         args = [str(a) for a in args]

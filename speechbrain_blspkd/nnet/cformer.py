@@ -227,15 +227,15 @@ class CFormer(SpeechAdapter):
     input_frame_rate : float
         Frames per second of the encoder output (Whisper: 50), to place
         the token timings on the frames.
-    cross_attention : bool
-        The token layers also attend to the (normalised, pooled) frames, as
-        a decoder layer does, so each token can read the frames around it
-        instead of only their CIF-weighted sum.
     cross_window : int or None
-        With ``cross_attention``: token ``i`` attends only to the frames
-        it was integrated from and ``cross_window`` frames on each side
-        (:func:`~speechbrain_blspkd.nnet.cif.token_windows`); None: to all
-        frames.
+        The token layers also attend to the frames (normalised, pooled), as
+        a decoder layer does, but each token only to the frames it was
+        integrated from and ``cross_window`` frames on each side
+        (:func:`~speechbrain_blspkd.nnet.cif.token_windows`); it can then
+        read the sounds around its own stretch instead of only their
+        CIF-weighted sum. None: token layers over the tokens alone (the
+        paper's CFormer). Attention to every frame was measured and lost
+        (recipe RESULTS.md, ``cross.yaml``).
 
     Example
     -------
@@ -273,7 +273,6 @@ class CFormer(SpeechAdapter):
         predictor_hidden=256,
         forcing_until=0.0,
         input_frame_rate=50.0,
-        cross_attention=False,
         cross_window=None,
     ):
         super().__init__()
@@ -282,8 +281,8 @@ class CFormer(SpeechAdapter):
                 f"CFormer: `cross_window` must be >= 0 or None, got "
                 f"{cross_window}"
             )
-        self.cross_attention = bool(cross_attention)
         self.cross_window = None if cross_window is None else int(cross_window)
+        reads_frames = self.cross_window is not None
         self.nhead = nhead
         if weight_predictor not in ("channel", "conv", "rnn"):
             raise ValueError(
@@ -336,7 +335,7 @@ class CFormer(SpeechAdapter):
         self.token_proj = nn.Linear(integrated, d)
         self.post_layers = nn.ModuleList(
             _encoder_layer(
-                d, nhead, d_ffn, dropout, activation, self.cross_attention
+                d, nhead, d_ffn, dropout, activation, reads_frames
             )
             for _ in range(n_post)
         )
@@ -503,7 +502,7 @@ class CFormer(SpeechAdapter):
         )
 
         y = self.token_proj(tokens)
-        if self.cross_attention:
+        if self.cross_window is not None:
             y = self._read_frames(y, token_mask, normed, frame_mask, scaled)
         else:
             for layer in self.post_layers:
@@ -526,16 +525,13 @@ class CFormer(SpeechAdapter):
 
     def _read_frames(self, y, token_mask, frames, frame_mask, scaled):
         """The token layers as decoder layers over the frames."""
-        if self.cross_window is None:
-            blocked = (~frame_mask)[:, None, :].expand(-1, y.shape[1], -1)
-        else:
-            blocked = ~token_windows(
-                scaled,
-                frame_mask,
-                token_mask.sum(1),
-                self.cross_window,
-                self.threshold,
-            )
+        blocked = ~token_windows(
+            scaled,
+            frame_mask,
+            token_mask.sum(1),
+            self.cross_window,
+            self.threshold,
+        )
         blocked = blocked.repeat_interleave(self.nhead, dim=0)
         for layer in self.post_layers:
             y = layer(
