@@ -250,7 +250,9 @@ def test_fire_positions_rejects_bad_input():
 
 def test_token_windows_cover_each_tokens_fire_frame():
     from speechbrain_blspkd.nnet.cif import (
-        fire_positions, scale_alphas, token_windows,
+        fire_positions,
+        scale_alphas,
+        token_windows,
     )
 
     torch.manual_seed(0)

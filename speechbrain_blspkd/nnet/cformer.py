@@ -143,7 +143,7 @@ def pool_frames(hidden, frame_mask, stride):
     return pooled, count > 0
 
 
-def _encoder_layer(d_model, nhead, d_ffn, dropout, activation, cross=False):
+def _transformer_layer(d_model, nhead, d_ffn, dropout, activation, cross=False):
     layer = nn.TransformerDecoderLayer if cross else nn.TransformerEncoderLayer
     return layer(
         d_model,
@@ -283,7 +283,6 @@ class CFormer(SpeechAdapter):
             )
         self.cross_window = None if cross_window is None else int(cross_window)
         reads_frames = self.cross_window is not None
-        self.nhead = nhead
         if weight_predictor not in ("channel", "conv", "rnn"):
             raise ValueError(
                 "CFormer: `weight_predictor` must be 'channel', 'conv' or "
@@ -318,7 +317,7 @@ class CFormer(SpeechAdapter):
         self.weight_norm = weight_norm
         self.threshold = threshold
         self.pre_layers = nn.ModuleList(
-            _encoder_layer(d, nhead, d_ffn, pre_dropout, activation)
+            _transformer_layer(d, nhead, d_ffn, pre_dropout, activation)
             for _ in range(n_pre)
         )
         self.norm = nn.LayerNorm(d)
@@ -334,7 +333,7 @@ class CFormer(SpeechAdapter):
         self.dropout = nn.Dropout(dropout)
         self.token_proj = nn.Linear(integrated, d)
         self.post_layers = nn.ModuleList(
-            _encoder_layer(
+            _transformer_layer(
                 d, nhead, d_ffn, dropout, activation, reads_frames
             )
             for _ in range(n_post)
@@ -503,7 +502,9 @@ class CFormer(SpeechAdapter):
 
         y = self.token_proj(tokens)
         if self.cross_window is not None:
-            y = self._read_frames(y, token_mask, normed, frame_mask, scaled)
+            y = self._read_frames(
+                y, token_mask, normed, frame_mask, scaled, num_tokens
+            )
         else:
             for layer in self.post_layers:
                 y = layer(y, src_key_padding_mask=~token_mask)
@@ -523,16 +524,17 @@ class CFormer(SpeechAdapter):
             forced=forced,
         )
 
-    def _read_frames(self, y, token_mask, frames, frame_mask, scaled):
+    def _read_frames(
+        self, y, token_mask, frames, frame_mask, scaled, num_tokens
+    ):
         """The token layers as decoder layers over the frames."""
+        if not self.post_layers:
+            return y
         blocked = ~token_windows(
-            scaled,
-            frame_mask,
-            token_mask.sum(1),
-            self.cross_window,
-            self.threshold,
+            scaled, frame_mask, num_tokens, self.cross_window, self.threshold
         )
-        blocked = blocked.repeat_interleave(self.nhead, dim=0)
+        heads = self.post_layers[0].multihead_attn.num_heads
+        blocked = blocked.repeat_interleave(heads, dim=0)
         for layer in self.post_layers:
             y = layer(
                 y,

@@ -533,8 +533,11 @@ def token_windows(scaled, frame_mask, num_tokens, window, threshold=1.0):
     batch, frames = scaled.shape
     n_max = int(num_tokens.max())
     with torch.no_grad():
-        after = scaled.float().cumsum(1)
-        before = after - scaled.float()
+        # float64, as cif() and fire_positions() sum: the stretches end
+        # exactly where those fire
+        weights = scaled.detach().to(torch.float64)
+        after = weights.cumsum(1)
+        before = after - weights
         level = torch.arange(n_max, device=scaled.device, dtype=after.dtype)
         level = (level * threshold)[None].expand(batch, n_max).contiguous()
         eps = 1e-4 * threshold
