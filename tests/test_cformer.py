@@ -260,19 +260,27 @@ def test_frame_stride_must_be_a_positive_int():
 def test_cross_window_padding_invariance_and_gradients(window):
     model = tiny(n_pre=0, weight_predictor="conv", cross_window=window).eval()
     hidden = torch.randn(2, 30, D_IN)
-    both = model(hidden, lengths=torch.tensor([1.0, 0.6]),
-                 num_tokens=torch.tensor([6, 3]))
+    both = model(
+        hidden,
+        lengths=torch.tensor([1.0, 0.6]),
+        num_tokens=torch.tensor([6, 3]),
+    )
     alone = model(hidden[1:, :18], num_tokens=torch.tensor([3]))
-    torch.testing.assert_close(both.tokens[1:, :3], alone.tokens,
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        both.tokens[1:, :3], alone.tokens, atol=1e-5, rtol=1e-4
+    )
     assert torch.isfinite(both.tokens).all()
     model.train()
-    out = model(hidden, lengths=torch.tensor([1.0, 0.6]),
-                num_tokens=torch.tensor([6, 3]))
+    out = model(
+        hidden,
+        lengths=torch.tensor([1.0, 0.6]),
+        num_tokens=torch.tensor([6, 3]),
+    )
     out.tokens.pow(2).sum().backward()
     cross = [p for n, p in model.named_parameters() if "multihead_attn" in n]
-    assert cross and all(p.grad is not None and p.grad.abs().sum() > 0
-                         for p in cross)
+    assert cross and all(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in cross
+    )
 
 
 def test_cross_window_sets_what_a_token_reads():
@@ -283,8 +291,9 @@ def test_cross_window_sets_what_a_token_reads():
     lengths, n = torch.tensor([1.0, 0.6]), torch.tensor([6, 3])
     outs = {}
     for window in (100, 0):
-        model = tiny(n_pre=0, weight_predictor="conv",
-                     cross_window=window).eval()
+        model = tiny(
+            n_pre=0, weight_predictor="conv", cross_window=window
+        ).eval()
         outs[window] = model(hidden, lengths=lengths, num_tokens=n).tokens
     assert (outs[0] - outs[100]).abs().max() > 1e-3
     assert isinstance(model.post_layers[0], torch.nn.TransformerDecoderLayer)

@@ -275,7 +275,8 @@ def test_token_windows_cover_each_tokens_fire_frame():
             assert frames == list(range(frames[0], frames[-1] + 1))
             assert frames[-1] == t
         # rows past the count see every real frame
-        assert torch.equal(windows[b, int(n[b]):], mask[b].expand(
-            9 - int(n[b]), -1))
+        assert torch.equal(
+            windows[b, int(n[b]) :], mask[b].expand(9 - int(n[b]), -1)
+        )
     wide = token_windows(scaled, mask, n, window=2)
     assert (wide >= windows).all() and wide.sum() > windows.sum()
