@@ -103,6 +103,7 @@ def worker(data, out, batch_size):
     from speechbrain_blspkd.evaluation import evaluate_parity
     from speechbrain_blspkd.models.trainable import trainable_state_dict
     from speechbrain_blspkd.objectives import BLSPKDObjective
+    from speechbrain_blspkd.recipe import close_process_group
     from speechbrain_blspkd.stages import Stage
 
     data, out = pathlib.Path(data), pathlib.Path(out)
@@ -214,6 +215,7 @@ def worker(data, out, batch_size):
         },
         out / f"rank{rank}.pt",
     )
+    close_process_group()  # as the recipe does: no teardown at exit
 
 
 # ----------------------------------------------------------------------

@@ -20,6 +20,7 @@ so each test below reports on its own step.
 Run by hand: ``python tests/test_rank_split.py SHARED OWN CKPT``.
 """
 
+import faulthandler
 import json
 import os
 import pathlib
@@ -28,6 +29,7 @@ import socket
 import subprocess
 import sys
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -46,6 +48,7 @@ TRANSCRIPTS = [
     "jumps over the lazy dog",
 ]
 KD_SUBSET = 4
+HANG_SECONDS = 150  # a whole run takes 10-30 s
 
 
 # ----------------------------------------------------------------------
@@ -70,6 +73,8 @@ class FrameEncoder(torch.nn.Module):
 
 
 def _step(report, name, fn):
+    # the step each rank is in shows in the launch's output (a hang names it)
+    print(f"rank {report['rank']}: step {name}", file=sys.stderr, flush=True)
     try:
         report[name] = fn()
     except Exception:  # recorded: the test of this step fails with it
@@ -98,6 +103,9 @@ def worker(shared, own, ckpt_dir):
 
     shared, own = pathlib.Path(shared), pathlib.Path(own)
     own.mkdir(parents=True, exist_ok=True)
+    # a worker still running after HANG_SECONDS prints every thread's stack
+    # and exits, so a hang ends the launch with the place it hung
+    faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
     sb.utils.distributed.ddp_init_group({"distributed_backend": "gloo"})
     rank, world = 0, 1
     if torch.distributed.is_initialized():
@@ -210,6 +218,10 @@ def worker(shared, own, ckpt_dir):
     _step(report, "decode", decode)
     _step(report, "checkpoints", checkpoints)  # last: may hang on failure
     (own / "report.json").write_text(json.dumps(report, indent=1))
+    # as the recipe does: a process group left to the interpreter's exit
+    # can abort or hang there (gloo's threads torn down in any order)
+    recipe.close_process_group()
+    faulthandler.cancel_dump_traceback_later()
 
 
 # ----------------------------------------------------------------------
@@ -270,18 +282,37 @@ def runs(tmp_path_factory):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    nodes = [tmp / "node0", tmp / "node1"]
-    ckpt = str(tmp / "c2")  # the one folder both see: RNG test only
-    port = _free_port()
-    run_together(
-        [
-            torchrun_node(n, 2, port, str(HERE), str(shared), str(node), ckpt)
-            for n, node in enumerate(nodes)
-        ],
-        cwd=ROOT,
-        env=_env(),
-        timeout=300,  # about 30 s here: a hang fails instead
-    )
+    # the two-node launch; a failed launch is tried once more in fresh
+    # folders, and the first failure (with the stacks of a hang) is shown
+    # as a warning (CI once saw a hang that repeated launches here, also
+    # on a loaded CPU, never reproduced)
+    failures = []
+    for attempt in range(2):
+        nodes = [tmp / f"try{attempt}" / f"node{n}" for n in range(2)]
+        # the one folder both nodes see: RNG test only
+        ckpt = str(tmp / f"try{attempt}" / "c2")
+        port = _free_port()
+        try:
+            run_together(
+                [
+                    torchrun_node(
+                        n, 2, port, str(HERE), str(shared), str(node), ckpt
+                    )
+                    for n, node in enumerate(nodes)
+                ],
+                cwd=ROOT,
+                env=_env(),
+                timeout=300,  # a hang ends after HANG_SECONDS instead
+            )
+            break
+        except AssertionError as e:
+            failures.append(str(e))
+    else:
+        pytest.fail("the two-node launch failed twice:\n" + "\n".join(failures))
+    if failures:
+        warnings.warn(
+            f"the first two-node launch failed:\n{failures[0]}", stacklevel=2
+        )
     reports = [json.loads((f / "report.json").read_text()) for f in nodes]
     return json.loads((ref / "report.json").read_text()), ref, nodes, reports
 
