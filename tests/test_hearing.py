@@ -79,6 +79,11 @@ def test_token_accuracy_true_count_matches_the_objective(tmp_path):
     assert out["predicted_count"]["positions"] == sum(
         max(p, t) for p, t in zip(predicted, targets)
     )
+    # the error rate reads the same tokens at N^: it scores every true
+    # token, and its insertions less its deletions are the count's excess
+    ter = out["error_rate_predicted_count"]
+    assert ter["tokens"] == sum(targets)
+    assert ter["insertions"] - ter["deletions"] == sum(predicted) - sum(targets)
     assert 0 < out["collapse_rate"] <= 1
 
 
@@ -232,6 +237,12 @@ def test_command_end_to_end(
         cascade = systems["cascade"]
         assert cascade["transcript_wer"] >= 0
         assert 0 <= cascade["token_accuracy_predicted_count"]["accuracy"] <= 1
+        # both token error rates score every true token of the set (the
+        # positions of the accuracy at the true count)
+        true_tokens = speech["token_accuracy_true_count"]["positions"]
+        for system in (speech, cascade):
+            ter = system["token_error_rate_predicted_count"]
+            assert ter["tokens"] == true_tokens and ter["ter"] >= 0
         # the cascade's teacher is the same LLM on the same transcripts
         casc_rows = metrics.EvalSummary.load_rows(
             out / name / "cascade_rows.jsonl"
@@ -243,6 +254,7 @@ def test_command_end_to_end(
     for title in hearing.SET_TITLES.values():
         assert title in md
     assert md.count("| speech LLM |") == 2 and md.count("| cascade (") == 2
+    assert "token error rate (predicted N)" in md
 
     # a second run: teacher answers and the cascade come from the cache,
     # the speech LLM is measured again and gives the same figures

@@ -295,6 +295,36 @@ def test_positional_token_accuracy_counts_a_shift_as_errors():
         metrics.positional_token_accuracy([[1]], [[1], [2]])
 
 
+def test_token_error_rate_counts_a_shift_once():
+    target = [[10, 11, 12, 13, 14]]
+    # one token missing at position 1: one deletion, where the positional
+    # accuracy loses four of five positions
+    missing = metrics.token_error_rate([[10, 12, 13, 14]], target)
+    assert (missing["deletions"], missing["substitutions"]) == (1, 0)
+    assert missing["ter"] == pytest.approx(1 / 5)
+    # an extra token and a wrong one
+    out = metrics.token_error_rate([[10, 11, 99, 13, 14, 15]], target)
+    assert (out["substitutions"], out["insertions"], out["deletions"]) == (
+        1,
+        1,
+        0,
+    )
+    assert out["ter"] == pytest.approx(2 / 5)
+    # summed over utterances (errors over all true tokens), tensors or
+    # lists, and an empty prediction deletes every token
+    both = metrics.token_error_rate(
+        [[10, 12, 13, 14], []], target + [torch.tensor([7, 8])]
+    )
+    assert (both["ter"], both["tokens"], both["n"]) == (3 / 7, 7, 2)
+    # at equal counts it is one minus the positional accuracy
+    same = [[10, 11, 99, 13, 98]]
+    assert metrics.token_error_rate(same, target)["ter"] == pytest.approx(
+        1 - metrics.positional_token_accuracy(same, target)["accuracy"]
+    )
+    with pytest.raises(ValueError, match="1 hypotheses but 2"):
+        metrics.token_error_rate([[1]], [[1], [2]])
+
+
 def test_vocabulary_coverage_hand_case():
     train = [[1, 2, 3], [3, 4]]
     test = [[1, 1, 5], [4, 6, 6, 6]]

@@ -36,6 +36,10 @@ it reports:
   :func:`speechbrain_blspkd.metrics.positional_token_accuracy`: a missing
   or extra token shifts every later position); for the cascade the tokens
   of Whisper's transcript against the true ones;
+* the token error rate at the predicted count (the edit distance between
+  those token sequences over the true tokens,
+  :func:`speechbrain_blspkd.metrics.token_error_rate`: a missing or extra
+  token is one error), for the speech LLM and the cascade alike;
 * the cascade's transcript WER;
 
 and, per set, the vocabulary coverage: the share of the test transcripts'

@@ -106,6 +106,9 @@ def _token_figures(tokens):
     return {
         "token_accuracy_true_count": tokens["true_count"],
         "token_accuracy_predicted_count": tokens["predicted_count"],
+        "token_error_rate_predicted_count": tokens[
+            "error_rate_predicted_count"
+        ],
         "collapse_rate": tokens["collapse_rate"],
     }
 
@@ -218,10 +221,12 @@ def measure_set(
         cascade["transcript_wer"] = metrics.wer(
             heard, [r["transcript"] for r in rows]
         )["wer"]
+        heard_ids = model.transcript_ids([t or " " for t in heard])
         cascade["token_accuracy_predicted_count"] = (
-            metrics.positional_token_accuracy(
-                model.transcript_ids([t or " " for t in heard]), test_ids
-            )
+            metrics.positional_token_accuracy(heard_ids, test_ids)
+        )
+        cascade["token_error_rate_predicted_count"] = metrics.token_error_rate(
+            heard_ids, test_ids
         )
         systems["cascade"] = cascade
     return {"n": len(rows), "coverage": coverage, "systems": systems, **extra}

@@ -50,7 +50,9 @@ def format_tables(results):
         "shuffled-pair level. Token accuracy: nearest LLM token of each "
         "speech token (cascade: the LLM tokens of Whisper's transcript) "
         "against the transcript's, at the true count N and at the "
-        "predicted count N^ (a count error shifts later tokens)."
+        "predicted count N^ (a count error shifts later tokens); token error "
+        "rate: the edit distance of the tokens at N^ over the true tokens "
+        "(a missing or extra token is one error)."
     )
     for name, entry in results["sets"].items():
         cov = entry["coverage"]
@@ -65,13 +67,14 @@ def format_tables(results):
             "| system | repeat chrF (shuf) | repeat WER (shuf) | continue chrF "
             "(shuf) | continue WER (shuf) | repeat WER vs transcript | "
             "exact N | mean abs(N^-N) | token acc. (true N) | token acc. "
-            "(predicted N) | transcript WER |",
-            "|" + "---|" * 11,
+            "(predicted N) | token error rate (predicted N) | transcript WER |",
+            "|" + "---|" * 12,
         ]
         for key, system in entry["systems"].items():
             count = system.get("count") or {}
             true_acc = system.get("token_accuracy_true_count")
             pred_acc = system.get("token_accuracy_predicted_count")
+            ter = system.get("token_error_rate_predicted_count")
             cells = [
                 names.get(key, key),
                 _task_cell(system.get("repeat"), "chrf"),
@@ -83,6 +86,7 @@ def format_tables(results):
                 _num(count.get("mean_abs_error"), 2),
                 _pct(true_acc and true_acc["accuracy"]),
                 _pct(pred_acc and pred_acc["accuracy"]),
+                _pct(ter and ter["ter"]),
                 _num(system.get("transcript_wer")),
             ]
             lines.append("| " + " | ".join(cells) + " |")

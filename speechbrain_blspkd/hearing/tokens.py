@@ -48,8 +48,10 @@ def adapter_token_accuracy(
     dict
         ``true_count`` and ``predicted_count``: the
         :func:`~speechbrain_blspkd.metrics.positional_token_accuracy`
-        dicts (both None when the adapter does not emit one token per
-        transcript token when told the count: only count-aware adapters
+        dicts and ``error_rate_predicted_count`` (the
+        :func:`~speechbrain_blspkd.metrics.token_error_rate` dict at the
+        predicted count), all None when the adapter does not emit one token
+        per transcript token when told the count (only count-aware adapters
         such as the CFormer do; the others' outputs are not tokens);
         ``collapse_rate`` of the outputs at the predicted count; ``count`` (:func:`~speechbrain_blspkd.metrics.
         count_stats` of ``N^``); ``predicted_counts`` per row ID.  None
@@ -108,6 +110,9 @@ def adapter_token_accuracy(
             metrics.positional_token_accuracy(pred_pred, targets)
             if aligned
             else None
+        ),
+        "error_rate_predicted_count": (
+            metrics.token_error_rate(pred_pred, targets) if aligned else None
         ),
         "collapse_rate": metrics.collapse_rate(flat_free)
         if flat_free

@@ -35,5 +35,6 @@ from speechbrain_blspkd.metrics.tokens import (  # noqa: F401
     nearest_token_accuracy,
     nearest_tokens,
     positional_token_accuracy,
+    token_error_rate,
     vocabulary_coverage,
 )

@@ -296,6 +296,68 @@ def positional_token_accuracy(predicted_ids, target_ids):
     }
 
 
+def token_error_rate(predicted_ids, target_ids):
+    """Token error rate of predicted id sequences after alignment.
+
+    The edit distance (substitutions, deletions, insertions) between each
+    utterance's predicted and true token ids, summed over utterances and
+    divided by the true tokens: the word error rate computed on LLM tokens
+    (speechbrain's :func:`~speechbrain.utils.edit_distance.
+    accumulatable_wer_stats`).  Unlike :func:`positional_token_accuracy`,
+    a missing or extra token costs one error, not every later position: it
+    tells how many tokens were heard, the positional figure how many reach
+    the LLM in their place.  It also scores a transcript's tokens (the
+    cascade) on the same scale.
+
+    Arguments
+    ---------
+    predicted_ids : list of (list of int)
+        Per utterance, the predicted token ids.
+    target_ids : list of (list of int)
+        Per utterance, the true token ids, same number of utterances.
+
+    Returns
+    -------
+    dict
+        ``ter`` (fraction; may exceed 1 with many insertions),
+        ``substitutions``, ``deletions``, ``insertions``, ``tokens`` (true
+        tokens) and ``n`` (utterances).
+
+    Example
+    -------
+    The token missing at position 1 is one error of four (the positional
+    accuracy of the same pair is 0.25):
+
+    >>> out = token_error_rate([[7, 9, 4]], [[7, 8, 9, 4]])
+    >>> out["ter"], out["deletions"], out["tokens"]
+    (0.25, 1, 4)
+    >>> token_error_rate([[1, 2, 6], [3]], [[1, 5], [3]])["ter"]
+    0.666...
+    """
+    import collections
+
+    from speechbrain.utils.edit_distance import accumulatable_wer_stats
+
+    pred, true = _check_pair(predicted_ids, target_ids, "token_error_rate")
+    stats = accumulatable_wer_stats(
+        [[int(x) for x in t] for t in true],
+        [[int(x) for x in p] for p in pred],
+        collections.Counter(),
+    )
+    tokens = int(stats["num_ref_tokens"])
+    errors = sum(
+        int(stats[k]) for k in ("substitutions", "deletions", "insertions")
+    )
+    return {
+        "ter": errors / tokens if tokens else 0.0,
+        "substitutions": int(stats["substitutions"]),
+        "deletions": int(stats["deletions"]),
+        "insertions": int(stats["insertions"]),
+        "tokens": tokens,
+        "n": len(pred),
+    }
+
+
 def vocabulary_coverage(test_ids, train_ids):
     """Share of test tokens whose id occurs in the training token ids.
 
