@@ -152,6 +152,48 @@ def test_resume_after_kill(corpus, tmp_path, monkeypatch):
     assert len(plan["utterances"]) == 18
 
 
+def test_training_speed_range_leaves_valid_and_test_alone():
+    sents = {"en": [f"This is English sentence {w}." for w in "abcdefghijkl"]}
+    base = ss.make_plan(40, 3, 3, ["en"], 1, sentences=sents)
+    wide = ss.make_plan(
+        40, 3, 3, ["en"], 1, sentences=sents, train_speed_range=(200, 240)
+    )
+
+    def split(plan, name):
+        return [u for u in plan["utterances"] if u["split"] == name]
+
+    # valid and test are drawn before training: the same clips exactly
+    for held in ("valid", "test"):
+        assert split(wide, held) == split(base, held)
+    # the training sentences stay, their speeds move into the new range
+    assert [u["text"] for u in split(wide, "train")] == [
+        u["text"] for u in split(base, "train")
+    ]
+    speeds = [u["speed"] for u in split(wide, "train")]
+    assert min(speeds) >= 200 and max(speeds) <= 240
+    assert min(u["speed"] for u in split(base, "train")) < 200
+    # recorded in the options (a saved plan of another range is not
+    # reused); the default range records nothing, as plans saved before
+    assert wide["options"]["train_speed_range"] == [200, 240]
+    assert "train_speed_range" not in base["options"]
+    assert (
+        ss.make_plan(
+            40,
+            3,
+            3,
+            ["en"],
+            1,
+            sentences=sents,
+            train_speed_range=ss.SPEED_RANGE,
+        )
+        == base
+    )
+    with pytest.raises(ValueError, match=r"train_speed_range \[240, 200\]"):
+        ss.make_plan(
+            4, 1, 1, ["en"], 1, sentences=sents, train_speed_range=(240, 200)
+        )
+
+
 def test_changed_options_make_a_new_plan(corpus, tmp_path):
     work = tmp_path / "c"
     shutil.copytree(corpus, work)
@@ -253,3 +295,24 @@ def test_script_languages_are_spoken(tmp_path):
 def test_cli_accepts_equal_shares():
     assert ss._fraction_or_equal("equal") is None
     assert ss._fraction_or_equal("0.5") == 0.5
+
+
+def test_cli_passes_the_training_speed_range(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_prepare(save_folder, **kwargs):
+        seen.update(kwargs)
+        return {}
+
+    monkeypatch.setattr(ss, "prepare_synthspeech", fake_prepare)
+    argv = [
+        str(tmp_path),
+        "--languages",
+        "en",
+        "--train-speed-range",
+        "120,240",
+    ]
+    assert ss.main(argv) == 0
+    assert seen["train_speed_range"] == [120, 240]
+    assert ss.main([str(tmp_path)]) == 0
+    assert seen["train_speed_range"] is None

@@ -293,6 +293,7 @@ def prepare_synthspeech(
     num_workers=2,
     en_fraction=0.8,
     skip_prep=False,
+    train_speed_range=None,
 ):
     """Build (or resume, or skip) the SynthSpeech corpus in ``save_folder``.
 
@@ -317,6 +318,10 @@ def prepare_synthspeech(
         recipes).
     skip_prep : bool
         Do nothing.
+    train_speed_range : (int, int), optional
+        espeak-ng speeds (words per minute) of the training utterances;
+        default :data:`~.synthspeech_plan.SPEED_RANGE`, that of valid and
+        test (see :func:`~.synthspeech_plan.make_plan`).
 
     Returns
     -------
@@ -338,7 +343,13 @@ def prepare_synthspeech(
     manifests = {s: save_folder / f"{s}.csv" for s in SPLITS}
     plan_path = save_folder / PLAN_FILE
     options = plan_options(
-        num_train, num_valid, num_test, languages, seed, en_fraction
+        num_train,
+        num_valid,
+        num_test,
+        languages,
+        seed,
+        en_fraction,
+        train_speed_range=train_speed_range,
     )
     # a build killed while writing the plan or a manifest left a temp file
     # beside them (never trusted, but it would stay forever)
@@ -355,7 +366,13 @@ def prepare_synthspeech(
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         plan = make_plan(
-            num_train, num_valid, num_test, languages, seed, en_fraction
+            num_train,
+            num_valid,
+            num_test,
+            languages,
+            seed,
+            en_fraction,
+            train_speed_range=train_speed_range,
         )
         atomic_write_text(
             plan_path, json.dumps(plan, ensure_ascii=False, indent=1)
@@ -456,6 +473,14 @@ def main(argv=None):
         help="share of English utterances, or 'equal' (every language the "
         "same share)",
     )
+    parser.add_argument(
+        "--train-speed-range",
+        type=lambda text: [int(v) for v in text.split(",")],
+        default=None,
+        metavar="LOW,HIGH",
+        help="espeak-ng speeds (words per minute) of the training "
+        "utterances (default: those of valid and test)",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     try:
@@ -468,6 +493,7 @@ def main(argv=None):
             seed=args.seed,
             num_workers=args.num_workers,
             en_fraction=args.en_fraction,
+            train_speed_range=args.train_speed_range,
         )
     except (RuntimeError, ValueError) as e:
         return report_error(e)

@@ -213,6 +213,7 @@ def make_plan(
     en_fraction=0.8,
     sentences=None,
     extra=None,
+    train_speed_range=None,
 ):
     """Deterministic assignment of sentences and voices to utterances.
 
@@ -245,6 +246,11 @@ def make_plan(
         ``{language: [sentence, ...]}``, training-only sentences; default:
         those of :func:`language_pools` when ``sentences`` is None, else
         none.
+    train_speed_range : (int, int), optional
+        The espeak-ng speeds (words per minute, both ends included) of the
+        training utterances; default :data:`SPEED_RANGE`, as valid and
+        test always have.  The voices, variants and speeds of the test
+        split are drawn first, so they do not depend on it.
 
     Returns
     -------
@@ -304,7 +310,9 @@ def make_plan(
             pos += take
             chunks[split, lang] = (chunk, n)
     # voices etc. are drawn split by split (test first), so that no split
-    # depends on the size of a later one
+    # depends on the size (or the speeds) of a later one
+    train_speeds = _speed_range(train_speed_range)
+    speeds = dict(test=SPEED_RANGE, valid=SPEED_RANGE, train=train_speeds)
     rng = random.Random(seed)
     utts = []
     for split in ("test", "valid", "train"):
@@ -320,7 +328,7 @@ def make_plan(
                         language=lang,
                         voice=voices[k % len(voices)],
                         variant=rng.choice(VARIANTS[split]),
-                        speed=rng.randint(*SPEED_RANGE),
+                        speed=rng.randint(*speeds[split]),
                         pitch=rng.randint(*PITCH_RANGE),
                         text=chunk[k % len(chunk)],
                     )
@@ -332,22 +340,55 @@ def make_plan(
         u["ID"] = f"synth_{u['split']}_{u['language']}_{counters[key]:06d}"
     utts.sort(key=lambda u: (SPLITS.index(u["split"]), u["ID"]))
     options = plan_options(
-        num_train, num_valid, num_test, languages, seed, en_fraction
+        num_train,
+        num_valid,
+        num_test,
+        languages,
+        seed,
+        en_fraction,
+        train_speed_range=train_speeds,
     )
     return dict(options=options, utterances=utts)
 
 
-def plan_options(num_train, num_valid, num_test, languages, seed, en_fraction):
+def _speed_range(value):
+    """``value`` as a checked ``(low, high)`` espeak-ng speed range
+    (:data:`SPEED_RANGE` when None)."""
+    if value is None:
+        return SPEED_RANGE
+    low, high = (int(v) for v in value)
+    # espeak-ng speaks 80-450 words per minute
+    if not 80 <= low <= high <= 450:
+        raise ValueError(
+            f"train_speed_range {list(value)}: need 80 <= low <= high <= 450 "
+            "(espeak-ng words per minute)"
+        )
+    return (low, high)
+
+
+def plan_options(
+    num_train,
+    num_valid,
+    num_test,
+    languages,
+    seed,
+    en_fraction,
+    train_speed_range=None,
+):
     """The ``options`` entry of a plan (:func:`make_plan`): the arguments
     that make it, with :data:`PLAN_VERSION`.  A saved plan is reused only
-    when they are the same (:func:`load_saved_plan`).
+    when they are the same (:func:`load_saved_plan`).  The training speed
+    range is recorded only when it is not :data:`SPEED_RANGE` (the plans
+    saved before it existed stay valid).
 
     Example
     -------
     >>> plan_options(10, 2, 2, ["en"], 0, None)["version"] == PLAN_VERSION
     True
+    >>> plan_options(10, 2, 2, ["en"], 0, None, (120, 240))["train_speed_range"]
+    [120, 240]
     """
-    return dict(
+    options = dict(
         version=PLAN_VERSION,
         num_train=num_train,
         num_valid=num_valid,
@@ -356,6 +397,10 @@ def plan_options(num_train, num_valid, num_test, languages, seed, en_fraction):
         seed=seed,
         en_fraction=en_fraction,
     )
+    speeds = _speed_range(train_speed_range)
+    if speeds != SPEED_RANGE:
+        options["train_speed_range"] = list(speeds)
+    return options
 
 
 def load_saved_plan(plan_path, options):
