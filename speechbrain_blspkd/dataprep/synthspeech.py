@@ -342,15 +342,11 @@ def prepare_synthspeech(
     check_requirements(languages)
     manifests = {s: save_folder / f"{s}.csv" for s in SPLITS}
     plan_path = save_folder / PLAN_FILE
-    options = plan_options(
-        num_train,
-        num_valid,
-        num_test,
-        languages,
-        seed,
-        en_fraction,
-        train_speed_range=train_speed_range,
-    )
+    # what makes the plan (make_plan's arguments, as its options record)
+    sizes = (num_train, num_valid, num_test)
+    settings = (*sizes, languages, seed, en_fraction)
+    speeds = dict(train_speed_range=train_speed_range)
+    options = plan_options(*settings, **speeds)
     # a build killed while writing the plan or a manifest left a temp file
     # beside them (never trusted, but it would stay forever)
     if save_folder.is_dir():
@@ -365,15 +361,7 @@ def prepare_synthspeech(
         for path in manifests.values():  # stale manifests of another plan
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        plan = make_plan(
-            num_train,
-            num_valid,
-            num_test,
-            languages,
-            seed,
-            en_fraction,
-            train_speed_range=train_speed_range,
-        )
+        plan = make_plan(*settings, **speeds)
         atomic_write_text(
             plan_path, json.dumps(plan, ensure_ascii=False, indent=1)
         )

@@ -340,12 +340,7 @@ def make_plan(
         u["ID"] = f"synth_{u['split']}_{u['language']}_{counters[key]:06d}"
     utts.sort(key=lambda u: (SPLITS.index(u["split"]), u["ID"]))
     options = plan_options(
-        num_train,
-        num_valid,
-        num_test,
-        languages,
-        seed,
-        en_fraction,
+        *(num_train, num_valid, num_test, languages, seed, en_fraction),
         train_speed_range=train_speeds,
     )
     return dict(options=options, utterances=utts)

@@ -311,10 +311,8 @@ def token_error_rate(predicted_ids, target_ids):
 
     Arguments
     ---------
-    predicted_ids : list of (list of int)
-        Per utterance, the predicted token ids.
-    target_ids : list of (list of int)
-        Per utterance, the true token ids, same number of utterances.
+    predicted_ids, target_ids : list of (list of int)
+        As in :func:`positional_token_accuracy`.
 
     Returns
     -------
