@@ -36,7 +36,7 @@ def format_tables(results):
     ...     "coverage": {"token_coverage": 0.9, "type_coverage": 0.8},
     ...     "systems": {"teacher": system}}}}
     >>> print(format_tables(results).splitlines()[-1])
-    | teacher (text input) | 50.0 (12.0) | 60.0 (99.0) | 50.0 (12.0) | 60.0 (99.0) | 70.0 | - | - | - | - | - |
+    | teacher (text input) | 50.0 (12.0) | 60.0 (99.0) | 50.0 (12.0) | 60.0 (99.0) | 70.0 | - | - | - | - | - | - |
     """
     names = {
         "teacher": "teacher (text input)",
