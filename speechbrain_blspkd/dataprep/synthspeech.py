@@ -343,10 +343,8 @@ def prepare_synthspeech(
     manifests = {s: save_folder / f"{s}.csv" for s in SPLITS}
     plan_path = save_folder / PLAN_FILE
     # what makes the plan (make_plan's arguments, as its options record)
-    sizes = (num_train, num_valid, num_test)
-    settings = (*sizes, languages, seed, en_fraction)
-    speeds = dict(train_speed_range=train_speed_range)
-    options = plan_options(*settings, **speeds)
+    settings = (num_train, num_valid, num_test, languages, seed, en_fraction)
+    options = plan_options(*settings, train_speed_range=train_speed_range)
     # a build killed while writing the plan or a manifest left a temp file
     # beside them (never trusted, but it would stay forever)
     if save_folder.is_dir():
@@ -361,7 +359,7 @@ def prepare_synthspeech(
         for path in manifests.values():  # stale manifests of another plan
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        plan = make_plan(*settings, **speeds)
+        plan = make_plan(*settings, train_speed_range=train_speed_range)
         atomic_write_text(
             plan_path, json.dumps(plan, ensure_ascii=False, indent=1)
         )

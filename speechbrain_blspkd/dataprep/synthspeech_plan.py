@@ -340,7 +340,12 @@ def make_plan(
         u["ID"] = f"synth_{u['split']}_{u['language']}_{counters[key]:06d}"
     utts.sort(key=lambda u: (SPLITS.index(u["split"]), u["ID"]))
     options = plan_options(
-        *(num_train, num_valid, num_test, languages, seed, en_fraction),
+        num_train,
+        num_valid,
+        num_test,
+        languages,
+        seed,
+        en_fraction,
         train_speed_range=train_speeds,
     )
     return dict(options=options, utterances=utts)
@@ -351,6 +356,11 @@ def _speed_range(value):
     (:data:`SPEED_RANGE` when None)."""
     if value is None:
         return SPEED_RANGE
+    if len(value) != 2:
+        raise ValueError(
+            f"train_speed_range {list(value)}: need two speeds, low and high "
+            "(espeak-ng words per minute)"
+        )
     low, high = (int(v) for v in value)
     # espeak-ng speaks 80-450 words per minute
     if not 80 <= low <= high <= 450:
