@@ -8,7 +8,7 @@ import soundfile as sf
 from conftest import SYNTH_SIZES, resume_synthspeech
 
 from speechbrain_blspkd.dataio.manifest import read_manifest
-from speechbrain_blspkd.dataprep import sentences, synthspeech_plan
+from speechbrain_blspkd.dataprep import sentences, synthspeech_plan, tts
 from speechbrain_blspkd.dataprep import synthspeech as ss
 
 pytestmark = pytest.mark.skipif(
@@ -194,6 +194,62 @@ def test_training_speed_range_leaves_valid_and_test_alone():
         )
 
 
+def test_flite_share_replaces_only_the_picked_training_clips():
+    sents = {"en": [f"This is English sentence {w}." for w in "abcdefghijkl"]}
+    base = ss.make_plan(40, 3, 3, ["en"], 1, sentences=sents)
+    mixed = ss.make_plan(
+        40, 3, 3, ["en"], 1, sentences=sents, train_flite_share=0.25
+    )
+    assert mixed["options"]["train_flite_share"] == 0.25
+    assert "train_flite_share" not in base["options"]
+    flite = [u for u in mixed["utterances"] if u.get("engine") == "flite"]
+    # exactly a quarter of the training clips, training only, every voice
+    assert len(flite) == 10
+    assert {u["split"] for u in flite} == {"train"}
+    assert sorted(u["voice"] for u in flite[:4]) == sorted(tts.FLITE_VOICES)
+    assert all(u["variant"] is None and u["pitch"] is None for u in flite)
+    # every other clip, and the sentence and speed of the picked ones, are
+    # the plan's without flite
+    by_id = {u["ID"]: u for u in base["utterances"]}
+    for u in mixed["utterances"]:
+        old = by_id[u["ID"]]
+        if u.get("engine") == "flite":
+            assert (u["text"], u["speed"]) == (old["text"], old["speed"])
+        else:
+            assert u == old
+    with pytest.raises(ValueError, match=r"train_flite_share 1.5"):
+        ss.make_plan(4, 1, 1, ["en"], 1, sentences=sents, train_flite_share=1.5)
+
+
+@pytest.mark.skipif(shutil.which("flite") is None, reason="needs flite")
+def test_flite_clips_are_built_named_and_resumed(corpus, tmp_path):
+    work = tmp_path / "c"
+    shutil.copytree(corpus, work)
+    sizes = SIZES | {"train_flite_share": 0.5}
+    ss.prepare_synthspeech(work, **sizes)
+    plan = json.loads((work / ss.PLAN_FILE).read_text())
+    train = _rows(work)["train"]
+    flite = {u["ID"]: u for u in plan["utterances"] if "engine" in u}
+    english = [r for r in train if r["language"] == "en"]
+    assert len(flite) == round(len(english) / 2) > 0
+    for row in train:
+        if row["ID"] in flite:
+            assert row["speaker"] == f"flite:{flite[row['ID']]['voice']}"
+        else:
+            assert "+" in row["speaker"]  # espeak-ng VOICE+VARIANT
+        assert sf.info(row["wav"]).samplerate == 16000
+    # the espeak-ng clips are the corpus's own files (same name, same
+    # audio): only the flite ones were synthesised
+    before = {p.name for p in corpus.rglob("*.wav")}
+    after = {p.name for p in work.rglob("*.wav")}
+    assert sorted(name[: name.rindex("_")] for name in after - before) == (
+        sorted(flite)
+    )
+    # a rerun with the same options finds it complete
+    again = ss.prepare_synthspeech(work, **sizes)
+    assert again["train"].is_file()
+
+
 def test_changed_options_make_a_new_plan(corpus, tmp_path):
     work = tmp_path / "c"
     shutil.copytree(corpus, work)
@@ -295,6 +351,17 @@ def test_script_languages_are_spoken(tmp_path):
 def test_cli_accepts_equal_shares():
     assert ss._fraction_or_equal("equal") is None
     assert ss._fraction_or_equal("0.5") == 0.5
+
+
+def test_cli_passes_the_flite_share(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(
+        ss, "prepare_synthspeech", lambda folder, **kw: seen.update(kw) or {}
+    )
+    assert ss.main([str(tmp_path), "--train-flite-share", "0.25"]) == 0
+    assert seen["train_flite_share"] == 0.25
+    assert ss.main([str(tmp_path)]) == 0
+    assert seen["train_flite_share"] == 0.0
 
 
 def test_cli_passes_the_training_speed_range(tmp_path, monkeypatch):

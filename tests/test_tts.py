@@ -1,4 +1,5 @@
-"""Tests of the one TTS wrapper (espeak-ng or piper, + sox): dataprep/tts.py."""
+"""Tests of the one TTS wrapper (espeak-ng, flite or piper, + sox):
+dataprep/tts.py."""
 
 import shutil
 import sys
@@ -16,6 +17,10 @@ needs_tts = pytest.mark.skipif(
     reason="needs espeak-ng and sox",
 )
 
+needs_flite = pytest.mark.skipif(
+    shutil.which("flite") is None or shutil.which("sox") is None,
+    reason="needs flite and sox (tools/install.sh installs them)",
+)
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 
@@ -112,6 +117,40 @@ def test_missing_programs_are_named_with_the_apt_command(tmp_path):
         tts.check_tools(sox="no-sox")
     assert not out.exists()
     assert isinstance(tts.TTSError("x"), RuntimeError)
+
+
+@needs_flite
+def test_flite_writes_16k_mono_16bit_with_its_voices_and_rate(tmp_path):
+    lengths = {}
+    for voice in tts.FLITE_VOICES:
+        out = tts.synthesise_flite(TEXT, tmp_path / voice / "a.wav", voice)
+        assert tts.is_complete_wav(out), voice
+        assert [p.name for p in out.parent.iterdir()] == ["a.wav"]
+        lengths[voice] = sf.info(str(out)).frames
+    # four voices, four different recordings
+    assert len(set(lengths.values())) == len(tts.FLITE_VOICES)
+    slow = tts.synthesise_flite(TEXT, tmp_path / "slow.wav", "slt", 1.5)
+    fast = tts.synthesise_flite(TEXT, tmp_path / "fast.wav", "slt", 0.75)
+    assert sf.info(str(slow)).frames > 1.3 * lengths["slt"]
+    assert sf.info(str(fast)).frames < 0.9 * lengths["slt"]
+    # the 8-kHz voice is resampled like the others
+    kal = tts.synthesise_flite(TEXT, tmp_path / "kal.wav", "kal")
+    assert tts.is_complete_wav(kal)
+
+
+@needs_flite
+def test_flite_refuses_an_unknown_voice_and_keeps_the_old_file(tmp_path):
+    out = tmp_path / "a.wav"
+    out.write_bytes(b"old")
+    # flite itself would speak it with its default voice and exit 0
+    with pytest.raises(tts.TTSError, match=r"flite has no voice 'zzzz'.*slt"):
+        tts.synthesise_flite(TEXT, out, voice="zzzz")
+    with pytest.raises(tts.TTSError, match=r"^sox failed .*exit"):
+        tts.synthesise_flite(TEXT, out, volume="not-a-number")
+    assert out.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.wav"]
+    with pytest.raises(tts.TTSError, match=r"^no-flite not found.*flite\)"):
+        tts.synthesise_flite(TEXT, out, flite="no-flite")
 
 
 def test_is_complete_wav(tmp_path):

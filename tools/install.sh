@@ -4,8 +4,9 @@
 # Creates $VENV (default .venv) with uv, installs torch (CPU or CUDA build),
 # torchaudio, the pinned requirements and the package itself (editable,
 # bytecode compiled) with the browser demo's packages (requirements-demo.txt),
-# installs the Debian tools the data preparation needs (espeak-ng, sox) and,
-# as root, Debian's chromium for the browser tests, when they are missing,
+# installs the Debian tools the data preparation needs (espeak-ng, flite,
+# sox) and, as root, Debian's chromium for the browser tests, when they are
+# missing,
 # and makes torchaudio usable beside a CPU-only torch
 # (tools/fix_torchaudio.py).  A second run only checks.
 #
@@ -29,12 +30,13 @@ want="$(cat requirements.txt requirements-demo.txt setup.py tools/install.sh too
 
 # --- Debian tools -----------------------------------------------------------
 if [ "${SKIP_APT:-0}" != 1 ]; then
-  # espeak-ng + sox synthesise speech; the fortunes packages hold the
+  # espeak-ng + sox synthesise speech (flite: the second training engine,
+  # speechbrain_blspkd.dataprep.tts.synthesise_flite); the fortunes packages hold the
   # SynthSpeech sentences (speechbrain_blspkd.dataprep.synthspeech), and the
   # Bible, WordNet, more fortunes and the Dhammapada its extra English
   # training sentences (speechbrain_blspkd.dataprep.english_text).
   missing=()
-  for pkg in espeak-ng sox fortunes fortunes-min fortunes-de fortunes-es \
+  for pkg in espeak-ng flite sox fortunes fortunes-min fortunes-de fortunes-es \
              fortunes-it fortunes-br bible-kjv bible-kjv-text wordnet-base \
              fortune-anarchism tfortunes display-dhammapada; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" \

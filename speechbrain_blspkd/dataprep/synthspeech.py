@@ -20,7 +20,10 @@ the language's script and basic punctuation only, no URLs, code or digits),
 deduplicated (case and punctuation ignored: :func:`~.sentences.sentence_key`), and
 spoken by ``espeak-ng`` with many voices, voice variants
 (``+f1`` .. ``+m7`` and named variants), speeds and pitches, then converted
-by ``sox`` to 16 kHz mono 16-bit wav.
+by ``sox`` to 16 kHz mono 16-bit wav.  Optionally a share of the English
+training clips is spoken by a second engine, ``flite`` (its four 16-kHz
+voices; ``train_flite_share``), so that the training does not hear one
+synthesiser only; valid and test stay espeak-ng.
 
 Languages (:data:`~.synthspeech_plan.LANGUAGES`): ``en de es fr it pt`` in Latin script, and
 ``zh`` (Mandarin, espeak-ng's ``cmn`` voice, Han characters), ``hi``
@@ -48,13 +51,13 @@ The build is resumable and idempotent:
 Debian packages needed: ``espeak-ng sox fortunes fortunes-min fortunes-de
 fortunes-es fortunes-it fortunes-br``, and for English ``bible-kjv
 bible-kjv-text wordnet-base fortune-anarchism tfortunes display-dhammapada``
-(see :data:`APT_PACKAGES`).
+(see :data:`APT_PACKAGES`); ``flite`` for a flite share.
 
 This module is the build; the sentences and their cleaning are in
 :mod:`~speechbrain_blspkd.dataprep.sentences` and
 :mod:`~speechbrain_blspkd.dataprep.english_sources`, the plan (languages,
 voices, splits) in :mod:`~speechbrain_blspkd.dataprep.synthspeech_plan`,
-the espeak-ng + sox wrapper in :mod:`~speechbrain_blspkd.dataprep.tts`;
+the TTS wrapper in :mod:`~speechbrain_blspkd.dataprep.tts`;
 their public names can also be imported from here.
 
 Command line::
@@ -62,7 +65,8 @@ Command line::
     python -m speechbrain_blspkd.dataprep.synthspeech SAVE_FOLDER \\
         [--num-train 8000] [--num-valid 300] [--num-test 300] \\
         [--languages en,de,es,fr,it,pt] [--seed 1234] [--num-workers 2] \\
-        [--en-fraction 0.8|equal]
+        [--en-fraction 0.8|equal] [--train-speed-range LOW,HIGH] \\
+        [--train-flite-share 0.25]
 """
 
 import argparse
@@ -73,6 +77,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -91,6 +96,7 @@ from speechbrain_blspkd.dataprep.sentences import (
     sentence_key,
 )
 from speechbrain_blspkd.dataprep.synthspeech_plan import (
+    FLITE_SPEED,
     LANGUAGES,
     PITCH_RANGE,
     PLAN_FILE,
@@ -200,9 +206,10 @@ def wav_relpath(utt):
     >>> wav_relpath(u)[:36]
     'wavs/train/en/synth_train_en_000001_'
     """
-    key = "|".join(
-        str(utt[k]) for k in ("text", "voice", "variant", "speed", "pitch")
-    )
+    fields = ("text", "voice", "variant", "speed", "pitch")
+    # espeak-ng utterances carry no engine (their names predate flite)
+    fields += ("engine",) if "engine" in utt else ()
+    key = "|".join(str(utt[k]) for k in fields)
     digest = hashlib.sha1(key.encode()).hexdigest()[:8]
     return f"wavs/{utt['split']}/{utt['language']}/{utt['ID']}_{digest}.wav"
 
@@ -221,14 +228,16 @@ def _remove_unplanned_wavs(save_folder, plan):
 def synthesise(utt, path):
     """Speak the plan entry ``utt`` into a 16 kHz mono wav, atomically.
 
-    A thin adapter from a plan entry to :func:`.tts.synthesise` (the
-    project's one espeak-ng + sox wrapper).
+    A thin adapter from a plan entry to the project's one TTS wrapper:
+    :func:`.tts.synthesise` (espeak-ng), or :func:`.tts.synthesise_flite`
+    for an entry with ``engine: flite`` (its speed becomes flite's
+    ``duration_stretch``, :data:`~.synthspeech_plan.FLITE_SPEED` / speed).
 
     Arguments
     ---------
     utt : dict
         A plan entry (``text``, ``voice``, ``variant``, ``speed``,
-        ``pitch``; ``ID`` names it in errors).
+        ``pitch``, optionally ``engine``; ``ID`` names it in errors).
     path : str or pathlib.Path
         Destination wav file.
 
@@ -247,6 +256,10 @@ def synthesise(utt, path):
     16000
     """
     with tts.naming_failures(utt.get("ID", path)):
+        if utt.get("engine") == "flite":
+            stretch = FLITE_SPEED / utt["speed"]
+            tts.synthesise_flite(utt["text"], path, utt["voice"], stretch)
+            return
         tts.synthesise(
             utt["text"],
             path,
@@ -294,6 +307,7 @@ def prepare_synthspeech(
     en_fraction=0.8,
     skip_prep=False,
     train_speed_range=None,
+    train_flite_share=0.0,
 ):
     """Build (or resume, or skip) the SynthSpeech corpus in ``save_folder``.
 
@@ -322,6 +336,10 @@ def prepare_synthspeech(
         espeak-ng speeds (words per minute) of the training utterances;
         default :data:`~.synthspeech_plan.SPEED_RANGE`, that of valid and
         test (see :func:`~.synthspeech_plan.make_plan`).
+    train_flite_share : float
+        Share of the English training utterances spoken by flite instead
+        (see :func:`~.synthspeech_plan.make_plan`); needs Debian's
+        ``flite``.
 
     Returns
     -------
@@ -340,11 +358,20 @@ def prepare_synthspeech(
     save_folder = pathlib.Path(save_folder)
     languages = list(languages)
     check_requirements(languages)
+    if train_flite_share and shutil.which("flite") is None:
+        raise RuntimeError(
+            f"train_flite_share {train_flite_share} needs flite: "
+            f"{tts.FLITE_APT_HINT}"
+        )
     manifests = {s: save_folder / f"{s}.csv" for s in SPLITS}
     plan_path = save_folder / PLAN_FILE
     # what makes the plan (make_plan's arguments, as its options record)
     settings = (num_train, num_valid, num_test, languages, seed, en_fraction)
-    options = plan_options(*settings, train_speed_range=train_speed_range)
+    engines = dict(
+        train_speed_range=train_speed_range,
+        train_flite_share=train_flite_share,
+    )
+    options = plan_options(*settings, **engines)
     # a build killed while writing the plan or a manifest left a temp file
     # beside them (never trusted, but it would stay forever)
     if save_folder.is_dir():
@@ -359,13 +386,14 @@ def prepare_synthspeech(
         for path in manifests.values():  # stale manifests of another plan
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        plan = make_plan(*settings, train_speed_range=train_speed_range)
+        plan = make_plan(*settings, **engines)
         atomic_write_text(
             plan_path, json.dumps(plan, ensure_ascii=False, indent=1)
         )
         _remove_unplanned_wavs(save_folder, plan)
     known = _espeak_variants()
-    unknown = {u["variant"] for u in plan["utterances"]} - known
+    espeak = [u for u in plan["utterances"] if "engine" not in u]
+    unknown = {u["variant"] for u in espeak} - known
     if unknown:
         raise RuntimeError(
             f"espeak-ng lacks the voice variant(s) {sorted(unknown)}; "
@@ -425,11 +453,19 @@ def _write_manifests(plan, save_folder, manifests):
                 duration=round(info.frames / info.samplerate, 4),
                 transcript=u["text"],
                 language=u["language"],
-                speaker=f"{u['voice']}+{u['variant']}",
+                speaker=_speaker(u),
             )
         )
     for split in SPLITS:
         write_manifest(manifests[split], rows[split])
+
+
+def _speaker(utt):
+    """The manifest's speaker: ``VOICE+VARIANT`` (espeak-ng), or
+    ``ENGINE:VOICE`` (as the piper test set writes it)."""
+    if "engine" in utt:
+        return f"{utt['engine']}:{utt['voice']}"
+    return f"{utt['voice']}+{utt['variant']}"
 
 
 def _fraction_or_equal(text):
@@ -467,6 +503,14 @@ def main(argv=None):
         help="espeak-ng speeds (words per minute) of the training "
         "utterances (default: those of valid and test)",
     )
+    parser.add_argument(
+        "--train-flite-share",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="share of the English training utterances spoken by flite "
+        "instead of espeak-ng (default 0)",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     try:
@@ -480,6 +524,7 @@ def main(argv=None):
             num_workers=args.num_workers,
             en_fraction=args.en_fraction,
             train_speed_range=args.train_speed_range,
+            train_flite_share=args.train_flite_share,
         )
     except (RuntimeError, ValueError) as e:
         return report_error(e)

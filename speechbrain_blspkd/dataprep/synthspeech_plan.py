@@ -32,6 +32,7 @@ from speechbrain_blspkd.dataprep.sentences import (
     unique_clean,
     unique_sentences,
 )
+from speechbrain_blspkd.dataprep.tts import FLITE_VOICES
 
 #: 2: English training sentences beyond the core fortunes
 #: (:func:`language_pools`), pools de-duplicated by
@@ -90,6 +91,12 @@ VARIANTS = {
 
 SPEED_RANGE = (130, 190)
 PITCH_RANGE = (30, 70)
+#: The espeak-ng speed (words per minute) that flite's voices speak at
+#: their own rate: over 30 training sentences they say 169-193 words a
+#: minute (185 on average, silences included) where espeak-ng ``-s 175``
+#: says 201, so 175 * 185 / 201 ~ 160.  A flite utterance planned at
+#: ``speed`` is spoken with ``duration_stretch = FLITE_SPEED / speed``.
+FLITE_SPEED = 160
 
 
 @functools.cache
@@ -214,6 +221,7 @@ def make_plan(
     sentences=None,
     extra=None,
     train_speed_range=None,
+    train_flite_share=0.0,
 ):
     """Deterministic assignment of sentences and voices to utterances.
 
@@ -251,12 +259,21 @@ def make_plan(
         training utterances; default :data:`SPEED_RANGE`, as valid and
         test always have.  The voices, variants and speeds of the test
         split are drawn first, so they do not depend on it.
+    train_flite_share : float
+        Share of the English training utterances spoken by flite instead
+        of espeak-ng (a second engine; valid and test stay espeak-ng).
+        Which ones, and their flite voices (:data:`~.tts.FLITE_VOICES`,
+        in turn), are drawn with a seed of their own after everything
+        else, so every other utterance is the one the plan without flite
+        has; a flite utterance keeps its sentence and speed, gets
+        ``engine: flite`` and no variant or pitch.
 
     Returns
     -------
     dict
         ``{"options": ..., "utterances": [{"ID", "split", "language",
-        "voice", "variant", "speed", "pitch", "text"}, ...]}``.
+        "voice", "variant", "speed", "pitch", "text"}, ...]}``; flite
+        utterances also have ``"engine": "flite"``.
 
     Example
     -------
@@ -339,6 +356,17 @@ def make_plan(
         counters[key] = counters.get(key, 0) + 1
         u["ID"] = f"synth_{u['split']}_{u['language']}_{counters[key]:06d}"
     utts.sort(key=lambda u: (SPLITS.index(u["split"]), u["ID"]))
+    share = _share(train_flite_share)
+    english = [
+        u for u in utts if u["split"] == "train" and u["language"] == "en"
+    ]
+    picked = random.Random(f"{seed}-flite").sample(
+        range(len(english)), round(share * len(english))
+    )
+    for k, i in enumerate(sorted(picked)):
+        voice = FLITE_VOICES[k % len(FLITE_VOICES)]
+        english[i].update(engine="flite", voice=voice, variant=None)
+        english[i]["pitch"] = None
     options = plan_options(
         num_train,
         num_valid,
@@ -347,8 +375,19 @@ def make_plan(
         seed,
         en_fraction,
         train_speed_range=train_speeds,
+        train_flite_share=share,
     )
     return dict(options=options, utterances=utts)
+
+
+def _share(value):
+    """``value`` as a checked share between 0 and 1."""
+    share = float(value or 0.0)
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(
+            f"train_flite_share {value}: need a share between 0 and 1"
+        )
+    return share
 
 
 def _speed_range(value):
@@ -379,12 +418,14 @@ def plan_options(
     seed,
     en_fraction,
     train_speed_range=None,
+    train_flite_share=0.0,
 ):
     """The ``options`` entry of a plan (:func:`make_plan`): the arguments
     that make it, with :data:`PLAN_VERSION`.  A saved plan is reused only
     when they are the same (:func:`load_saved_plan`).  The training speed
-    range is recorded only when it is not :data:`SPEED_RANGE` (the plans
-    saved before it existed stay valid).
+    range and flite share are recorded only when they are not the defaults
+    (:data:`SPEED_RANGE`, none), so the plans saved before they existed
+    stay valid.
 
     Example
     -------
@@ -392,6 +433,9 @@ def plan_options(
     True
     >>> plan_options(10, 2, 2, ["en"], 0, None, (120, 240))["train_speed_range"]
     [120, 240]
+    >>> plan_options(10, 2, 2, ["en"], 0, None, train_flite_share=0.25)[
+    ...     "train_flite_share"]
+    0.25
     """
     options = dict(
         version=PLAN_VERSION,
@@ -405,6 +449,9 @@ def plan_options(
     speeds = _speed_range(train_speed_range)
     if speeds != SPEED_RANGE:
         options["train_speed_range"] = list(speeds)
+    share = _share(train_flite_share)
+    if share:
+        options["train_flite_share"] = share
     return options
 
 

@@ -1,8 +1,9 @@
-"""Text to speech: espeak-ng or piper, converted by sox to 16-kHz mono wav.
+"""Text to speech: espeak-ng, flite or piper, converted by sox to 16-kHz
+mono wav.
 
 The one TTS wrapper of the project (SynthSpeech, Audio-MLQA, the
 second-engine test set and the tests that need real speech all call it).
-Two engines:
+Three engines:
 
 * :func:`synthesise`: espeak-ng (formant synthesis; every voice of the
   training corpus).  espeak-ng writes a wav to a pipe and sox converts it,
@@ -10,6 +11,14 @@ Two engines:
 
       espeak-ng -v VOICE[+VARIANT] [-s SPEED] [-p PITCH] --stdout -- TEXT |
           sox -q -t wav - -t wav -r 16000 -c 1 -b 16 -e signed-integer OUT vol 0.9
+
+* :func:`synthesise_flite`: flite (CMU's diphone and clustergen voices;
+  a second training engine, so that the adapter does not learn one
+  synthesiser's sound).  flite writes a wav file (8 or 16 kHz by voice),
+  which sox converts::
+
+      flite -voice VOICE [--setf duration_stretch=S] -t TEXT -o RAW.wav
+      sox -q -t wav RAW.wav -t wav -r 16000 -c 1 -b 16 -e signed-integer OUT vol 0.9
 
 * :func:`synthesise_piper`: piper (neural VITS voices run by onnxruntime,
   through piper's Python API).  No training text is ever spoken by it: it
@@ -24,7 +33,8 @@ Two engines:
 beside the destination that is renamed over it once the audio is checked,
 so the destination either holds a complete wav or is absent.
 
-Debian packages: ``espeak-ng sox`` (:data:`APT_HINT`).  Python packages of
+Debian packages: ``espeak-ng sox`` (:data:`APT_HINT`), ``flite``
+(:data:`FLITE_APT_HINT`).  Python packages of
 piper: ``piper-tts`` and one package per voice (:data:`PIPER_VOICES`; both
 are in ``requirements.txt``).
 
@@ -33,6 +43,7 @@ Authors
 """
 
 import contextlib
+import functools
 import importlib
 import pathlib
 import shutil
@@ -45,17 +56,21 @@ from speechbrain_blspkd.utils.atomic import atomic_path
 
 __all__ = [
     "APT_HINT",
+    "FLITE_APT_HINT",
+    "FLITE_VOICES",
     "PIPER_REQUIREMENT",
     "PIPER_VOICES",
     "SAMPLE_RATE",
     "TTSError",
     "check_tools",
+    "flite_voices",
     "is_complete_wav",
     "load_piper_voice",
     "missing_tools",
     "naming_failures",
     "piper_voice_files",
     "synthesise",
+    "synthesise_flite",
     "synthesise_piper",
 ]
 
@@ -63,6 +78,12 @@ __all__ = [
 SAMPLE_RATE = 16000
 #: How to install the two programs on Debian/Ubuntu.
 APT_HINT = "apt-get install -y --no-install-recommends espeak-ng sox"
+#: How to install flite on Debian/Ubuntu.
+FLITE_APT_HINT = "apt-get install -y --no-install-recommends flite"
+#: The flite voices built into Debian's flite 2.2 that speak any text at
+#: 16 kHz (``kal`` is an 8-kHz copy of ``kal16``; ``awb_time`` speaks
+#: clock times only).
+FLITE_VOICES = ("kal16", "awb", "rms", "slt")
 #: The piper release this wrapper is written for (PyPI).
 PIPER_REQUIREMENT = "piper-tts==1.8.0"
 #: Piper voices by name: (Python package holding the voice, its PyPI
@@ -304,6 +325,99 @@ def _check_converted(result, out, pipeline, sox, what):
         raise TTSError(
             f"{pipeline} gave no 16-kHz mono 16-bit audio while {what}"
         )
+
+
+@functools.cache
+def flite_voices(flite="flite"):
+    """The voices ``flite -lv`` lists (built into the program).
+
+    Example
+    -------
+    >>> set(FLITE_VOICES) <= set(flite_voices())
+    True
+    """
+    out = subprocess.run([flite, "-lv"], capture_output=True, text=True)
+    return tuple(out.stdout.split(":", 1)[-1].split())
+
+
+def synthesise_flite(
+    text, path, voice="slt", stretch=None, volume=0.9, flite="flite", sox="sox"
+):
+    """Speak ``text`` with flite into a 16-kHz mono 16-bit wav at ``path``.
+
+    flite cannot write to a pipe, so its wav goes to a temporary folder
+    first; the destination appears only when complete, as with
+    :func:`synthesise`.
+
+    Arguments
+    ---------
+    text : str
+        What to say.
+    path : str or pathlib.Path
+        Output wav.
+    voice : str
+        A flite voice (:data:`FLITE_VOICES`, or any name ``flite -lv``
+        lists).
+    stretch : float, optional
+        flite's ``duration_stretch``: above 1 speaks slower (default 1).
+    volume : float
+        Gain sox applies (``vol``).
+    flite, sox : str
+        The programs to run.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    TTSError
+        A program is missing (the message names the apt command), fails
+        (the message names it with its exit code and error output), or no
+        16-kHz mono 16-bit audio came out.
+
+    Example
+    -------
+    >>> import tempfile, soundfile
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "hi.wav"
+    >>> _ = synthesise_flite("Hello there.", p, voice="awb", stretch=1.1)
+    >>> info = soundfile.info(str(p))
+    >>> info.samplerate, info.channels, info.subtype
+    (16000, 1, 'PCM_16')
+    """
+    for tool, hint in ((flite, FLITE_APT_HINT), (sox, APT_HINT)):
+        if shutil.which(tool) is None:
+            raise TTSError(f"{tool} not found; install it (Debian: {hint})")
+    # flite speaks an unknown voice's text with its default voice, silently
+    if voice not in flite_voices(flite):
+        raise TTSError(
+            f"{flite} has no voice {voice!r}; it has "
+            f"{', '.join(flite_voices(flite))}"
+        )
+    path = pathlib.Path(path)
+    what = f"speaking {text[:40]!r} to {path.name}"
+    with tempfile.TemporaryDirectory() as folder, atomic_path(path) as tmp:
+        raw = pathlib.Path(folder) / "flite.wav"
+        speak = [flite, "-voice", voice]
+        if stretch is not None:
+            speak += ["--setf", f"duration_stretch={float(stretch):.4f}"]
+        # "-t": the text is spoken as given, even if it names a file
+        speak += ["-t", text, "-o", str(raw)]
+        result = subprocess.run(speak, capture_output=True)
+        if result.returncode != 0 or not raw.is_file():
+            err = result.stderr.decode("utf-8", "replace").strip()
+            raise TTSError(
+                f"{flite} failed while {what} (exit {result.returncode}): "
+                f"{err[-300:]}"
+            )
+        with raw.open("rb") as audio:
+            convert = _sox_command(sox, ["-t", "wav"], tmp, volume)
+            converted = subprocess.run(
+                convert, stdin=audio, capture_output=True
+            )
+        _check_converted(converted, tmp, f"{flite} + {sox}", sox, what)
+    return path
 
 
 def piper_voice_files(voice="joe"):
