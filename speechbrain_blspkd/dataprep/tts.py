@@ -352,7 +352,7 @@ def synthesise_flite(
     Arguments
     ---------
     text : str
-        What to say.
+        What to say (spoken as given, even if it names a file).
     path : str or pathlib.Path
         Output wav.
     voice : str
@@ -363,12 +363,12 @@ def synthesise_flite(
     volume : float
         Gain sox applies (``vol``).
     flite, sox : str
-        The programs to run.
+        Where to find flite and sox (names on ``PATH``, or paths).
 
     Returns
     -------
     pathlib.Path
-        ``path``.
+        The wav written (``path``).
 
     Raises
     ------
