@@ -3,40 +3,31 @@ mono wav.
 
 The one TTS wrapper of the project (SynthSpeech, Audio-MLQA, the
 second-engine test set and the tests that need real speech all call it).
-Three engines:
+Every engine's audio goes through the same sox conversion to 16-kHz mono
+16-bit (``sox -q ... -t wav -r 16000 -c 1 -b 16 -e signed-integer OUT vol
+0.9``; ``vol 0.9`` keeps it from clipping):
 
 * :func:`synthesise`: espeak-ng (formant synthesis; every voice of the
-  training corpus).  espeak-ng writes a wav to a pipe and sox converts it,
-  without any intermediate file::
-
-      espeak-ng -v VOICE[+VARIANT] [-s SPEED] [-p PITCH] --stdout -- TEXT |
-          sox -q -t wav - -t wav -r 16000 -c 1 -b 16 -e signed-integer OUT vol 0.9
-
-* :func:`synthesise_flite`: flite (CMU's diphone and clustergen voices;
-  a second training engine, so that the adapter does not learn one
-  synthesiser's sound).  flite writes a wav file (8 or 16 kHz by voice),
-  which sox converts::
-
-      flite -voice VOICE [--setf duration_stretch=S] -t TEXT -o RAW.wav
-      sox -q -t wav RAW.wav -t wav -r 16000 -c 1 -b 16 -e signed-integer OUT vol 0.9
-
+  training corpus), piped without an intermediate file:
+  ``espeak-ng -v VOICE[+VARIANT] [-s SPEED] [-p PITCH] --stdout -- TEXT``;
+* :func:`synthesise_flite`: flite (CMU's diphone and clustergen voices, a
+  second training engine, so that the adapter does not learn one
+  synthesiser's sound), through a temporary wav file (8 or 16 kHz by
+  voice): ``flite -voice VOICE [--setf duration_stretch=S] -t TEXT -o
+  RAW.wav``;
 * :func:`synthesise_piper`: piper (neural VITS voices run by onnxruntime,
-  through piper's Python API).  No training text is ever spoken by it: it
-  makes the test set of an engine the training never hears
-  (:mod:`speechbrain_blspkd.dataprep.unseen_engine`).  Its 16-bit samples
-  (22.05 kHz for the medium voices) go to the same sox conversion::
+  through piper's Python API; its raw 16-bit samples, 22.05 kHz for the
+  medium voices).  No training text is ever spoken by it: it makes the
+  test set of an engine the training never hears
+  (:mod:`speechbrain_blspkd.dataprep.unseen_engine`).
 
-      sox -q -t raw -r RATE -e signed-integer -b 16 -c 1 - \\
-          -t wav -r 16000 -c 1 -b 16 -e signed-integer OUT vol 0.9
-
-(``vol 0.9`` keeps the result from clipping.)  ``OUT`` is a temporary file
-beside the destination that is renamed over it once the audio is checked,
-so the destination either holds a complete wav or is absent.
+``OUT`` is a temporary file beside the destination that is renamed over
+it once the audio is checked, so the destination either holds a complete
+wav or is absent.
 
 Debian packages: ``espeak-ng sox`` (:data:`APT_HINT`), ``flite``
-(:data:`FLITE_APT_HINT`).  Python packages of
-piper: ``piper-tts`` and one package per voice (:data:`PIPER_VOICES`; both
-are in ``requirements.txt``).
+(:data:`FLITE_APT_HINT`).  Python packages of piper: ``piper-tts`` and one
+package per voice (:data:`PIPER_VOICES`; both are in ``requirements.txt``).
 
 Authors
  * speechbrain-blspkd contributors 2025
@@ -54,25 +45,14 @@ import threading
 
 from speechbrain_blspkd.utils.atomic import atomic_path
 
+# fmt: off
 __all__ = [
-    "APT_HINT",
-    "FLITE_APT_HINT",
-    "FLITE_VOICES",
-    "PIPER_REQUIREMENT",
-    "PIPER_VOICES",
-    "SAMPLE_RATE",
-    "TTSError",
-    "check_tools",
-    "flite_voices",
-    "is_complete_wav",
-    "load_piper_voice",
-    "missing_tools",
-    "naming_failures",
-    "piper_voice_files",
-    "synthesise",
-    "synthesise_flite",
-    "synthesise_piper",
+    "APT_HINT", "FLITE_APT_HINT", "FLITE_VOICES", "PIPER_REQUIREMENT",
+    "PIPER_VOICES", "SAMPLE_RATE", "TTSError", "check_tools", "flite_voices",
+    "is_complete_wav", "load_piper_voice", "missing_tools", "naming_failures",
+    "piper_voice_files", "synthesise", "synthesise_flite", "synthesise_piper",
 ]
+# fmt: on
 
 #: Sample rate of every synthesised wav.
 SAMPLE_RATE = 16000
@@ -345,8 +325,7 @@ def synthesise_flite(
 ):
     """Speak ``text`` with flite into a 16-kHz mono 16-bit wav at ``path``.
 
-    flite cannot write to a pipe, so its wav goes to a temporary folder
-    first; the destination appears only when complete, as with
+    The destination appears only when complete, as with
     :func:`synthesise`.
 
     Arguments
@@ -373,28 +352,22 @@ def synthesise_flite(
     Raises
     ------
     TTSError
-        A program is missing (the message names the apt command), fails
-        (the message names it with its exit code and error output), or no
-        16-kHz mono 16-bit audio came out.
+        As :func:`synthesise`; also for a voice flite does not have.
 
     Example
     -------
     >>> import tempfile, soundfile
     >>> p = pathlib.Path(tempfile.mkdtemp()) / "hi.wav"
-    >>> _ = synthesise_flite("Hello there.", p, voice="awb", stretch=1.1)
-    >>> info = soundfile.info(str(p))
-    >>> info.samplerate, info.channels, info.subtype
-    (16000, 1, 'PCM_16')
+    >>> out = synthesise_flite("Hello there.", p, voice="awb", stretch=1.1)
+    >>> soundfile.info(str(out)).samplerate, soundfile.info(str(out)).subtype
+    (16000, 'PCM_16')
     """
     for tool, hint in ((flite, FLITE_APT_HINT), (sox, APT_HINT)):
         if shutil.which(tool) is None:
             raise TTSError(f"{tool} not found; install it (Debian: {hint})")
-    # flite speaks an unknown voice's text with its default voice, silently
-    if voice not in flite_voices(flite):
-        raise TTSError(
-            f"{flite} has no voice {voice!r}; it has "
-            f"{', '.join(flite_voices(flite))}"
-        )
+    known = flite_voices(flite)  # flite speaks unknown ones with its own
+    if voice not in known:
+        raise TTSError(f"{flite} has no voice {voice!r}; it has {known}")
     path = pathlib.Path(path)
     what = f"speaking {text[:40]!r} to {path.name}"
     with tempfile.TemporaryDirectory() as folder, atomic_path(path) as tmp:
