@@ -80,27 +80,43 @@ def test_options_reach_espeak_and_sox(tmp_path):
     assert ratio == pytest.approx(0.5, abs=0.01)
 
 
-@needs_tts
-def test_failures_name_the_program_and_keep_the_old_file(tmp_path):
+@pytest.mark.parametrize(
+    "speak, tools, voice_error",
+    [
+        (
+            tts.synthesise,
+            ("espeak-ng", "sox"),
+            r"espeak-ng failed .*exit 1.*voice",
+        ),
+        # flite itself would speak an unknown voice with its own and exit 0
+        (
+            tts.synthesise_flite,
+            ("flite", "sox"),
+            r"flite has no voice 'zzzz'.*slt",
+        ),
+    ],
+    ids=["espeak-ng", "flite"],
+)
+def test_failures_name_the_program_and_keep_the_old_file(
+    tmp_path, speak, tools, voice_error
+):
+    if any(shutil.which(tool) is None for tool in tools):
+        pytest.skip(f"needs {' and '.join(tools)}")
     out = tmp_path / "a.wav"
     out.write_bytes(b"old")
-    with pytest.raises(tts.TTSError, match=r"espeak-ng failed .*exit 1.*voice"):
-        tts.synthesise(TEXT, out, voice="zzzz")
+    with pytest.raises(tts.TTSError, match=voice_error):
+        speak(TEXT, out, voice="zzzz")
     with pytest.raises(tts.TTSError, match=r"^sox failed .*exit"):
-        tts.synthesise(TEXT, out, volume="not-a-number")
+        speak(TEXT, out, volume="not-a-number")
     assert out.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.wav"]
-    # synthspeech's plan-entry adapter adds the utterance ID
-    utt = dict(
-        ID="synth_x_1",
-        text="Hi.",
-        voice="zzzz",
-        variant="f1",
-        speed=1,
-        pitch=1,
-    )
+
+
+@needs_tts
+def test_the_plan_entry_adapter_names_the_utterance(tmp_path):
+    utt = dict(ID="synth_x_1", text="Hi.", voice="zzzz", variant="f1")
     with pytest.raises(RuntimeError, match=r"synth_x_1 failed: espeak-ng"):
-        synthspeech.synthesise(utt, tmp_path / "b.wav")
+        synthspeech.synthesise(utt | dict(speed=1, pitch=1), tmp_path / "b.wav")
     assert not (tmp_path / "b.wav").exists()
 
 
@@ -115,6 +131,8 @@ def test_missing_programs_are_named_with_the_apt_command(tmp_path):
         tts.synthesise(TEXT, out, espeak="no-espeak", sox="no-sox")
     with pytest.raises(tts.TTSError, match="^no-sox not found; install it"):
         tts.check_tools(sox="no-sox")
+    with pytest.raises(tts.TTSError, match=r"^no-flite not found.*flite\)"):
+        tts.synthesise_flite(TEXT, out, flite="no-flite")
     assert not out.exists()
     assert isinstance(tts.TTSError("x"), RuntimeError)
 
@@ -136,21 +154,6 @@ def test_flite_writes_16k_mono_16bit_with_its_voices_and_rate(tmp_path):
     # the 8-kHz voice is resampled like the others
     kal = tts.synthesise_flite(TEXT, tmp_path / "kal.wav", "kal")
     assert tts.is_complete_wav(kal)
-
-
-@needs_flite
-def test_flite_refuses_an_unknown_voice_and_keeps_the_old_file(tmp_path):
-    out = tmp_path / "a.wav"
-    out.write_bytes(b"old")
-    # flite itself would speak it with its default voice and exit 0
-    with pytest.raises(tts.TTSError, match=r"flite has no voice 'zzzz'.*slt"):
-        tts.synthesise_flite(TEXT, out, voice="zzzz")
-    with pytest.raises(tts.TTSError, match=r"^sox failed .*exit"):
-        tts.synthesise_flite(TEXT, out, volume="not-a-number")
-    assert out.read_bytes() == b"old"
-    assert [p.name for p in tmp_path.iterdir()] == ["a.wav"]
-    with pytest.raises(tts.TTSError, match=r"^no-flite not found.*flite\)"):
-        tts.synthesise_flite(TEXT, out, flite="no-flite")
 
 
 def test_is_complete_wav(tmp_path):
