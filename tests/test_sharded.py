@@ -260,6 +260,10 @@ def _worker(out):
     # every run here: loosen to 1e-6 if a platform rounds it differently).
     brains = {s: _trained_brain(s, out / s) for s in ("ddp", "fsdp")}
     assert brains["fsdp"].sharded and not brains["ddp"].sharded
+    # speechbrain's Checkpointer writes on the main process only and does
+    # not wait: without this, rank 1 read a half-written optimizer file
+    # (FileNotFoundError, one launch in five under load)
+    dist.barrier()
     files = {
         s: {
             name: torch.load(out / s / "CKPT+E1" / f"{name}.ckpt")
