@@ -365,8 +365,7 @@ def make_plan(
     )
     for k, i in enumerate(sorted(picked)):
         voice = FLITE_VOICES[k % len(FLITE_VOICES)]
-        english[i].update(engine="flite", voice=voice, variant=None)
-        english[i]["pitch"] = None
+        english[i].update(engine="flite", voice=voice, variant=None, pitch=None)
     options = plan_options(
         num_train,
         num_valid,
