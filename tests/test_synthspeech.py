@@ -383,3 +383,24 @@ def test_cli_passes_the_training_speed_range(tmp_path, monkeypatch):
     assert seen["train_speed_range"] == [120, 240]
     assert ss.main([str(tmp_path)]) == 0
     assert seen["train_speed_range"] is None
+
+
+def test_changed_options_refuse_a_folder_with_derived_data(corpus, tmp_path):
+    work = tmp_path / "c"
+    shutil.copytree(corpus, work)
+    label = work / "features.whisper-base" / "meta.json"
+    label.parent.mkdir()
+    label.write_text("{}")
+    plan_before = (work / ss.PLAN_FILE).read_text()
+    wavs_before = sorted(p.name for p in work.rglob("*.wav"))
+    with pytest.raises(RuntimeError) as err:
+        ss.prepare_synthspeech(work, **(SIZES | {"num_train": 10}))
+    message = str(err.value)
+    assert f"num_train {SIZES['num_train']!r} -> 10" in message
+    assert "features.whisper-base" in message and str(work) in message
+    # nothing was replaced: the old plan, clips and cache stay
+    assert (work / ss.PLAN_FILE).read_text() == plan_before
+    assert sorted(p.name for p in work.rglob("*.wav")) == wavs_before
+    assert label.is_file()
+    # the same options still resume and skip
+    assert ss.prepare_synthspeech(work, **SIZES)["train"].is_file()

@@ -46,7 +46,11 @@ The build is resumable and idempotent:
    the wav files that are already complete and removes stray temporaries;
 3. the manifests (``train.csv``, ``valid.csv``, ``test.csv``, with
    ``$data_root`` standing for ``save_folder``) are written last; a call
-   whose plan options match and whose manifests exist does nothing.
+   whose plan options match and whose manifests exist does nothing;
+4. other options make a new plan (old utterance IDs get other clips), so
+   a folder that also holds data made from the corpus (feature cache,
+   token timings, continuations: all keyed by utterance ID) is refused
+   instead, unchanged.
 
 Debian packages needed: ``espeak-ng sox fortunes fortunes-min fortunes-de
 fortunes-es fortunes-it fortunes-br``, and for English ``bible-kjv
@@ -276,6 +280,38 @@ def _remove_stray_tmp(folder, recursive=True):
         logger.info("removed %d unfinished temporary files", removed)
 
 
+def _refuse_stale_derived_data(save_folder, plan_path, options):
+    """Refuse to re-plan a folder that holds data made from its corpus.
+
+    A new plan gives old utterance IDs other sentences and voices, while
+    the feature cache, the token timings and the continuations beside the
+    corpus are keyed by utterance ID: they would silently describe the old
+    clips. The folder is left as it is.
+    """
+    kept = {"wavs", PLAN_FILE, *(f"{s}.csv" for s in SPLITS)}
+    derived = sorted(
+        p.name for p in save_folder.iterdir() if p.name not in kept
+    )
+    if not derived:
+        return
+    try:
+        saved = json.loads(plan_path.read_text(encoding="utf-8"))["options"]
+    except (ValueError, KeyError, TypeError):
+        saved = {}
+    changes = [
+        f"{key} {saved.get(key)!r} -> {options.get(key)!r}"
+        for key in sorted(set(saved) | set(options))
+        if saved.get(key) != options.get(key)
+    ]
+    raise RuntimeError(
+        f"{save_folder} holds a SynthSpeech corpus made with other options "
+        f"({'; '.join(changes) or 'an unreadable plan'}) and data made from "
+        f"it ({', '.join(derived)}), keyed by utterance ID: a new plan "
+        "would leave those describing the old clips. Use another data "
+        f"folder for these options, or delete {save_folder} to rebuild it."
+    )
+
+
 def _manifests_done(save_folder, plan):
     for split in SPLITS:
         path = pathlib.Path(save_folder) / f"{split}.csv"
@@ -381,6 +417,7 @@ def prepare_synthspeech(
         logger.info("SynthSpeech in %s is complete, skipping", save_folder)
         return manifests
     if plan is None and plan_path.is_file():
+        _refuse_stale_derived_data(save_folder, plan_path, options)
         logger.info("SynthSpeech options changed: new plan for %s", save_folder)
     if plan is None:
         for path in manifests.values():  # stale manifests of another plan
