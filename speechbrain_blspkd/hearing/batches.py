@@ -4,13 +4,12 @@ The token accuracy (:mod:`speechbrain_blspkd.hearing.tokens`) and the
 quality ladder (:mod:`speechbrain_blspkd.hearing.ladder`) batch the rows
 as :func:`~speechbrain_blspkd.evaluation.decode_rows` does (sorted by
 duration, ``batch_size`` at a time), run the encoder once per batch, and
-run the model in evaluation mode.
+run the model in evaluation mode
+(:func:`~speechbrain_blspkd.models.llm_forward.eval_mode`).
 
 Authors
  * speechbrain-blspkd contributors 2026
 """
-
-import contextlib
 
 from speechbrain_blspkd.evaluation import speech_batch
 
@@ -26,28 +25,6 @@ def by_duration(rows):
     ['c', 'a', 'b']
     """
     return sorted(rows, key=lambda r: (r["duration"], r["ID"]))
-
-
-@contextlib.contextmanager
-def evaluating(model):
-    """``model`` in evaluation mode for the block, then back as it was.
-
-    Example
-    -------
-    >>> import torch
-    >>> layer = torch.nn.Linear(2, 2)
-    >>> with evaluating(layer):
-    ...     layer.training
-    False
-    >>> layer.training
-    True
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def encoded_batches(model, order, batch_size, sample_rate, source):

@@ -22,8 +22,8 @@ from speechbrain_blspkd.evaluation import REPEAT_INSTRUCTION
 from speechbrain_blspkd.hearing.batches import (
     by_duration,
     encoded_batches,
-    evaluating,
 )
+from speechbrain_blspkd.models.llm_forward import eval_mode
 from speechbrain_blspkd.models.passes import adapter_targets
 from speechbrain_blspkd.utils.atomic import atomic_write_text
 
@@ -203,7 +203,7 @@ def quality_ladder(
     device = model.device
     answers = {key: [] for key in LADDER_RUNGS}
     order = by_duration(rows)
-    with evaluating(model):
+    with eval_mode(model):
         batches = encoded_batches(model, order, batch_size, sample_rate, source)
         for chunk, feats, feat_lens in batches:
             ids, ids_mask, targets = adapter_targets(

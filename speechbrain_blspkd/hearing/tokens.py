@@ -11,8 +11,8 @@ from speechbrain_blspkd import metrics
 from speechbrain_blspkd.hearing.batches import (
     by_duration,
     encoded_batches,
-    evaluating,
 )
+from speechbrain_blspkd.models.llm_forward import eval_mode
 
 
 @torch.no_grad()
@@ -78,7 +78,7 @@ def adapter_token_accuracy(
     true_pred, pred_pred, targets, counts = [], [], [], {}
     aligned = True
     order = by_duration(rows)
-    with evaluating(model):
+    with eval_mode(model):
         batches = encoded_batches(model, order, batch_size, sample_rate, source)
         for chunk, feats, feat_lens in batches:
             ids = model.transcript_ids([r["transcript"] for r in chunk])
