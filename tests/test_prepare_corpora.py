@@ -175,7 +175,7 @@ def test_commonvoice_language_and_idempotency(tmp_path):
         commonvoice.prepare_commonvoice(data, save, "dev", language="12")
 
 
-def test_commonvoice_empty_sentence_skipped(tmp_path):
+def test_commonvoice_empty_sentence_skipped(tmp_path, caplog):
     data = tmp_path / "de"
     make_commonvoice(data)
     tsv = data / "train.tsv"
@@ -186,6 +186,10 @@ def test_commonvoice_empty_sentence_skipped(tmp_path):
     commonvoice.prepare_commonvoice(data, tmp_path / "s", splits=["train"])
     rows = read_manifest(tmp_path / "s" / "train.csv")
     assert [r["ID"] for r in rows] == ["common_voice_de_1"]
+    assert (
+        f"1 line(s) with an empty sentence left out (first: {tsv} line 3)"
+        in caplog.messages
+    )
 
 
 def test_commonvoice_malformed_tsv(tmp_path):
@@ -250,15 +254,17 @@ def test_covost2_rows(tmp_path, released):
             assert row["speaker"].startswith("c")
 
 
-def test_covost2_per_split_file_and_errors(tmp_path):
+def test_covost2_per_split_file_and_errors(tmp_path, caplog):
     data = tmp_path / "fr"
     make_covost(data)
     tr = tmp_path / "covost"
     tr.mkdir()
     ext = cv_extension()
-    (tr / "covost_v2.fr_en.test.tsv").write_text(
+    tsv = tr / "covost_v2.fr_en.test.tsv"
+    tsv.write_text(
         "path\tsentence\ttranslation\tclient_id\n"
         f"common_voice_fr_12{ext}\tOù ?\tWhere?\tc9\n"
+        f"common_voice_fr_10{ext}\tBonjour.\t \tc1\n"
     )
     save = tmp_path / "save"
     covost2.prepare_covost2(
@@ -268,6 +274,10 @@ def test_covost2_per_split_file_and_errors(tmp_path):
     assert [(r["ID"], r["translation"]) for r in rows] == [
         ("common_voice_fr_12", "Where?")
     ]
+    assert (
+        f"1 line(s) with an empty translation left out (first: {tsv} line 3)"
+        in caplog.messages
+    )
     (tr / "covost_v2.fr_en.test.tsv").write_text("path\tsentence\nx\ty\n")
     with pytest.raises(
         PrepareError, match=r"fr_en\.test\.tsv line 1: missing.*translation"
@@ -517,3 +527,30 @@ def test_audio_mlqa_malformed(tmp_path):
     with pytest.raises(PrepareError, match="no espeak-ng voice known"):
         audio_mlqa.prepare_audio_mlqa(root, tmp_path / "s", languages=["xx"])
     assert not (tmp_path / "s" / "test.csv").exists()
+
+
+# ------------------------------------------------------------ Command lines
+@pytest.mark.parametrize(
+    "module, folder, options",
+    [
+        (librispeech, "LibriSpeech", ["--splits", "dev-clean"]),
+        (commonvoice, "Common Voice", ["--splits", "dev"]),
+        (covost2, "Common Voice", ["--src", "fr", "--tgt", "en"]),
+        (gigaspeech, "GigaSpeech", ["--splits", "DEV"]),
+        (audio_mlqa, "MLQA", ["--languages", "en"]),
+    ],
+)
+def test_command_line_names_a_missing_data_folder(
+    tmp_path, module, folder, options
+):
+    # Every script's command line turns the error into one line that names
+    # the folder, and writes nothing.
+    missing = tmp_path / "no" / "such"
+    save = tmp_path / "save"
+    with pytest.raises(SystemExit) as stop:
+        module.main([str(missing), str(save), *options])
+    assert str(stop.value) == (
+        f"error: {folder} data folder {missing} does not exist or is not "
+        "a folder"
+    )
+    assert not save.exists()

@@ -374,15 +374,7 @@ def _synthesize_all(jobs, speed, espeak, sox, num_workers):
 
 
 def main(argv=None):
-    """Speak MLQA questions and write their manifests from the command line.
-
-    Example
-    -------
-    >>> main(["/no/such/MLQA", "/tmp/save", "--languages", "en"])
-    Traceback (most recent call last):
-    ...
-    SystemExit: error: MLQA data folder /no/such/MLQA does not exist or is not a folder
-    """
+    """Speak MLQA questions and write their manifests from the command line."""
     parser = prepare_parser(
         "Speak MLQA questions with espeak-ng; write manifests.",
         "folder holding MLQA_V1",

@@ -3,11 +3,11 @@
 The pieces every corpus script (:mod:`speechbrain_blspkd.dataprep.
 librispeech`, ``commonvoice``, ``covost2``, ``gigaspeech``, ``audio_mlqa``)
 reads its corpus with: folder and split checks, tab-separated and JSON
-files, audio durations, and the manifest row they all write.  Anything
-malformed raises :class:`PrepareError` naming the file and the line (or the
-JSON location) at fault.  The course of a preparation run (skip it when
-done, write the manifests atomically, record the options) is
-:mod:`speechbrain_blspkd.dataprep.preparation`.
+files, audio durations, the warning about lines left out, and the manifest
+row they all write.  Anything malformed raises :class:`PrepareError` naming
+the file and the line (or the JSON location) at fault.  The course of a
+preparation run (skip it when done, write the manifests atomically, record
+the options) is :mod:`speechbrain_blspkd.dataprep.preparation`.
 """
 
 import json
@@ -164,6 +164,37 @@ def normalise_space(text):
     'a b'
     """
     return " ".join(str(text).split())
+
+
+def warn_left_out(log, wheres, what):
+    """Warn once about the lines left out because their ``what`` is empty.
+
+    Arguments
+    ---------
+    log : logging.Logger
+        The corpus script's logger.
+    wheres : list of str
+        Where each line left out stands (``"<file> line <n>"``); nothing is
+        logged when it is empty.
+    what : str
+        The field that was empty (``sentence``, ``translation`` ...).
+
+    Example
+    -------
+    >>> import logging, sys
+    >>> log = logging.getLogger("toy_corpus")
+    >>> log.addHandler(logging.StreamHandler(sys.stdout))
+    >>> warn_left_out(log, ["t.tsv line 3", "t.tsv line 9"], "sentence")
+    2 line(s) with an empty sentence left out (first: t.tsv line 3)
+    >>> warn_left_out(log, [], "sentence")
+    """
+    if wheres:
+        log.warning(
+            "%d line(s) with an empty %s left out (first: %s)",
+            len(wheres),
+            what,
+            wheres[0],
+        )
 
 
 def read_tsv(path, required):

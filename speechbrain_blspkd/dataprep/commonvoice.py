@@ -38,6 +38,7 @@ from speechbrain_blspkd.dataprep.common import (
     manifest_row,
     normalise_space,
     read_tsv,
+    warn_left_out,
 )
 from speechbrain_blspkd.dataprep.preparation import (
     prepare_corpus,
@@ -223,12 +224,7 @@ def clip_rows(data_folder, entries, language, lowercase=False, extra=None):
                 **more,
             )
         )
-    if empty:
-        logger.warning(
-            "%d line(s) with an empty sentence left out (first: %s)",
-            len(empty),
-            empty[0],
-        )
+    warn_left_out(logger, empty, "sentence")
     rows.sort(key=lambda r: r["ID"])
     return rows
 
@@ -249,15 +245,7 @@ def tsv_entries(tsv, required=TSV_COLUMNS):
 
 
 def main(argv=None):
-    """Write Common Voice manifests from the command line (module docstring).
-
-    Example
-    -------
-    >>> main(["/no/such/de", "/tmp/save", "--splits", "dev"])
-    Traceback (most recent call last):
-    ...
-    SystemExit: error: Common Voice data folder /no/such/de does not exist or is not a folder
-    """
+    """Write Common Voice manifests from the command line (module docstring)."""
     parser = prepare_parser(
         "Write Common Voice manifests (one CSV per tsv file).",
         "one language of a release",

@@ -35,6 +35,7 @@ from speechbrain_blspkd.dataprep.common import (
     check_splits,
     language_code,
     normalise_space,
+    warn_left_out,
 )
 from speechbrain_blspkd.dataprep.commonvoice import clip_rows, tsv_entries
 from speechbrain_blspkd.dataprep.preparation import (
@@ -139,12 +140,7 @@ def prepare_covost2(
             return {"translation": text}
 
         rows = clip_rows(data_folder, entries, language, lowercase, translation)
-        if dropped:
-            logger.warning(
-                "%d line(s) with an empty translation left out (first: %s)",
-                len(dropped),
-                dropped[0],
-            )
+        warn_left_out(logger, dropped, "translation")
         return rows
 
     return prepare_corpus(
@@ -226,15 +222,7 @@ def _join_validated(entries, cv_lines, data_folder):
 
 
 def main(argv=None):
-    """Write CoVoST 2 manifests from the command line (module docstring).
-
-    Example
-    -------
-    >>> main(["/no/such/fr", "/tmp/save", "--src", "fr", "--tgt", "en"])
-    Traceback (most recent call last):
-    ...
-    SystemExit: error: Common Voice data folder /no/such/fr does not exist or is not a folder
-    """
+    """Write CoVoST 2 manifests from the command line (module docstring)."""
     parser = prepare_parser(
         "Write CoVoST 2 manifests (one CSV per split).",
         "Common Voice source-language folder",

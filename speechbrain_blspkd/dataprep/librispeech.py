@@ -197,15 +197,7 @@ def _trans_rows(trans, data_folder, lowercase):
 
 
 def main(argv=None):
-    """Write LibriSpeech manifests from the command line (module docstring).
-
-    Example
-    -------
-    >>> main(["/no/such/folder", "/tmp/save", "--splits", "dev-clean"])
-    Traceback (most recent call last):
-    ...
-    SystemExit: error: LibriSpeech data folder /no/such/folder does not exist or is not a folder
-    """
+    """Write LibriSpeech manifests from the command line (module docstring)."""
     parser = prepare_parser(
         "Write LibriSpeech manifests (one CSV per split).",
         "the LibriSpeech folder",
