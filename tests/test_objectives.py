@@ -126,6 +126,30 @@ def test_objective_refuses_bad_weights():
     Toy({"cif": 1})  # ints are fine
 
 
+def test_default_weights_of_each_objective():
+    from speechbrain_blspkd.objectives import (
+        BLSPObjective,
+        DiVAObjective,
+        LADObjective,
+    )
+
+    defaults = {
+        BLSPObjective: {"response_ce": 1.0},
+        DiVAObjective: {"l_out": 1.0, "l_in": 1.0},
+        LADObjective: {"l_lid": 1.0, "l_out": 1.0, "l_in": 1.0},
+        BLSPKDObjective: ALL_KL,
+    }
+    for cls, weights in defaults.items():
+        assert cls().weights == weights
+        assert list(cls(None).weights) == list(weights)
+        term = cls.TERMS[0]
+        assert cls({term: 0.5}).weights == {term: 0.5}
+    # the class default is copied, never shared with an instance
+    objective = BLSPObjective()
+    objective.weights["response_ce"] = 2.0
+    assert BLSPObjective().weights == {"response_ce": 1.0}
+
+
 def test_objective_refuses_missing_and_non_scalar_terms():
     objective = Toy(
         {"input_kl": 1.0, "cif": 1.0},

@@ -297,11 +297,7 @@ class CFormer(SpeechAdapter):
         self.forcing_until = float(forcing_until)
         self.input_frame_rate = float(input_frame_rate)
         self._progress = 0.0
-        if int(frame_stride) != frame_stride or frame_stride < 1:
-            raise ValueError(
-                f"CFormer: `frame_stride` must be an int >= 1, "
-                f"got {frame_stride}"
-            )
+        self.check_sizes(frame_stride=frame_stride)
         self.frame_stride = int(frame_stride)
         if input_size < 2:
             raise ValueError(

@@ -20,10 +20,9 @@ Whisper's frames.
 Implementation notes (transformers 5.x internals relied upon):
 
 * the layers are ``transformers.models.whisper.modeling_whisper.
-  WhisperDecoderLayer`` modules, called as
-  ``layer(x, None, frames, encoder_attention_mask=mask,
-  past_key_values=None, use_cache=False)`` with a (B, 1, 1, T) additive
-  float mask (0 for real frames, the dtype's minimum for padding);
+  WhisperDecoderLayer`` modules, run with no self-attention mask by
+  :func:`~speechbrain_blspkd.nnet.decoder_layers.run_decoder_layers`
+  (the call and the additive frame mask it builds are described there);
 * their self-attention is built with ``is_causal=True``, which the SDPA
   path applies whenever no mask is given: the constructor sets
   ``layer.self_attn.is_causal = False`` so the queries see each other;
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 
 from speechbrain_blspkd.nnet.adapter import AdapterOutput, SpeechAdapter
+from speechbrain_blspkd.nnet.decoder_layers import run_decoder_layers
 from speechbrain_blspkd.nnet.whisper_folder import load_whisper_model
 
 __all__ = ["QFormer"]
@@ -296,25 +296,8 @@ class QFormer(SpeechAdapter):
         torch.Tensor
             (B, num_queries, output_size) speech embeddings.
         """
-        dtype = frames.dtype
-        cross_mask = torch.zeros(
-            frames.shape[0],
-            1,
-            1,
-            frames.shape[1],
-            dtype=dtype,
-            device=frames.device,
-        ).masked_fill(~valid[:, None, None, :], torch.finfo(dtype).min)
         x = self.dropout(queries + self.positions)
-        for layer in self.layers:
-            x = layer(
-                x,
-                None,
-                frames,
-                encoder_attention_mask=cross_mask,
-                past_key_values=None,
-                use_cache=False,
-            )
+        x = run_decoder_layers(self.layers, x, frames, valid)
         return self.out_proj(self.layer_norm(x))
 
     @staticmethod

@@ -19,6 +19,7 @@ import pathlib
 import torch
 from torch import nn
 
+from speechbrain_blspkd.nnet.decoder_layers import run_decoder_layers
 from speechbrain_blspkd.nnet.token_alignment import char_spans
 
 __all__ = ["WhisperDecoderTeacher"]
@@ -199,7 +200,7 @@ class WhisperDecoderTeacher(nn.Module):
             (B, L, d), position ``t`` predicting input ``t + 1``.
         """
         dec = self.decoder
-        batch, length = ids.shape
+        length = ids.shape[1]
         if length > dec.embed_positions.weight.shape[0]:
             raise ValueError(
                 f"WhisperDecoderTeacher: {length} decoder positions exceed "
@@ -217,24 +218,15 @@ class WhisperDecoderTeacher(nn.Module):
             1, 1, length, length, dtype=dtype, device=device
         )
         self_mask = self_mask.masked_fill(~causal.tril(), low)
-        frames = torch.arange(feats.shape[1], device=device)
-        valid = frames[None] < frame_counts.to(device)[:, None]
-        cross_mask = torch.zeros(
-            batch, 1, 1, feats.shape[1], dtype=dtype, device=device
-        )
-        cross_mask = cross_mask.masked_fill(~valid[:, None, None, :], low)
-        for layer in dec.layers:
-            x = layer(
-                x,
-                self_mask,
-                feats,
-                encoder_attention_mask=cross_mask,
-                past_key_values=None,
-                use_cache=False,
-            )
-            if isinstance(x, tuple):  # older transformers return tuples
-                x = x[0]
+        valid = self._valid_frames(feats, frame_counts)
+        x = run_decoder_layers(dec.layers, x, feats, valid, self_mask)
         return dec.layer_norm(x)
+
+    @staticmethod
+    def _valid_frames(feats, frame_counts):
+        """(B, T) bool on ``feats``' device: each row's first frames."""
+        frames = torch.arange(feats.shape[1], device=feats.device)
+        return frames[None] < frame_counts.to(feats.device)[:, None]
 
     @torch.no_grad()
     def cross_attention(self, feats, frame_counts, ids, heads=None):
@@ -248,12 +240,8 @@ class WhisperDecoderTeacher(nn.Module):
 
         Arguments
         ---------
-        feats : torch.Tensor
-            (B, T, d) encoder output, zero-padded on the right.
-        frame_counts : torch.Tensor
-            (B,) real frames of each row.
-        ids : torch.Tensor
-            (B, L) decoder input ids, right-padded.
+        feats, frame_counts, ids
+            As in :meth:`states`.
         heads : list of (int, int), optional
             ``(layer, head)`` pairs (default: :attr:`alignment_heads`).
 
@@ -271,8 +259,7 @@ class WhisperDecoderTeacher(nn.Module):
             )
         dec = self.decoder
         feats = feats.to(device=dec.embed_tokens.weight.device)
-        frames = torch.arange(feats.shape[1], device=feats.device)
-        valid = frames[None] < frame_counts.to(feats.device)[:, None]
+        valid = self._valid_frames(feats, frame_counts)
         captured = {}
         hooks = []
         wanted = sorted({layer for layer, _ in heads})

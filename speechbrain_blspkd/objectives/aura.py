@@ -283,6 +283,7 @@ class AuRAObjective(Objective):
     """
 
     TERMS = LAYER_TERMS + RESPONSE_TERMS
+    DEFAULT_WEIGHTS = {"layer_l2": 1.0, "layer_cos": 1.0, "response_kl": 1.0}
 
     def __init__(
         self,
@@ -294,8 +295,6 @@ class AuRAObjective(Objective):
         eval_kl=True,
         scale_by_t2=False,
     ):
-        if weights is None:
-            weights = {"layer_l2": 1.0, "layer_cos": 1.0, "response_kl": 1.0}
         super().__init__(weights)
         if not getattr(teacher, "freeze", False):
             raise ValueError("AuRAObjective: the teacher must be frozen")

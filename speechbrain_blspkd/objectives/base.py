@@ -13,7 +13,8 @@ returns the loss and its stats).
 Writing an objective
 --------------------
 Subclass :class:`Objective`, list the names of its weighted terms in
-``TERMS``, and implement
+``TERMS`` (and in ``DEFAULT_WEIGHTS`` the weights used when none are
+given), and implement
 
 * :meth:`Objective.request` (what the model must compute in a stage), and
 * :meth:`Objective.terms` (name -> scalar tensor, or a zero-argument
@@ -60,8 +61,9 @@ class Objective(nn.Module):
 
     Arguments
     ---------
-    weights : dict
+    weights : dict, optional
         ``{term: weight}`` for names in ``TERMS``; missing terms weigh 0.
+        None: the class's ``DEFAULT_WEIGHTS``.
 
     Example
     -------
@@ -75,10 +77,11 @@ class Objective(nn.Module):
     """
 
     TERMS = ()
+    DEFAULT_WEIGHTS = {}
 
-    def __init__(self, weights):
+    def __init__(self, weights=None):
         super().__init__()
-        weights = dict(weights or {})
+        weights = dict(self.DEFAULT_WEIGHTS if weights is None else weights)
         name = type(self).__name__
         unknown = sorted(set(weights) - set(self.TERMS))
         if unknown:

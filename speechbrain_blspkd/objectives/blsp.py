@@ -45,9 +45,7 @@ class BLSPObjective(Objective):
     """
 
     TERMS = ("response_ce",)
-
-    def __init__(self, weights=None):
-        super().__init__({"response_ce": 1.0} if weights is None else weights)
+    DEFAULT_WEIGHTS = {"response_ce": 1.0}
 
     def request(self, stage):
         """The student pass with logits at the response positions."""

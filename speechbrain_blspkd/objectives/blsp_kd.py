@@ -126,6 +126,7 @@ class BLSPKDObjective(Objective):
         "timing",
         "align",
     )
+    DEFAULT_WEIGHTS = {"input_kl": 1.0, "response_kl": 1.0, "cif": 1.0}
 
     def __init__(
         self,
@@ -141,8 +142,6 @@ class BLSPKDObjective(Objective):
         align_negatives=None,
         predicted_count_fraction=0.0,
     ):
-        if weights is None:
-            weights = {"input_kl": 1.0, "response_kl": 1.0, "cif": 1.0}
         super().__init__(weights)
         if temperature <= 0 or align_temperature <= 0:
             raise ValueError("BLSPKDObjective: temperatures must be > 0")

@@ -101,11 +101,7 @@ class DiVAObjective(Objective):
     """
 
     TERMS = ("l_out", "l_in")
-
-    def __init__(self, weights=None):
-        super().__init__(
-            {"l_out": 1.0, "l_in": 1.0} if weights is None else weights
-        )
+    DEFAULT_WEIGHTS = {"l_out": 1.0, "l_in": 1.0}
 
     def request(self, stage):
         """Teacher and student final hidden states at the response."""

@@ -55,13 +55,7 @@ class LADObjective(DiVAObjective):
     """
 
     TERMS = ("l_lid", "l_out", "l_in")
-
-    def __init__(self, weights=None):
-        super().__init__(
-            {"l_lid": 1.0, "l_out": 1.0, "l_in": 1.0}
-            if weights is None
-            else weights
-        )
+    DEFAULT_WEIGHTS = {"l_lid": 1.0, "l_out": 1.0, "l_in": 1.0}
 
     def terms(self, outputs, model, stage):
         """DiVA's ``l_out`` and ``l_in``, and ``l_lid``."""
