@@ -16,6 +16,7 @@ import pathlib
 import torch
 
 from speechbrain_blspkd.utils.atomic import atomic_write_text
+from speechbrain_blspkd.utils.cache_label import tensor_bytes
 
 #: Format of ``teacher_answers.json``: ``{"version": 2, "answers": {key:
 #: {utterance ID: [transcript, answer]}}}``.  Version 1 (keyed by task and
@@ -41,7 +42,7 @@ def fingerprint(*parts):
     Returns
     -------
     str
-        Hexadecimal digest.
+        The SHA-1 in hexadecimal (40 characters).
 
     Example
     -------
@@ -68,8 +69,7 @@ def fingerprint(*parts):
                 continue
             digest.update(name.replace(".base.", ".").encode())
             digest.update(str(tensor.dtype).encode())
-            data = full_tensor(tensor.detach()).cpu().contiguous()
-            digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(tensor_bytes(full_tensor(tensor.detach())))
     return digest.hexdigest()
 
 

@@ -1,5 +1,8 @@
 """Tests of the encoder feature cache."""
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -57,6 +60,39 @@ def test_checksum_tracks_weights_and_config():
     assert a == encoder_checksum(_toy_encoder())  # same weights, same hash
     assert a != encoder_checksum(_toy_encoder(seed=1))
     assert a != encoder_checksum(enc, extra={"pad_to_30s": False})
+
+
+def _checksum_as_written_before(module, extra=None):
+    """``encoder_checksum`` as it was before its tensor bytes came from
+    ``utils.cache_label.tensor_bytes``: cache folders are labelled by it."""
+    h = hashlib.sha256()
+    h.update(type(module).__qualname__.encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    if extra is not None:
+        h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def test_checksum_of_existing_caches_is_unchanged():
+    enc = _toy_encoder()
+    enc.register_buffer("empty", torch.zeros(0))
+    enc.register_buffer("bf16", torch.linspace(-1, 1, 3).bfloat16())
+    enc.register_buffer("t_view", torch.arange(12).reshape(4, 3).t())
+    extra = {"pad_to_30s": True}
+    assert encoder_checksum(enc, extra) == _checksum_as_written_before(
+        enc, extra
+    )
+    fixed = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        fixed.weight.copy_(torch.tensor([[0.25, -2.0]]))
+        fixed.bias.fill_(1.0)
+    assert encoder_checksum(fixed) == (
+        "70838b2bfd4b2c8a5340396cd678b9033a36743233a0acb107dd11eba4afd627"
+    )
 
 
 def test_round_trip_fp16(tmp_path):

@@ -1,6 +1,7 @@
 """Cached teacher answers of the parity evaluation are keyed by everything
 that changes them: a changed setting answers again, never reuses."""
 
+import hashlib
 import json
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from speechbrain_blspkd.dataio.manifest import write_manifest
 from speechbrain_blspkd.evaluation import evaluate_parity
+from speechbrain_blspkd.teacher_answers import fingerprint
 from speechbrain_blspkd.testing import (
     tiny_speech_llm,
     write_speech_manifest,
@@ -84,3 +86,46 @@ def test_changed_instruction_limit_or_llm_answers_again(setup):
     write_manifest(folder / "test.csv", rows)
     _, n = cached("f", {"repeat": "Repeat:"}, 6)
     assert asked == ["the dog sat on the mat"]
+
+
+def _fingerprint_as_written_before(*parts):
+    """``fingerprint`` as it was before it took its tensor bytes from
+    ``utils.cache_label.tensor_bytes``: stored answers are keyed by it."""
+    digest = hashlib.sha1()
+    for part in parts:
+        if not isinstance(part, torch.nn.Module):
+            digest.update(
+                json.dumps(part, sort_keys=True, default=str).encode()
+            )
+            continue
+        for name, tensor in sorted(part.state_dict().items()):
+            if "lora_" in name:
+                continue
+            digest.update(name.replace(".base.", ".").encode())
+            digest.update(str(tensor.dtype).encode())
+            data = tensor.detach().cpu().contiguous()
+            digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _odd_module():
+    """Weights of fixed values in every layout a state dict can hold."""
+    module = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        module.weight.copy_(torch.arange(6.0).reshape(2, 3) / 7)
+        module.bias.copy_(torch.tensor([0.5, -1.25]))
+    module.register_buffer("empty", torch.zeros(0))
+    module.register_buffer("bf16", torch.linspace(-1, 1, 3).bfloat16())
+    module.register_buffer("count", torch.tensor(3))
+    module.register_buffer("transposed", torch.arange(12).reshape(4, 3).t())
+    return module
+
+
+def test_fingerprint_of_stored_answers_is_unchanged():
+    module = _odd_module()
+    parts = ("instruction", {"max_new_tokens": 8}, module)
+    assert fingerprint(*parts) == _fingerprint_as_written_before(*parts)
+    assert fingerprint(*parts) == "72a78cc360af5e8ad6fb3ee302ce3a4b7b869a11"
+    torch.manual_seed(0)
+    llm = tiny_speech_llm(whisper=False).llm  # PLoRA: lora_ and .base.
+    assert fingerprint(llm) == _fingerprint_as_written_before(llm)

@@ -21,6 +21,8 @@ import struct
 
 import torch
 
+from speechbrain_blspkd.utils.cache_label import tensor_bytes
+
 DTYPES = {
     0: torch.float32,
     1: torch.int8,
@@ -292,7 +294,7 @@ def ct2_bytes(model):
         out.append(
             struct.pack(f"<B{tensor.dim()}I", tensor.dim(), *tensor.shape)
         )
-        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        raw = tensor_bytes(tensor)
         out.append(struct.pack("<BI", DTYPE_CODES[tensor.dtype], len(raw)))
         out.append(raw)
     out.append(struct.pack("<I", len(model.aliases)))

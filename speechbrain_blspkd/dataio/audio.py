@@ -100,7 +100,7 @@ def load_row_audio(row, source=None, **kwargs):
     Returns
     -------
     torch.Tensor
-        Shape ``(samples,)``, float32.
+        The waveform :func:`load_audio` returns for ``row["wav"]``.
 
     Example
     -------

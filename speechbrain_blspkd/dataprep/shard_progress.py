@@ -93,6 +93,8 @@ def load_progress(path, meta):
     Returns
     -------
     dict
+        The record of each utterance already done, by its ``ID`` (empty
+        when the file is missing).
 
     Raises
     ------

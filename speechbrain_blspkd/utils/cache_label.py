@@ -7,7 +7,7 @@ label with this run's settings, refuses a folder written for other
 settings (or holding data without a label) with an error that names every
 difference, rebuilds it when told to, and labels a new folder.  Weights go
 into a label as a checksum: :func:`hash_tensors` feeds a model's tensors to
-a hash.
+a hash (:func:`tensor_bytes` is the raw bytes each tensor contributes).
 
 Authors
  * speechbrain-blspkd contributors 2026
@@ -21,7 +21,7 @@ import torch
 
 from speechbrain_blspkd.utils.atomic import atomic_write_text
 
-__all__ = ["check_label", "hash_tensors"]
+__all__ = ["check_label", "hash_tensors", "tensor_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +39,38 @@ def hash_tensors(h, named_tensors, end=""):
     'a03ab0a7'
     """
     for name, tensor in named_tensors:
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}{end}".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}{end}".encode())
+        h.update(tensor_bytes(tensor))
+
+
+def tensor_bytes(tensor):
+    """The raw bytes of ``tensor``'s elements, in row-major order.
+
+    The tensor is detached, copied to the CPU and made contiguous first;
+    every dtype (bfloat16 included) gives its in-memory bytes, and an
+    empty tensor gives ``b""``.  Checksums of weights and files that store
+    tensors (CTranslate2) are made of these bytes.
+
+    Arguments
+    ---------
+    tensor : torch.Tensor
+        Any tensor, on any device.
+
+    Returns
+    -------
+    bytes
+        ``tensor.numel() * tensor.element_size()`` bytes.
+
+    Example
+    -------
+    >>> tensor_bytes(torch.tensor([1, 258], dtype=torch.int16))
+    b'\\x01\\x00\\x02\\x01'
+    >>> tensor_bytes(torch.arange(4).reshape(2, 2).t()) == tensor_bytes(
+    ...     torch.tensor([0, 2, 1, 3]))
+    True
+    """
+    t = tensor.detach().to("cpu").contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def check_label(
