@@ -11,11 +11,10 @@ answers.  :func:`fingerprint` is that key's hash of settings and weights.
 
 import hashlib
 import json
-import pathlib
 
 import torch
 
-from speechbrain_blspkd.utils.atomic import atomic_write_text
+from speechbrain_blspkd.utils.atomic import atomic_write_text, read_json
 from speechbrain_blspkd.utils.cache_label import tensor_bytes
 
 #: Format of ``teacher_answers.json``: ``{"version": 2, "answers": {key:
@@ -135,11 +134,7 @@ def load_teacher_answers(path):
         ``{key: {utterance ID: [transcript, answer]}}``; empty when the
         file is missing, unreadable or of another version.
     """
-    path = pathlib.Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    data = read_json(path)
     if not isinstance(data, dict) or data.get("version") != (
         TEACHER_CACHE_VERSION
     ):
@@ -201,7 +196,7 @@ def store_teacher_answers(path, stored, keys, rows, tasks):
 
     Example
     -------
-    >>> import tempfile
+    >>> import pathlib, tempfile
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "teacher_answers.json"
     >>> rows = [dict(task="repeat", utt="a", transcript="one", teacher="One.")]
     >>> store_teacher_answers(path, {}, {"repeat": "k1"}, rows, {"repeat": "R:"})

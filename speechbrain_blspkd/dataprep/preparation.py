@@ -27,7 +27,7 @@ import pathlib
 
 from speechbrain_blspkd.dataio.manifest import ManifestError, write_manifest
 from speechbrain_blspkd.dataprep.common import PrepareError
-from speechbrain_blspkd.utils.atomic import atomic_write_text
+from speechbrain_blspkd.utils.atomic import atomic_write_text, read_json
 from speechbrain_blspkd.utils.cli import exit_on_error, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -104,9 +104,8 @@ def is_prepared(save_folder, corpus, options, outputs):
         return False
     if not all(pathlib.Path(p).is_file() for p in outputs):
         return False
-    try:
-        stored = json.loads(record.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    stored = read_json(record)
+    if stored is None:
         logger.warning("%s: unreadable options record; preparing again", record)
         return False
     return stored == _canonical(options)

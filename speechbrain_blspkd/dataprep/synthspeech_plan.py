@@ -17,8 +17,6 @@ which split, with which voice, speed and pitch.
 """
 
 import functools
-import json
-import pathlib
 import random
 
 from speechbrain_blspkd.dataprep.english_sources import (
@@ -33,6 +31,7 @@ from speechbrain_blspkd.dataprep.sentences import (
     unique_sentences,
 )
 from speechbrain_blspkd.dataprep.tts import FLITE_VOICES
+from speechbrain_blspkd.utils.atomic import read_json
 
 #: 2: English training sentences beyond the core fortunes
 #: (:func:`language_pools`), pools de-duplicated by
@@ -472,19 +471,13 @@ def load_saved_plan(plan_path, options):
 
     Example
     -------
-    >>> import tempfile
+    >>> import json, pathlib, tempfile
     >>> p = pathlib.Path(tempfile.mkdtemp()) / "plan.json"
     >>> _ = p.write_text(json.dumps({"options": {"n": 2}, "utts": []}))
     >>> load_saved_plan(p, {"n": 2})["utts"], load_saved_plan(p, {"n": 3})
     ([], None)
     """
-    plan_path = pathlib.Path(plan_path)
-    if not plan_path.is_file():
-        return None
-    try:
-        saved = json.loads(plan_path.read_text(encoding="utf-8"))
-    except ValueError:
-        return None
+    saved = read_json(plan_path)
     if isinstance(saved, dict) and saved.get("options") == options:
         return saved
     return None

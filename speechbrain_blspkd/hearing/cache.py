@@ -15,7 +15,7 @@ import json
 import pathlib
 
 from speechbrain_blspkd.teacher_answers import fingerprint as _fingerprint
-from speechbrain_blspkd.utils.atomic import atomic_write_text
+from speechbrain_blspkd.utils.atomic import atomic_write_text, read_json
 
 #: Part of every cache key: changing it misses every older cached file.
 CACHE_VERSION = 1
@@ -33,14 +33,8 @@ def file_sha1(path):
 def read_cache(path, key):
     """The cached JSON object at ``path`` when its ``key`` is ``key``, else
     None (also for a missing or unreadable file)."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        return None
-    return data if data.get("key") == key else None
+    data = read_json(path)
+    return data if isinstance(data, dict) and data.get("key") == key else None
 
 
 def write_cache(path, key, data):

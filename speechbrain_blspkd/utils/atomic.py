@@ -3,7 +3,8 @@
 Everything this project writes that a rerun trusts (manifests, converted
 weights, generated audio, checkpoints of generation) goes through these
 helpers, so that a run killed at any point never leaves a half-written file
-that looks complete.  :func:`read_jsonl` reads such a JSONL file back.
+that looks complete.  :func:`read_jsonl` reads such a JSONL file back;
+:func:`read_json` reads a record that is remade when it cannot be read.
 """
 
 import contextlib
@@ -153,6 +154,38 @@ def drop_unfinished_tail(path, keep, what="an unfinished last line"):
         f.truncate(keep)
         f.flush()
         os.fsync(f.fileno())
+
+
+def read_json(path):
+    """The JSON value in ``path``; None when it is missing or unreadable.
+
+    For the records a run remakes when they cannot be trusted (a saved
+    plan, a cache of answers, an options record): a missing file, one that
+    is not UTF-8, and one that is not JSON all read as None. A file that
+    must exist is read with ``json.loads`` and its own error.
+
+    Arguments
+    ---------
+    path : str or pathlib.Path
+        The file.
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "plan.json"
+    >>> read_json(p) is None
+    True
+    >>> _ = p.write_text('{"options": {"n": 2}}')
+    >>> read_json(p)
+    {'options': {'n': 2}}
+    >>> _ = p.write_text('{"options": ')
+    >>> read_json(p) is None
+    True
+    """
+    try:
+        return json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        return None
 
 
 def read_jsonl(path):
