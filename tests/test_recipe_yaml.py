@@ -410,3 +410,55 @@ def test_recipe_folder_complete(path):
     assert (folder / "README.md").is_file(), f"{folder}: no README.md"
     train = (folder / "train.py").read_text(encoding="utf-8")
     assert "run_recipe(sys.argv[1:])" in train, f"{folder}/train.py"
+
+
+def _synthspeech_corpus(path):
+    """``(data_folder, plan options)`` of a SynthSpeech YAML, resolved."""
+    text = path.read_text(encoding="utf-8")
+    tree = load_tree(
+        resolve(text, dict.fromkeys(placeholder_keys(load_tree(text)), 1000))
+    )
+    prepare = tree["prepare"]
+    assert isinstance(prepare, _Tagged) and prepare.tag.endswith(
+        "prepare_synthspeech"
+    ), f"{path}: prepare is not prepare_synthspeech"
+    import inspect
+
+    from speechbrain_blspkd.dataprep.synthspeech import prepare_synthspeech
+
+    # what the call plans with: the YAML's arguments over the defaults
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(prepare_synthspeech).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    options = {
+        k: v
+        for k, v in {**defaults, **prepare.value}.items()
+        if k not in ("save_folder", "num_workers", "skip_prep")
+    }
+    assert prepare.value["save_folder"] == tree["data_folder"], path
+    return tree["data_folder"], options
+
+
+def test_synthspeech_yamls_sharing_a_folder_plan_one_corpus():
+    # a data folder keeps one plan (prepare_synthspeech refuses another
+    # where features or continuations were made), so two YAMLs whose
+    # default folder is the same must ask for the same corpus, and the
+    # English ones share make demo's (the README runs them on its data)
+    yamls = sorted(ROOT.glob("recipes/SynthSpeech/speech_llm/hparams/*.yaml"))
+    corpora = {p.name: _synthspeech_corpus(p) for p in yamls}
+    by_folder = {}
+    for name, (folder, options) in corpora.items():
+        by_folder.setdefault(folder, []).append((name, options))
+    for folder, users in by_folder.items():
+        first_name, first = users[0]
+        for name, options in users[1:]:
+            assert options == first, (
+                f"{name} and {first_name} share {folder} but plan "
+                f"different corpora: {options} != {first}"
+            )
+    demo_folder, _ = corpora["blsp_kd.yaml"]
+    english = [n for n, (_, o) in corpora.items() if o["languages"] == ["en"]]
+    assert len(english) >= 5
+    assert all(corpora[n][0] == demo_folder for n in english), english
