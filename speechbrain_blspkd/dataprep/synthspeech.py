@@ -114,7 +114,11 @@ from speechbrain_blspkd.dataprep.synthspeech_plan import (
     make_plan,
     plan_options,
 )
-from speechbrain_blspkd.utils.atomic import atomic_write_text, remove_stray_tmp
+from speechbrain_blspkd.utils.atomic import (
+    atomic_write_text,
+    read_json,
+    remove_stray_tmp,
+)
 from speechbrain_blspkd.utils.cli import report_error, setup_logging
 
 # The build's own names, and those of the sentence and plan modules that
@@ -294,9 +298,9 @@ def _refuse_stale_derived_data(save_folder, plan_path, options):
     )
     if not derived:
         return
-    try:
-        saved = json.loads(plan_path.read_text(encoding="utf-8"))["options"]
-    except (ValueError, KeyError, TypeError):
+    saved = read_json(plan_path)
+    saved = saved.get("options") if isinstance(saved, dict) else None
+    if not isinstance(saved, dict):  # an unreadable plan
         saved = {}
     changes = [
         f"{key} {saved.get(key)!r} -> {options.get(key)!r}"
