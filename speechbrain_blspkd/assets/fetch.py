@@ -28,7 +28,7 @@ import zipfile
 
 from tqdm.auto import tqdm
 
-from speechbrain_blspkd.utils.atomic import atomic_write_text
+from speechbrain_blspkd.utils.atomic import atomic_write_text, read_json
 
 #: Bump when the conversion code changes in a way that alters the output.
 CONVERTER_VERSION = 1
@@ -284,9 +284,8 @@ def is_installed(name, dest=None):
     """
     asset = _get_asset(name)
     marker = pathlib.Path(dest or default_dest()) / name / MARKER
-    try:
-        info = json.loads(marker.read_text())
-    except (OSError, ValueError):
+    info = read_json(marker)
+    if not isinstance(info, dict):  # missing or unreadable marker
         return False
     return info.get("recipe_hash") == asset.recipe_hash()
 
