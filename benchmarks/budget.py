@@ -29,10 +29,57 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
 
 
+class _NodeLoader(yaml.SafeLoader):
+    """Reads a HyperPyYAML file's tagged nodes as plain data: a ``!new:``
+    or ``!name:`` mapping as a dict, ``!ref <key>`` as a :class:`_Ref`."""
+
+
+class _Ref(str):
+    """A ``!ref <key>`` value: the key it names."""
+
+
+def _plain_node(loader, suffix, node):
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    value = loader.construct_scalar(node)
+    return _Ref(value.strip("<> ")) if suffix == "ref" else value
+
+
+_NodeLoader.add_multi_constructor("!", _plain_node)
+
+
 def recipe_counts(path=DEMO_YAML):
     """The plain values of a recipe YAML (tags unresolved)."""
     with open(path, encoding="utf-8") as f:
         return yaml.load(f, Loader=_Loader)
+
+
+def recipe_arguments(name, path=DEMO_YAML):
+    """The arguments a recipe YAML gives the object of its key ``name``
+    (a ``!new:`` mapping), each ``!ref <key>`` replaced by that key's
+    plain value; a ``!ref`` to anything but a top-level key is refused.
+
+    HyperPyYAML builds every object of the file (the assets included) to
+    resolve one; the benchmarks need only the numbers, without the assets.
+    """
+    with open(path, encoding="utf-8") as f:
+        values = yaml.load(f, Loader=_NodeLoader)
+    node = values.get(name)
+    if not isinstance(node, dict):
+        raise KeyError(f"{path}: {name!r} is not a mapping of arguments")
+    arguments = {}
+    for key, value in node.items():
+        if isinstance(value, _Ref):
+            if value not in values or isinstance(values[value], _Ref):
+                raise KeyError(
+                    f"{path}: {name}.{key}: !ref <{value}> is not a plain "
+                    "top-level value"
+                )
+            value = values[value]
+        arguments[key] = value
+    return arguments
 
 
 def synthesis_seconds_per_clip(rounds=3):

@@ -213,22 +213,19 @@ def encoder_path():
     return str(asset_path("whisper-base"))
 
 
-def demo_adapter(frame_stride=2):
-    """A randomly initialised CFormer of the demo's configuration
-    (``recipes/SynthSpeech/speech_llm/hparams/blsp_kd.yaml``); speed does not
-    depend on training."""
+def demo_adapter(frame_stride=None):
+    """A randomly initialised CFormer of the demo's configuration, built
+    from the arguments ``recipes/SynthSpeech/speech_llm/hparams/
+    blsp_kd.yaml`` gives its ``adapter`` (so it follows the shipped YAML);
+    ``frame_stride`` overrides the YAML's. Speed does not depend on
+    training."""
+    from benchmarks.budget import recipe_arguments
     from speechbrain_blspkd.nnet.cformer import CFormer
 
-    return CFormer(
-        512,
-        576,
-        n_pre=2,
-        n_post=2,
-        nhead=8,
-        d_ffn=2048,
-        dropout=0.1,
-        frame_stride=frame_stride,
-    )
+    arguments = recipe_arguments("adapter")
+    if frame_stride is not None:
+        arguments["frame_stride"] = frame_stride
+    return CFormer(**arguments)
 
 
 def demo_model(dtype, device, encoder=False, prefix_reuse=True):

@@ -120,3 +120,31 @@ def test_run_writes_json_and_results_section(tmp_path):
     text = md.read_text()
     assert "| cif | speedup_fwd_bwd |" in text
     assert common.cpu_model() in text
+
+
+def test_demo_adapter_is_the_shipped_yaml_adapter():
+    plain = budget.recipe_counts()
+    adapter = common.demo_adapter()
+    built = adapter.export_hparams()
+    assert built["n_post"] == plain["cformer_layers_post"]
+    assert built["n_pre"] == plain["cformer_layers_pre"]
+    assert built["cross_window"] == plain["cformer_cross_window"]
+    assert built["weight_predictor"] == plain["weight_predictor"]
+    assert built["frame_stride"] == plain["frame_stride"]
+    assert common.demo_adapter(frame_stride=1).frame_stride == 1
+
+
+def test_recipe_arguments_refuses_a_ref_it_cannot_resolve(tmp_path):
+    path = tmp_path / "h.yaml"
+    path.write_text(
+        "size: 4\n"
+        "thing: !new:torch.nn.Linear\n"
+        "    in_features: !ref <size>\n"
+        "    out_features: !ref <missing>\n"
+    )
+    with pytest.raises(KeyError, match="thing.out_features"):
+        budget.recipe_arguments("thing", path)
+    path.write_text(
+        "size: 4\nthing: !new:torch.nn.Linear\n    in_features: !ref <size>\n"
+    )
+    assert budget.recipe_arguments("thing", path) == {"in_features": 4}
