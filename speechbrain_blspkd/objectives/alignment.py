@@ -105,8 +105,10 @@ def alignment_loss(
         ids_in = torch.searchsorted(vocab, ids)
     else:
         ids_in = ids
-    logits = F.normalize(pred, dim=-1) @ table.T
-    ce = F.cross_entropy(logits / temperature, ids_in)
+    # 1 / temperature scales the (K, D) unit outputs, not the (K, V) logits:
+    # the same cross-entropy without a division over the whole table
+    logits = (F.normalize(pred, dim=-1) / temperature) @ table.T
+    ce = F.cross_entropy(logits, ids_in)
     cos = (1 - F.cosine_similarity(pred, target, dim=-1)).mean()
     mse = ((pred - target) ** 2).mean() / var
     accuracy = (logits.detach().argmax(-1) == ids_in).float().mean()
