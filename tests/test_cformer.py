@@ -306,3 +306,56 @@ def test_cross_window_sets_what_a_token_reads():
 def test_cross_window_is_checked():
     with pytest.raises(ValueError, match="cross_window"):
         tiny(cross_window=-1)
+
+
+def test_cross_layers_reads_frames_in_the_first_layers_only():
+    model = tiny(
+        n_pre=0,
+        n_post=3,
+        weight_predictor="conv",
+        cross_window=2,
+        cross_layers=1,
+    ).eval()
+    kinds = [
+        isinstance(layer, torch.nn.TransformerDecoderLayer)
+        for layer in model.post_layers
+    ]
+    assert kinds == [True, False, False]
+    hidden = torch.randn(2, 30, D_IN)
+    n = torch.tensor([6, 3])
+    both = model(hidden, lengths=torch.tensor([1.0, 0.6]), num_tokens=n)
+    alone = model(hidden[1:, :18], num_tokens=n[1:])
+    torch.testing.assert_close(
+        both.tokens[1:, :3], alone.tokens, atol=1e-5, rtol=1e-4
+    )
+    # the reading layer learns; the structure rebuilds from the export
+    model.train()
+    model(hidden, lengths=torch.tensor([1.0, 0.6]), num_tokens=n).tokens.pow(
+        2
+    ).sum().backward()
+    cross = [p for name, p in model.named_parameters() if "multihead" in name]
+    assert cross and all(p.grad.abs().sum() > 0 for p in cross)
+    rebuilt = CFormer(**model.export_hparams())
+    assert rebuilt.export_hparams()["cross_layers"] == 1
+    rebuilt.load_state_dict(model.state_dict())
+    # None: every token layer reads the frames
+    every = tiny(
+        n_pre=0, n_post=3, weight_predictor="conv", cross_window=2
+    ).eval()
+    assert all(
+        isinstance(layer, torch.nn.TransformerDecoderLayer)
+        for layer in every.post_layers
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(cross_layers=1),
+        dict(cross_window=2, cross_layers=0),
+        dict(cross_window=2, cross_layers=3),
+    ],
+)
+def test_cross_layers_is_checked(kwargs):
+    with pytest.raises(ValueError, match="cross_layers"):
+        tiny(n_post=2, **kwargs)

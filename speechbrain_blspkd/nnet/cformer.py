@@ -236,6 +236,10 @@ class CFormer(SpeechAdapter):
         CIF-weighted sum. None: token layers over the tokens alone (the
         paper's CFormer). Attention to every frame was measured and lost
         (recipe RESULTS.md, ``cross.yaml``).
+    cross_layers : int or None
+        With ``cross_window``: only the first ``cross_layers`` token layers
+        read the frames, the others attend to the tokens alone (reading
+        the frames is about a third of an alignment step). None: all.
 
     Example
     -------
@@ -274,6 +278,7 @@ class CFormer(SpeechAdapter):
         forcing_until=0.0,
         input_frame_rate=50.0,
         cross_window=None,
+        cross_layers=None,
     ):
         super().__init__()
         if cross_window is not None and int(cross_window) < 0:
@@ -283,6 +288,14 @@ class CFormer(SpeechAdapter):
             )
         self.cross_window = None if cross_window is None else int(cross_window)
         reads_frames = self.cross_window is not None
+        if cross_layers is not None and not (
+            reads_frames and 1 <= int(cross_layers) <= n_post
+        ):
+            raise ValueError(
+                "CFormer: `cross_layers` needs `cross_window` and must be in "
+                f"[1, n_post={n_post}], got {cross_layers}"
+            )
+        reading = n_post if cross_layers is None else int(cross_layers)
         if weight_predictor not in ("channel", "conv", "rnn"):
             raise ValueError(
                 "CFormer: `weight_predictor` must be 'channel', 'conv' or "
@@ -330,9 +343,14 @@ class CFormer(SpeechAdapter):
         self.token_proj = nn.Linear(integrated, d)
         self.post_layers = nn.ModuleList(
             _transformer_layer(
-                d, nhead, d_ffn, dropout, activation, reads_frames
+                d,
+                nhead,
+                d_ffn,
+                dropout,
+                activation,
+                reads_frames and i < reading,
             )
-            for _ in range(n_post)
+            for i in range(n_post)
         )
         self.post_norm = nn.LayerNorm(d)
         self.out_proj = nn.Linear(d, output_size)
@@ -532,12 +550,15 @@ class CFormer(SpeechAdapter):
         heads = self.post_layers[0].multihead_attn.num_heads
         blocked = blocked.repeat_interleave(heads, dim=0)
         for layer in self.post_layers:
-            y = layer(
-                y,
-                frames,
-                tgt_key_padding_mask=~token_mask,
-                memory_mask=blocked,
-            )
+            if isinstance(layer, nn.TransformerDecoderLayer):
+                y = layer(
+                    y,
+                    frames,
+                    tgt_key_padding_mask=~token_mask,
+                    memory_mask=blocked,
+                )
+            else:
+                y = layer(y, src_key_padding_mask=~token_mask)
         return y
 
     def _frame_mask(self, hidden, lengths, mask):
