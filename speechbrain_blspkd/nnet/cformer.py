@@ -515,13 +515,9 @@ class CFormer(SpeechAdapter):
         )
 
         y = self.token_proj(tokens)
-        if self.cross_window is not None:
-            y = self._read_frames(
-                y, token_mask, normed, frame_mask, scaled, num_tokens
-            )
-        else:
-            for layer in self.post_layers:
-                y = layer(y, src_key_padding_mask=~token_mask)
+        y = self._token_layers(
+            y, token_mask, normed, frame_mask, scaled, num_tokens
+        )
         token_hidden = self.post_norm(y) * token_mask[..., None].to(y.dtype)
         y = self.out_proj(token_hidden)
         y = y * token_mask[..., None].to(y.dtype)
@@ -538,17 +534,21 @@ class CFormer(SpeechAdapter):
             forced=forced,
         )
 
-    def _read_frames(
+    def _token_layers(
         self, y, token_mask, frames, frame_mask, scaled, num_tokens
     ):
-        """The token layers as decoder layers over the frames."""
-        if not self.post_layers:
-            return y
-        blocked = ~token_windows(
-            scaled, frame_mask, num_tokens, self.cross_window, self.threshold
-        )
-        heads = self.post_layers[0].multihead_attn.num_heads
-        blocked = blocked.repeat_interleave(heads, dim=0)
+        """The token layers (decoder layers also read each token's frames)."""
+        blocked = None
+        if self.cross_window is not None and self.post_layers:
+            blocked = ~token_windows(
+                scaled,
+                frame_mask,
+                num_tokens,
+                self.cross_window,
+                self.threshold,
+            )
+            heads = self.post_layers[0].multihead_attn.num_heads
+            blocked = blocked.repeat_interleave(heads, dim=0)
         for layer in self.post_layers:
             if isinstance(layer, nn.TransformerDecoderLayer):
                 y = layer(
