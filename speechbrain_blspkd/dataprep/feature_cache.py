@@ -34,7 +34,7 @@ from speechbrain_blspkd.utils.atomic import (
     atomic_path,
     remove_stray_tmp,
 )
-from speechbrain_blspkd.utils.cache_label import check_label, hash_tensors
+from speechbrain_blspkd.utils.cache_label import LabelledFolder, hash_tensors
 from speechbrain_blspkd.utils.distributed import (
     all_gather,
     gather_results,
@@ -115,7 +115,7 @@ def feature_checksum(encoder):
     )
 
 
-class FeatureCache:
+class FeatureCache(LabelledFolder):
     """Per-utterance float16 features of one encoder, stored in ``folder``.
 
     Arguments
@@ -139,26 +139,29 @@ class FeatureCache:
     (torch.float32, True, 1)
     """
 
+    label_name = META_FILE
+    what = "feature cache"
+    error = StaleCacheError
+
     def __init__(self, folder, checksum, overwrite=False):
         self.folder = pathlib.Path(folder)
         self.checksum = str(checksum)
         self.feat_dir = self.folder / "feats"
-        check_label(
-            self.folder,
-            META_FILE,
+        self.check_label(
             dict(
                 version=CACHE_VERSION, checksum=self.checksum, dtype="float16"
             ),
-            what="feature cache",
-            error=StaleCacheError,
-            holds_data=lambda: (
-                self.feat_dir.is_dir() and any(self.feat_dir.iterdir())
-            ),
-            clear=lambda: shutil.rmtree(self.feat_dir, ignore_errors=True),
-            how_to_write="",
             create=True,
             overwrite=overwrite,
         )
+
+    def holds_data(self):
+        """Whether any features are stored (see LabelledFolder)."""
+        return self.feat_dir.is_dir() and any(self.feat_dir.iterdir())
+
+    def clear(self):
+        """Delete every stored feature (see LabelledFolder)."""
+        shutil.rmtree(self.feat_dir, ignore_errors=True)
 
     def path(self, uid):
         """The file that holds (or will hold) the features of ``uid``."""

@@ -70,7 +70,7 @@ from speechbrain_blspkd.dataprep.shard_progress import (
     settings_line,
 )
 from speechbrain_blspkd.utils.atomic import atomic_path
-from speechbrain_blspkd.utils.cache_label import check_label
+from speechbrain_blspkd.utils.cache_label import LabelledFolder
 
 __all__ = [
     "StaleTeacherCacheError",
@@ -183,14 +183,9 @@ def _rows_digest(rows):
     return h.hexdigest()[:16]
 
 
-def _describe(key, value):
-    text = repr(value)
-    return text[:12] + "..." if key in ("llm", "tokenizer") else text
-
-
 # ----------------------------------------------------------------------
 # the cache folder
-class TopKTeacherCache:
+class TopKTeacherCache(LabelledFolder):
     """A folder of stored top-k teacher distributions (see the module notes).
 
     Arguments
@@ -220,35 +215,39 @@ class TopKTeacherCache:
     speechbrain_blspkd.dataprep.teacher_cache.StaleTeacherCacheError: teacher cache in ... was written for other settings: k 4 != 8 (this run); use another folder, delete it, or rebuild it with overwrite=True (--overwrite)
     """
 
+    label_name = META_FILE
+    what = "teacher cache"
+    error = StaleTeacherCacheError
+    how_to_write = (
+        "write it with `python -m speechbrain_blspkd.dataprep.teacher_topk "
+        "MANIFEST {folder} ...` or the recipe's preparation "
+        "(prepare_teacher_topk)"
+    )
+
     def __init__(self, folder, settings, create=False, overwrite=False):
         self.folder = pathlib.Path(folder)
         self.settings = dict(settings)
-
-        def clear():
-            shutil.rmtree(self.folder / CHUNK_FOLDER, ignore_errors=True)
-            for path in self._index_files():
-                path.unlink()
-
-        meta = check_label(
-            self.folder,
-            META_FILE,
-            self.settings,
-            what="teacher cache",
-            error=StaleTeacherCacheError,
-            holds_data=lambda: bool(
-                self._index_files() or (self.folder / CHUNK_FOLDER).is_dir()
-            ),
-            clear=clear,
-            how_to_write="write it with `python -m speechbrain_blspkd."
-            f"dataprep.teacher_topk MANIFEST {self.folder} ...` or the "
-            "recipe's preparation (prepare_teacher_topk)",
-            create=create,
-            overwrite=overwrite,
-            describe=_describe,
-        )
-        self.meta = meta
+        self.meta = self.check_label(self.settings, create, overwrite)
         self._index = None
         self._chunks = {}
+
+    # -- the label (see LabelledFolder)
+    def holds_data(self):
+        """Whether the folder holds an index or chunks."""
+        return bool(
+            self._index_files() or (self.folder / CHUNK_FOLDER).is_dir()
+        )
+
+    def clear(self):
+        """Delete the chunks and the index files."""
+        shutil.rmtree(self.folder / CHUNK_FOLDER, ignore_errors=True)
+        for path in self._index_files():
+            path.unlink()
+
+    def describe(self, key, value):
+        """Checksums (``llm``, ``tokenizer``) shortened to 12 characters."""
+        text = repr(value)
+        return text[:12] + "..." if key in ("llm", "tokenizer") else text
 
     # -- layout
     def _index_files(self):

@@ -97,7 +97,7 @@ from speechbrain_blspkd.nnet.token_alignment import (
 )
 from speechbrain_blspkd.nnet.whisper_decoder import WhisperDecoderTeacher
 from speechbrain_blspkd.utils.atomic import remove_stray_tmp
-from speechbrain_blspkd.utils.cache_label import check_label
+from speechbrain_blspkd.utils.cache_label import LabelledFolder
 from speechbrain_blspkd.utils.cli import per, report_run
 
 logger = logging.getLogger(__name__)
@@ -193,12 +193,7 @@ def _settings(features, llm_tokenizer, separator, teacher=None):
     return settings
 
 
-def _short(value):
-    text = repr(value)
-    return text[:14] + "...'" if len(text) > 18 else text
-
-
-class TokenTimingCache:
+class TokenTimingCache(LabelledFolder):
     """A folder of per-utterance LLM-token timings ((N, 2) seconds).
 
     Arguments
@@ -232,39 +227,42 @@ class TokenTimingCache:
     speechbrain_blspkd.dataprep.token_timings.StaleTokenTimingsError: token timings in ... was written for other settings: features 'a' != 'b' (this run); use another folder, delete it, or rebuild it with overwrite=True (--overwrite)
     """
 
+    label_name = META_FILE
+    what = "token timings"
+    error = StaleTokenTimingsError
+    how_to_write = (
+        "write them with `python -m speechbrain_blspkd.dataprep.token_timings"
+        " MANIFEST --features FOLDER --out {folder}` or the recipe's "
+        "preparation (prepare_token_timings)"
+    )
+
     def __init__(self, folder, settings, create=False, overwrite=False):
         self.folder = pathlib.Path(folder)
-
-        def clear():
-            shutil.rmtree(self.folder / "feats", ignore_errors=True)
-            (self.folder / META_FILE).unlink(missing_ok=True)
-            (self.folder / FEATURE_META_FILE).unlink(missing_ok=True)
-
-        meta = check_label(
-            self.folder,
-            META_FILE,
-            settings,
-            what="token timings",
-            error=StaleTokenTimingsError,
-            holds_data=lambda: (
-                (self.folder / "feats").is_dir()
-                or (self.folder / FEATURE_META_FILE).is_file()
-            ),
-            clear=clear,
-            how_to_write="write them with `python -m speechbrain_blspkd."
-            "dataprep.token_timings MANIFEST --features FOLDER --out "
-            f"{self.folder}` or the recipe's preparation "
-            "(prepare_token_timings)",
-            create=create,
-            overwrite=overwrite,
-            describe=lambda key, value: _short(value),
-        )
-        self.settings = meta
+        self.settings = self.check_label(settings, create, overwrite)
         digest = hashlib.sha256(
-            json.dumps(meta, sort_keys=True).encode()
+            json.dumps(self.settings, sort_keys=True).encode()
         ).hexdigest()
         self.store = FeatureCache(self.folder, f"token-timings:{digest}")
 
+    # -- the label (see LabelledFolder)
+    def holds_data(self):
+        """Whether the folder holds timings (or their store's label)."""
+        return (self.folder / "feats").is_dir() or (
+            self.folder / FEATURE_META_FILE
+        ).is_file()
+
+    def clear(self):
+        """Delete the timings, their store's label and this label."""
+        shutil.rmtree(self.folder / "feats", ignore_errors=True)
+        (self.folder / META_FILE).unlink(missing_ok=True)
+        (self.folder / FEATURE_META_FILE).unlink(missing_ok=True)
+
+    def describe(self, key, value):
+        """Long values (checksums) shortened to 14 characters."""
+        text = repr(value)
+        return text[:14] + "...'" if len(text) > 18 else text
+
+    # -- the timings
     def __contains__(self, uid):
         return uid in self.store
 
