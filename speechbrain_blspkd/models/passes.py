@@ -215,8 +215,7 @@ def teacher_pass(
     >>> out.logits["input"].shape[1] == len(model.transcript_ids(["a b"])[0])
     True
     """
-    request = request or PassRequest(teacher=True, logits=("input", "response"))
-    prompts, batch = _pass_batch(
+    request, prompts, batch = _pass_batch(
         model,
         request,
         instructions,
@@ -248,8 +247,7 @@ def student_pass(
     -------
     LLMPass
     """
-    request = request or PassRequest(student=True, logits=("input", "response"))
-    prompts, batch = _pass_batch(
+    request, prompts, batch = _pass_batch(
         model,
         request,
         instructions,
@@ -338,17 +336,22 @@ def check_continuations(continuations, request, n):
 
 
 def _pass_batch(model, request, instructions, continuations, add_eot, **span):
-    """The prompts of one pass and their right-padded batch; ``span`` is
-    ``transcripts=`` (teacher) or ``n_speech=`` (student)."""
+    """The request of one pass (default: logits at both spans), its
+    prompts and their right-padded batch; ``span`` is ``transcripts=``
+    (teacher) or ``n_speech=`` (student)."""
     (items,) = span.values()
     n = len(items)
+    speech = "n_speech" in span
+    request = request or PassRequest(
+        teacher=not speech, student=speech, logits=SPANS
+    )
     prompts = model.prompts.build_batch(
-        model._instructions(instructions, n, audio="n_speech" in span),
+        model._instructions(instructions, n, audio=speech),
         continuations=check_continuations(continuations, request, n),
         add_eot=_as_list(add_eot),
         **span,
     )
-    return prompts, model.prompts.collate(prompts, device=model.device)
+    return request, prompts, model.prompts.collate(prompts, device=model.device)
 
 
 def _run_and_read(model, embeds, batch, prompts, request, plora_mask=None):

@@ -4,7 +4,9 @@
 PromptBuilder` makes: the token ids, where the transcript (or the speech
 slots) and the response lie.  :func:`collate_prompts` pads prompts into
 the tensors the LLM passes and generation read (right padding for
-training, left padding for generation).
+training, left padding for generation).  :func:`per_item` reads the
+arguments of a batch of prompts, as the builder and the length count
+(:mod:`~speechbrain_blspkd.prompt.context`) both take them.
 
 Authors
  * speechbrain-blspkd contributors 2025
@@ -14,7 +16,7 @@ import dataclasses
 
 import torch
 
-__all__ = ["IGNORE_INDEX", "Prompt", "collate_prompts"]
+__all__ = ["IGNORE_INDEX", "Prompt", "collate_prompts", "per_item"]
 
 IGNORE_INDEX = -100
 
@@ -75,6 +77,68 @@ class Prompt:
             t if start <= i < start + length else IGNORE_INDEX
             for i, t in enumerate(self.input_ids)
         ]
+
+
+def per_item(
+    instructions,
+    transcripts=None,
+    n_speech=None,
+    continuations=None,
+    add_eot=True,
+):
+    """The arguments of a batch of prompts, one list entry per item.
+
+    The arguments are those of :meth:`~speechbrain_blspkd.prompt.builder.
+    PromptBuilder.build_batch`: one instruction (or None) and one
+    ``add_eot`` stand for every item, no ``continuations`` gives
+    generation prompts.
+
+    Returns
+    -------
+    spans : list
+        The transcripts (text prompts) or the speech slot counts, as int
+        (speech prompts).
+    instructions : list of str or None
+    continuations : list of str or None
+        None items: generation prompts.
+    add_eot : list of bool
+
+    Raises
+    ------
+    ValueError
+        Not exactly one of ``transcripts`` and ``n_speech``, or a list
+        of another length than theirs.
+
+    Example
+    -------
+    >>> per_item("Say:", n_speech=[2, 3], add_eot=[True, False])
+    ([2, 3], ['Say:', 'Say:'], [None, None], [True, False])
+    """
+    if (transcripts is None) == (n_speech is None):
+        raise ValueError(
+            "give exactly one of `transcripts` (text prompts) and `n_speech` "
+            "(speech prompts)"
+        )
+    if transcripts is not None:
+        spans = list(transcripts)
+    else:
+        spans = [int(x) for x in n_speech]
+    n = len(spans)
+    if isinstance(instructions, str) or instructions is None:
+        instructions = [instructions] * n
+    if continuations is None:
+        continuations = [None] * n
+    if isinstance(add_eot, bool):
+        add_eot = [add_eot] * n
+    for name, seq in (
+        ("instructions", instructions),
+        ("continuations", continuations),
+        ("add_eot", add_eot),
+    ):
+        if len(seq) != n:
+            raise ValueError(f"`{name}` has {len(seq)} items, expected {n}")
+    add_eot = [bool(x) for x in add_eot]
+    return spans, list(instructions), list(continuations), add_eot
 
 
 def collate_prompts(prompts, pad_id, padding_side="right", device=None):

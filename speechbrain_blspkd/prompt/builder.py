@@ -9,7 +9,7 @@ Authors
  * speechbrain-blspkd contributors 2025
 """
 
-from speechbrain_blspkd.prompt.batch import Prompt, collate_prompts
+from speechbrain_blspkd.prompt.batch import Prompt, collate_prompts, per_item
 from speechbrain_blspkd.prompt.chat_template import template_pieces
 from speechbrain_blspkd.prompt.context import (
     check_fits,
@@ -230,41 +230,16 @@ class PromptBuilder:
         >>> [p.speech_span[1] for p in ps]
         [1, 2]
         """
-        items = transcripts if transcripts is not None else n_speech
-        if items is None:
-            raise ValueError("build_batch: give `transcripts` or `n_speech`")
-        n = len(items)
-        if isinstance(instructions, str):
-            instructions = [instructions] * n
-        if continuations is None:
-            continuations = [None] * n
-        if isinstance(add_eot, bool):
-            add_eot = [add_eot] * n
-        for name, seq in (
-            ("instructions", instructions),
-            ("continuations", continuations),
-            ("add_eot", add_eot),
-        ):
-            if len(seq) != n:
-                raise ValueError(
-                    f"build_batch: `{name}` has {len(seq)} items, expected {n}"
-                )
-        out = []
-        for i in range(n):
-            kwargs = (
-                {"transcript": items[i]}
-                if transcripts is not None
-                else {"n_speech": int(items[i])}
+        spans, instructions, continuations, add_eot = per_item(
+            instructions, transcripts, n_speech, continuations, add_eot
+        )
+        name = "transcript" if transcripts is not None else "n_speech"
+        return [
+            self.build(instruction, continuation=c, add_eot=e, **{name: span})
+            for instruction, span, c, e in zip(
+                instructions, spans, continuations, add_eot
             )
-            out.append(
-                self.build(
-                    instructions[i],
-                    continuation=continuations[i],
-                    add_eot=bool(add_eot[i]),
-                    **kwargs,
-                )
-            )
-        return out
+        ]
 
     def collate(self, prompts, padding_side="right", device=None):
         """:func:`collate_prompts` with the tokenizer's pad id.

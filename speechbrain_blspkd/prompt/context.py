@@ -3,10 +3,10 @@
 Every sequence the prompt builder makes must fit in the LLM's positions
 (:func:`context_limit`).  The lengths are counted with batched
 tokenisation, without building the prompts (fast on a whole manifest):
-:func:`sequence_lengths`; :func:`check_fits` and :func:`check_rows` raise a
-:class:`ContextLengthError` that names the item too long, its token count
-split into prompt / transcript or speech / response / generation budget,
-and what to do.
+:func:`sequence_lengths`.  Given a limit (:func:`check_fits`), it raises,
+as :func:`check_rows` does, a :class:`ContextLengthError` that names the
+item too long, its token count split into prompt / transcript or speech /
+response / generation budget, and what to do.
 
 The functions are methods of :class:`~speechbrain_blspkd.prompt.builder.
 PromptBuilder` (``builder.check_fits`` ...) and take the builder first.
@@ -24,6 +24,7 @@ __all__ = [
 ]
 
 
+from speechbrain_blspkd.prompt.batch import per_item
 from speechbrain_blspkd.prompt.chat_template import template_pieces
 
 
@@ -77,33 +78,23 @@ def _length_parts(
     builder, instructions, transcripts, n_speech, continuations, add_eot
 ):
     """Per item ``(prompt, span, response)`` token counts (batched)."""
-    items = transcripts if transcripts is not None else n_speech
-    if (transcripts is None) == (n_speech is None):
-        raise ValueError("give exactly one of `transcripts`, `n_speech`")
-    n = len(items)
-    if isinstance(instructions, str) or instructions is None:
-        instructions = [instructions] * n
-    if isinstance(add_eot, bool):
-        add_eot = [add_eot] * n
+    spans, instructions, continuations, add_eot = per_item(
+        instructions, transcripts, n_speech, continuations, add_eot
+    )
     if transcripts is not None:
         sep = builder.transcript_separator
-        spans = [
-            len(x)
-            for x in _encode_many(builder, [sep + t.strip() for t in items])
-        ]
-    else:
-        spans = [int(x) for x in items]
-    responses = [0] * n
-    if continuations is not None:
-        responses = [len(x) for x in _encode_many(builder, continuations)]
+        texts = [sep + t.strip() for t in spans]
+        spans = [len(x) for x in _encode_many(builder, texts)]
+    responses = [len(x) for x in _encode_many(builder, continuations)]
     parts = []
-    for i in range(n):
-        pieces = template_pieces(builder, instructions[i])
+    for instruction, span, response, continuation, eot in zip(
+        instructions, spans, responses, continuations, add_eot
+    ):
+        pieces = template_pieces(builder, instruction)
         prompt = len(pieces.prefix) + len(pieces.middle)
-        response = responses[i]
-        if continuations is not None and continuations[i] is not None:
-            response += len(pieces.suffix) if add_eot[i] else 0
-        parts.append((prompt, spans[i], response))
+        if continuation is not None and eot:
+            response += len(pieces.suffix)
+        parts.append((prompt, span, response))
     return parts
 
 
@@ -115,9 +106,19 @@ def sequence_lengths(
     continuations=None,
     add_eot=True,
     max_new_tokens=0,
+    limit=None,
+    ids=None,
+    source=None,
+    item="row",
 ):
     """Lengths of the sequences :meth:`build_batch` makes, plus
     ``max_new_tokens``, with batched tokenisation (fast on a manifest).
+
+    With ``limit``, every length must fit in ``limit`` LLM positions
+    (:func:`context_limit`), else :class:`ContextLengthError` names
+    ``source`` (a file), the first item that does not fit (by ``ids``),
+    its token count split into prompt / transcript or speech / response /
+    generation budget, the limit, and the other items too long.
 
     Arguments
     ---------
@@ -133,6 +134,14 @@ def sequence_lengths(
         End-of-turn after each continuation.
     max_new_tokens : int
         Generation budget added to every length.
+    limit : int, optional
+        LLM positions every length must fit in; None checks nothing.
+    ids : list of str, optional
+        Names of the items (manifest row IDs, files), for the error.
+    source : str, optional
+        Where the items come from (manifest path), for the error.
+    item : str
+        What an item is called in the error ("row", "file" ...).
 
     Returns
     -------
@@ -151,47 +160,26 @@ def sequence_lengths(
     parts = _length_parts(
         builder, instructions, transcripts, n_speech, continuations, add_eot
     )
+    if limit is not None:
+        span_name = "transcript" if transcripts is not None else "speech"
+        _raise_if_too_long(
+            parts, limit, max_new_tokens, ids, source, span_name, item
+        )
     return [sum(p) + int(max_new_tokens) for p in parts]
 
 
-def check_fits(
-    builder,
-    limit,
-    instructions,
-    transcripts=None,
-    n_speech=None,
-    continuations=None,
-    add_eot=True,
-    max_new_tokens=0,
-    ids=None,
-    source=None,
-    item="row",
-):
+def check_fits(builder, limit, *args, **kwargs):
     """Raises :class:`ContextLengthError` when a sequence is too long.
 
-    Every sequence :meth:`build_batch` makes from the arguments, plus
-    ``max_new_tokens`` (when generating), must fit in ``limit`` LLM
-    positions (:func:`context_limit`). The error names ``source`` (a
-    file), the first item that does not fit (by ``ids``), its token
-    count split into prompt / transcript or speech / response /
-    generation budget, the limit, and the other items too long.
+    :meth:`sequence_lengths` with the ``limit`` first.
 
     Arguments
     ---------
     limit : int or None
-        LLM positions; None checks nothing.
-    instructions : str or list of str
-        See :meth:`sequence_lengths` (and the other sequence arguments).
-    transcripts, n_speech, continuations, add_eot
-        See :meth:`sequence_lengths`.
-    max_new_tokens : int
-        Generation budget.
-    ids : list of str, optional
-        Names of the items (manifest row IDs, files).
-    source : str, optional
-        Where the items come from (manifest path), for the message.
-    item : str
-        What an item is called in the message ("row", "file" ...).
+        LLM positions (:func:`context_limit`); None checks nothing.
+    *args, **kwargs
+        The other arguments of :meth:`sequence_lengths` (the sequences,
+        ``max_new_tokens`` and how the error names the items).
 
     Returns
     -------
@@ -212,14 +200,7 @@ def check_fits(
     """
     if limit is None:
         return []
-    parts = _length_parts(
-        builder, instructions, transcripts, n_speech, continuations, add_eot
-    )
-    span_name = "transcript" if transcripts is not None else "speech"
-    _raise_if_too_long(
-        parts, limit, max_new_tokens, ids, source, span_name, item
-    )
-    return [sum(p) + int(max_new_tokens) for p in parts]
+    return sequence_lengths(builder, *args, limit=limit, **kwargs)
 
 
 def check_rows(
