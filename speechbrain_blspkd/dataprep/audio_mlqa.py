@@ -268,9 +268,8 @@ def prepare_audio_mlqa(
     save_folder = pathlib.Path(save_folder)
     audio_folder = pathlib.Path(audio_folder or save_folder / "audio")
     options = {
-        "data_folder": str(mlqa_root.resolve()),
-        "audio_folder": str(audio_folder.resolve()),
-        "splits": splits,
+        "data_folder": mlqa_root,
+        "audio_folder": audio_folder,
         "languages": languages,
         "max_questions": None if max_questions is None else int(max_questions),
         "voices": voices,

@@ -53,7 +53,7 @@ def audio_duration(path, where=None):
     path = pathlib.Path(path)
     prefix = f"{where}: " if where else ""
     if not path.is_file():
-        raise PrepareError(f"{prefix}audio file {path} not found")
+        raise PrepareError(f"{prefix}audio {path} not found")
     try:
         info = sf.info(str(path))
     except Exception as e:  # soundfile raises several types

@@ -100,14 +100,13 @@ def prepare_commonvoice(
     data_folder = check_folder(data_folder, "Common Voice data folder")
     language = language_code(language or data_folder.resolve().name)
     options = {
-        "data_folder": str(data_folder.resolve()),
-        "splits": splits,
+        "data_folder": data_folder,
         "language": language,
         "lowercase": bool(lowercase),
     }
 
     def check():
-        check_folder(data_folder / "clips", "Common Voice clips folder")
+        check_clips(data_folder)
         for split in splits:
             if not (data_folder / f"{split}.tsv").is_file():
                 raise PrepareError(
@@ -129,6 +128,22 @@ def prepare_commonvoice(
         check=check,
         unit="clips",
         log=logger,
+    )
+
+
+def check_clips(data_folder):
+    """Check that a Common Voice folder holds the ``clips/`` folder.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> check_clips(tempfile.mkdtemp())  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    speechbrain_blspkd.dataprep.common.PrepareError: Common Voice clips folder ...
+    """
+    check_folder(
+        pathlib.Path(data_folder) / "clips", "Common Voice clips folder"
     )
 
 
@@ -160,8 +175,11 @@ def clip_path(data_folder, name, where):
     return clip
 
 
-def clip_rows(data_folder, entries, language, lowercase=False, extra=None):
+def clip_rows(data_folder, entries, language, lowercase=False, columns=()):
     """Manifest rows for Common Voice clips listed by tsv lines.
+
+    A line whose sentence (or one of ``columns``) is empty is left out, with
+    one warning per field naming the first such line.
 
     Arguments
     ---------
@@ -174,9 +192,9 @@ def clip_rows(data_folder, entries, language, lowercase=False, extra=None):
         Manifest language code.
     lowercase : bool
         Lower-case the sentences.
-    extra : callable, optional
-        ``extra(fields, where)`` returns more manifest columns for a line
-        (a dict), or ``None`` to leave the line out.
+    columns : sequence of str
+        More text columns of the lines (``translation`` ...) that the rows
+        carry, white space collapsed; the lines must have them.
 
     Returns
     -------
@@ -190,20 +208,24 @@ def clip_rows(data_folder, entries, language, lowercase=False, extra=None):
     ...     "s\\ta.wav\\tHi\\n", clip="a.wav", frames=160)
     >>> clip_rows(d, d / "t.tsv", "en", lowercase=True)[0]["transcript"]
     'hi'
+    >>> entries = [("x line 2", {"client_id": "s", "path": "a.wav",
+    ...     "sentence": "Hi", "translation": " Salut "})]
+    >>> clip_rows(d, entries, "en", columns=["translation"])[0]["translation"]
+    'Salut'
     """
     if isinstance(entries, (str, pathlib.Path)):
         entries = tsv_entries(entries, TSV_COLUMNS)
-    rows, seen, empty = [], {}, []
+    rows, seen = [], {}
+    empty = {field: [] for field in ("sentence", *columns)}
     for where, fields in entries:
-        text = normalise_space(fields["sentence"])
+        texts = {field: normalise_space(fields[field]) for field in empty}
         if lowercase:
-            text = text.lower()
-        if not text:
-            empty.append(where)
+            texts["sentence"] = texts["sentence"].lower()
+        blank = [field for field, text in texts.items() if not text]
+        if blank:
+            empty[blank[0]].append(where)
             continue
-        more = {} if extra is None else extra(fields, where)
-        if more is None:
-            continue
+        text = texts.pop("sentence")
         clip = clip_path(data_folder, fields["path"], where)
         uid = clip.stem
         if uid in seen:
@@ -221,10 +243,11 @@ def clip_rows(data_folder, entries, language, lowercase=False, extra=None):
                 language,
                 speaker,
                 where=where,
-                **more,
+                **texts,
             )
         )
-    warn_left_out(logger, empty, "sentence")
+    for field, wheres in empty.items():
+        warn_left_out(logger, wheres, field)
     rows.sort(key=lambda r: r["ID"])
     return rows
 

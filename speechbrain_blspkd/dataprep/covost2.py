@@ -34,10 +34,12 @@ from speechbrain_blspkd.dataprep.common import (
     check_folder,
     check_splits,
     language_code,
-    normalise_space,
-    warn_left_out,
 )
-from speechbrain_blspkd.dataprep.commonvoice import clip_rows, tsv_entries
+from speechbrain_blspkd.dataprep.commonvoice import (
+    check_clips,
+    clip_rows,
+    tsv_entries,
+)
 from speechbrain_blspkd.dataprep.preparation import (
     prepare_corpus,
     prepare_parser,
@@ -109,17 +111,16 @@ def prepare_covost2(
     language = language_code(src_lang)
     language_code(tgt_lang)
     options = {
-        "data_folder": str(data_folder.resolve()),
-        "translation_folder": str(tr_folder.resolve()),
+        "data_folder": data_folder,
+        "translation_folder": tr_folder,
         "src_lang": src_lang,
         "tgt_lang": tgt_lang,
-        "splits": splits,
         "lowercase": bool(lowercase),
     }
     validated = functools.cache(lambda: _validated_lines(data_folder))
 
     def check():
-        check_folder(data_folder / "clips", "Common Voice clips folder")
+        check_clips(data_folder)
         return {
             s: _split_source(tr_folder, src_lang, tgt_lang, s) for s in splits
         }
@@ -130,18 +131,9 @@ def prepare_covost2(
             "sentence" not in f or "client_id" not in f for _, f in entries
         ):
             entries = _join_validated(entries, validated(), data_folder)
-        dropped = []
-
-        def translation(fields, where):
-            text = normalise_space(fields["translation"])
-            if not text:
-                dropped.append(where)
-                return None
-            return {"translation": text}
-
-        rows = clip_rows(data_folder, entries, language, lowercase, translation)
-        warn_left_out(logger, dropped, "translation")
-        return rows
+        return clip_rows(
+            data_folder, entries, language, lowercase, ["translation"]
+        )
 
     return prepare_corpus(
         CORPUS,
@@ -190,10 +182,7 @@ def _validated_lines(data_folder):
             f"{tsv}: file not found; it is needed for the sentence and "
             "client_id columns the CoVoST file lacks"
         )
-    return {
-        f["path"].strip(): (w, f)
-        for w, f in tsv_entries(tsv, ("client_id", "path", "sentence"))
-    }
+    return {f["path"].strip(): (w, f) for w, f in tsv_entries(tsv)}
 
 
 def _join_validated(entries, cv_lines, data_folder):

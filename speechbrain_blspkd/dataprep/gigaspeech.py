@@ -182,9 +182,8 @@ def prepare_gigaspeech(
             f"sample_rate must be a positive integer, got {sample_rate}"
         )
     options = {
-        "data_folder": str(data_folder.resolve()),
-        "segment_folder": str(segment_folder.resolve()),
-        "splits": splits,
+        "data_folder": data_folder,
+        "segment_folder": segment_folder,
         "sample_rate": int(sample_rate),
         "punctuation": bool(punctuation),
         "lowercase": bool(lowercase),

@@ -21,6 +21,7 @@ Command line::
 import logging
 import re
 
+from speechbrain_blspkd.dataio.manifest import read_utf8
 from speechbrain_blspkd.dataprep.common import (
     PrepareError,
     check_folder,
@@ -109,11 +110,7 @@ def prepare_librispeech(
         return {}
     splits = check_splits(splits, SPLITS)
     data_folder = check_folder(data_folder, "LibriSpeech data folder")
-    options = {
-        "data_folder": str(data_folder.resolve()),
-        "splits": splits,
-        "lowercase": bool(lowercase),
-    }
+    options = {"data_folder": data_folder, "lowercase": bool(lowercase)}
 
     def check():
         for split in splits:
@@ -164,10 +161,7 @@ def _trans_rows(trans, data_folder, lowercase):
             f"{trans}: a transcript file in {chapter_dir} must be named "
             f"{expected}"
         )
-    try:
-        lines = trans.read_text(encoding="utf-8").split("\n")
-    except UnicodeDecodeError as e:
-        raise PrepareError(f"{trans}: not valid UTF-8 ({e.reason})") from None
+    lines = read_utf8(trans, PrepareError).split("\n")
     for num, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -188,8 +182,6 @@ def _trans_rows(trans, data_folder, lowercase):
         if lowercase:
             text = text.lower()
         audio = chapter_dir / f"{parts[0]}.flac"
-        if not audio.is_file():
-            raise PrepareError(f"{where}: audio {audio} not found")
         row = manifest_row(
             parts[0], audio, data_folder, text, "en", speaker, where=where
         )

@@ -59,12 +59,25 @@ def options_file(save_folder, corpus):
 
 
 def _canonical(options):
-    """Options as they are stored: JSON types only, version included."""
+    """Options as they are stored: JSON types only, version included.
+
+    A ``pathlib.Path`` is stored resolved, so that two spellings of one
+    folder (relative, absolute) record the same options.
+    """
     return json.loads(
         json.dumps(
-            {"version": PREPARE_VERSION, **options}, sort_keys=True, default=str
+            {"version": PREPARE_VERSION, **options},
+            sort_keys=True,
+            default=_json_value,
         )
     )
+
+
+def _json_value(value):
+    """A value JSON lacks a type for, as it is stored: a path resolved."""
+    if isinstance(value, pathlib.Path):
+        return str(value.resolve())
+    return str(value)
 
 
 def is_prepared(save_folder, corpus, options, outputs):
@@ -78,7 +91,7 @@ def is_prepared(save_folder, corpus, options, outputs):
         Short corpus name.
     options : dict
         Everything that changes the outputs (folders, splits, flags); values
-        must be JSON-serialisable (paths are turned into strings).
+        must be JSON-serialisable, or paths (stored resolved).
     outputs : iterable of str or pathlib.Path
         Files the run writes.
 
@@ -230,8 +243,8 @@ def prepare_corpus(
     The course every ``prepare_<corpus>`` function follows once its
     arguments are checked; the corpus-specific parts come as functions:
 
-    1. when an earlier run with the same ``options`` left every manifest,
-       log that and stop (:func:`skip_if_prepared`);
+    1. when an earlier run with the same ``splits`` and ``options`` left
+       every manifest, log that and stop (:func:`skip_if_prepared`);
     2. ``check()`` checks and reads the inputs; nothing is written yet, so a
        :class:`~speechbrain_blspkd.dataprep.common.PrepareError` there
        leaves an earlier run's outputs valid;
@@ -241,7 +254,8 @@ def prepare_corpus(
     5. each split's rows, ``split_rows(split, walked)`` with what ``walk``
        returned (without ``walk``: what ``check`` returned), are written
        atomically (:func:`write_split`);
-    6. the options record is written, last of all (:func:`mark_prepared`).
+    6. the options record (``options`` with the ``splits``) is written,
+       last of all (:func:`mark_prepared`).
 
     Arguments
     ---------
@@ -254,7 +268,8 @@ def prepare_corpus(
     splits : list of str
         The checked split names.
     options : dict
-        Everything that changes the outputs (:func:`is_prepared`).
+        Everything else that changes the outputs (:func:`is_prepared`):
+        the corpus folders (paths, recorded resolved) and flags.
     split_rows : callable
         ``(split, walked) -> list of dict``: the manifest rows of a split.
     check : callable, optional
@@ -282,13 +297,15 @@ def prepare_corpus(
     >>> d = pathlib.Path(tempfile.mkdtemp())
     >>> def rows(split, inputs):
     ...     return [manifest_row("a", "/c/a.wav", "/c", split, "en", "s", 1)]
-    >>> out = prepare_corpus("toy", "Toy", d, ["dev"], {}, rows)
-    >>> out["dev"].name, is_prepared(d, "toy", {}, out.values())
+    >>> out = prepare_corpus("toy", "Toy", d, ["dev"], {"folder": d}, rows)
+    >>> record = {"folder": str(d.resolve()), "splits": ["dev"]}
+    >>> out["dev"].name, is_prepared(d, "toy", record, out.values())
     ('dev.csv', True)
     """
     save_folder = pathlib.Path(save_folder)
     name = manifest_name or (lambda split: f"{split}.csv")
     manifests = {s: save_folder / name(s) for s in splits}
+    options = {**options, "splits": list(splits)}
     if skip_if_prepared(save_folder, corpus, options, manifests, title, log):
         return manifests
     inputs = None if check is None else check()

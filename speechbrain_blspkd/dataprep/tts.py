@@ -138,11 +138,23 @@ def check_tools(espeak="espeak-ng", sox="sox"):
     """
     missing = missing_tools(espeak, sox)
     if missing:
-        raise TTSError(
-            f"{' and '.join(missing)} not found; install "
-            f"{'it' if len(missing) == 1 else 'them'} "
-            f"(Debian: {APT_HINT})"
-        )
+        raise _not_found(missing)
+
+
+def _not_found(programs, hint=APT_HINT):
+    """The error for ``programs`` missing, with how to install them."""
+    them = "it" if len(programs) == 1 else "them"
+    return TTSError(
+        f"{' and '.join(programs)} not found; install {them} (Debian: {hint})"
+    )
+
+
+def _failed(program, what, returncode, stderr):
+    """The error for ``program`` failing, with the end of its ``stderr``."""
+    err = stderr.decode("utf-8", "replace").strip()
+    return TTSError(
+        f"{program} failed while {what} (exit {returncode}): {err[-300:]}"
+    )
 
 
 def is_complete_wav(path):
@@ -258,29 +270,23 @@ def synthesise(
                     speak, stdout=subprocess.PIPE, stderr=speak_err
                 )
             except FileNotFoundError:
-                raise TTSError(
-                    f"{espeak} not found; install it (Debian: {APT_HINT})"
-                ) from None
+                raise _not_found([espeak]) from None
             try:
                 p2 = subprocess.run(
                     convert, stdin=p1.stdout, capture_output=True
                 )
             except FileNotFoundError:
                 p1.kill()
-                raise TTSError(
-                    f"{sox} not found; install it (Debian: {APT_HINT})"
-                ) from None
+                raise _not_found([sox]) from None
             finally:
                 p1.stdout.close()
                 rc1 = p1.wait()
             speak_err.seek(0)
-            err1 = speak_err.read().decode("utf-8", "replace").strip()
+            err1 = speak_err.read()
         # espeak-ng killed by SIGPIPE is the echo of a sox failure
         broken_pipe = rc1 == -signal.SIGPIPE and p2.returncode != 0
         if rc1 != 0 and not broken_pipe:
-            raise TTSError(
-                f"{espeak} failed while {what} (exit {rc1}): {err1[-300:]}"
-            )
+            raise _failed(espeak, what, rc1, err1)
         _check_converted(p2, tmp, f"{espeak} | {sox}", sox, what)
     return path
 
@@ -296,11 +302,7 @@ def _sox_command(sox, input_args, out, volume):
 def _check_converted(result, out, pipeline, sox, what):
     """Raise :class:`TTSError` when sox failed or ``out`` holds no audio."""
     if result.returncode != 0:
-        err = result.stderr.decode("utf-8", "replace").strip()
-        raise TTSError(
-            f"{sox} failed while {what} (exit {result.returncode}): "
-            f"{err[-300:]}"
-        )
+        raise _failed(sox, what, result.returncode, result.stderr)
     if not is_complete_wav(out):
         raise TTSError(
             f"{pipeline} gave no 16-kHz mono 16-bit audio while {what}"
@@ -364,7 +366,7 @@ def synthesise_flite(
     """
     for tool, hint in ((flite, FLITE_APT_HINT), (sox, APT_HINT)):
         if shutil.which(tool) is None:
-            raise TTSError(f"{tool} not found; install it (Debian: {hint})")
+            raise _not_found([tool], hint)
     known = flite_voices(flite)  # flite speaks unknown ones with its own
     if voice not in known:
         raise TTSError(f"{flite} has no voice {voice!r}; it has {known}")
@@ -379,11 +381,7 @@ def synthesise_flite(
         speak += ["-t", text, "-o", str(raw)]
         result = subprocess.run(speak, capture_output=True)
         if result.returncode != 0 or not raw.is_file():
-            err = result.stderr.decode("utf-8", "replace").strip()
-            raise TTSError(
-                f"{flite} failed while {what} (exit {result.returncode}): "
-                f"{err[-300:]}"
-            )
+            raise _failed(flite, what, result.returncode, result.stderr)
         with raw.open("rb") as audio:
             convert = _sox_command(sox, ["-t", "wav"], tmp, volume)
             converted = subprocess.run(
@@ -575,7 +573,7 @@ def synthesise_piper(
     import numpy as np
 
     if shutil.which(sox) is None:
-        raise TTSError(f"{sox} not found; install it (Debian: {APT_HINT})")
+        raise _not_found([sox])
     path = pathlib.Path(path)
     what = f"speaking {text[:40]!r} to {path.name} with piper"
     piper_voice = load_piper_voice(voice)
