@@ -411,10 +411,28 @@ def prepare_teacher_topk(hparams, device=None):
 
 # ----------------------------------------------------------------------
 # command line
-def _text_teacher(model_dir, device, dtype, instruction, system_prompt, sep):
+_TEACHER_OPTIONS = (
+    "model_dir",
+    "device",
+    "dtype",
+    "instruction",
+    "system_prompt",
+    "transcript_separator",
+)
+
+
+def _text_teacher(
+    model_dir, device, dtype, instruction, system_prompt, transcript_separator
+):
+    """The text teacher of the command line (``device`` None: speechbrain's
+    ``infer_device``) and its model's name."""
+    import speechbrain as sb
+
     from speechbrain_blspkd.dataprep.greedy_generation import load_causal_lm
     from speechbrain_blspkd.models.speech_llm import SpeechLLMModel
 
+    if device is None:
+        device = sb.utils.distributed.infer_device()
     llm, tokenizer, name = load_causal_lm(model_dir, device, dtype)
     model = SpeechLLMModel(
         llm,
@@ -422,7 +440,7 @@ def _text_teacher(model_dir, device, dtype, instruction, system_prompt, sep):
         tokenizer=tokenizer,
         system_prompt=system_prompt,
         instruction=instruction,
-        transcript_separator=sep,
+        transcript_separator=transcript_separator,
     )
     return model, name
 
@@ -463,35 +481,19 @@ def main(argv=None):
     )
     parser.add_argument("--overwrite", action="store_true")
     add_worker_options(parser)
-    args = parse_worker_args(parser, argv)
-    if args.device is None:
-        import speechbrain as sb
-
-        args.device = sb.utils.distributed.infer_device()
+    # the destinations are the parameters of _text_teacher (the teacher's,
+    # _TEACHER_OPTIONS) and of write_teacher_topk (the rest, but --threads:
+    # already applied)
+    keywords = vars(parse_worker_args(parser, argv))
+    del keywords["threads"]
+    teacher = {key: keywords.pop(key) for key in _TEACHER_OPTIONS}
 
     def run():
-        model, name = _text_teacher(
-            args.model_dir,
-            args.device,
-            args.dtype,
-            args.instruction,
-            args.system_prompt,
-            args.transcript_separator,
-        )
-        info = write_teacher_topk(
-            model,
-            args.manifest,
-            args.folder,
-            k=args.k,
-            batch_size=args.batch_size,
-            shard=args.shard,
-            logprob_dtype=args.logprob_dtype,
-            overwrite=args.overwrite,
-            stop_after_batches=args.stop_after_batches,
-        )
+        model, name = _text_teacher(**teacher)
+        info = write_teacher_topk(model, **keywords)
         per_position = per(info["bytes"], info["positions"])
         return (
-            f"{args.folder} ({name}): {info['written']} rows written, "
+            f"{keywords['folder']} ({name}): {info['written']} rows written, "
             f"{info['skipped']} already there, {info['positions']} positions, "
             f"{info['bytes']} bytes ({per_position:.0f} per position)"
         )

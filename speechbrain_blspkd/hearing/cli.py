@@ -15,13 +15,18 @@ from speechbrain_blspkd.utils.cli import report_run, setup_logging
 def build_parser():
     """The argument parser of ``python -m speechbrain_blspkd.hearing``.
 
+    Each option's destination is the parameter of :func:`measure` it sets.
+
     Example
     -------
     >>> args = build_parser().parse_args(["--model", "m", "--synth-folder", "d"])
     >>> args.piper_num, args.cascade, args.max_new_tokens, args.decode
     (100, True, 32, True)
-    >>> args.ladder
-    False
+    >>> args.ladder, args.model_folder
+    (False, 'm')
+    >>> import inspect
+    >>> set(vars(args)) <= set(inspect.signature(measure).parameters)
+    True
     """
     parser = argparse.ArgumentParser(
         prog="python -m speechbrain_blspkd.hearing",
@@ -30,13 +35,21 @@ def build_parser():
         "a piper (unseen engine) test, beside the cascade.",
     )
     parser.add_argument(
-        "--model", required=True, help="exported model folder (or run folder)"
+        "--model",
+        dest="model_folder",
+        metavar="MODEL",
+        required=True,
+        help="exported model folder (or run folder)",
     )
     parser.add_argument(
         "--synth-folder", required=True, help="the SynthSpeech corpus folder"
     )
     parser.add_argument(
-        "--out", default="results/hearing", help="report folder"
+        "--out",
+        dest="out_folder",
+        metavar="OUT",
+        default="results/hearing",
+        help="report folder",
     )
     parser.add_argument(
         "--cache-dir",
@@ -96,26 +109,7 @@ def main(argv=None):
     from speechbrain_blspkd.inference.model_folder import ModelFolderError
 
     def run():
-        return format_tables(
-            measure(
-                args.model,
-                args.synth_folder,
-                out_folder=args.out,
-                cache_dir=args.cache_dir,
-                train_manifest=args.train_manifest,
-                piper_folder=args.piper_folder,
-                piper_num=args.piper_num,
-                asr=args.asr,
-                asr_max_new_tokens=args.asr_max_new_tokens,
-                cascade=args.cascade,
-                batch_size=args.batch_size,
-                max_new_tokens=args.max_new_tokens,
-                max_utterances=args.max_utterances,
-                device=args.device,
-                decode=args.decode,
-                ladder=args.ladder,
-            )
-        )
+        return format_tables(measure(**vars(args)))
 
     errors = (ModelFolderError, FileNotFoundError, RuntimeError, ValueError)
     return report_run(errors, run, prog="hearing", status=2)

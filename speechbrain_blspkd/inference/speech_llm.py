@@ -263,10 +263,9 @@ class SpeechLLM(Pretrained):
         if not len(wavs):
             return []
         batch, lens = batch_pad_right([w.float() for w in wavs])
-        if names is None:
-            return self._generate(batch, lens, instructions, None, "clip", gen)
-        names = [str(n) for n in names]
-        return self._generate(batch, lens, instructions, names, "file", gen)
+        if names is not None:
+            names = [str(n) for n in names]
+        return self._generate(batch, lens, instructions, gen, names)
 
     def generate_batch(self, wavs, wav_lens=None, instructions=None, **gen):
         """Answers to a padded batch of waveforms.
@@ -293,9 +292,11 @@ class SpeechLLM(Pretrained):
             A clip's speech prompt plus ``max_new_tokens`` does not fit in
             the LLM context (the message gives its index in the batch).
         """
-        return self._generate(wavs, wav_lens, instructions, None, "clip", gen)
+        return self._generate(wavs, wav_lens, instructions, gen)
 
-    def _generate(self, wavs, wav_lens, instructions, names, item, gen):
+    def _generate(self, wavs, wav_lens, instructions, gen, names=None):
+        """Decode a padded batch; a context-length error names the clip's
+        file (``names``) or, without names, its index in the batch."""
         if wavs.dim() == 1:
             wavs = wavs[None]
         if wavs.dim() != 2:
@@ -323,7 +324,7 @@ class SpeechLLM(Pretrained):
             wav_lens,
             instructions=instructions,
             names=names,
-            item=item,
+            item="clip" if names is None else "file",
             **gen,
         )
 
